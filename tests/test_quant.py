@@ -1,6 +1,7 @@
 """fp8train.quant against float64 math, for every format and granularity, and its edge cases."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -49,7 +50,8 @@ def brute_amax(x: torch.Tensor, gran: Granularity) -> torch.Tensor:
 def error_bound(x, fmt, gran):
     amax = expand_to(group_amax(x, gran).double(), gran, x.shape)
     if isinstance(fmt, IntFormat):
-        return amax / fmt.max / 2
+        # x * (qmax/amax) is rounded to fp32 before rounding to an integer: allow that much past half a step
+        return amax / fmt.max / 2 * (1 + 1e-4)
     relative = x.double().abs() * 2.0 ** -(fmt.man_bits + 1)
     absolute = amax / fmt.max * fmt.min_subnormal / 2  # below the format's normal range: half a subnormal step
     return torch.maximum(relative, absolute) * (1 + 1e-5) + 1e-30
@@ -59,7 +61,7 @@ def error_bound(x, fmt, gran):
 @pytest.mark.parametrize("gran", GRANULARITIES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_float64_model_and_error_bound(fmt, gran, shape):
-    gen = torch.Generator().manual_seed(hash((fmt.name, str(gran), shape)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{fmt.name}{gran}{shape}".encode()))
     # heavy-tailed values spanning many binades, as activations and gradients do
     x = torch.randn(shape, generator=gen) * torch.exp(torch.randn(shape, generator=gen) * 2)
     q = quantize(x, fmt, gran)
