@@ -1,0 +1,217 @@
+"""`fp8train bench`: end-to-end training throughput and peak memory on one GPU.
+
+Every configuration runs in its own subprocess, so peak memory, compile caches and out-of-memory failures
+of one configuration never leak into the next.  Each trains a Llama-shaped model (random init, random
+tokens: throughput does not depend on the data) with fp32 master weights and bf16 autocast:
+
+    bf16_eager / bf16_compiled                 torch AdamW(fused=True), the baseline
+    torchao_float8[_compiled]                  torchao float8 tensorwise linears (if torchao imports)
+    torchao_float8_adamwfp8[_compiled]         ... plus torchao's AdamWFp8
+    fp8train_fp8[_compiled]                    fp8train.convert(recipe="fp8") + torch AdamW(fused)
+    fp8train_coat[_compiled]                   fp8train.convert(recipe="coat") + fp8train.AdamW
+
+Rows: ``{name, batch, seq, tokens_per_s, peak_memory_bytes}`` (+ ``status`` and ``error`` when a
+configuration failed, e.g. ``"oom"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+MODEL_SHAPES = {
+    # name: (hidden, layers, heads, ffn, vocab)
+    "tiny": (256, 4, 4, 688, 32000),
+    "1b": (2048, 16, 16, 5632, 32000),  # the 953M Llama of the COAT comparison
+    "7b": (4096, 32, 32, 11008, 32000),  # Llama-2-7B shapes
+    "13b": (5120, 40, 40, 13824, 32000),  # Llama-2-13B shapes
+}
+
+CONFIGS = {
+    "bf16_eager": ("bf16", "torch", False),
+    "bf16_compiled": ("bf16", "torch", True),
+    "torchao_float8": ("torchao", "torch", False),
+    "torchao_float8_compiled": ("torchao", "torch", True),
+    "torchao_float8_adamwfp8_compiled": ("torchao", "torchao_fp8", True),
+    "fp8train_fp8": ("fp8", "torch", False),
+    "fp8train_fp8_compiled": ("fp8", "torch", True),
+    "fp8train_coat": ("coat", "fp8train", False),
+    "fp8train_coat_compiled": ("coat", "fp8train", True),
+}
+DEFAULT_CONFIGS = ["bf16_eager", "bf16_compiled", "torchao_float8_compiled", "torchao_float8_adamwfp8_compiled",
+                   "fp8train_fp8", "fp8train_coat", "fp8train_coat_compiled"]
+
+
+def build_model(shape: str, *, master_dtype=None):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, ffn, vocab = MODEL_SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, intermediate_size=ffn, vocab_size=vocab,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config)
+    if master_dtype is not None:
+        model.to(master_dtype)
+    return model
+
+
+def make_optimizer(kind: str, model, lr: float = 1e-4, **fp8train_options):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "torch":
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    if kind == "torchao_fp8":
+        from torchao.optim import AdamWFp8
+
+        return AdamWFp8(params, lr=lr)
+    if kind == "fp8train":
+        import fp8train
+
+        return fp8train.AdamW(params, lr=lr, **fp8train_options)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def convert(model, recipe: str):
+    if recipe == "bf16":
+        return model
+    if recipe == "torchao":
+        from torchao.float8 import convert_to_float8_training
+
+        def keep_lm_head(module, fqn):
+            return fqn != "lm_head"
+
+        convert_to_float8_training(model, module_filter_fn=keep_lm_head)
+        return model
+    import fp8train
+
+    return fp8train.convert(model, recipe=recipe)
+
+
+def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int,
+            master: str = "fp32", optimizer_options: dict | None = None) -> dict:
+    """Train ``steps`` timed steps of one configuration in this process; return its row."""
+    import torch
+
+    recipe, optimizer_kind, compiled = CONFIGS[name]
+    row = {"name": name, "model": shape, "batch": batch, "seq": seq}
+    torch.manual_seed(0)
+    torch.cuda.reset_peak_memory_stats()
+    model = build_model(shape, master_dtype=torch.bfloat16 if master == "bf16" else None)
+    model = convert(model, recipe)
+    opt = make_optimizer(optimizer_kind, model, **(optimizer_options or {}))
+    forward = torch.compile(model) if compiled else model
+    vocab = model.config.vocab_size
+    tokens = torch.randint(0, vocab, (batch, seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        loss = step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    row.update(tokens_per_s=batch * seq * steps / elapsed, peak_memory_bytes=torch.cuda.max_memory_allocated(),
+               step_ms=1000 * elapsed / steps, final_loss=float(loss), status="ok", master=master)
+    return row
+
+
+def run_isolated(name: str, args) -> dict:
+    """Run one configuration in a fresh Python process; turn crashes and OOMs into a status row."""
+    cmd = [sys.executable, "-m", "fp8train.bench", "--one", name, "--model", args.model, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--master", args.master]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_ROW "):
+            row = json.loads(line[len("BENCH_ROW "):])
+            row["wall_s"] = round(time.time() - started, 1)
+            return row
+    tail = (proc.stderr or proc.stdout)[-2000:]
+    status = "oom" if "OutOfMemory" in tail or "out of memory" in tail else "error"
+    return {"name": name, "model": args.model, "batch": args.batch, "seq": args.seq, "tokens_per_s": 0.0,
+            "peak_memory_bytes": 0, "status": status, "error": tail[-600:]}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="1b", choices=sorted(MODEL_SHAPES))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--master", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    parser.add_argument("--timeout", type=int, default=400, help="seconds per configuration")
+    parser.add_argument("--out", default=None, help="write <out>/bench-<model>.json")
+
+
+def bench(args) -> list[dict]:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("fp8train bench needs a CUDA GPU (it measures GPU throughput and memory); none is visible")
+    rows = []
+    for name in [c for c in args.configs.split(",") if c]:
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown bench configuration {name!r}; choose from {', '.join(CONFIGS)}")
+        row = run_isolated(name, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    baseline = next((r for r in rows if r["name"] == "bf16_compiled" and r["status"] == "ok"), None)
+    if baseline:
+        for r in rows:
+            if r["status"] == "ok":
+                r["speed_vs_bf16_compiled"] = round(r["tokens_per_s"] / baseline["tokens_per_s"], 3)
+                r["memory_vs_bf16_compiled"] = round(r["peak_memory_bytes"] / baseline["peak_memory_bytes"], 3)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"bench-{args.model}.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="GPU: end-to-end tokens/s and peak memory per recipe")
+    add_arguments(parser)
+    parser.set_defaults(func=lambda args: print_table(bench(args)) or 0)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'name':36} {'batch':>5} {'tokens/s':>10} {'peak GB':>8} {'vs bf16c':>8} status")
+    for r in rows:
+        print(f"{r['name']:36} {r['batch']:5d} {r['tokens_per_s']:10,.0f} {r['peak_memory_bytes'] / 1e9:8.2f} "
+              f"{r.get('speed_vs_bf16_compiled', ''):>8} {r['status']}")
+
+
+def _main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m fp8train.bench")
+    add_arguments(parser)
+    parser.add_argument("--one", default=None, help="run one configuration in this process (internal)")
+    args = parser.parse_args()
+    if args.one:
+        row = run_one(args.one, args.model, args.batch, args.seq, args.steps, args.warmup, master=args.master)
+        print("BENCH_ROW " + json.dumps(row), flush=True)
+        return 0
+    print_table(bench(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
