@@ -1,0 +1,82 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fp8train.nn.chunked_cross_entropy import chunked_linear_cross_entropy, enable_chunked_loss
+
+
+def reference(hidden, weight, labels, bias=None):
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, ignore_index=-100)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_unfused_loss_and_grads_float64(chunk_rows, with_bias):
+    torch.manual_seed(0)
+    hidden = torch.randn(53, 24, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(97, 24, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(97, dtype=torch.float64, requires_grad=True) if with_bias else None
+    labels = torch.randint(0, 97, (53,))
+    labels[::5] = -100
+    loss = chunked_linear_cross_entropy(hidden, weight, labels, bias, chunk_rows=chunk_rows)
+    grads = torch.autograd.grad(loss * 3.0, [hidden, weight] + ([bias] if with_bias else []))
+    ref = reference(hidden, weight, labels, bias)
+    ref_grads = torch.autograd.grad(ref * 3.0, [hidden, weight] + ([bias] if with_bias else []))
+    torch.testing.assert_close(loss, ref.to(loss.dtype), rtol=1e-6, atol=1e-9)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-9)
+
+
+def test_bf16_autocast_close_to_reference():
+    torch.manual_seed(1)
+    hidden = torch.randn(4, 40, 64, requires_grad=True)
+    weight = torch.randn(300, 64, requires_grad=True)
+    labels = torch.randint(0, 300, (4, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk_rows=33)
+        ref = F.cross_entropy(F.linear(hidden, weight).float().reshape(-1, 300), labels.reshape(-1))
+    loss.backward()
+    gw = weight.grad.clone()
+    weight.grad = None
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
+    assert (gw - weight.grad).norm() / weight.grad.norm() < 3e-2
+    assert weight.grad.dtype == gw.dtype == torch.float32
+
+
+def test_num_items_in_batch_and_all_ignored():
+    hidden = torch.randn(10, 8, dtype=torch.float64)
+    weight = torch.randn(12, 8, dtype=torch.float64)
+    labels = torch.randint(0, 12, (10,))
+    summed = F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum")
+    out = chunked_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=25)
+    torch.testing.assert_close(out, summed / 25)
+    assert chunked_linear_cross_entropy(hidden, weight, torch.full((10,), -100)).item() == 0.0
+    with pytest.raises(ValueError, match="rows"):
+        chunked_linear_cross_entropy(hidden, weight, labels[:5])
+
+
+def test_enable_chunked_loss_on_llama_matches_hf_loss():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=211, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 211, (2, 17))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    ref = model(input_ids=ids, labels=labels).loss
+    ref.backward()
+    ref_grad = model.lm_head.weight.grad.clone()
+    emb_grad = model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    enable_chunked_loss(model, chunk_rows=5)
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.lm_head.weight.grad, ref_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.model.embed_tokens.weight.grad, emb_grad, rtol=1e-4, atol=1e-6)
+    assert model(input_ids=ids).logits.shape == (2, 17, 211)  # no labels: the model's own forward
