@@ -228,7 +228,8 @@ class FP8RMSNorm(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor, x_saved: Optional[QuantizedTensor] = None) -> torch.Tensor:
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's eps=None rule
+        # nn.RMSNorm's eps=None: machine epsilon of the dtype it computes in (float32 for 16-bit inputs)
+        eps = self.eps if self.eps is not None else torch.finfo(_compute_dtype(x.dtype)).eps
         return rms_norm(x, self.weight, eps, style=self.style, x_saved=x_saved)
 
     def extra_repr(self) -> str:
