@@ -13,9 +13,15 @@ the format, and takes the k-th root when decoding.  Per group (COAT, arXiv 2410.
 
 The centre and the scale cancel: ``(|x| / c)**k / s = fmax * (|x| / M)**k``.  So a group is fully described by
 ``M`` and ``k``, which is all that is stored -- COAT keeps (s, k, c) in fp32 for each moment (0.19 B/param for m
-and v); here ``M`` is one bfloat16 (rounded *up*, so that ``|x| / M <= 1`` and nothing saturates) and ``k`` one
-uint8 code ``16 * k``: 3 bytes per group, 0.047 B/param for both moments.  ``(|x| / M)**k`` lies in
-``[1/R, 1]`` for every non-zero element, so float32 neither overflows nor underflows -- the job COAT's centre did.
+and v); here ``M`` is one float32 and ``k`` one uint8 code ``16 * k``: 5 bytes per group, 0.078 B/param for both
+moments.  ``(|x| / M)**k`` lies in ``[1/R, 1]`` for every non-zero element, so float32 neither overflows nor
+underflows -- the job COAT's centre did.
+
+``amax_dtype=torch.bfloat16`` stores ``M`` rounded *up* to bfloat16 instead (3 bytes per group).  It costs little
+accuracy in one round trip, but an optimizer requantizes every step, and then the group maximum decodes to the
+rounded-up value and ratchets upwards: with zero gradients m grows ~10 % over 50 steps instead of decaying
+(measured in benchmarks/optimizer_quality.py).  The optimizer therefore keeps M in float32, which decodes the
+group maximum exactly.
 
 What COAT's kernel gets wrong and this module handles explicitly:
 
@@ -138,13 +144,13 @@ def dre_quantize(
     fmt: Format = "e4m3",
     group_size: int = 128,
     *,
-    amax_dtype: torch.dtype = torch.bfloat16,
+    amax_dtype: torch.dtype = torch.float32,
     check_finite: bool = True,
 ) -> DREQuantized:
     """Encode ``x`` with Dynamic Range Expansion, one (amax, k) pair per 1 x ``group_size`` group of the last dim.
 
-    ``amax_dtype=torch.bfloat16`` (default) stores the group maximum rounded up to bfloat16 and encodes with that
-    stored value, so encoder and decoder agree; ``torch.float32`` keeps it exact (2 more bytes per group).
+    ``amax_dtype=torch.float32`` (default) stores the exact group maximum; ``torch.bfloat16`` stores it rounded up
+    to bfloat16 and encodes with that stored value, so encoder and decoder agree (2 bytes less per group).
     Non-finite input raises ``ValueError`` (``check_finite=False`` skips the check, which syncs on GPU; the caller
     must then guarantee finite input).
     """

@@ -113,7 +113,7 @@ def test_constant_groups_round_trip(fmt):
     assert (q.k_code == K_CODE_MAX).all()
     assert torch.equal(dre_dequantize(*q, fmt), x)
     # with bfloat16 metadata the stored maximum is rounded up, so the values are within the bound instead
-    qb = dre_quantize(x, fmt)
+    qb = dre_quantize(x, fmt, amax_dtype=torch.bfloat16)
     rel = (dre_dequantize(*qb, fmt) / x - 1).abs()
     assert rel.max() < 2.0 ** -(fmt.man_bits + 1) / (K_CODE_MAX / 16) * 1.1
 
@@ -167,10 +167,11 @@ def test_nan_input_raises():
         dre_quantize(torch.ones(3), "int8")
 
 
-def test_metadata_is_three_bytes_per_group():
-    q = dre_quantize(torch.randn(16, 1024))
-    meta = q.amax.numel() * q.amax.element_size() + q.k_code.numel() * q.k_code.element_size()
-    assert meta == 3 * 16 * 8 and q.k_code.dtype == torch.uint8 and q.amax.dtype == torch.bfloat16
+def test_metadata_bytes_per_group():
+    for amax_dtype, nbytes in ((torch.float32, 5), (torch.bfloat16, 3)):
+        q = dre_quantize(torch.randn(16, 1024), amax_dtype=amax_dtype)
+        meta = q.amax.numel() * q.amax.element_size() + q.k_code.numel() * q.k_code.element_size()
+        assert meta == nbytes * 16 * 8 and q.k_code.dtype == torch.uint8 and q.amax.dtype == amax_dtype
 
 
 finite_floats = st.floats(allow_nan=False, allow_infinity=False, width=32)

@@ -13,7 +13,8 @@ row, groups) and its per-tensor AdamW scalars in a float32 table.  So one launch
 the mix of shapes, and shapes never become compile-time constants (no recompiles).
 
 Traffic per parameter (fp32 params and grads, DRE moments): read 4 + 4 + 1 + 1, write 4 + 1 + 1 = 16 bytes, plus
-3 bytes of metadata per 128-element group per moment -- against 28 bytes for fused fp32 AdamW.
+5 bytes of metadata (float32 amax, uint8 k) per 128-element group per moment -- against 28 bytes for fused fp32
+AdamW.
 
 Vectorisation: pointers loaded from a table carry no alignment information, so when every tensor of the launch is
 16-byte aligned and its last dim a multiple of 16 (true for transformer weights), ``ALIGNED`` adds the hints that
@@ -40,13 +41,6 @@ _FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 _FORMAT_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
 _MODES = {"fp32": 0, "plain": 1, "dre": 2}
 _GRAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-@triton.jit
-def _round_up_to_bf16(x):
-    """Smallest bfloat16 value >= x (x finite, >= 0), as float32."""
-    bits = x.to(tl.int32, bitcast=True)
-    return ((bits + 0xFFFF) & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -77,9 +71,9 @@ def _decode(q, amax, k_code, MODE: tl.constexpr, FMAX: tl.constexpr, FAST: tl.co
 
 @triton.jit
 def _encode(x, mask, MODE: tl.constexpr, FMAX: tl.constexpr, K_NUM: tl.constexpr, FAST: tl.constexpr):
-    """float32 moments x [BLOCK_G, GROUP] -> (FP8-ready values, amax rounded up to bf16, k code) per group."""
+    """float32 moments x [BLOCK_G, GROUP] -> (FP8-ready values, float32 amax, k code) per group."""
     a = tl.where(mask, tl.abs(x), 0.0)
-    amax = _round_up_to_bf16(tl.max(a, axis=1))
+    amax = tl.max(a, axis=1)
     safe_amax = tl.where(amax > 0, amax, 1.0)
     if MODE == 1:
         inv = tl.where(amax > 0, tl.div_rn(tl.full(amax.shape, FMAX, tl.float32), safe_amax), 0.0)
@@ -164,10 +158,10 @@ def _fused_adamw_kernel(
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if MODE != 0:
-        m_amax_ptr = tl.load(row + 4).to(tl.pointer_type(tl.bfloat16))
-        v_amax_ptr = tl.load(row + 6).to(tl.pointer_type(tl.bfloat16))
-        m_amax = tl.load(m_amax_ptr + g_idx, mask=valid_g, other=0.0).to(tl.float32)
-        v_amax = tl.load(v_amax_ptr + g_idx, mask=valid_g, other=0.0).to(tl.float32)
+        m_amax_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+        v_amax_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+        m_amax = tl.load(m_amax_ptr + g_idx, mask=valid_g, other=0.0)
+        v_amax = tl.load(v_amax_ptr + g_idx, mask=valid_g, other=0.0)
         if MODE == 2:
             m_k_ptr = tl.load(row + 5).to(tl.pointer_type(tl.uint8))
             v_k_ptr = tl.load(row + 7).to(tl.pointer_type(tl.uint8))
@@ -225,8 +219,8 @@ def _fused_adamw_kernel(
         qv, v_amax, v_k = _encode(new_v, mask, MODE, V_FMAX, V_K_NUM, FAST_MATH)
         tl.store(m_ptr + offs, qm.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + offs, qv.to(v_ptr.dtype.element_ty), mask=mask)
-        tl.store(m_amax_ptr + g_idx, m_amax.to(tl.bfloat16), mask=valid_g)
-        tl.store(v_amax_ptr + g_idx, v_amax.to(tl.bfloat16), mask=valid_g)
+        tl.store(m_amax_ptr + g_idx, m_amax, mask=valid_g)
+        tl.store(v_amax_ptr + g_idx, v_amax, mask=valid_g)
         if MODE == 2:
             tl.store(m_k_ptr + g_idx, m_k.to(tl.uint8), mask=valid_g)
             tl.store(v_k_ptr + g_idx, v_k.to(tl.uint8), mask=valid_g)

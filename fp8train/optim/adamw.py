@@ -21,6 +21,7 @@ updated normally.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Callable, Iterable, Optional
@@ -74,6 +75,7 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: Optional[torch.Generato
     return torch.where(torch.isfinite(x), rounded, x.float()).to(torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401

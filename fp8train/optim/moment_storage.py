@@ -9,13 +9,14 @@ parameter has metadata of shape ``(1,)``).  The state dict keys, for the moment 
 mode       ``<name>``                     ``<name>_amax``                 ``<name>_k``
 =========  =============================  ==============================  ===========================
 ``fp32``   float32                        --                              --
-``plain``  FP8 values ``x * fmax/amax``   bfloat16 group absmax (rounded  --
-                                          up, so nothing saturates)
-``dre``    FP8 codes (see                 bfloat16 group absmax (rounded  uint8 ``16*k``
-           dynamic_range_expansion)       up)
+``plain``  FP8 values ``x * fmax/amax``   float32 group absmax            --
+``dre``    FP8 codes (see                 float32 group absmax            uint8 ``16*k``
+           dynamic_range_expansion)
 =========  =============================  ==============================  ===========================
 
-Bytes per parameter for m and v together with groups of 128: dre 2 + 6/128 = 2.047, plain 2.031, fp32 8.
+Bytes per parameter for m and v together with groups of 128: dre 2 + 10/128 = 2.078, plain 2.0625, fp32 8.
+The group maximum is float32, not bfloat16: requantized every step, a rounded-up bf16 maximum ratchets the whole
+group upwards (see dynamic_range_expansion).
 All entries are plain tensors, so a state dict loads with ``torch.load(weights_only=True)`` and a sharded
 checkpoint can split metadata along the same leading dims as the parameter.
 """
@@ -36,6 +37,7 @@ __all__ = ["STATE_MODES", "MOMENT_NAMES", "parse_moment_format", "expected_entri
 STATE_MODES = ("dre", "plain", "fp32")
 MOMENT_NAMES = ("exp_avg", "exp_avg_sq")
 _FORMATS = {"e4m3": E4M3, "e5m2": E5M2}
+AMAX_DTYPE = torch.float32
 
 
 def parse_moment_format(spec) -> str:
@@ -57,7 +59,7 @@ def expected_entries(name: str, shape: torch.Size, mode: str, fmt: str, group_si
     if mode == "fp32":
         return {name: (shape, torch.float32)}
     entries = {name: (shape, _fmt(fmt).torch_dtype),
-               f"{name}_amax": (metadata_shape(shape, group_size), torch.bfloat16)}
+               f"{name}_amax": (metadata_shape(shape, group_size), AMAX_DTYPE)}
     if mode == "dre":
         entries[f"{name}_k"] = (metadata_shape(shape, group_size), torch.uint8)
     return entries
@@ -91,12 +93,12 @@ def encode_into(state: dict, name: str, values: torch.Tensor, mode: str, fmt: st
             state[name].copy_(values)
         return
     if mode == "plain":
-        q = quantize(values, _fmt(fmt), Granularity("group", group_size), scale_dtype=torch.bfloat16,
+        q = quantize(values, _fmt(fmt), Granularity("group", group_size), scale_dtype=AMAX_DTYPE,
                      nonfinite="propagate")
         state[name].copy_(q.data)
         state[f"{name}_amax"].copy_(q.amax)
         return
-    q = dre_quantize(values, _fmt(fmt), group_size, check_finite=False)
+    q = dre_quantize(values, _fmt(fmt), group_size, amax_dtype=AMAX_DTYPE, check_finite=False)
     state[name].copy_(q.data)
     state[f"{name}_amax"].copy_(q.amax)
     state[f"{name}_k"].copy_(q.k_code)
