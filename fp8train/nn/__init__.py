@@ -1,0 +1,1 @@
+"""FP8 layers: the FP8 linear layer, the compressed non-linear ops and the precision-flow wiring."""
