@@ -101,7 +101,7 @@ def test_scaled_mm_layouts_match_reference(tokens):
     """
     torch.manual_seed(tokens)
     x, w, g = heavy_tailed(tokens, 96), heavy_tailed(64, 96), heavy_tailed(tokens, 64)
-    xq, wq, gq = _quantize(x, E4M3, PER_TENSOR), _quantize(w, E4M3, PER_TENSOR), _quantize(g, E5M2, PER_TENSOR)
+    xq, wq, gq = (_quantize(t, f, PER_TENSOR).q for t, f in ((x, E4M3), (w, E4M3), (g, E5M2)))
     cases = {
         "forward": (xq.data, xq.scale, wq.data.t(), wq.scale),   # x W^T: W^T is column-major already
         "dgrad": (gq.data, gq.scale, wq.data, wq.scale),          # dY W: W is row-major -> transposed copy
@@ -255,3 +255,30 @@ def test_recipe_validation():
         Recipe.named("fp4")
     assert Recipe.named("COAT").compress_activations and not Recipe.named("fp8").compress_activations
     assert Recipe.named("fp8").per_tensor and not Recipe.named("fp8-block").per_tensor
+
+
+def test_scaled_mm_path_matches_reference_path(monkeypatch):
+    """Run the GPU code path (transposed FP8 copies, torch._scaled_mm) on CPU and compare with the reference.
+
+    torch >= 2.9 has a CPU torch._scaled_mm, so pretending the device has FP8 tensor cores exercises exactly
+    the operand layouts, transposed copies and padding the H100 path uses.
+    """
+    import fp8train.nn.linear as linear_mod
+
+    linear = make_layer(96, 64)
+    x = heavy_tailed(3, 13, 96)  # 39 tokens: the weight-gradient GEMM pads its inner dim to 48
+    dy = heavy_tailed(3, 13, 64)
+    results = []
+    for gpu_path in (False, True):
+        monkeypatch.setattr(linear_mod, "fp8_gemm_supported", lambda device, gpu_path=gpu_path: gpu_path)
+        linear.weight.grad = linear.bias.grad = None
+        xr = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = FP8Linear.from_linear(linear)(xr)
+        y.backward(dy)
+        fp8 = [t for t in saved if t.dtype == torch.float8_e4m3fn]
+        assert len(fp8) == 1  # one FP8 copy of x either way (row-major, or the transposed one on the GPU path)
+        results.append((y.detach(), xr.grad, linear.weight.grad.clone(), linear.bias.grad.clone()))
+    for ref, gpu in zip(*results):
+        torch.testing.assert_close(gpu, ref, rtol=1e-5, atol=1e-5)

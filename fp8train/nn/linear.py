@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import mixed_granularity as mg
 from ..quant import Granularity, QuantizedTensor, group_scaling_amax, quantize
 from ..recipes import Recipe, linear_formats, resolve_recipe
 from . import handoff
@@ -51,39 +52,79 @@ __all__ = [
     "fp8_linear_forward",
     "fp8_linear_backward",
     "LinearSaved",
+    "LinearInput",
     "scaled_matmul",
     "quantize_linear_input",
+    "attach_linear_input",
+    "compute_dtype",
     "fp8_gemm_supported",
 ]
 
 
 # -- quantization of the three GEMM operands ---------------------------------------------------------------
 
-def _quantize(x: torch.Tensor, fmt, granularity: Granularity, amax: Optional[torch.Tensor] = None) -> QuantizedTensor:
-    # "propagate": no host sync on the hot path; a NaN/inf input turns its group into NaN/inf (never into a
-    # finite wrong value), so the loss check of the training loop catches it.
+class LinearInput(NamedTuple):
+    """A linear layer's quantized input: the FP8 tensor and, where the GEMM backend wants it, the transposed
+    FP8 data ``(K, M)`` for the weight-gradient GEMM (made in the same pass by the quantizer).  Backward keeps
+    only one of the two: the transposed copy when it exists, else the row-major one."""
+
+    q: QuantizedTensor
+    data_t: Optional[torch.Tensor] = None
+
+
+def wants_transpose(device: torch.device, recipe: Recipe) -> bool:
+    """Whether quantizers should also write the transposed copy: only torch._scaled_mm needs it."""
+    return recipe.per_tensor and fp8_gemm_supported(device)
+
+
+def _quantize(x: torch.Tensor, fmt, granularity: Granularity, amax: Optional[torch.Tensor] = None,
+              transpose: bool = False) -> LinearInput:
+    """Quantize one GEMM operand; the standard per-tensor E4M3 / E5M2 cases use the shared (Triton on CUDA)
+    quantizers of :mod:`fp8train.mixed_granularity`, anything else the torch reference."""
+    if granularity.kind == "tensor" and fmt in (mg.LINEAR_FORMAT, mg.GRAD_FORMAT):
+        quantizer = mg.quantize_for_linear if fmt == mg.LINEAR_FORMAT else mg.quantize_grad_for_linear
+        out = quantizer(x, amax=amax, with_transpose=transpose)
+        return LinearInput(*out) if transpose else LinearInput(out)
     if granularity.kind == "tensor" and amax is None:
         amax = group_scaling_amax(x)
-    return quantize(x, fmt, granularity, amax=amax, nonfinite="propagate")
+    # "propagate": no host sync on the hot path; a NaN/inf input turns its group into NaN/inf (never into a
+    # finite wrong value), so the loss check of the training loop catches it.
+    q = quantize(x, fmt, granularity, amax=amax, nonfinite="propagate")
+    data_t = q.data.reshape(-1, q.shape[-1]).t().contiguous() if transpose else None
+    return LinearInput(q, data_t)
 
 
-def quantize_linear_input(x: torch.Tensor, recipe: Union[Recipe, str] = "fp8") -> QuantizedTensor:
+def linear_input_key(recipe: Recipe) -> tuple:
+    (fmt, granularity), _, _ = linear_formats(recipe)
+    return ("linear_input", fmt.name, str(granularity))
+
+
+def attach_linear_input(x: torch.Tensor, recipe: Recipe, value: LinearInput) -> None:
+    """Let every FP8 linear that reads ``x`` use ``value`` (a producer that quantized ``x`` itself)."""
+    handoff.attach(x, linear_input_key(resolve_recipe(recipe)), value)
+
+
+def quantize_linear_input(x: torch.Tensor, recipe: Union[Recipe, str] = "fp8") -> LinearInput:
     """The FP8 copy of a linear input under ``recipe``, shared through :mod:`~fp8train.nn.handoff`.
 
     Returns the attached copy when ``x`` already has one (quantized by another linear or by its producer).
     """
     recipe = resolve_recipe(recipe)
-    (fmt, granularity), _, _ = linear_formats(recipe)
-    key = ("linear_input", fmt.name, str(granularity))
-    q = handoff.attached(x, key)
-    if q is None:
-        q = _quantize(x, fmt, granularity)
-        handoff.attach(x, key, q)
-    return q
+    key = linear_input_key(recipe)
+    value = handoff.attached(x, key)
+    if value is None:
+        (fmt, granularity), _, _ = linear_formats(recipe)
+        value = _quantize(x, fmt, granularity, transpose=wants_transpose(x.device, recipe))
+        handoff.attach(x, key, value)
+    return value
 
 
-def _as_matrix(q: QuantizedTensor) -> QuantizedTensor:
-    """View a quantized (..., K) tensor as (M, K); per-tensor and 1xG metadata reshape along."""
+def _as_matrix(q: QuantizedTensor, data_t: Optional[torch.Tensor] = None) -> QuantizedTensor:
+    """View a quantized (..., K) tensor as (M, K); per-tensor and 1xG metadata reshape along.
+
+    With ``data_t`` (the transposed copy) the matrix's data is ``data_t.t()``: a column-major view, which is
+    the layout the weight-gradient GEMM wants for its second operand.
+    """
     k = q.shape[-1] if len(q.shape) else 1
     m = q.data.numel() // k if k else 0
     amax = q.amax
@@ -91,7 +132,8 @@ def _as_matrix(q: QuantizedTensor) -> QuantizedTensor:
         amax = amax.reshape(m, -1)
     elif q.granularity.kind == "row":
         amax = amax.reshape(m, 1)
-    return QuantizedTensor(q.data.reshape(m, k), amax, q.fmt, q.granularity, torch.Size((m, k)), q.dtype)
+    data = data_t.t() if data_t is not None else q.data.reshape(m, k)
+    return QuantizedTensor(data, amax, q.fmt, q.granularity, torch.Size((m, k)), q.dtype)
 
 
 # -- the GEMM ------------------------------------------------------------------------------------------------
@@ -171,7 +213,7 @@ def _warn_emulation():
 # -- forward and backward as plain functions (the fast path calls these directly) ----------------------------
 
 class LinearSaved(NamedTuple):
-    """What backward needs from forward: the FP8 input (as (M, K)), W's amax and the output's dtype."""
+    """What backward needs from forward: the FP8 input as an (M, K) matrix, W's amax, the input's shape/dtype."""
 
     x: QuantizedTensor
     weight_amax: torch.Tensor
@@ -179,101 +221,129 @@ class LinearSaved(NamedTuple):
     input_dtype: torch.dtype
 
 
-def fp8_linear_forward(x: Union[torch.Tensor, QuantizedTensor], weight: torch.Tensor,
+def _as_linear_input(x) -> Optional[LinearInput]:
+    if isinstance(x, LinearInput):
+        return x
+    if isinstance(x, QuantizedTensor):
+        return LinearInput(x)
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], QuantizedTensor):
+        return LinearInput(*x)  # (q, data_t) as the ops' quantize_output=True, output_transpose=True return it
+    return None
+
+
+def fp8_linear_forward(x: Union[torch.Tensor, QuantizedTensor, LinearInput], weight: torch.Tensor,
                        bias: Optional[torch.Tensor] = None, *, recipe: Union[Recipe, str] = "fp8",
                        out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, LinearSaved]:
     """``y = x W^T + b`` with FP8 operands; returns ``(y, saved)`` for :func:`fp8_linear_backward`.
 
-    ``x`` is a tensor (quantized here, or its attached FP8 copy reused) or an already quantized input.
+    ``x`` is a tensor (quantized here, or its attached FP8 copy reused), an already quantized input
+    (QuantizedTensor), or a :class:`LinearInput` / ``(QuantizedTensor, transposed data)`` pair.
     ``out_dtype`` defaults to x's dtype.  No autograd: wrap it (see :class:`FP8Linear`).
     """
     recipe = resolve_recipe(recipe)
-    (in_fmt, in_gran), (w_fmt, w_gran), _ = linear_formats(recipe)
-    if isinstance(x, QuantizedTensor):
-        x_q = x
-    else:
-        x_q = quantize_linear_input(x, recipe)
+    _, (w_fmt, w_gran), _ = linear_formats(recipe)
+    x_in = _as_linear_input(x)
+    if x_in is None:
+        x_in = quantize_linear_input(x, recipe)
+    x_q = x_in.q
     out_dtype = out_dtype or x_q.dtype
     if weight.dim() != 2 or x_q.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8 linear: input of shape {tuple(x_q.shape)} does not match weight of shape "
                          f"{tuple(weight.shape)} (need input[..., {weight.shape[1] if weight.dim() == 2 else '?'}])")
-    w_q = _quantize(weight, w_fmt, w_gran)
-    x2 = _as_matrix(x_q)
-    y = scaled_matmul(x2, w_q, torch.float32 if bias is not None else out_dtype, transpose_b=True,
+    w_q = _quantize(weight, w_fmt, w_gran).q
+    y = scaled_matmul(_as_matrix(x_q), w_q, torch.float32 if bias is not None else out_dtype, transpose_b=True,
                       fast_accumulation=recipe.fast_accumulation)
     if bias is not None:
         y = (y + bias.float()).to(out_dtype)
     y = y.reshape(*x_q.shape[:-1], weight.shape[0])
-    return y, LinearSaved(x2, w_q.amax, x_q.shape, x_q.dtype)
+    # backward keeps one FP8 copy: the transposed one when the quantizer made it (the wgrad GEMM's layout)
+    return y, LinearSaved(_as_matrix(x_q, x_in.data_t), w_q.amax, x_q.shape, x_q.dtype)
 
 
-def fp8_linear_backward(dy: torch.Tensor, saved: LinearSaved, weight: torch.Tensor, *,
+def fp8_linear_backward(dy: Union[torch.Tensor, LinearInput], saved: LinearSaved, weight: torch.Tensor, *,
                         recipe: Union[Recipe, str] = "fp8", has_bias: bool = False,
                         needs_input_grad: bool = True, needs_weight_grad: bool = True
                         ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients ``(dx, dweight, dbias)`` of :func:`fp8_linear_forward` from the output gradient ``dy``.
 
-    ``dy`` may also be an already quantized gradient (a producer that quantized it in its own pass).
-    dx comes back in the forward input's dtype and shape, dweight in the weight's dtype.
+    ``dy`` may also be an already quantized gradient (:class:`LinearInput`, e.g. from a producer that
+    quantized it in its own pass).  dx comes back in the forward input's dtype and shape, dweight in the
+    weight's dtype, dbias (an exact fp32 sum of dy) in the weight's dtype.
     """
     recipe = resolve_recipe(recipe)
     _, (w_fmt, w_gran), (g_fmt, g_gran) = linear_formats(recipe)
-    if isinstance(dy, QuantizedTensor):
-        dy_q = dy
-        dbias = dy.dequantize(torch.float32).reshape(-1, weight.shape[0]).sum(0) if has_bias else None
+    n = weight.shape[0]
+    dy_in = _as_linear_input(dy)
+    if dy_in is None:
+        dbias = dy.reshape(-1, n).float().sum(0) if has_bias else None
+        dy_in = _quantize(dy, g_fmt, g_gran, transpose=needs_weight_grad and wants_transpose(dy.device, recipe))
     else:
-        dy_q = _quantize(dy, g_fmt, g_gran)
-        dbias = dy.reshape(-1, weight.shape[0]).float().sum(0) if has_bias else None
-    dy2 = _as_matrix(dy_q)
+        dbias = dy_in.q.dequantize(torch.float32).reshape(-1, n).sum(0) if has_bias else None
+    dy2 = _as_matrix(dy_in.q)
     dx = dweight = None
     if needs_input_grad:
-        w_q = _quantize(weight, w_fmt, w_gran, amax=saved.weight_amax)
+        # dX = dY W: W is the second operand and must be column-major, i.e. the transposed FP8 weight
+        w_in = _quantize(weight, w_fmt, w_gran, amax=saved.weight_amax,
+                         transpose=wants_transpose(weight.device, recipe))
+        w_q = w_in.q if w_in.data_t is None else _as_matrix(w_in.q, w_in.data_t)
         dx = scaled_matmul(dy2, w_q, saved.input_dtype).reshape(saved.input_shape)
     if needs_weight_grad:
-        dweight = _weight_grad(dy2, saved.x, weight.dtype)
+        dweight = _weight_grad(dy_in, saved.x, weight.dtype)
     if dbias is not None:
         dbias = dbias.to(weight.dtype)
     return dx, dweight, dbias
 
 
-def _weight_grad(dy: QuantizedTensor, x: QuantizedTensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _weight_grad(dy: LinearInput, x: QuantizedTensor, out_dtype: torch.dtype) -> torch.Tensor:
     """dW = dY^T X (contracting over tokens)."""
-    if dy.granularity.kind == "tensor" and x.granularity.kind == "tensor":
-        dy_t = QuantizedTensor(dy.data.t(), dy.amax, dy.fmt, dy.granularity, torch.Size(dy.data.t().shape), dy.dtype)
-        return scaled_matmul(dy_t, x, out_dtype)
+    q = dy.q
+    if q.granularity.kind == "tensor" and x.granularity.kind == "tensor":
+        dy_t = dy.data_t if dy.data_t is not None else q.data.reshape(-1, q.shape[-1]).t()
+        return scaled_matmul(QuantizedTensor(dy_t, q.amax, q.fmt, q.granularity, dy_t.shape, q.dtype), x, out_dtype)
     # block scales run along the last dim, not along tokens: dequantize both (emulation)
-    return (dy.dequantize(torch.float32).t() @ x.dequantize(torch.float32)).to(out_dtype)
+    return (_as_matrix(q).dequantize(torch.float32).t() @ x.dequantize(torch.float32)).to(out_dtype)
 
 
 # -- autograd ------------------------------------------------------------------------------------------------
 
-def _pack(q: QuantizedTensor):
+def pack_quantized(q: QuantizedTensor):
+    """``(tensors, meta)`` so a QuantizedTensor can go through ``ctx.save_for_backward``."""
     return (q.data, q.amax), (q.fmt, q.granularity, q.shape, q.dtype)
 
 
-def _unpack(meta, data, amax) -> QuantizedTensor:
+def unpack_quantized(meta, data, amax) -> QuantizedTensor:
     fmt, granularity, shape, dtype = meta
     return QuantizedTensor(data, amax, fmt, granularity, shape, dtype)
 
 
+def save_linear(saved: LinearSaved):
+    """``(tensors, meta)`` of a LinearSaved: tensors for save_for_backward, meta to keep on ctx."""
+    tensors, meta = pack_quantized(saved.x)
+    return [*tensors, saved.weight_amax], (meta, saved.input_shape, saved.input_dtype)
+
+
+def load_linear(meta, data, amax, weight_amax) -> LinearSaved:
+    q_meta, input_shape, input_dtype = meta
+    return LinearSaved(unpack_quantized(q_meta, data, amax), weight_amax, input_shape, input_dtype)
+
+
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, x_q, recipe, out_dtype):
+    def forward(ctx, x, weight, bias, x_in, recipe, out_dtype):
         with torch.autocast(x.device.type, enabled=False):
-            y, saved = fp8_linear_forward(x_q if x_q is not None else x, weight, bias, recipe=recipe,
+            y, saved = fp8_linear_forward(x_in if x_in is not None else x, weight, bias, recipe=recipe,
                                           out_dtype=out_dtype)
-        tensors, ctx.x_meta = _pack(saved.x)
+        tensors, ctx.saved_meta = save_linear(saved)
         # save_for_backward (not ctx attributes) so saved-tensor hooks -- offloading, checkpointing, the
         # memory accounting of the tests -- see every tensor backward keeps
-        ctx.save_for_backward(*tensors, saved.weight_amax, weight)
-        ctx.input_shape, ctx.input_dtype = saved.input_shape, x.dtype
+        ctx.save_for_backward(*tensors, weight)
         ctx.recipe, ctx.has_bias = recipe, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_data, x_amax, weight_amax, weight = ctx.saved_tensors
-        saved = LinearSaved(_unpack(ctx.x_meta, x_data, x_amax), weight_amax, ctx.input_shape, ctx.input_dtype)
+        *tensors, weight = ctx.saved_tensors
+        saved = load_linear(ctx.saved_meta, *tensors)
         with torch.autocast(dy.device.type, enabled=False):
             dx, dweight, dbias = fp8_linear_backward(
                 dy, saved, weight, recipe=ctx.recipe, has_bias=ctx.has_bias and ctx.needs_input_grad[2],
@@ -281,7 +351,8 @@ class _FP8LinearFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op on ``x`` produces: the autocast dtype when autocast is on for x's device, else x's."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -295,9 +366,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Honours autocast: the output has the autocast dtype when autocast is on, else x's dtype.
     """
     recipe = resolve_recipe(recipe)
-    out_dtype = _compute_dtype(x)
-    x_q = quantize_linear_input(x, recipe)
-    return _FP8LinearFunction.apply(x, weight, bias, x_q, recipe, out_dtype)
+    x_in = quantize_linear_input(x, recipe)
+    return _FP8LinearFunction.apply(x, weight, bias, x_in, recipe, compute_dtype(x))
 
 
 # -- the module ------------------------------------------------------------------------------------------------
