@@ -83,7 +83,8 @@ def _quantize(x: torch.Tensor, fmt, granularity: Granularity, amax: Optional[tor
     quantizers of :mod:`fp8train.mixed_granularity`, anything else the torch reference."""
     if granularity.kind == "tensor" and fmt in (mg.LINEAR_FORMAT, mg.GRAD_FORMAT):
         quantizer = mg.quantize_for_linear if fmt == mg.LINEAR_FORMAT else mg.quantize_grad_for_linear
-        out = quantizer(x, amax=amax, with_transpose=transpose)
+        # the kernels read rows of contiguous memory; gradients and transposed weights may be strided views
+        out = quantizer(x.contiguous(), amax=amax, with_transpose=transpose)
         return LinearInput(*out) if transpose else LinearInput(out)
     if granularity.kind == "tensor" and amax is None:
         amax = group_scaling_amax(x)
@@ -329,11 +330,17 @@ def load_linear(meta, data, amax, weight_amax) -> LinearSaved:
 
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, x_in, recipe, out_dtype):
+    def forward(ctx, x, weight, bias, x_in, recipe, out_dtype, save_reference):
         with torch.autocast(x.device.type, enabled=False):
             y, saved = fp8_linear_forward(x_in if x_in is not None else x, weight, bias, recipe=recipe,
                                           out_dtype=out_dtype)
-        tensors, ctx.saved_meta = save_linear(saved)
+        if save_reference:
+            # x is kept alive by another op anyway (attention's output): keep a reference and its amax, and
+            # re-quantize in backward -- the same FP8 values, no second copy
+            tensors, ctx.saved_meta = [x, saved.x.amax, saved.weight_amax], None
+            ctx.input_shape = saved.input_shape
+        else:
+            tensors, ctx.saved_meta = save_linear(saved)
         # save_for_backward (not ctx attributes) so saved-tensor hooks -- offloading, checkpointing, the
         # memory accounting of the tests -- see every tensor backward keeps
         ctx.save_for_backward(*tensors, weight)
@@ -343,12 +350,18 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         *tensors, weight = ctx.saved_tensors
-        saved = load_linear(ctx.saved_meta, *tensors)
         with torch.autocast(dy.device.type, enabled=False):
+            if ctx.saved_meta is None:
+                x, x_amax, weight_amax = tensors
+                (fmt, granularity), _, _ = linear_formats(ctx.recipe)
+                x_in = _quantize(x, fmt, granularity, amax=x_amax, transpose=wants_transpose(x.device, ctx.recipe))
+                saved = LinearSaved(_as_matrix(x_in.q, x_in.data_t), weight_amax, ctx.input_shape, x.dtype)
+            else:
+                saved = load_linear(ctx.saved_meta, *tensors)
             dx, dweight, dbias = fp8_linear_backward(
                 dy, saved, weight, recipe=ctx.recipe, has_bias=ctx.has_bias and ctx.needs_input_grad[2],
                 needs_input_grad=ctx.needs_input_grad[0], needs_weight_grad=ctx.needs_input_grad[1])
-        return dx, dweight, dbias, None, None, None
+        return dx, dweight, dbias, None, None, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -360,14 +373,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-               recipe: Union[Recipe, str] = "fp8") -> torch.Tensor:
+               recipe: Union[Recipe, str] = "fp8", save_input: str = "fp8") -> torch.Tensor:
     """Differentiable ``F.linear`` with FP8 GEMMs (what :class:`FP8Linear` calls).
 
     Honours autocast: the output has the autocast dtype when autocast is on, else x's dtype.
+    ``save_input="fp8"`` keeps the FP8 copy of x for backward; ``"reference"`` keeps x itself and
+    re-quantizes it in backward -- only worth it when another op keeps x alive anyway.
     """
+    if save_input not in ("fp8", "reference"):
+        raise ValueError(f"save_input must be 'fp8' or 'reference', got {save_input!r}")
     recipe = resolve_recipe(recipe)
     x_in = quantize_linear_input(x, recipe)
-    return _FP8LinearFunction.apply(x, weight, bias, x_in, recipe, compute_dtype(x))
+    return _FP8LinearFunction.apply(x, weight, bias, x_in, recipe, compute_dtype(x), save_input == "reference")
 
 
 # -- the module ------------------------------------------------------------------------------------------------
@@ -378,7 +395,14 @@ class FP8Linear(nn.Linear):
     A subclass of nn.Linear with the same ``weight``/``bias`` parameters, so state dicts, safetensors
     checkpoints, exporters and FSDP see an ordinary Linear.  Build one from an existing layer with
     :meth:`from_linear` (it reuses that layer's Parameters) or directly like nn.Linear plus ``recipe=``.
+
+    ``save_input`` (attribute): ``"fp8"`` (default) saves the FP8 copy of the input for backward;
+    ``"reference"`` saves the input tensor itself and re-quantizes it in backward, which costs nothing when
+    another op keeps that tensor anyway (the Llama adapter sets it on ``o_proj`` when attention is SDPA or
+    FlashAttention: their output, which o_proj reads, is saved by the attention kernel).
     """
+
+    save_input: str = "fp8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  recipe: Union[Recipe, str] = "fp8"):
@@ -399,10 +423,11 @@ class FP8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, recipe=self.recipe)
+        return fp8_linear(x, self.weight, self.bias, recipe=self.recipe, save_input=self.save_input)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, recipe={self.recipe.name}"
+        saves = "" if self.save_input == "fp8" else ", saves input by reference"
+        return f"{super().extra_repr()}, recipe={self.recipe.name}{saves}"
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this layer's Parameters (to undo a conversion)."""
