@@ -112,6 +112,7 @@ class FlowRMSNorm(FP8RMSNorm):
         new.recipe = resolve_recipe(recipe)
         return new
 
+    @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor, x_saved=None) -> torch.Tensor:
         recipe = getattr(self, "recipe", None)
         if x_saved is not None or recipe is None or not flow_supported(recipe):
@@ -261,6 +262,7 @@ class FlowMLP(nn.Module):
         return flow_supported(self.recipe) and all(type(p) is FP8Linear and p.recipe == self.recipe
                                                    for p in projections)
 
+    @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable():
             return self.down_proj(gated_product(self.gate_proj(x), self.up_proj(x), self.activation))
