@@ -192,7 +192,15 @@ class _Converter:
 
         self.fast_path = (self.recipe.compress_activations and self.recipe.precision_flow
                           and flow_supported(self.recipe))
-        self._visit(self.model, find_adapter if self.recipe.fp8_linears else None)
+        finder = find_adapter if self.recipe.fp8_linears else None
+        root_adapter = finder(self.model) if finder is not None else None
+        if root_adapter is not None:  # converting a single decoder block
+            root_adapter.convert(self.model, self)
+            self.report["fast_path_blocks"] += int(self.fast_path)
+        elif isinstance(self.model, nn.Linear):
+            raise TypeError("convert() swaps submodules and cannot replace the root module itself; wrap the "
+                            "layer in a container or use fp8train.nn.linear.FP8Linear.from_linear(layer)")
+        self._visit(self.model, finder)
         self._warn()
 
     def _visit(self, parent: nn.Module, find_adapter) -> None:

@@ -247,3 +247,15 @@ def test_saved_activation_bytes_vs_bf16():
         saved[recipe] = counter.total_bytes
     assert saved["coat"] <= 0.65 * saved["bf16"], saved
     assert saved["fp8"] <= 0.85 * saved["bf16"], saved
+
+
+def test_converting_a_single_decoder_layer():
+    """convert() also takes one block (what the per-layer GPU benchmark does)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    layer = tiny("llama").model.layers[0]
+    assert isinstance(layer, LlamaDecoderLayer)
+    fp8train.convert(layer, "coat")
+    assert isinstance(layer.mlp, FlowMLP) and isinstance(layer.input_layernorm, FlowRMSNorm)
+    with pytest.raises(TypeError, match="root module"):
+        fp8train.convert(nn.Linear(16, 16), "fp8")
