@@ -108,10 +108,16 @@ def _fp8_module_types() -> tuple:
     from .nn.precision_flow import FlowMLP
     from .nn.rmsnorm import FP8RMSNorm
 
-    return (FP8Linear, FP8RMSNorm, FP8LayerNorm, FP8Activation, FP8GatedMLP, FlowMLP, _fp8_conv1d_class())
+    types = (FP8Linear, FP8RMSNorm, FP8LayerNorm, FP8Activation, FP8GatedMLP, FlowMLP)
+    return types + ((_fp8_conv1d_class(),) if _conv1d_class() is not None else ())
 
 
 def _conv1d_class():
+    """transformers' Conv1D, if transformers is loaded (a model containing one has imported it)."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        return None
     try:
         from transformers.pytorch_utils import Conv1D
     except Exception:  # noqa: BLE001 - transformers is optional for convert
@@ -286,3 +292,16 @@ def _is_gated_mlp(module: nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
     return (all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
             and isinstance(act, nn.Module) and is_activation(act))
+
+
+class _CallableModule(type(collections)):
+    """``fp8train.convert`` is both this module and its function: importing the module first (``from
+    fp8train.convert import ...``) binds the package attribute to the module, so make the module callable."""
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -259,3 +259,26 @@ def test_converting_a_single_decoder_layer():
     assert isinstance(layer.mlp, FlowMLP) and isinstance(layer.input_layernorm, FlowRMSNorm)
     with pytest.raises(TypeError, match="root module"):
         fp8train.convert(nn.Linear(16, 16), "fp8")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = batch(length=32)
+    grads = []
+    for checkpointing in (False, True):
+        model = fp8train.convert(tiny("llama"), "coat")
+        if checkpointing:  # renamed in transformers 5.2x; 5.17 has only the old name
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_convert_module_is_callable_after_a_direct_import():
+    import subprocess
+    import sys
+
+    code = ("import torch, fp8train.convert, fp8train; "
+            "m = fp8train.convert(torch.nn.Sequential(torch.nn.Linear(16, 16)), 'fp8'); print(type(m[0]).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "FP8Linear"
