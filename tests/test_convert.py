@@ -282,3 +282,28 @@ def test_convert_module_is_callable_after_a_direct_import():
             "m = fp8train.convert(torch.nn.Sequential(torch.nn.Linear(16, 16)), 'fp8'); print(type(m[0]).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "FP8Linear"
+
+
+def test_other_families_convert_and_run():
+    """Gemma (Llama-style, zero-centred norm), Gemma-2 (sandwich norms: generic path), Phi-3 (fused gate_up)."""
+    from fp8train.nn.gated_mlp import FP8GatedMLP
+
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    ids = batch(length=32)
+    for config, cls, check in [
+        (transformers.GemmaConfig(**common, head_dim=32), transformers.GemmaForCausalLM,
+         lambda m: isinstance(m.model.layers[0].mlp, FlowMLP)),
+        (transformers.Gemma2Config(**common, head_dim=32), transformers.Gemma2ForCausalLM,
+         lambda m: m._fp8train_report["fast_path_blocks"] == 0 and isinstance(m.model.layers[0].mlp, FlowMLP)),
+        (transformers.Phi3Config(**common, pad_token_id=0, eos_token_id=1, bos_token_id=1), transformers.Phi3ForCausalLM,
+         lambda m: isinstance(m.model.layers[0].mlp, FP8GatedMLP)),
+    ]:
+        torch.manual_seed(0)
+        model = cls(config)
+        reference = model(ids, labels=ids).loss
+        fp8train.convert(model, "coat")
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        assert check(model), type(model).__name__
+        assert abs(loss.item() - reference.item()) < 0.02 * reference.item()
