@@ -46,7 +46,7 @@ def use_triton(op: str, *tensors, group: int = 16) -> bool:
     multiple of ``group``).  CUDA inputs that the kernels do not cover fall back to the torch reference with
     a one-time warning that says why."""
     live = [t for t in tensors if t is not None]
-    if not live or not all(t.is_cuda for t in live):
+    if not live or not all(t.is_cuda for t in live) or any(t.numel() == 0 for t in live):
         return False
     if not triton_available():
         return False

@@ -55,6 +55,12 @@ def gated_product_forward(gate: torch.Tensor, up: torch.Tensor, activation: str 
     """``(h, saved)`` with ``h = act(gate) * up`` computed in fp32 and rounded once to the inputs' dtype."""
     check_activation(activation)
     _check(gate, up)
+    if mg.use_kernels("gated_product", gate, up):
+        from ..kernels import gated_product as kernel
+
+        h, g_copy, u_copy = kernel.gated_product_forward(gate, up, activation, quantize_output=quantize_output,
+                                                         output_transpose=output_transpose)
+        return h, GatedSaved(gate=g_copy, up=u_copy, activation=activation)
     h = _reference_forward(gate, up, activation)
     saved = GatedSaved(gate=mg.save_for_nonlinear(gate), up=mg.save_for_nonlinear(up), activation=activation)
     if quantize_output:
@@ -64,6 +70,10 @@ def gated_product_forward(gate: torch.Tensor, up: torch.Tensor, activation: str 
 
 def gated_product_backward(dh: torch.Tensor, saved: GatedSaved):
     """``(dgate, dup)`` in the dtypes of gate and up."""
+    if mg.use_kernels("gated_product", dh) and mg.is_kernel_copy(saved.gate) and mg.is_kernel_copy(saved.up):
+        from ..kernels import gated_product as kernel
+
+        return kernel.gated_product_backward(dh, saved.gate, saved.up, saved.activation)
     cdt = _compute_dtype(torch.promote_types(saved.gate.dtype, saved.up.dtype))
     g_hat = saved.gate.dequantize(cdt)
     u_hat = saved.up.dequantize(cdt)

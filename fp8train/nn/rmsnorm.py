@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import mixed_granularity as mg
-from ..kernels import use_triton, warn_once
+from ..kernels import warn_once
 from ..quant import QuantizedTensor
 
 __all__ = ["RMSNormSaved", "rmsnorm_forward", "rmsnorm_backward", "rms_norm", "FP8RMSNorm", "STYLES"]
@@ -90,6 +90,12 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
     producer of ``x`` already wrote it (:func:`fp8train.nn.residual.residual_add` with ``emit_fp8_copy``).
     """
     _check(x, weight, style)
+    if mg.use_kernels("rmsnorm", x, weight) and (x_saved is None or mg.is_kernel_copy(x_saved)):
+        from ..kernels import rmsnorm as kernel
+
+        y, rstd, copy = kernel.rmsnorm_forward(x, weight, eps, style, quantize_output=quantize_output,
+                                               output_transpose=output_transpose, write_copy=x_saved is None)
+        return y, RMSNormSaved(x=copy if x_saved is None else x_saved, rstd=rstd, style=style)
     y, rstd = _reference_forward(x, weight, eps, style)
     if x_saved is None:
         x_saved = mg.save_for_nonlinear(x)
@@ -101,6 +107,10 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
 
 def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[torch.Tensor]):
     """``(dx, dweight)`` from the output gradient and what forward saved (``dweight`` is None without weight)."""
+    if mg.use_kernels("rmsnorm", dy, weight) and mg.is_kernel_copy(saved.x):
+        from ..kernels import rmsnorm as kernel
+
+        return kernel.rmsnorm_backward(dy, saved.x, saved.rstd, weight, saved.style)
     x_dtype = saved.x.dtype
     cdt = _compute_dtype(x_dtype)
     x_hat = saved.x.dequantize(cdt)
@@ -218,7 +228,8 @@ class FP8RMSNorm(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor, x_saved: Optional[QuantizedTensor] = None) -> torch.Tensor:
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's eps=None rule
+        # nn.RMSNorm's eps=None: machine epsilon of the dtype it computes in (float32 for 16-bit inputs)
+        eps = self.eps if self.eps is not None else torch.finfo(_compute_dtype(x.dtype)).eps
         return rms_norm(x, self.weight, eps, style=self.style, x_saved=x_saved)
 
     def extra_repr(self) -> str:
