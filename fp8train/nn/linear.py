@@ -34,6 +34,7 @@ on every device: operands are dequantized and multiplied in fp32.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple, Optional, Union
 
@@ -127,7 +128,7 @@ def _as_matrix(q: QuantizedTensor, data_t: Optional[torch.Tensor] = None) -> Qua
     the layout the weight-gradient GEMM wants for its second operand.
     """
     k = q.shape[-1] if len(q.shape) else 1
-    m = q.data.numel() // k if k else 0
+    m = math.prod(q.shape[:-1]) if len(q.shape) else 1
     amax = q.amax
     if q.granularity.kind == "group":
         amax = amax.reshape(m, -1)

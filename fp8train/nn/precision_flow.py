@@ -216,18 +216,36 @@ class _FlowMLPFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-def _product_from_fp8(gated: GatedSaved, dtype: torch.dtype, recipe: Recipe, transpose: bool) -> LinearInput:
-    """act(gate_hat) * up_hat from the FP8 1x16 copies, rounded to ``dtype``, quantized for down_proj."""
+def _product_from_fp8(gated: GatedSaved, dtype: torch.dtype, recipe: Recipe, transpose: bool,
+                      rowmajor: bool = True) -> LinearInput:
+    """act(gate_hat) * up_hat from the FP8 1x16 copies, rounded to ``dtype``, quantized for down_proj.
+
+    ``rowmajor=False`` (backward, with ``transpose``) lets the CUDA kernel write only the transposed copy.
+    """
+    if _product_kernel_applies(gated, dtype):
+        from ..kernels.gated_from_copies import product_from_copies
+
+        q, data_t = product_from_copies(gated.gate, gated.up, gated.activation, dtype,
+                                        write_rowmajor=rowmajor or not transpose, with_transpose=transpose)
+        return LinearInput(q, data_t)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     h = (act_fn(gated.gate.dequantize(cdt), gated.activation) * gated.up.dequantize(cdt)).to(dtype)
     (fmt, granularity), _, _ = linear_formats(recipe)
     return _quantize(h, fmt, granularity, transpose=transpose)
 
 
+def _product_kernel_applies(gated: GatedSaved, dtype: torch.dtype) -> bool:
+    from ..kernels import triton_available
+
+    g, u = gated.gate, gated.up
+    return (g.data.is_cuda and dtype in (torch.bfloat16, torch.float16, torch.float32) and mg.is_kernel_copy(g)
+            and mg.is_kernel_copy(u) and g.shape == u.shape and g.shape[-1] % 16 == 0 and triton_available())
+
+
 def _recompute_product(gated: GatedSaved, w_amax: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
                        recipe: Recipe, device: torch.device) -> LinearSaved:
     """Rebuild down_proj's FP8 input (identical to forward's) from the saved FP8 gate and up."""
-    h_in = _product_from_fp8(gated, dtype, recipe, wants_transpose(device, recipe))
+    h_in = _product_from_fp8(gated, dtype, recipe, wants_transpose(device, recipe), rowmajor=False)
     return LinearSaved(_as_matrix(h_in.q, h_in.data_t), w_amax, shape, dtype)
 
 
