@@ -72,7 +72,15 @@ def test_llama_style_fast_path_structure(family):
     assert isinstance(layer.input_layernorm, FlowRMSNorm) and isinstance(layer.post_attention_layernorm, FlowRMSNorm)
     assert isinstance(layer.mlp, FlowMLP) and type(layer.mlp.down_proj) is FP8Linear
     assert all(type(getattr(layer.self_attn, n)) is FP8Linear for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    assert layer.self_attn.o_proj.save_input == "reference"  # sdpa keeps o_proj's input anyway
+    ids = batch(length=32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(ids, labels=ids)
+    fp8_copies = [t for t in saved if t.dtype == torch.float8_e4m3fn and t.numel() == 4 * 32 * 128]
+    # per layer: input norm (1x16), q/k/v input, post-attention norm, gate/up input -- none for o_proj,
+    # whose input (a view of SDPA's output) SDPA keeps anyway; plus the final norm (and Qwen3's q_norm input)
+    expected = 4 * 2 + 1 + (2 if family == "qwen3" else 0)
+    assert len({t.untyped_storage().data_ptr() for t in fp8_copies}) == expected
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
     assert isinstance(model.model.norm, FP8RMSNorm)
     if family == "qwen3":
