@@ -59,7 +59,7 @@ def _gated_fwd_kernel(g_ptr, stride_g, u_ptr, stride_u, h_ptr, gq_ptr, gamax_ptr
         tl.store(partials_ptr + pid, acc)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "num_partials"])
 def _gated_apply_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
                         q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
                         ACT: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import GROUP16, PER_TENSOR, Granularity, QuantizedTensor
+from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 
 __all__ = ["quantize_groups", "quantize_tensorwise", "as_rows", "partials_capacity", "tensorwise_amax",
            "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise", "BLOCK_P"]
@@ -145,7 +145,7 @@ def _amax_partials_kernel(x_ptr, stride_x, partials_ptr, M, N, num_programs, ite
     tl.store(partials_ptr + pid, acc)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "num_partials"])
 def _quantize_tensorwise_kernel(x_ptr, stride_x, partials_ptr, num_partials, amax_out_ptr, q_ptr, q_t_ptr, M, N,
                                 BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, FMAX: tl.constexpr,
                                 WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
@@ -264,6 +264,3 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     q = QuantizedTensor(data=data, amax=amax_out, fmt=fmt, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype)
     return (q, data_t) if with_transpose else q
 
-
-# keep the granularity constant importable for callers that build metadata by hand
-GRANULARITY_1X16 = GROUP16

@@ -79,7 +79,7 @@ def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_pt
         tl.store(partials_ptr + pid, acc)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "num_partials"])
 def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
                           q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
                           STYLE: tl.constexpr, HAS_W: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
