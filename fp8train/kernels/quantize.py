@@ -70,10 +70,14 @@ def quantize_group_tile(x, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, 
 
 @triton.jit
 def dequantize_group_tile(q, amax, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, FMAX: tl.constexpr):
-    """FP8 tile [BM, BN] and its group amax [BM, BN // G] -> float32 values (q / FMAX * amax, as the reference)."""
+    """FP8 tile [BM, BN] and its group amax [BM, BN // G] -> float32 values q * (amax / FMAX).
+
+    One multiply per element with a per-group scale; the reference computes (q / FMAX) * amax, which can differ
+    in the last float32 bit -- far below the FP8 error."""
+    amax = amax.to(tl.float32)
+    scale = tl.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32))
     qg = tl.reshape(q.to(tl.float32), (BM, BN // G, G))
-    vals = tl.div_rn(qg, tl.full(qg.shape, FMAX, tl.float32)) * amax.to(tl.float32)[:, :, None]
-    return tl.reshape(vals, (BM, BN))
+    return tl.reshape(qg * scale[:, :, None], (BM, BN))
 
 
 @triton.jit
