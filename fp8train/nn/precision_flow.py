@@ -198,7 +198,15 @@ class _FlowMLPFunction(torch.autograd.Function):
                 saved_down = load_linear(ctx.h_meta, h_data, h_amax, wd_amax)
             dh, dw_down, db_down = fp8_linear_backward(dout, saved_down, w_down, recipe=recipe,
                                                        has_bias=ctx.has_bias[2], needs_weight_grad=needs[6])
-            dgate, dup = gated_product_backward(dh, gated)
+            # the gated product's backward can write dgate/dup directly as the projections' E5M2 per-tensor
+            # gradients (+ transposed copies), skipping the bf16 round trip
+            # (not with biases: their gradient is an exact sum of the unquantized dgate/dup)
+            fused_quantize = linear_formats(recipe)[2][0] == mg.GRAD_FORMAT and not any(ctx.has_bias[:2])
+            transpose = wants_transpose(dout.device, recipe)
+            dgate, dup = gated_product_backward(dh, gated, quantize_output=fused_quantize,
+                                                output_transpose=fused_quantize and transpose)
+            if fused_quantize:
+                dgate, dup = (LinearInput(*d) if transpose else LinearInput(d) for d in (dgate, dup))
             del dh
             saved_gate = load_linear(ctx.x_meta, x_data, x_amax, wg_amax)
             saved_up = saved_gate._replace(weight_amax=wu_amax)
