@@ -118,3 +118,15 @@ def test_saves_two_fp8_copies_instead_of_three_bf16_tensors():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="same shape"):
         gated_product(torch.ones(2, 16), torch.ones(2, 32))
+
+
+def test_backward_can_emit_the_projections_e5m2_gradients():
+    gate, up, dh = _data()
+    _, saved = gated_product_forward(gate, up, "silu")
+    dgate, dup = gated_product_backward(dh, saved)
+    (qg, qg_t), (qu, qu_t) = gated_product_backward(dh, saved, quantize_output=True, output_transpose=True)
+    for q, q_t, g in ((qg, qg_t, dgate), (qu, qu_t, dup)):
+        expected = mg.quantize_grad_for_linear(g)
+        assert q.fmt.name == "E5M2" and torch.equal(q.amax, expected.amax)
+        assert torch.equal(q.data.view(torch.uint8), expected.data.view(torch.uint8))
+        assert torch.equal(q_t.view(torch.uint8), q.data.t().contiguous().view(torch.uint8))

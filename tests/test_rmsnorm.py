@@ -167,3 +167,18 @@ def test_three_dim_input_and_no_weight():
     assert y.shape == x.shape and y.dtype == x.dtype
     y.sum().backward()
     assert x.grad.shape == x.shape and math.isfinite(float(x.grad.float().abs().sum()))
+
+
+def test_residual_grad_is_added_in_the_same_pass():
+    x, w, dy = _data()
+    dy = dy.to(x.dtype)
+    _, saved = rmsnorm_forward(x, w, 1e-5)
+    dres = torch.randn_like(x)
+    dx, dw = rmsnorm_backward(dy, saved, w)
+    dx_sum, dw_sum = rmsnorm_backward(dy, saved, w, residual_grad=dres)
+    assert torch.equal(dw, dw_sum) and dx_sum.dtype == x.dtype
+    # one rounding of (fp32 dx + residual grad) instead of two
+    exact = dx.double() + dres.double()
+    assert bool(((dx_sum.double() - exact).abs() <= 2**-8 * dx.double().abs() + 2**-8 * exact.abs() + 1e-6).all())
+    with pytest.raises(ValueError, match="residual_grad has shape"):
+        rmsnorm_backward(dy, saved, w, residual_grad=dres[:-1])

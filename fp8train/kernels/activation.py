@@ -87,7 +87,7 @@ def _activation_fwd_kernel(x_ptr, stride_x, y_ptr, q_ptr, qamax_ptr, partials_pt
         tl.store(partials_ptr + pid, acc)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "num_partials"])
 def _activation_apply_kernel(x_ptr, stride_x, partials_ptr, num_partials, amax_out_ptr, q_ptr, q_t_ptr, M, N,
                              BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr,
                              WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):

@@ -69,7 +69,7 @@ def _layernorm_fwd_kernel(x_ptr, stride_x, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_p
         tl.store(partials_ptr + pid, acc)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "num_partials"])
 def _layernorm_apply_kernel(x_ptr, stride_x, w_ptr, b_ptr, mean_ptr, rstd_ptr, partials_ptr, num_partials,
                             amax_out_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
                             BLOCK_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,

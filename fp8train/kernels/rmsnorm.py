@@ -79,7 +79,7 @@ def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_pt
         tl.store(partials_ptr + pid, acc)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "num_partials"])
 def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
                           q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
                           STYLE: tl.constexpr, HAS_W: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
@@ -105,9 +105,9 @@ def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partial
 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, rstd_ptr, w_ptr, dx_ptr, dw_partial_ptr,
-                        M, num_programs, iters,
+                        dres_ptr, stride_dres, M, num_programs, iters,
                         N: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, STYLE: tl.constexpr,
-                        HAS_W: tl.constexpr):
+                        HAS_W: tl.constexpr, HAS_RES: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -139,6 +139,8 @@ def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, rstd_ptr, w_ptr, dx
             g = dy
         mean_gn = tl.sum(g * n, axis=1) / N
         dx = rstd[:, None] * (g - n * mean_gn[:, None])
+        if HAS_RES:  # gradient arriving through the residual connection, added before the one rounding
+            dx += tl.load(dres_ptr + rows64 * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows64 * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_W:
         tl.store(dw_partial_ptr + pid * N + cols, dw_acc, mask=cmask)
@@ -201,9 +203,10 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     return ((q, data_t) if output_transpose else q), rstd, copy
 
 
-def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style):
-    """``(dx, dweight)`` from the E4M3 1x16 copy of x (bf16 group amax), rstd and dy."""
+def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None):
+    """``(dx, dweight)`` from the E4M3 1x16 copy of x (bf16 group amax), rstd and dy (+ ``residual_grad``)."""
     dy2 = as_rows(dy)
+    dres = as_rows(residual_grad) if residual_grad is not None else dy2
     M, N = dy2.shape
     dev = dy.device
     dx = torch.empty(x_copy.shape, dtype=x_copy.dtype, device=dev)
@@ -213,8 +216,8 @@ def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style):
     iters = triton.cdiv(row_blocks, nprog)
     dw_partial = torch.empty(nprog, N, dtype=torch.float32, device=dev) if weight is not None else rstd
     _rmsnorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), x_copy.data, x_copy.amax, rstd,
-                                  weight if weight is not None else rstd, dx, dw_partial, M, nprog, iters,
-                                  N=N, BLOCK_N=block_n, BM=bm, STYLE=_STYLE_CODE[style], HAS_W=weight is not None,
-                                  num_warps=warps)
+                                  weight if weight is not None else rstd, dx, dw_partial, dres, dres.stride(0),
+                                  M, nprog, iters, N=N, BLOCK_N=block_n, BM=bm, STYLE=_STYLE_CODE[style],
+                                  HAS_W=weight is not None, HAS_RES=residual_grad is not None, num_warps=warps)
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     return dx, dweight

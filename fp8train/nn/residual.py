@@ -11,7 +11,6 @@ The sum is computed in fp32 and rounded once to the promoted dtype (the same val
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn

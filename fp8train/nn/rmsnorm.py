@@ -105,12 +105,19 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
     return y, saved
 
 
-def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[torch.Tensor]):
-    """``(dx, dweight)`` from the output gradient and what forward saved (``dweight`` is None without weight)."""
-    if mg.use_kernels("rmsnorm", dy, weight) and mg.is_kernel_copy(saved.x):
+def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[torch.Tensor], *,
+                     residual_grad: Optional[torch.Tensor] = None):
+    """``(dx, dweight)`` from the output gradient and what forward saved (``dweight`` is None without weight).
+
+    ``residual_grad``: the gradient that reaches the norm's input through the residual connection; when given,
+    ``dx`` is ``residual_grad + dx_norm`` (rounded once), which the kernel adds in the same pass.
+    """
+    if residual_grad is not None and residual_grad.shape != saved.x.shape:
+        raise ValueError(f"residual_grad has shape {tuple(residual_grad.shape)}, expected {tuple(saved.x.shape)}")
+    if mg.use_kernels("rmsnorm", dy, weight, residual_grad) and mg.is_kernel_copy(saved.x):
         from ..kernels import rmsnorm as kernel
 
-        return kernel.rmsnorm_backward(dy, saved.x, saved.rstd, weight, saved.style)
+        return kernel.rmsnorm_backward(dy, saved.x, saved.rstd, weight, saved.style, residual_grad=residual_grad)
     x_dtype = saved.x.dtype
     cdt = _compute_dtype(x_dtype)
     x_hat = saved.x.dequantize(cdt)
@@ -128,6 +135,8 @@ def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[tor
         g = dy_c * (weight.to(cdt) + (1.0 if saved.style == "gemma" else 0.0))
         dweight = (dy_c * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
     dx = rstd * (g - n * (g * n).mean(-1, keepdim=True))
+    if residual_grad is not None:
+        dx = dx + residual_grad.to(cdt)
     return dx.to(x_dtype), dweight
 
 
