@@ -1,0 +1,63 @@
+"""Triton kernels, one file per op.  Each op's public function lives in ``fp8train.nn.<op>`` (or
+``fp8train.mixed_granularity``) next to its plain-torch reference and dispatches here when its inputs are CUDA
+tensors and Triton imports.
+
+Triton is imported lazily: ``import fp8train.kernels`` does not import it; :func:`triton_available` does, once.
+Set ``FP8TRAIN_DISABLE_TRITON=1`` to force the torch references everywhere (debugging, A/B checks).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+__all__ = ["triton_available", "use_triton", "warn_once"]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when Triton imports and can drive a CUDA device (cached after the first call)."""
+    if os.environ.get("FP8TRAIN_DISABLE_TRITON", "0") not in ("", "0"):
+        return False
+    try:
+        import torch
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "no Triton"
+        return False
+    return bool(torch.cuda.is_available())
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as a UserWarning the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+_KERNEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def use_triton(op: str, *tensors, group: int = 16) -> bool:
+    """Whether ``op`` should run its Triton kernel on ``tensors`` (all CUDA, float32/bf16/fp16, last dim a
+    multiple of ``group``).  CUDA inputs that the kernels do not cover fall back to the torch reference with
+    a one-time warning that says why."""
+    live = [t for t in tensors if t is not None]
+    if not live or not all(t.is_cuda for t in live):
+        return False
+    if not triton_available():
+        return False
+    for t in live:
+        if str(t.dtype).replace("torch.", "") not in _KERNEL_DTYPES:
+            warn_once(f"{op}-dtype-{t.dtype}", f"fp8train {op}: no Triton kernel for {t.dtype} inputs; "
+                      "using the (slower) torch reference. Cast to bfloat16/float16/float32 to use the kernel.")
+            return False
+    hidden = live[0].shape[-1] if live[0].dim() else 1
+    if hidden % group != 0:
+        warn_once(f"{op}-hidden-{hidden}", f"fp8train {op}: last dimension {hidden} is not a multiple of {group}; "
+                  "using the (slower) torch reference. Pad the hidden size to a multiple of 16 to use the kernel.")
+        return False
+    return True

@@ -1,0 +1,20 @@
+"""FP8 building blocks for models.
+
+Compressed non-linear ops (COAT's mixed-granularity activations), one per module, each with its torch
+reference forward/backward, the dispatch to its Triton kernel, an autograd.Function and a small nn.Module:
+
+* :mod:`fp8train.nn.rmsnorm` -- ``FP8RMSNorm``, ``rms_norm``, ``rmsnorm_forward`` / ``rmsnorm_backward``
+* :mod:`fp8train.nn.layernorm` -- ``FP8LayerNorm``, ``layer_norm``, ``layernorm_forward`` / ``layernorm_backward``
+* :mod:`fp8train.nn.activation` -- ``FP8Activation``, ``activation``, ``activation_forward`` / ``activation_backward``
+* :mod:`fp8train.nn.gated_mlp` -- ``gated_product`` (act(gate) * up), ``gated_product_forward`` / ``_backward``
+* :mod:`fp8train.nn.residual` -- ``residual_add`` (optionally emitting the next norm's FP8 copy)
+
+FP8 linear layer and the wiring between ops:
+
+* :mod:`fp8train.nn.linear` -- ``FP8Linear`` (an nn.Linear subclass), ``fp8_linear_forward`` / ``_backward``
+* :mod:`fp8train.nn.handoff` -- attach a tensor's FP8 form for its consumers (one FP8 copy for q/k/v)
+* :mod:`fp8train.nn.precision_flow` -- the Llama-style decoder-block fast path; per-family adapters in
+  :mod:`fp8train.nn.adapters`
+
+What each saves is described in docs/activations.md.
+"""

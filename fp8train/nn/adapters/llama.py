@@ -1,0 +1,70 @@
+"""Llama-style decoder blocks: Llama, Mistral, Qwen2/Qwen3, Gemma and others built the same way.
+
+Recognized by structure: ``self_attn`` with linear ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``mlp`` with
+linear ``gate_proj``/``up_proj``/``down_proj`` and a supported ``act_fn``, and exactly two RMSNorm-like norms
+named ``input_layernorm`` and ``post_attention_layernorm`` (blocks with more norms, such as Gemma-2's
+sandwich norms, feed a norm's output to the residual stream and take the generic path instead).
+
+What changes (parameter names and state_dict keys stay the same):
+
+* ``input_layernorm`` / ``post_attention_layernorm`` -> :class:`~fp8train.nn.precision_flow.FlowRMSNorm`
+* the seven projections -> :class:`~fp8train.nn.linear.FP8Linear` (unless excluded or of unsupported shape)
+* ``mlp`` -> :class:`~fp8train.nn.precision_flow.FlowMLP` holding the same projection modules
+* ``o_proj`` saves its input by reference when attention runs on SDPA/FlashAttention: those kernels keep
+  their output (= o_proj's input, reshaped without a copy) for their own backward, so a second, FP8 copy
+  would only add bytes (COAT does the same)
+
+Norms and MLP are rewired only on the fast path (recipe "coat"); with FP8 linears alone ("fp8") the
+adapter converts the projections and the o_proj rule, and everything else is left to the generic path.
+* anything else inside the block (Qwen3's q_norm/k_norm, rotary embeddings, the attention core) is left to
+  the generic path: norms become FP8RMSNorm, the attention core stays bf16.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..precision_flow import FlowMLP, FlowRMSNorm
+from .common import is_activation, is_rmsnorm_like
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+class LlamaStyleBlock:
+    name = "llama-style decoder block"
+
+    def matches(self, module: nn.Module) -> bool:
+        attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
+        if not isinstance(attn, nn.Module) or not isinstance(mlp, nn.Module):
+            return False
+        if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ATTENTION_PROJECTIONS):
+            return False
+        if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in MLP_PROJECTIONS):
+            return False
+        act = getattr(mlp, "act_fn", None)
+        if not isinstance(act, nn.Module) or not is_activation(act):
+            return False
+        norms = {name for name, child in module.named_children() if "norm" in name.lower()}
+        return norms == set(NORMS) and all(is_rmsnorm_like(getattr(module, n)) for n in NORMS)
+
+    def convert(self, module: nn.Module, converter) -> None:
+        from ..linear import FP8Linear
+
+        recipe = converter.recipe
+        prefix = converter.name_of(module)
+        for name in ATTENTION_PROJECTIONS:
+            converter.convert_linear(module.self_attn, name)
+        attention = getattr(getattr(module.self_attn, "config", None), "_attn_implementation", None) or "eager"
+        if isinstance(module.self_attn.o_proj, FP8Linear) and attention != "eager":
+            module.self_attn.o_proj.save_input = "reference"
+        if not converter.fast_path:
+            return
+        for name in NORMS:
+            if not converter.is_excluded(f"{prefix}{name}", getattr(module, name)):
+                converter.replace(module, name, FlowRMSNorm.from_module(getattr(module, name), recipe=recipe))
+        for name in MLP_PROJECTIONS:
+            converter.convert_linear(module.mlp, name)
+        if not converter.is_excluded(f"{prefix}mlp", module.mlp):
+            converter.replace(module, "mlp", FlowMLP.from_module(module.mlp, recipe=recipe))

@@ -1,0 +1,438 @@
+"""FP8 linear layer: E4M3 x E4M3 forward, E5M2 gradients, fp32 accumulation, input saved in FP8.
+
+    y = x W^T + b
+
+Forward: ``x`` and ``W`` are quantized just in time to E4M3 with one scale per tensor (the amax of the
+current tensor, computed by two-stage "group scaling"; no delayed amax history).  The GEMM multiplies the
+FP8 operands, accumulates in fp32 and applies both scales in the epilogue; the output comes back in the
+compute dtype (bf16 under autocast).
+
+Backward: the output gradient ``dY`` is quantized to E5M2 per tensor, then
+
+    dX = dY W        (E5M2 x E4M3 -> x's dtype)
+    dW = dY^T X      (E5M2 x E4M3 -> W's dtype, fp32 for fp32 master weights)
+
+What backward keeps: the FP8 copy of ``x`` (1 byte/element instead of 2) and its scale, a reference to
+``W`` (a parameter, no extra memory) and W's amax scalar.  W is re-quantized in backward with that amax, so
+no FP8 weight copy lives longer than one GEMM.
+
+When several linears read the same tensor (q/k/v; gate/up) the first one attaches its FP8 copy to the tensor
+(:mod:`fp8train.nn.handoff`) and the others reuse it: one quantization and one saved FP8 copy instead of three.
+A producer that already has the FP8 form (an FP8 norm) can attach it the same way.
+
+GEMM backends (one signature, :func:`scaled_matmul`):
+
+* CUDA on sm89+ (Ada, Hopper and newer): ``torch._scaled_mm`` with per-tensor fp32 scales.  It wants a
+  row-major first operand, a column-major second one and inner/outer dims that are multiples of 16 (the
+  token dim of the weight-gradient GEMM is padded with zeros when it is not);
+* elsewhere: the reference -- the FP8 values as fp32, an fp32 matmul, the two scales, a cast.  Products of
+  FP8 values are exact in fp32, so both backends compute the same sums up to summation order.
+
+Block scales (``"1x128"`` inputs/gradients, ``"128x128"`` weights, a DeepSeek-V3-style recipe) are emulated
+on every device: operands are dequantized and multiplied in fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import mixed_granularity as mg
+from ..quant import Granularity, QuantizedTensor, group_scaling_amax, quantize
+from ..recipes import Recipe, linear_formats, resolve_recipe
+from . import handoff
+
+__all__ = [
+    "FP8Linear",
+    "fp8_linear",
+    "fp8_linear_forward",
+    "fp8_linear_backward",
+    "LinearSaved",
+    "LinearInput",
+    "scaled_matmul",
+    "quantize_linear_input",
+    "attach_linear_input",
+    "compute_dtype",
+    "fp8_gemm_supported",
+]
+
+
+# -- quantization of the three GEMM operands ---------------------------------------------------------------
+
+class LinearInput(NamedTuple):
+    """A linear layer's quantized input: the FP8 tensor and, where the GEMM backend wants it, the transposed
+    FP8 data ``(K, M)`` for the weight-gradient GEMM (made in the same pass by the quantizer).  Backward keeps
+    only one of the two: the transposed copy when it exists, else the row-major one."""
+
+    q: QuantizedTensor
+    data_t: Optional[torch.Tensor] = None
+
+
+def wants_transpose(device: torch.device, recipe: Recipe) -> bool:
+    """Whether quantizers should also write the transposed copy: only torch._scaled_mm needs it."""
+    return recipe.per_tensor and fp8_gemm_supported(device)
+
+
+def _quantize(x: torch.Tensor, fmt, granularity: Granularity, amax: Optional[torch.Tensor] = None,
+              transpose: bool = False) -> LinearInput:
+    """Quantize one GEMM operand; the standard per-tensor E4M3 / E5M2 cases use the shared (Triton on CUDA)
+    quantizers of :mod:`fp8train.mixed_granularity`, anything else the torch reference."""
+    if granularity.kind == "tensor" and fmt in (mg.LINEAR_FORMAT, mg.GRAD_FORMAT):
+        quantizer = mg.quantize_for_linear if fmt == mg.LINEAR_FORMAT else mg.quantize_grad_for_linear
+        # the kernels read rows of contiguous memory; gradients and transposed weights may be strided views
+        out = quantizer(x.contiguous(), amax=amax, with_transpose=transpose)
+        return LinearInput(*out) if transpose else LinearInput(out)
+    if granularity.kind == "tensor" and amax is None:
+        amax = group_scaling_amax(x)
+    # "propagate": no host sync on the hot path; a NaN/inf input turns its group into NaN/inf (never into a
+    # finite wrong value), so the loss check of the training loop catches it.
+    q = quantize(x, fmt, granularity, amax=amax, nonfinite="propagate")
+    data_t = q.data.reshape(-1, q.shape[-1]).t().contiguous() if transpose else None
+    return LinearInput(q, data_t)
+
+
+def linear_input_key(recipe: Recipe) -> tuple:
+    (fmt, granularity), _, _ = linear_formats(recipe)
+    return ("linear_input", fmt.name, str(granularity))
+
+
+def attach_linear_input(x: torch.Tensor, recipe: Recipe, value: LinearInput) -> None:
+    """Let every FP8 linear that reads ``x`` use ``value`` (a producer that quantized ``x`` itself)."""
+    handoff.attach(x, linear_input_key(resolve_recipe(recipe)), value)
+
+
+def quantize_linear_input(x: torch.Tensor, recipe: Union[Recipe, str] = "fp8") -> LinearInput:
+    """The FP8 copy of a linear input under ``recipe``, shared through :mod:`~fp8train.nn.handoff`.
+
+    Returns the attached copy when ``x`` already has one (quantized by another linear or by its producer).
+    """
+    recipe = resolve_recipe(recipe)
+    key = linear_input_key(recipe)
+    value = handoff.attached(x, key)
+    if value is None:
+        (fmt, granularity), _, _ = linear_formats(recipe)
+        value = _quantize(x, fmt, granularity, transpose=wants_transpose(x.device, recipe))
+        handoff.attach(x, key, value)
+    return value
+
+
+def _as_matrix(q: QuantizedTensor, data_t: Optional[torch.Tensor] = None) -> QuantizedTensor:
+    """View a quantized (..., K) tensor as (M, K); per-tensor and 1xG metadata reshape along.
+
+    With ``data_t`` (the transposed copy) the matrix's data is ``data_t.t()``: a column-major view, which is
+    the layout the weight-gradient GEMM wants for its second operand.
+    """
+    k = q.shape[-1] if len(q.shape) else 1
+    m = q.data.numel() // k if k else 0
+    amax = q.amax
+    if q.granularity.kind == "group":
+        amax = amax.reshape(m, -1)
+    elif q.granularity.kind == "row":
+        amax = amax.reshape(m, 1)
+    data = data_t.t() if data_t is not None else q.data.reshape(m, k)
+    return QuantizedTensor(data, amax, q.fmt, q.granularity, torch.Size((m, k)), q.dtype)
+
+
+# -- the GEMM ------------------------------------------------------------------------------------------------
+
+_warned_emulation = False
+
+
+def fp8_gemm_supported(device: torch.device) -> bool:
+    """True where torch._scaled_mm runs FP8 GEMMs on tensor cores (CUDA sm89+)."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _padded(data: torch.Tensor, rows: int, cols: int, column_major: bool) -> torch.Tensor:
+    """``data`` (2-D) zero-padded to (rows, cols), row- or column-major."""
+    if column_major:
+        out = torch.zeros(cols, rows, dtype=data.dtype, device=data.device)
+        out[: data.shape[1], : data.shape[0]].copy_(data.t())
+        return out.t()
+    out = torch.zeros(rows, cols, dtype=data.dtype, device=data.device)
+    out[: data.shape[0], : data.shape[1]].copy_(data)
+    return out
+
+
+def _scaled_mm_tensorwise(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                    out_dtype: torch.dtype, fast_accumulation: bool) -> torch.Tensor:
+    m, k = a.shape
+    n = b.shape[1]
+    kp, np_ = _round_up(k, 16), _round_up(n, 16)
+    if kp != k or np_ != n:
+        a = _padded(a, m, kp, column_major=False)
+        b = _padded(b, kp, np_, column_major=True)
+    else:
+        if not (a.stride(1) == 1 and a.stride(0) >= max(1, k)):
+            a = a.contiguous()
+        if not (b.stride(0) == 1 and b.stride(1) >= max(1, kp)):
+            b = b.t().contiguous().t()
+    out = torch._scaled_mm(a, b, scale_a=a_scale.float().reshape(()), scale_b=b_scale.float().reshape(()),
+                           out_dtype=out_dtype, use_fast_accum=fast_accumulation)
+    return out[:, :n] if np_ != n else out
+
+
+def scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype, *,
+                  transpose_b: bool = False, fast_accumulation: bool = False) -> torch.Tensor:
+    """``dequant(a) @ dequant(b)`` (or ``@ dequant(b).T`` with ``transpose_b``) in fp32, cast to ``out_dtype``.
+
+    ``a`` is (M, K); ``b`` is (K, N), or (N, K) with ``transpose_b``.  Per-tensor operands run on
+    torch._scaled_mm where the device has FP8 tensor cores, else on the fp32 reference; block-scaled operands
+    are always dequantized first (emulation).
+    """
+    b_data = b.data.t() if transpose_b else b.data
+    per_tensor = a.granularity.kind == "tensor" and b.granularity.kind == "tensor"
+    if per_tensor and fp8_gemm_supported(a.data.device):
+        return _scaled_mm_tensorwise(a.data, a.scale, b_data, b.scale, out_dtype, fast_accumulation)
+    if per_tensor:
+        if a.data.is_cuda:
+            _warn_emulation()
+        acc = a.data.float() @ b_data.float()
+        return (acc * (a.scale * b.scale)).to(out_dtype)
+    b_values = b.dequantize(torch.float32)
+    return (a.dequantize(torch.float32) @ (b_values.t() if transpose_b else b_values)).to(out_dtype)
+
+
+def _warn_emulation():
+    global _warned_emulation
+    if not _warned_emulation:
+        _warned_emulation = True
+        warnings.warn("this GPU has no FP8 tensor cores (needs compute capability 8.9+): FP8 linear layers are "
+                      "emulated in fp32 (same numerics, no speed-up)", stacklevel=3)
+
+
+# -- forward and backward as plain functions (the fast path calls these directly) ----------------------------
+
+class LinearSaved(NamedTuple):
+    """What backward needs from forward: the FP8 input as an (M, K) matrix, W's amax, the input's shape/dtype."""
+
+    x: QuantizedTensor
+    weight_amax: torch.Tensor
+    input_shape: torch.Size
+    input_dtype: torch.dtype
+
+
+def _as_linear_input(x) -> Optional[LinearInput]:
+    if isinstance(x, LinearInput):
+        return x
+    if isinstance(x, QuantizedTensor):
+        return LinearInput(x)
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], QuantizedTensor):
+        return LinearInput(*x)  # (q, data_t) as the ops' quantize_output=True, output_transpose=True return it
+    return None
+
+
+def fp8_linear_forward(x: Union[torch.Tensor, QuantizedTensor, LinearInput], weight: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None, *, recipe: Union[Recipe, str] = "fp8",
+                       out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, LinearSaved]:
+    """``y = x W^T + b`` with FP8 operands; returns ``(y, saved)`` for :func:`fp8_linear_backward`.
+
+    ``x`` is a tensor (quantized here, or its attached FP8 copy reused), an already quantized input
+    (QuantizedTensor), or a :class:`LinearInput` / ``(QuantizedTensor, transposed data)`` pair.
+    ``out_dtype`` defaults to x's dtype.  No autograd: wrap it (see :class:`FP8Linear`).
+    """
+    recipe = resolve_recipe(recipe)
+    _, (w_fmt, w_gran), _ = linear_formats(recipe)
+    x_in = _as_linear_input(x)
+    if x_in is None:
+        x_in = quantize_linear_input(x, recipe)
+    x_q = x_in.q
+    out_dtype = out_dtype or x_q.dtype
+    if weight.dim() != 2 or x_q.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fp8 linear: input of shape {tuple(x_q.shape)} does not match weight of shape "
+                         f"{tuple(weight.shape)} (need input[..., {weight.shape[1] if weight.dim() == 2 else '?'}])")
+    w_q = _quantize(weight, w_fmt, w_gran).q
+    y = scaled_matmul(_as_matrix(x_q), w_q, torch.float32 if bias is not None else out_dtype, transpose_b=True,
+                      fast_accumulation=recipe.fast_accumulation)
+    if bias is not None:
+        y = (y + bias.float()).to(out_dtype)
+    y = y.reshape(*x_q.shape[:-1], weight.shape[0])
+    # backward keeps one FP8 copy: the transposed one when the quantizer made it (the wgrad GEMM's layout)
+    return y, LinearSaved(_as_matrix(x_q, x_in.data_t), w_q.amax, x_q.shape, x_q.dtype)
+
+
+def fp8_linear_backward(dy: Union[torch.Tensor, LinearInput], saved: LinearSaved, weight: torch.Tensor, *,
+                        recipe: Union[Recipe, str] = "fp8", has_bias: bool = False,
+                        needs_input_grad: bool = True, needs_weight_grad: bool = True
+                        ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients ``(dx, dweight, dbias)`` of :func:`fp8_linear_forward` from the output gradient ``dy``.
+
+    ``dy`` may also be an already quantized gradient (:class:`LinearInput`, e.g. from a producer that
+    quantized it in its own pass).  dx comes back in the forward input's dtype and shape, dweight in the
+    weight's dtype, dbias (an exact fp32 sum of dy) in the weight's dtype.
+    """
+    recipe = resolve_recipe(recipe)
+    _, (w_fmt, w_gran), (g_fmt, g_gran) = linear_formats(recipe)
+    n = weight.shape[0]
+    dy_in = _as_linear_input(dy)
+    if dy_in is None:
+        dbias = dy.reshape(-1, n).float().sum(0) if has_bias else None
+        dy_in = _quantize(dy, g_fmt, g_gran, transpose=needs_weight_grad and wants_transpose(dy.device, recipe))
+    else:
+        dbias = dy_in.q.dequantize(torch.float32).reshape(-1, n).sum(0) if has_bias else None
+    dy2 = _as_matrix(dy_in.q)
+    dx = dweight = None
+    if needs_input_grad:
+        # dX = dY W: W is the second operand and must be column-major, i.e. the transposed FP8 weight
+        w_in = _quantize(weight, w_fmt, w_gran, amax=saved.weight_amax,
+                         transpose=wants_transpose(weight.device, recipe))
+        w_q = w_in.q if w_in.data_t is None else _as_matrix(w_in.q, w_in.data_t)
+        dx = scaled_matmul(dy2, w_q, saved.input_dtype).reshape(saved.input_shape)
+    if needs_weight_grad:
+        dweight = _weight_grad(dy_in, saved.x, weight.dtype)
+    if dbias is not None:
+        dbias = dbias.to(weight.dtype)
+    return dx, dweight, dbias
+
+
+def _weight_grad(dy: LinearInput, x: QuantizedTensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """dW = dY^T X (contracting over tokens)."""
+    q = dy.q
+    if q.granularity.kind == "tensor" and x.granularity.kind == "tensor":
+        dy_t = dy.data_t if dy.data_t is not None else q.data.reshape(-1, q.shape[-1]).t()
+        return scaled_matmul(QuantizedTensor(dy_t, q.amax, q.fmt, q.granularity, dy_t.shape, q.dtype), x, out_dtype)
+    # block scales run along the last dim, not along tokens: dequantize both (emulation)
+    return (_as_matrix(q).dequantize(torch.float32).t() @ x.dequantize(torch.float32)).to(out_dtype)
+
+
+# -- autograd ------------------------------------------------------------------------------------------------
+
+def pack_quantized(q: QuantizedTensor):
+    """``(tensors, meta)`` so a QuantizedTensor can go through ``ctx.save_for_backward``."""
+    return (q.data, q.amax), (q.fmt, q.granularity, q.shape, q.dtype)
+
+
+def unpack_quantized(meta, data, amax) -> QuantizedTensor:
+    fmt, granularity, shape, dtype = meta
+    return QuantizedTensor(data, amax, fmt, granularity, shape, dtype)
+
+
+def save_linear(saved: LinearSaved):
+    """``(tensors, meta)`` of a LinearSaved: tensors for save_for_backward, meta to keep on ctx."""
+    tensors, meta = pack_quantized(saved.x)
+    return [*tensors, saved.weight_amax], (meta, saved.input_shape, saved.input_dtype)
+
+
+def load_linear(meta, data, amax, weight_amax) -> LinearSaved:
+    q_meta, input_shape, input_dtype = meta
+    return LinearSaved(unpack_quantized(q_meta, data, amax), weight_amax, input_shape, input_dtype)
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_in, recipe, out_dtype, save_reference):
+        with torch.autocast(x.device.type, enabled=False):
+            y, saved = fp8_linear_forward(x_in if x_in is not None else x, weight, bias, recipe=recipe,
+                                          out_dtype=out_dtype)
+        if save_reference:
+            # x is kept alive by another op anyway (attention's output): keep a reference and its amax, and
+            # re-quantize in backward -- the same FP8 values, no second copy
+            tensors, ctx.saved_meta = [x, saved.x.amax, saved.weight_amax], None
+            ctx.input_shape = saved.input_shape
+        else:
+            tensors, ctx.saved_meta = save_linear(saved)
+        # save_for_backward (not ctx attributes) so saved-tensor hooks -- offloading, checkpointing, the
+        # memory accounting of the tests -- see every tensor backward keeps
+        ctx.save_for_backward(*tensors, weight)
+        ctx.recipe, ctx.has_bias = recipe, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        *tensors, weight = ctx.saved_tensors
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.saved_meta is None:
+                x, x_amax, weight_amax = tensors
+                (fmt, granularity), _, _ = linear_formats(ctx.recipe)
+                x_in = _quantize(x, fmt, granularity, amax=x_amax, transpose=wants_transpose(x.device, ctx.recipe))
+                saved = LinearSaved(_as_matrix(x_in.q, x_in.data_t), weight_amax, ctx.input_shape, x.dtype)
+            else:
+                saved = load_linear(ctx.saved_meta, *tensors)
+            dx, dweight, dbias = fp8_linear_backward(
+                dy, saved, weight, recipe=ctx.recipe, has_bias=ctx.has_bias and ctx.needs_input_grad[2],
+                needs_input_grad=ctx.needs_input_grad[0], needs_weight_grad=ctx.needs_input_grad[1])
+        return dx, dweight, dbias, None, None, None, None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op on ``x`` produces: the autocast dtype when autocast is on for x's device, else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               recipe: Union[Recipe, str] = "fp8", save_input: str = "fp8") -> torch.Tensor:
+    """Differentiable ``F.linear`` with FP8 GEMMs (what :class:`FP8Linear` calls).
+
+    Honours autocast: the output has the autocast dtype when autocast is on, else x's dtype.
+    ``save_input="fp8"`` keeps the FP8 copy of x for backward; ``"reference"`` keeps x itself and
+    re-quantizes it in backward -- only worth it when another op keeps x alive anyway.
+    """
+    if save_input not in ("fp8", "reference"):
+        raise ValueError(f"save_input must be 'fp8' or 'reference', got {save_input!r}")
+    recipe = resolve_recipe(recipe)
+    x_in = quantize_linear_input(x, recipe)
+    return _FP8LinearFunction.apply(x, weight, bias, x_in, recipe, compute_dtype(x), save_input == "reference")
+
+
+# -- the module ------------------------------------------------------------------------------------------------
+
+class FP8Linear(nn.Linear):
+    """``nn.Linear`` whose GEMMs run in FP8 and whose saved input is FP8.
+
+    A subclass of nn.Linear with the same ``weight``/``bias`` parameters, so state dicts, safetensors
+    checkpoints, exporters and FSDP see an ordinary Linear.  Build one from an existing layer with
+    :meth:`from_linear` (it reuses that layer's Parameters) or directly like nn.Linear plus ``recipe=``.
+
+    ``save_input`` (attribute): ``"fp8"`` (default) saves the FP8 copy of the input for backward;
+    ``"reference"`` saves the input tensor itself and re-quantizes it in backward, which costs nothing when
+    another op keeps that tensor anyway (the Llama adapter sets it on ``o_proj`` when attention is SDPA or
+    FlashAttention: their output, which o_proj reads, is saved by the attention kernel).
+    """
+
+    save_input: str = "fp8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 recipe: Union[Recipe, str] = "fp8"):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.recipe = resolve_recipe(recipe)
+        if not self.recipe.fp8_linears:
+            raise ValueError(f"recipe {self.recipe.name!r} has fp8_linears=False; use nn.Linear instead")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Union[Recipe, str] = "fp8") -> "FP8Linear":
+        """An FP8Linear sharing ``linear``'s weight and bias Parameters (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        new = cls(linear.in_features, linear.out_features, bias=False, device="meta", recipe=recipe)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias, recipe=self.recipe, save_input=self.save_input)
+
+    def extra_repr(self) -> str:
+        saves = "" if self.save_input == "fp8" else ", saves input by reference"
+        return f"{super().extra_repr()}, recipe={self.recipe.name}{saves}"
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear sharing this layer's Parameters (to undo a conversion)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        linear.train(self.training)
+        return linear

@@ -1,0 +1,280 @@
+"""COAT's precision flow for Llama-style decoder blocks: FP8 handed from op to op, only FP8 kept for backward.
+
+A Llama-style block (HF ``LlamaDecoderLayer`` and relatives) and what the fast path saves for backward:
+
+    h ── input_layernorm ──▶ y ──▶ q/k/v_proj ──▶ RoPE + attention (HF, bf16) ──▶ o_proj ──▶ + h
+         saves h as E4M3 1x16 + rstd;           one E4M3 per-tensor y for all three;     E4M3 attention output
+         hands y to q/k/v already quantized
+    h' ── post_attention_layernorm + gate/up + act(gate)*up + down_proj  (one autograd Function) ──▶ + h'
+         saves h' as E4M3 1x16 + rstd, the normed h' once as E4M3 per-tensor, gate and up as E4M3 1x16;
+         act(gate)*up is recomputed from those in backward (``Recipe.recompute_gated_product``) or kept
+         as E4M3 per-tensor
+
+With recomputation, act(gate) * up is computed from the FP8 1x16 gate/up in forward too (as COAT's FP8 SiLU
+and mul kernels do), so backward rebuilds exactly the tensor forward multiplied with down_proj's weight.
+
+How the pieces meet without forking HF's model classes: :class:`FlowRMSNorm` replaces the two norms (same
+``weight`` Parameter) and :class:`FlowMLP` the MLP (same ``gate_proj``/``up_proj``/``down_proj`` children), so
+parameter names and state_dict keys do not change.  HF's decoder-layer code still calls them in its own order;
+the norm *attaches* to its output the FP8 forms it computed in the same pass (:mod:`fp8train.nn.handoff`):
+
+* ``linear_input`` -- the per-tensor E4M3 copy: FP8 linears reading the output use it instead of
+  quantizing (and saving) their own;
+* ``rmsnorm`` -- the norm's input, weight and saved state: :class:`FlowMLP` seeing this on its input runs
+  the norm's backward itself, so the MLP Function connects straight to the residual stream and the norm's
+  own autograd node (and its saved tensors) is dropped as soon as the norm output goes out of scope.
+
+The norm still returns a real tensor (the dequantized FP8 values, in the compute dtype), so any other
+consumer -- a LoRA adapter, a hook, an unusual block -- gets correct values and a correct gradient.
+Attachments are checked against the tensor's version counter and die with it.
+
+Requirements of the fused MLP: the three projections are :class:`~fp8train.nn.linear.FP8Linear` with a
+per-tensor E4M3 recipe; otherwise (a projection excluded or wrapped by PEFT after conversion) the MLP falls
+back to calling its submodules, with the FP8 gated product in between.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .. import mixed_granularity as mg
+from ..recipes import Recipe, linear_formats, resolve_recipe
+from . import handoff
+from .activation import act_fn, activation_name
+from .gated_mlp import GatedSaved, gated_product, gated_product_backward, gated_product_forward
+from .linear import (FP8Linear, LinearInput, LinearSaved, _as_matrix, _quantize, attach_linear_input,
+                     compute_dtype, fp8_linear_backward, fp8_linear_forward, load_linear, quantize_linear_input,
+                     save_linear, wants_transpose)
+from .rmsnorm import FP8RMSNorm, RMSNormSaved, rmsnorm_backward, rmsnorm_forward
+
+__all__ = ["FlowRMSNorm", "FlowMLP", "NormOutput", "flow_supported"]
+
+NORM_KEY = "rmsnorm"
+
+
+def flow_supported(recipe: Recipe) -> bool:
+    """The fast path hands per-tensor E4M3 tensors between ops; other linear recipes use the generic path."""
+    (in_fmt, _), _, _ = linear_formats(recipe)
+    return recipe.per_tensor and in_fmt == mg.LINEAR_FORMAT and recipe.compress_activations
+
+
+class NormOutput(NamedTuple):
+    """What :class:`FlowRMSNorm` attaches to its output for a fused consumer."""
+
+    x: torch.Tensor  # the norm's input (the residual stream)
+    weight: Optional[torch.Tensor]
+    saved: RMSNormSaved  # E4M3 1x16 copy of x + rstd
+    y: LinearInput  # the output as E4M3 per-tensor (+ transposed copy on the _scaled_mm path)
+
+
+# -- the norm --------------------------------------------------------------------------------------------------
+
+class _FlowNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, style, transpose, out_dtype, box):
+        with torch.autocast(x.device.type, enabled=False):
+            out, saved = rmsnorm_forward(x, weight, eps, style=style, quantize_output=True,
+                                         output_transpose=transpose)
+            y_in = LinearInput(*out) if transpose else LinearInput(out)
+            y = y_in.q.dequantize(out_dtype)
+        (data, amax), ctx.x_meta = mg.pack(saved.x)
+        ctx.save_for_backward(data, amax, saved.rstd, weight)
+        ctx.style = style
+        box.append((y_in, saved))  # non-tensor results travel in a box: Function outputs must be tensors
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        data, amax, rstd, weight = ctx.saved_tensors
+        saved = RMSNormSaved(mg.unpack(ctx.x_meta, data, amax), rstd, ctx.style)
+        with torch.autocast(dy.device.type, enabled=False):
+            dx, dweight = rmsnorm_backward(dy, saved, weight)
+        return dx, dweight, None, None, None, None, None
+
+
+class FlowRMSNorm(FP8RMSNorm):
+    """RMSNorm that saves its input as E4M3 1x16 and hands its output to FP8 consumers already quantized.
+
+    ``FlowRMSNorm.from_module(norm, recipe=...)`` keeps ``norm.weight`` (the same Parameter).  The output is
+    the dequantized per-tensor E4M3 values in the compute dtype; the FP8 form and the norm's state are
+    attached to it (see the module docstring).
+    """
+
+    recipe: Recipe
+
+    @classmethod
+    def from_module(cls, norm: nn.Module, *, style: Optional[str] = None,
+                    recipe: Union[Recipe, str] = "coat") -> "FlowRMSNorm":
+        new = super().from_module(norm, style=style)
+        new.recipe = resolve_recipe(recipe)
+        return new
+
+    def forward(self, x: torch.Tensor, x_saved=None) -> torch.Tensor:
+        recipe = getattr(self, "recipe", None)
+        if x_saved is not None or recipe is None or not flow_supported(recipe):
+            return super().forward(x, x_saved)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        elif self.weight is not None and self.style == "llama":
+            out_dtype = torch.promote_types(self.weight.dtype, x.dtype)
+        else:
+            out_dtype = x.dtype
+        box: list = []
+        y = _FlowNormFunction.apply(x, self.weight, eps, self.style, wants_transpose(x.device, recipe), out_dtype,
+                                    box)
+        y_in, saved = box[0]
+        attach_linear_input(y, recipe, y_in)
+        handoff.attach(y, NORM_KEY, NormOutput(x, self.weight, saved, y_in))
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", hands E4M3 per-tensor output to FP8 linears"
+
+
+# -- the MLP ---------------------------------------------------------------------------------------------------
+
+class _FlowMLPFunction(torch.autograd.Function):
+    """[norm +] gate/up + act(gate)*up + down; saves only FP8 tensors (plus fp32 rstd and scalars)."""
+
+    @staticmethod
+    def forward(ctx, src, norm_weight, w_gate, b_gate, w_up, b_up, w_down, b_down,
+                norm, x_in, recipe, activation, out_dtype, recompute):
+        transpose = wants_transpose(src.device, recipe)
+        with torch.autocast(src.device.type, enabled=False):
+            if norm is not None:
+                x_in = norm.y
+            gate, saved_gate = fp8_linear_forward(x_in, w_gate, b_gate, recipe=recipe, out_dtype=out_dtype)
+            up, saved_up = fp8_linear_forward(x_in, w_up, b_up, recipe=recipe, out_dtype=out_dtype)
+            if recompute:
+                # COAT's flow: act and mul read the FP8 1x16 gate/up, so backward can rebuild the product
+                # bit for bit from what it saves (and its gradient is the gradient of what forward computed)
+                gated = GatedSaved(mg.save_for_nonlinear(gate), mg.save_for_nonlinear(up), activation)
+                h_in = _product_from_fp8(gated, out_dtype, recipe, transpose)
+            else:
+                h_out, gated = gated_product_forward(gate, up, activation, quantize_output=True,
+                                                     output_transpose=transpose)
+                h_in = LinearInput(*h_out) if transpose else LinearInput(h_out)
+            del gate, up
+            out, saved_down = fp8_linear_forward(h_in, w_down, b_down, recipe=recipe, out_dtype=out_dtype)
+
+        # gate and up read the same FP8 input: save it once, with each projection's weight amax
+        x_tensors, ctx.x_meta = save_linear(saved_gate)
+        (g_data, g_amax), ctx.gate_meta = mg.pack(gated.gate)
+        (u_data, u_amax), ctx.up_meta = mg.pack(gated.up)
+        if recompute:
+            h_tensors, ctx.h_meta = [None, None, saved_down.weight_amax], None
+            ctx.h_shape, ctx.h_dtype = saved_down.input_shape, saved_down.input_dtype
+        else:
+            h_tensors, ctx.h_meta = save_linear(saved_down)
+        if norm is not None:
+            (n_data, n_amax), ctx.norm_meta = mg.pack(norm.saved.x)
+            norm_tensors, ctx.norm_style = [n_data, n_amax, norm.saved.rstd], norm.saved.style
+        else:
+            norm_tensors, ctx.norm_meta = [None, None, None], None
+        ctx.save_for_backward(*x_tensors, saved_up.weight_amax, g_data, g_amax, u_data, u_amax, *h_tensors,
+                              *norm_tensors, norm_weight, w_gate, w_up, w_down)
+        ctx.recipe, ctx.activation, ctx.recompute = recipe, activation, recompute
+        ctx.has_bias = (b_gate is not None, b_up is not None, b_down is not None)
+        ctx.src_dtype = src.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (x_data, x_amax, wg_amax, wu_amax, g_data, g_amax, u_data, u_amax, h_data, h_amax, wd_amax,
+         n_data, n_amax, rstd, norm_weight, w_gate, w_up, w_down) = ctx.saved_tensors
+        recipe = ctx.recipe
+        needs = ctx.needs_input_grad
+        with torch.autocast(dout.device.type, enabled=False):
+            gated = GatedSaved(mg.unpack(ctx.gate_meta, g_data, g_amax), mg.unpack(ctx.up_meta, u_data, u_amax),
+                               ctx.activation)
+            if ctx.recompute:
+                saved_down = _recompute_product(gated, wd_amax, ctx.h_shape, ctx.h_dtype, recipe, dout.device)
+            else:
+                saved_down = load_linear(ctx.h_meta, h_data, h_amax, wd_amax)
+            dh, dw_down, db_down = fp8_linear_backward(dout, saved_down, w_down, recipe=recipe,
+                                                       has_bias=ctx.has_bias[2], needs_weight_grad=needs[6])
+            dgate, dup = gated_product_backward(dh, gated)
+            del dh
+            saved_gate = load_linear(ctx.x_meta, x_data, x_amax, wg_amax)
+            saved_up = saved_gate._replace(weight_amax=wu_amax)
+            dx_gate, dw_gate, db_gate = fp8_linear_backward(dgate, saved_gate, w_gate, recipe=recipe,
+                                                            has_bias=ctx.has_bias[0], needs_weight_grad=needs[2])
+            dx_up, dw_up, db_up = fp8_linear_backward(dup, saved_up, w_up, recipe=recipe,
+                                                      has_bias=ctx.has_bias[1], needs_weight_grad=needs[4])
+            dx = dx_gate.float() + dx_up.float()  # one rounding for the sum
+            dnorm_weight = None
+            if ctx.norm_meta is not None:
+                norm_saved = RMSNormSaved(mg.unpack(ctx.norm_meta, n_data, n_amax), rstd, ctx.norm_style)
+                dx, dnorm_weight = rmsnorm_backward(dx, norm_saved, norm_weight)
+            dx = dx.to(ctx.src_dtype)
+        return (dx, dnorm_weight, dw_gate, db_gate, dw_up, db_up, dw_down, db_down,
+                None, None, None, None, None, None)
+
+
+def _product_from_fp8(gated: GatedSaved, dtype: torch.dtype, recipe: Recipe, transpose: bool) -> LinearInput:
+    """act(gate_hat) * up_hat from the FP8 1x16 copies, rounded to ``dtype``, quantized for down_proj."""
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    h = (act_fn(gated.gate.dequantize(cdt), gated.activation) * gated.up.dequantize(cdt)).to(dtype)
+    (fmt, granularity), _, _ = linear_formats(recipe)
+    return _quantize(h, fmt, granularity, transpose=transpose)
+
+
+def _recompute_product(gated: GatedSaved, w_amax: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+                       recipe: Recipe, device: torch.device) -> LinearSaved:
+    """Rebuild down_proj's FP8 input (identical to forward's) from the saved FP8 gate and up."""
+    h_in = _product_from_fp8(gated, dtype, recipe, wants_transpose(device, recipe))
+    return LinearSaved(_as_matrix(h_in.q, h_in.data_t), w_amax, shape, dtype)
+
+
+class FlowMLP(nn.Module):
+    """A gated MLP (``down(act(gate(x)) * up(x))``) run as one autograd Function that saves only FP8.
+
+    ``FlowMLP.from_module(mlp, recipe=...)`` keeps the MLP's ``gate_proj``/``up_proj``/``down_proj`` and
+    ``act_fn`` children (so state_dict keys are unchanged); convert them to FP8Linear before or after.
+    When its input carries a :class:`FlowRMSNorm` attachment, the norm's backward runs inside this Function.
+    """
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, act_fn: nn.Module,
+                 activation: str, recipe: Union[Recipe, str] = "coat"):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+        self.activation = activation
+        self.recipe = resolve_recipe(recipe)
+
+    @classmethod
+    def from_module(cls, mlp: nn.Module, *, recipe: Union[Recipe, str] = "coat") -> "FlowMLP":
+        act = getattr(mlp, "act_fn", None)
+        name = activation_name(act) if isinstance(act, nn.Module) else None
+        if name is None:
+            raise ValueError(f"{type(mlp).__name__}: activation {type(act).__name__} has no FP8 kernel")
+        missing = [n for n in ("gate_proj", "up_proj", "down_proj") if not isinstance(getattr(mlp, n, None), nn.Module)]
+        if missing:
+            raise ValueError(f"{type(mlp).__name__} has no {', '.join(missing)}; not a gated MLP")
+        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, act, name, recipe)
+
+    def _fusable(self) -> bool:
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        return flow_supported(self.recipe) and all(type(p) is FP8Linear and p.recipe == self.recipe
+                                                   for p in projections)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable():
+            return self.down_proj(gated_product(self.gate_proj(x), self.up_proj(x), self.activation))
+        norm = handoff.attached(x, NORM_KEY)
+        out_dtype = compute_dtype(x)
+        if norm is not None:
+            src, norm_weight, x_in = norm.x, norm.weight, None
+        else:
+            src, norm_weight, x_in = x, None, quantize_linear_input(x, self.recipe)
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        return _FlowMLPFunction.apply(src, norm_weight, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias,
+                                      norm, x_in, self.recipe, self.activation, out_dtype,
+                                      self.recipe.recompute_gated_product)
+
+    def extra_repr(self) -> str:
+        saves = "gate/up E4M3 1x16" + ("" if self.recipe.recompute_gated_product else ", act*up E4M3")
+        return f"act={self.activation}, one autograd Function, saves {saves}"

@@ -1,0 +1,134 @@
+"""Training recipes: which parts of a model run / are saved in FP8, in one config dataclass.
+
+    fp8train.convert(model, recipe="coat")                    # a named preset
+    fp8train.convert(model, recipe=Recipe(grad_format="e4m3"))  # or your own
+
+Presets (``Recipe.named(name)``):
+
+* ``"bf16"``  -- nothing changes (the baseline).
+* ``"fp8"``   -- FP8 linear layers only (TransformerEngine-like): E4M3 inputs and weights with just-in-time
+  per-tensor scales, E5M2 output gradients, fp32 accumulation, FP8-saved linear inputs.  Norms, activations
+  and attention keep their own (bf16/fp32) saved tensors.
+* ``"coat"``  -- FP8 linears plus COAT's compressed activations: norm, activation and gated-product inputs
+  are saved as E4M3 with 1x16 group scales, and Llama-style decoder blocks use the precision-flow fast path
+  (the norm hands the q/k/v projections their FP8 input; the MLP is one autograd Function that saves only
+  FP8 tensors).  Pair it with ``fp8train.AdamW`` for FP8 optimizer states.
+* ``"fp8-block"`` -- FP8 linears with DeepSeek-V3-style fine-grained scales: 1x128 groups for inputs and
+  gradients, 128x128 blocks for weights, E4M3 everywhere.  Numerics only: the GEMMs run on dequantized
+  operands (no speed-up), for accuracy comparisons in the stability lab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Union
+
+__all__ = ["Recipe", "PRESETS", "resolve_recipe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything :func:`fp8train.convert` needs to know (frozen and hashable, so it can key caches).
+
+    Linear layers (``fp8_linears=True``):
+      ``input_format``/``weight_format``/``grad_format`` -- number formats of the three GEMM operands;
+      ``*_granularity`` -- their scale groups: ``"tensor"`` (the fast path, ``torch._scaled_mm``), or
+      ``"1x128"`` / ``"128x128"`` (emulated: dequantize and matmul in fp32);
+      ``fast_accumulation`` -- let the forward GEMM use the tensor cores' faster, less precise accumulation
+      (off: every GEMM accumulates in fp32, as COAT does).
+
+    Activations (``compress_activations=True``): norms, activation functions and the gated product (act(gate)
+    * up) save their inputs in FP8 E4M3 with 1x16 group scales.  ``precision_flow`` enables the Llama-style
+    fast path for decoder blocks whose structure it recognizes; ``recompute_gated_product`` makes the fast
+    path's MLP rebuild act(gate) * up from the saved FP8 gate/up in backward instead of saving its FP8 copy.
+
+    Module selection: ``keep_bf16`` -- name patterns (globs, matched against the full module name and its
+    last component) that are never converted; embeddings, the attention core and output heads stay bf16.
+    """
+
+    name: str = "custom"
+    fp8_linears: bool = True
+    compress_activations: bool = False
+    precision_flow: bool = True
+    input_format: str = "e4m3"
+    weight_format: str = "e4m3"
+    grad_format: str = "e5m2"
+    input_granularity: str = "tensor"
+    weight_granularity: str = "tensor"
+    grad_granularity: str = "tensor"
+    fast_accumulation: bool = False
+    recompute_gated_product: bool = True
+    keep_bf16: tuple = ("lm_head", "score", "classifier", "qa_outputs")
+
+    def __post_init__(self):
+        from .formats import E5M2, Minifloat, parse_format
+        from .quant import Granularity
+
+        for field in ("input_format", "weight_format", "grad_format"):
+            fmt = parse_format(getattr(self, field))
+            if not isinstance(fmt, Minifloat) or fmt.torch_dtype is None or fmt.bits != 8:
+                raise ValueError(f"Recipe.{field} must be an 8-bit float format with a torch dtype "
+                                 f"(e4m3 or e5m2), got {getattr(self, field)!r}")
+        for field in ("input_granularity", "weight_granularity", "grad_granularity"):
+            g = Granularity.parse(getattr(self, field))
+            if g.kind == "row":
+                raise ValueError(f"Recipe.{field}='row' is not supported for linear layers; "
+                                 "use 'tensor', '1x128' or '128x128'")
+        if parse_format(self.input_format) == E5M2 and parse_format(self.weight_format) == E5M2:
+            raise ValueError("inputs and weights cannot both be E5M2: FP8 GEMMs take E5M2 x E4M3 at most")
+        if not isinstance(self.keep_bf16, tuple):
+            object.__setattr__(self, "keep_bf16", tuple(self.keep_bf16))
+        if self.compress_activations and not self.fp8_linears:
+            raise ValueError("compress_activations=True needs fp8_linears=True (the compressed ops hand FP8 "
+                             "tensors to FP8 linear layers)")
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.fp8_linears and not self.compress_activations
+
+    @property
+    def per_tensor(self) -> bool:
+        """All three GEMM operands per-tensor scaled: the torch._scaled_mm fast path applies."""
+        return all(g.kind == "tensor" for _, g in linear_formats(self))
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def named(cls, name: str) -> "Recipe":
+        key = name.strip().lower().replace("_", "-")
+        if key not in PRESETS:
+            raise ValueError(f"unknown recipe {name!r}: use one of {sorted(PRESETS)} or pass a fp8train.Recipe")
+        return PRESETS[key]
+
+
+PRESETS = {
+    "bf16": Recipe(name="bf16", fp8_linears=False, compress_activations=False),
+    "fp8": Recipe(name="fp8", fp8_linears=True, compress_activations=False),
+    "coat": Recipe(name="coat", fp8_linears=True, compress_activations=True),
+    "fp8-block": Recipe(name="fp8-block", fp8_linears=True, compress_activations=False,
+                        input_granularity="1x128", weight_granularity="128x128", grad_granularity="1x128",
+                        grad_format="e4m3"),
+}
+
+
+def resolve_recipe(recipe: Union[str, Recipe, None]) -> Recipe:
+    """A preset name, a Recipe, or None (= "coat") -> a Recipe."""
+    if recipe is None:
+        return PRESETS["coat"]
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str):
+        return Recipe.named(recipe)
+    raise TypeError(f"recipe must be a name ({sorted(PRESETS)}) or a fp8train.Recipe, got {type(recipe).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def linear_formats(recipe: Recipe):
+    """Parsed (format, granularity) pairs for input, weight and grad of a recipe's linear layers."""
+    from .formats import parse_format
+    from .quant import Granularity
+
+    return tuple((parse_format(getattr(recipe, f"{op}_format")), Granularity.parse(getattr(recipe, f"{op}_granularity")))
+                 for op in ("input", "weight", "grad"))

@@ -1,0 +1,284 @@
+"""FP8 linear layer: numerics against fp32 autograd and against the exact FP8 emulation; memory behaviour.
+
+Tolerances are derived, not tuned.  E4M3 keeps 3 mantissa bits, so rounding to it moves a normal number by at
+most u4 = 2^-4 of its magnitude; E5M2 (2 bits) by at most u5 = 2^-3.  Below the smallest normal the error is
+at most half the smallest subnormal step, times the tensor's scale.  For a dot product sum_i a_i b_i of
+rounded operands a_i(1+d_i), b_i(1+e_i) the error is then at most sum_i (|da_i| |b_i| + |a_i| |db_i| +
+|da_i| |db_i|), which :func:`dot_error_bound` evaluates elementwise (in float64) for every output entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fp8train.formats import E4M3, E5M2
+from fp8train.nn import handoff
+from fp8train.nn.linear import (FP8Linear, _quantize, _scaled_mm_tensorwise, fp8_linear, fp8_linear_backward,
+                                fp8_linear_forward, scaled_matmul)
+from fp8train.quant import PER_TENSOR, Granularity, fake_quantize, group_scaling_amax
+from fp8train.recipes import Recipe
+
+
+def rounding_error(x: torch.Tensor, fmt) -> torch.Tensor:
+    """Largest possible |round(x) - x| per element under per-tensor scaling to ``fmt`` (float64)."""
+    x = x.double()
+    unit = 2.0 ** -(fmt.man_bits + 1)
+    scale = group_scaling_amax(x).double() / fmt.max
+    return torch.maximum(unit * x.abs(), torch.full_like(x, fmt.min_subnormal / 2) * scale)
+
+
+def dot_error_bound(a, a_fmt, b, b_fmt):
+    """Bound on |Q(a) @ Q(b) - a @ b| for (M, K) @ (K, N) with per-tensor quantization of both."""
+    ea, eb = rounding_error(a, a_fmt), rounding_error(b, b_fmt)
+    return ea @ (b.double().abs() + eb) + a.double().abs() @ eb
+
+
+def make_layer(in_features=96, out_features=64, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def heavy_tailed(*shape):
+    """Activations with outliers (what makes per-tensor FP8 hard): Gaussian times a log-normal magnitude."""
+    return torch.randn(*shape) * torch.exp(0.7 * torch.randn(*shape))
+
+
+def test_forward_and_grads_within_derived_fp8_bounds():
+    linear = make_layer()
+    fp8 = FP8Linear.from_linear(linear)
+    x = heavy_tailed(3, 40, 96).requires_grad_()
+    dy = heavy_tailed(3, 40, 64)
+    y = fp8(x)
+    y.backward(dy)
+
+    x64, w64, b64, dy64 = x.detach().double(), linear.weight.detach().double(), linear.bias.detach().double(), dy.double()
+    y_ref = x64 @ w64.t() + b64
+    fp32_slack = 1e-5 * (x64.abs() @ w64.abs().t() + b64.abs())  # fp32 accumulation + output rounding
+    bound = dot_error_bound(x64.reshape(-1, 96), E4M3, w64.t(), E4M3).reshape(y_ref.shape) + fp32_slack
+    err = (y.double() - y_ref).abs()
+    assert (err <= bound).all(), f"forward error exceeds the E4M3 bound by {(err - bound).max():.3g}"
+    # it really quantized: the error is not zero, and on average well inside the worst case
+    assert err.max() > 0 and err.mean() < 0.25 * bound.mean()
+
+    dx_ref = dy64 @ w64
+    dx_bound = dot_error_bound(dy64.reshape(-1, 64), E5M2, w64, E4M3).reshape(dx_ref.shape)
+    dx_err = (x.grad.double() - dx_ref).abs()
+    assert (dx_err <= dx_bound + 1e-5 * (dy64.abs() @ w64.abs())).all()
+
+    dw_ref = dy64.reshape(-1, 64).t() @ x64.reshape(-1, 96)
+    dw_bound = dot_error_bound(dy64.reshape(-1, 64).t(), E5M2, x64.reshape(-1, 96), E4M3)
+    dw_err = (linear.weight.grad.double() - dw_ref).abs()
+    assert (dw_err <= dw_bound + 1e-5 * (dy64.reshape(-1, 64).abs().t() @ x64.reshape(-1, 96).abs())).all()
+    # bias gradient is an exact (fp32) sum of dy, not quantized
+    torch.testing.assert_close(linear.bias.grad.double(), dy64.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_matches_exact_fp8_emulation():
+    """Same quantized operands => the same GEMM result up to fp32 summation order."""
+    linear = make_layer(bias=False)
+    fp8 = FP8Linear.from_linear(linear)
+    x = heavy_tailed(50, 96).requires_grad_()
+    dy = heavy_tailed(50, 64)
+    y = fp8(x)
+    y.backward(dy)
+    xq = fake_quantize(x.detach().double(), E4M3, "tensor")
+    wq = fake_quantize(linear.weight.detach().double(), E4M3, "tensor")
+    gq = fake_quantize(dy.double(), E5M2, "tensor")
+    torch.testing.assert_close(y.double(), xq @ wq.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), gq @ wq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear.weight.grad.double(), gq.t() @ xq, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 37, 64])
+def test_scaled_mm_layouts_match_reference(tokens):
+    """The torch._scaled_mm call (operand layouts, padding of odd dims, scales) computes the reference GEMM.
+
+    torch 2.13 has a CPU _scaled_mm, so the layout logic used on the GPU is checked here too.
+    """
+    torch.manual_seed(tokens)
+    x, w, g = heavy_tailed(tokens, 96), heavy_tailed(64, 96), heavy_tailed(tokens, 64)
+    xq, wq, gq = (_quantize(t, f, PER_TENSOR).q for t, f in ((x, E4M3), (w, E4M3), (g, E5M2)))
+    cases = {
+        "forward": (xq.data, xq.scale, wq.data.t(), wq.scale),   # x W^T: W^T is column-major already
+        "dgrad": (gq.data, gq.scale, wq.data, wq.scale),          # dY W: W is row-major -> transposed copy
+        "wgrad": (gq.data.t(), gq.scale, xq.data, xq.scale),      # dY^T X: K = tokens, padded to 16
+    }
+    for name, (a, sa, b, sb) in cases.items():
+        expected = (a.double() @ b.double()) * (sa.double() * sb.double())
+        out = _scaled_mm_tensorwise(a, sa, b, sb, torch.float32, False)
+        assert out.shape == expected.shape, name
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_autocast_bf16_output_and_fp32_grads():
+    linear = make_layer()
+    fp8 = FP8Linear.from_linear(linear)
+    x = torch.randn(2, 16, 96, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp8(x)
+        y_ref = linear(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and linear.weight.grad.dtype == torch.float32
+    rel = (y.float() - y_ref.float()).norm() / y_ref.float().norm()
+    assert rel < 2 * 2.0 ** -4  # two E4M3 roundings (bf16 output rounding is 2^-9, negligible)
+
+
+def test_shared_input_is_quantized_and_saved_once():
+    torch.manual_seed(0)
+    q, k, v = (FP8Linear.from_linear(nn.Linear(64, 64, bias=False)) for _ in range(3))
+    x = torch.randn(4, 32, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = [q(x), k(x), v(x)]
+    fp8_saved = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.float8_e4m3fn}
+    assert len(fp8_saved) == 1, "q/k/v must share one FP8 copy of their input"
+    sum(o.sum() for o in outs).backward()
+    assert x.grad is not None
+
+
+def test_in_place_change_invalidates_the_shared_copy():
+    torch.manual_seed(0)
+    a, b = (FP8Linear.from_linear(nn.Linear(32, 32, bias=False)) for _ in range(2))
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        a(x)
+        x.mul_(3.0)  # a stale FP8 copy would give b the old values
+        y = b(x)
+        expected = fake_quantize(x, E4M3, "tensor") @ fake_quantize(b.weight, E4M3, "tensor").t()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attachments_die_with_their_tensor():
+    x = torch.randn(4, 16)
+    handoff.attach(x, "k", 1)
+    assert handoff.attached(x, "k") == 1
+    n = len(handoff._table.entries)
+    del x
+    assert len(handoff._table.entries) == n - 1
+
+
+def test_saved_input_is_fp8_and_weight_is_not_copied():
+    linear = make_layer(bias=False)
+    fp8 = FP8Linear.from_linear(linear)
+    x = torch.randn(64, 96, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fp8(x * 1.0)
+    big = [t for t in saved if t.numel() > 1 and t is not linear.weight]
+    assert [t.dtype for t in big] == [torch.float8_e4m3fn]
+    assert any(t is linear.weight for t in saved)  # the parameter itself, not an FP8 copy of it
+
+
+def test_from_linear_shares_parameters_and_state_dict():
+    linear = make_layer()
+    fp8 = FP8Linear.from_linear(linear)
+    assert isinstance(fp8, nn.Linear)
+    assert fp8.weight is linear.weight and fp8.bias is linear.bias
+    assert fp8.state_dict().keys() == linear.state_dict().keys()
+    assert fp8.to_linear().weight is linear.weight
+    no_bias = FP8Linear.from_linear(make_layer(bias=False))
+    assert no_bias.bias is None and "bias" not in no_bias.state_dict()
+
+
+def test_plain_functions_roundtrip():
+    """fp8_linear_forward / fp8_linear_backward (the fast path's building blocks) match the module."""
+    linear = make_layer()
+    x = torch.randn(10, 96, requires_grad=True)
+    dy = torch.randn(10, 64)
+    y_mod = fp8_linear(x, linear.weight, linear.bias)
+    y_mod.backward(dy)
+    y, saved = fp8_linear_forward(x.detach(), linear.weight.detach(), linear.bias.detach())
+    dx, dw, db = fp8_linear_backward(dy, saved, linear.weight.detach(), has_bias=True)
+    torch.testing.assert_close(y, y_mod.detach())
+    torch.testing.assert_close(dx, x.grad)
+    torch.testing.assert_close(dw, linear.weight.grad)
+    torch.testing.assert_close(db, linear.bias.grad)
+
+
+def test_blockwise_recipe_matches_its_emulation():
+    recipe = Recipe.named("fp8-block")
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128, bias=False)
+    fp8 = FP8Linear.from_linear(linear, recipe=recipe)
+    x = heavy_tailed(40, 256).requires_grad_()
+    dy = heavy_tailed(40, 128)
+    y = fp8(x)
+    y.backward(dy)
+    xq = fake_quantize(x.detach().double(), E4M3, "1x128")
+    wq = fake_quantize(linear.weight.detach().double(), E4M3, "128x128")
+    gq = fake_quantize(dy.double(), E4M3, "1x128")
+    torch.testing.assert_close(y.double(), xq @ wq.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), gq @ wq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear.weight.grad.double(), gq.t() @ xq, rtol=1e-5, atol=1e-5)
+    # finer scales are more accurate than per-tensor on heavy-tailed inputs
+    per_tensor = FP8Linear.from_linear(linear, recipe="fp8")(x.detach())
+    exact = x.detach() @ linear.weight.detach().t()
+    assert (y.detach() - exact).norm() < (per_tensor - exact).norm()
+
+
+def test_nonfinite_input_propagates_instead_of_crashing():
+    fp8 = FP8Linear.from_linear(make_layer())
+    x = torch.randn(4, 96)
+    x[1, 3] = float("nan")
+    y = fp8(x)
+    assert torch.isnan(y).any()
+
+
+def test_empty_batch_and_1d_input():
+    fp8 = FP8Linear.from_linear(make_layer())
+    assert fp8(torch.randn(0, 96)).shape == (0, 64)
+    assert fp8(torch.randn(96)).shape == (64,)
+
+
+def test_shape_mismatch_raises_clear_error():
+    fp8 = FP8Linear.from_linear(make_layer())
+    with pytest.raises(ValueError, match="does not match weight"):
+        fp8(torch.randn(4, 95))
+
+
+def test_recipe_validation():
+    with pytest.raises(ValueError, match="E5M2"):
+        Recipe(input_format="e5m2", weight_format="e5m2")
+    with pytest.raises(ValueError, match="8-bit float"):
+        Recipe(grad_format="int8")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        Recipe.named("fp4")
+    assert Recipe.named("COAT").compress_activations and not Recipe.named("fp8").compress_activations
+    assert Recipe.named("fp8").per_tensor and not Recipe.named("fp8-block").per_tensor
+
+
+def test_scaled_mm_path_matches_reference_path(monkeypatch):
+    """Run the GPU code path (transposed FP8 copies, torch._scaled_mm) on CPU and compare with the reference.
+
+    torch >= 2.9 has a CPU torch._scaled_mm, so pretending the device has FP8 tensor cores exercises exactly
+    the operand layouts, transposed copies and padding the H100 path uses.
+    """
+    import fp8train.nn.linear as linear_mod
+
+    linear = make_layer(96, 64)
+    x = heavy_tailed(3, 13, 96)  # 39 tokens: the weight-gradient GEMM pads its inner dim to 48
+    dy = heavy_tailed(3, 13, 64)
+    results = []
+    for gpu_path in (False, True):
+        monkeypatch.setattr(linear_mod, "fp8_gemm_supported", lambda device, gpu_path=gpu_path: gpu_path)
+        linear.weight.grad = linear.bias.grad = None
+        xr = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = FP8Linear.from_linear(linear)(xr)
+        y.backward(dy)
+        fp8 = [t for t in saved if t.dtype == torch.float8_e4m3fn]
+        assert len(fp8) == 1  # one FP8 copy of x either way (row-major, or the transposed one on the GPU path)
+        results.append((y.detach(), xr.grad, linear.weight.grad.clone(), linear.bias.grad.clone()))
+    for ref, gpu in zip(*results):
+        torch.testing.assert_close(gpu, ref, rtol=1e-5, atol=1e-5)
