@@ -1,0 +1,382 @@
+"""fp8train.AdamW: torch.optim.AdamW with its two moments stored in FP8 (COAT's Dynamic Range Expansion).
+
+    opt = fp8train.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)                 # m, v: E4M3 + DRE
+    opt = fp8train.AdamW(params, states="plain", v_format="e5m2")                        # absmax scaling
+    opt = fp8train.AdamW(bf16_params, master_weights="bf16_stochastic")                  # no fp32 master copy
+
+Each step, per parameter: dequantize m and v to float32, run torch.optim.AdamW's update (same operations in the
+same order: decoupled weight decay, lerp for m, bias corrections, eps after the bias-corrected sqrt(v)), write the
+parameter from the *un-requantized* new moments, then requantize m and v.  With ``states="fp32"`` nothing is
+quantized and the CPU result equals torch.optim.AdamW bit for bit.
+
+On CUDA (and Triton importable) one fused Triton kernel updates every parameter of a step in a single launch per
+kind of tensor (fp8train/kernels/adamw.py); elsewhere the plain-torch reference below runs, parameter by parameter.
+
+Non-finite values: an element whose gradient is NaN/inf -- or whose update would overflow (|m| or v above
+3e38) -- is skipped: its parameter value and moments keep their previous values, so the stored state never turns
+NaN.  Each step with skipped elements raises a ``RuntimeWarning`` (on CPU at once; on CUDA at a later ``step()``,
+read without a host sync) and ``nonfinite_skipped()`` returns the total count.  Everything else in the step is
+updated normally.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from . import moment_storage as storage
+
+__all__ = ["AdamW", "OVERFLOW_LIMIT"]
+
+# Moments above this are treated as an overflow: the bfloat16 group maximum (rounded up) must stay finite.
+OVERFLOW_LIMIT = 3.0e38
+_MASTER_WEIGHTS = (None, "bf16_stochastic")
+_PARAM_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def adamw_math(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+               step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float):
+    """One torch.optim.AdamW update, out of place, with torch's own operations in torch's order (same bits).
+
+    Returns ``(param, exp_avg, exp_avg_sq)`` as new float32 tensors.
+    """
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    new_param = param * (1 - lr * weight_decay) if weight_decay != 0 else param.clone()
+    new_exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
+    new_exp_avg_sq = (exp_avg_sq * beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (new_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    new_param.addcdiv_(new_exp_avg, denom, value=-step_size)
+    return new_param, new_exp_avg, new_exp_avg_sq
+
+
+def kernel_scalars(step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> tuple:
+    """The per-tensor float scalars the fused kernel needs, computed in float64 like torch does on the host:
+    (decay, lerp weight, beta2, 1 - beta2, -step size, sqrt of bias correction 2, eps)."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    return (1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, -lr / bias_correction1, bias_correction2**0.5, eps)
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Round float32 ``x`` to bfloat16 up or down with probability proportional to the distance (unbiased).
+
+    Adds 16 uniform random bits below bfloat16's last mantissa bit and truncates: P(round up) = fraction / 2**16.
+    """
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = (bits + noise).bitwise_and_(-65536).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x.float()).to(torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with FP8 moments.  Drop-in for ``torch.optim.AdamW`` (same defaults and update).
+
+    Args:
+        params, lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay, default 1e-2).
+        states: ``"dre"`` (FP8 + Dynamic Range Expansion, default), ``"plain"`` (FP8 with a bf16 absmax per group)
+            or ``"fp32"`` (unquantized; equals torch.optim.AdamW bit for bit on CPU).
+        m_format, v_format: ``"e4m3"`` (default) or ``"e5m2"`` for the first / second moment.
+        group_size: elements per scaling group along each parameter's last dim (power of two, 16..1024).
+        master_weights: ``None`` (the parameter itself is the master copy: fp32, or bf16 rounded to nearest) or
+            ``"bf16_stochastic"`` (bf16 parameters, update computed in fp32 and stochastically rounded).
+        amsgrad: must be False (not implemented).
+        maximize: maximize the objective instead of minimizing.
+        fused: ``None`` picks the Triton kernel for CUDA parameters when Triton imports, else the torch reference;
+            ``True`` requires the kernel; ``False`` always uses the torch reference.
+
+    Every option except ``fused`` may differ between parameter groups.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 *, states: str = "dre", m_format: str = "e4m3", v_format: str = "e4m3", group_size: int = 128,
+                 master_weights: Optional[str] = None, amsgrad: bool = False, maximize: bool = False,
+                 fused: Optional[bool] = None):
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self.fused = fused
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, states=states, m_format=m_format,
+                        v_format=v_format, group_size=group_size, master_weights=master_weights, amsgrad=amsgrad,
+                        maximize=maximize)
+        self._steps_taken = 0
+        self._nonfinite_total = 0
+        self._nonfinite_pending: list = []  # (host count tensor, cuda event, step number) not read yet
+        self._generators: dict = {}
+        self._seed_generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        super().__init__(params, defaults)
+
+    # -- options -----------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _validate_group(group: dict) -> None:
+        if group["amsgrad"]:
+            raise ValueError("fp8train.AdamW does not implement amsgrad (it would need a full-precision running "
+                             "max of v); use torch.optim.AdamW(amsgrad=True) or amsgrad=False")
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        if not (lr >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1 and group["eps"] >= 0 and group["weight_decay"] >= 0):
+            raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={group['betas']}, eps={group['eps']}, "
+                             f"weight_decay={group['weight_decay']}: need lr, eps, weight_decay >= 0 and 0 <= betas < 1")
+        if group["states"] not in storage.STATE_MODES:
+            raise ValueError(f"states must be one of {storage.STATE_MODES}, got {group['states']!r}")
+        group["m_format"] = storage.parse_moment_format(group["m_format"])
+        group["v_format"] = storage.parse_moment_format(group["v_format"])
+        size = group["group_size"]
+        if not (isinstance(size, int) and 16 <= size <= 1024 and size & (size - 1) == 0):
+            raise ValueError(f"group_size must be a power of two between 16 and 1024, got {size!r}")
+        if group["master_weights"] not in _MASTER_WEIGHTS:
+            raise ValueError(f"master_weights must be one of {_MASTER_WEIGHTS}, got {group['master_weights']!r}")
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError("fp8train.AdamW does not support complex parameters; register "
+                                "torch.view_as_real(param) as the parameter or use torch.optim.AdamW")
+            if p.dtype not in _PARAM_DTYPES:
+                raise TypeError(f"fp8train.AdamW updates float32 or bfloat16 parameters, got {p.dtype}; "
+                                "cast the model with model.float() or model.bfloat16()")
+            if group["master_weights"] == "bf16_stochastic" and p.dtype != torch.bfloat16:
+                raise TypeError(f"master_weights='bf16_stochastic' keeps bfloat16 parameters, got {p.dtype}; cast "
+                                "the model with model.bfloat16() first, or use master_weights=None for fp32 params")
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for name, fmt in zip(storage.MOMENT_NAMES, (group["m_format"], group["v_format"])):
+                state.update(storage.allocate(name, p, group["states"], fmt, group["group_size"]))
+        return state
+
+    def state_bytes(self) -> int:
+        """Bytes of every parameter's m and v with their metadata, allocated or not yet (step counters excluded)."""
+        return sum(storage.state_nbytes(p.shape, g["states"], g["m_format"], g["v_format"], g["group_size"])
+                   for g in self.param_groups for p in g["params"])
+
+    def state_bytes_per_param(self) -> float:
+        n = sum(p.numel() for g in self.param_groups for p in g["params"])
+        return self.state_bytes() / n if n else 0.0
+
+    # -- step ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._read_nonfinite(block=False)
+        self._steps_taken += 1
+        fused_work: dict = {}
+        counts = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError("fp8train.AdamW does not support sparse gradients; use "
+                                    "torch.optim.SparseAdam for them or nn.Embedding(sparse=False)")
+                state = self._init_state(p, group)
+                state["step"] += 1
+                if p.numel() == 0:
+                    continue
+                if self._use_kernel(p):
+                    key = (p.device, p.dtype, p.grad.dtype, group["states"], group["m_format"], group["v_format"],
+                           group["group_size"], group["master_weights"] == "bf16_stochastic", group["maximize"])
+                    fused_work.setdefault(key, []).append((p, group, state))
+                else:
+                    counts.append(self._reference_update(p, group, state))
+        for key, work in fused_work.items():
+            counts.append(self._fused_update(key, work))
+        if counts:
+            self._queue_nonfinite(counts)
+        return loss
+
+    def _use_kernel(self, p: torch.Tensor) -> bool:
+        if self.fused is False:
+            return False
+        if p.is_cuda:
+            eligible = p.is_contiguous() and p.grad.is_contiguous() and \
+                p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_available()
+        else:  # CPU tensors run the kernel only in Triton's interpreter, and only when asked to (tests)
+            eligible = bool(self.fused) and os.environ.get("TRITON_INTERPRET") == "1" and p.is_contiguous()
+        if self.fused and not eligible:
+            raise RuntimeError("fused=True needs contiguous CUDA parameters and gradients and an importable triton; "
+                               "use fused=None to fall back to the torch reference")
+        return eligible
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            seed = int(torch.randint(0, 2**62, (), generator=self._seed_generator).item())
+            self._generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return self._generators[device]
+
+    @staticmethod
+    def _hyper(group: dict) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                    weight_decay=group["weight_decay"])
+
+    def _reference_update(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+        """Plain-torch update of one parameter; returns the number of skipped (non-finite) elements."""
+        mode, size = group["states"], group["group_size"]
+        grad = p.grad if not group["maximize"] else -p.grad
+        grad = grad.float()
+        param = p.detach() if p.dtype == torch.float32 else p.detach().float()
+        m = storage.decode(state, "exp_avg", mode, group["m_format"], size)
+        v = storage.decode(state, "exp_avg_sq", mode, group["v_format"], size)
+        new_p, new_m, new_v = adamw_math(param, grad, m, v, step=state["step"].item(), **self._hyper(group))
+        ok = torch.isfinite(new_p) & (new_m.abs() <= OVERFLOW_LIMIT) & (new_v <= OVERFLOW_LIMIT)
+        n_bad = ok.numel() - ok.sum()
+        new_p = torch.where(ok, new_p, param)
+        new_m = torch.where(ok, new_m, m)
+        new_v = torch.where(ok, new_v, v)
+        if group["master_weights"] == "bf16_stochastic":
+            p.copy_(stochastic_round_to_bf16(new_p, self._generator(p.device)))
+        else:
+            p.copy_(new_p)
+        storage.encode_into(state, "exp_avg", new_m, mode, group["m_format"], size)
+        storage.encode_into(state, "exp_avg_sq", new_v, mode, group["v_format"], size)
+        return n_bad
+
+    def _fused_update(self, key: tuple, work: list) -> torch.Tensor:
+        from ..kernels.adamw import fused_adamw_step
+
+        device, _, _, mode, m_format, v_format, group_size, stochastic, maximize = key
+        scalars = [kernel_scalars(state["step"].item(), **self._hyper(group)) for _, group, state in work]
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seed_generator).item()) if stochastic else 0
+        return fused_adamw_step([p for p, _, _ in work], [p.grad for p, _, _ in work], [s for _, _, s in work],
+                                scalars, mode=mode, m_format=m_format, v_format=v_format, group_size=group_size,
+                                stochastic_rounding=stochastic, maximize=maximize, seed=seed)
+
+    # -- non-finite bookkeeping ------------------------------------------------------------------------------
+    def _queue_nonfinite(self, counts: list) -> None:
+        step = self._steps_taken
+        by_device: dict = {}
+        for c in counts:
+            c = torch.as_tensor(c)
+            by_device.setdefault(c.device, []).append(c.reshape(()).to(torch.int64))
+        for device, cs in by_device.items():
+            total = torch.stack(cs).sum()
+            if device.type == "cuda":
+                host = total.to("cpu", non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._nonfinite_pending.append((host, event, step))
+            else:
+                self._nonfinite_pending.append((total, None, step))
+        self._read_nonfinite(block=False)
+
+    def _read_nonfinite(self, block: bool) -> None:
+        still_pending = []
+        for host, event, step in self._nonfinite_pending:
+            if event is not None and not block and not event.query():
+                still_pending.append((host, event, step))
+                continue
+            if event is not None:
+                event.synchronize()
+            n = int(host.item())
+            if n:
+                self._nonfinite_total += n
+                warnings.warn(f"fp8train.AdamW step {step}: skipped {n} elements whose gradient was NaN/inf or "
+                              "whose update overflowed; their parameters and moments kept their previous values",
+                              RuntimeWarning, stacklevel=3)
+        self._nonfinite_pending = still_pending
+
+    def nonfinite_skipped(self) -> int:
+        """Total number of parameter elements skipped because of non-finite gradients (waits for the GPU)."""
+        self._read_nonfinite(block=True)
+        return self._nonfinite_total
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by ``state_dict()``; tensors keep their saved dtypes (FP8, bf16, uint8).
+
+        The parameter groups must match this optimizer's in number, sizes, parameter shapes and storage options
+        (states, formats, group_size, master_weights); anything else raises ``ValueError``.
+        """
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} parameter groups, this optimizer has "
+                             f"{len(self.param_groups)}; build the optimizer with the same groups as when it was saved")
+        index_to_param = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"parameter group {gi} has {len(saved['params'])} parameters in the state dict and "
+                                 f"{len(group['params'])} here; build the optimizer with the same parameters")
+            for option in ("states", "m_format", "v_format", "group_size", "master_weights"):
+                if saved.get(option) != group[option]:
+                    raise ValueError(f"parameter group {gi} was saved with {option}={saved.get(option)!r} but this "
+                                     f"optimizer has {option}={group[option]!r}; create the optimizer with the saved "
+                                     "options (or start its state from scratch)")
+            index_to_param.update(zip(saved["params"], group["params"]))
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        new_state: dict = {}
+        for index, saved_state in state_dict["state"].items():
+            if index not in index_to_param:
+                raise ValueError(f"the state dict has state for parameter index {index}, which no group lists")
+            p = index_to_param[index]
+            group = group_of[id(p)]
+            expected = {"step": (torch.Size(()), torch.float32)}
+            for name, fmt in zip(storage.MOMENT_NAMES, (group["m_format"], group["v_format"])):
+                expected.update(storage.expected_entries(name, p.shape, group["states"], fmt, group["group_size"]))
+            if set(saved_state) != set(expected):
+                raise ValueError(f"state of parameter {index} has entries {sorted(saved_state)}, expected "
+                                 f"{sorted(expected)} for states={group['states']!r}")
+            loaded = {}
+            for key, (shape, dtype) in expected.items():
+                value = saved_state[key]
+                if not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != dtype:
+                    got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value)
+                    raise ValueError(f"state '{key}' of parameter {index} is {got}, expected ({tuple(shape)}, {dtype})"
+                                     f" for a parameter of shape {tuple(p.shape)}; the checkpoint belongs to another "
+                                     "model or optimizer configuration")
+                device = torch.device("cpu") if key == "step" else p.device
+                loaded[key] = value.to(device=device, copy=True)
+            new_state[p] = loaded
+        param_groups = []
+        for saved, group in zip(saved_groups, self.param_groups):
+            new_group = {k: v for k, v in saved.items() if k != "params"}
+            new_group["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                new_group["param_names"] = group["param_names"]
+            param_groups.append(new_group)
+        self.__setstate__({"state": new_state, "param_groups": param_groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for attr, default in (("_steps_taken", 0), ("_nonfinite_total", 0), ("_nonfinite_pending", []),
+                              ("_generators", {})):
+            if not hasattr(self, attr):
+                setattr(self, attr, default)
+        if not hasattr(self, "_seed_generator"):
+            self._seed_generator = torch.Generator().manual_seed(0)
+        if not hasattr(self, "fused"):
+            self.fused = None
