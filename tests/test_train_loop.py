@@ -43,8 +43,9 @@ def test_run_writes_every_output(tmp_path):
     assert records[-1]["eval_loss"] < records[0]["loss"] - 0.3
 
 
-def test_resume_is_bit_identical(tmp_path):
-    straight = tiny_config(tmp_path / "a", steps=8, checkpoint_every=3, eval_every=2, grad_accum=2)
+@pytest.mark.parametrize("recipe", ["bf16", "coat"])  # coat: FP8 layers and FP8 AdamW states in the checkpoint
+def test_resume_is_bit_identical(tmp_path, recipe):
+    straight = tiny_config(tmp_path / "a", steps=8, checkpoint_every=3, eval_every=2, grad_accum=2, recipe=recipe)
     train(straight, log=lambda s: None)
     interrupted = dataclasses.replace(straight, out=str(tmp_path / "b" / "run"))
     assert train(dataclasses.replace(interrupted, stop_after=5), log=lambda s: None)["status"] == "stopped"
