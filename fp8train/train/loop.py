@@ -217,12 +217,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict:
     c = resolve(config)
     out = pathlib.Path(c.out)
     _prepare_out_dir(out, c)
-    import torch
-
-    device = pick_device(c.device)
+    # data problems are found before torch is even imported
     corpus = prepare_corpus(c.data, c.text_field, c.vocab_size, c.eval_fraction, c.tokenizer_train_bytes,
                             c.cache_dir, log=log)
     train_tokens, eval_tokens = split_for_training(corpus, c.seq_len)
+    device = pick_device(c.device)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("summary.json", "failure.json"):
         (out / stale).unlink(missing_ok=True)
