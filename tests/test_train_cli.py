@@ -116,3 +116,31 @@ def test_default_corpus_end_to_end(tmp_path):
     assert config["corpus"]["tokenizer_vocab_size"] == 4096
     assert list(pathlib.Path(env["FP8TRAIN_CACHE"]).glob("corpus-*/tokenizer.json"))
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, corpus):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "fp8train", "train", "--steps", "100000", "--checkpoint-every", "0",
+                             "--data", str(corpus), "--cache-dir", str(tmp_path / "c"), "--out", str(out), *MICRO],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err, err
+    failure = json.loads((out / "failure.json").read_text())
+    stopped_at = failure["step"]
+    assert failure["status"] == "interrupted" and stopped_at >= 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{stopped_at:08d}"]
+    assert not (out / "summary.json").exists()
+    with pytest.warns(UserWarning, match="steps 100000 -> "):
+        assert main(["train", "--out", str(out), "--resume", "--steps", str(stopped_at + 2), "--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == stopped_at + 2
+    assert not (out / "failure.json").exists()

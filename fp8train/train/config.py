@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import pathlib
+import warnings
 from typing import Optional
 
 RECIPES = ("bf16", "fp8", "coat")
@@ -214,6 +215,12 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no live progress bar")
 
 
+# settings whose change on --resume makes the continuation differ from an uninterrupted run
+_DECIDES_LOSSES = ("model", "recipe", "optimizer", "vocab_size", "steps", "batch_size", "seq_len", "grad_accum", "lr",
+                   "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
+                   "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A TrainConfig from parsed flags; with --resume, the saved run's config with the typed flags on top."""
     typed = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
@@ -223,5 +230,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             base = TrainConfig.from_json(json.loads(saved.read_text())["train"])
             for key in ("resume", "stop_after", "overwrite", "progress"):
                 setattr(base, key, getattr(TrainConfig(), key))
+            changed = [f"{k} {getattr(base, k)!r} -> {v!r}" for k, v in typed.items()
+                       if k in _DECIDES_LOSSES and v != getattr(base, k)]
+            if changed:
+                warnings.warn(f"resuming with changed settings ({', '.join(changed)}): the run continues, but its "
+                              f"losses will differ from an uninterrupted run", stacklevel=2)
             return dataclasses.replace(base, **typed)
     return TrainConfig(**typed)
