@@ -64,7 +64,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 1
     out: Optional[str] = None
-    checkpoint_every: Optional[int] = None  # None: at a quarter, half, ... of the run; 0: only at the end
+    checkpoint_every: Optional[int] = None  # None: steps/4; 0: only at the end; -1: never
     keep_checkpoints: int = 2
     resume: bool = False
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of this invocation
@@ -136,8 +136,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         c.eval_every = max(1, c.steps // 10)
     if c.checkpoint_every is None:
         c.checkpoint_every = max(1, c.steps // 4) if c.steps >= 8 else 0
-    if c.checkpoint_every < 0 or c.eval_every < 1:
-        raise TrainError("--checkpoint-every must be >= 0 and --eval-every >= 1")
+    if c.checkpoint_every < -1 or c.eval_every < 1:
+        raise TrainError("--checkpoint-every must be >= -1 and --eval-every >= 1")
     if c.stop_after is not None and c.stop_after < 1:
         raise TrainError(f"--stop-after must be at least 1 (got {c.stop_after})")
     if c.keep_checkpoints < 1:
@@ -204,7 +204,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
     g.add_argument("--eval-batches", type=int, default=S, help="batches per evaluation (default 8)")
     g.add_argument("--log-every", type=int, default=S, help="write metrics every N steps (default 1)")
     g.add_argument("--checkpoint-every", type=int, default=S,
-                   help="checkpoint every N steps; 0 = only at the end (default steps/4)")
+                   help="checkpoint every N steps; 0 = only at the end, -1 = never (default steps/4)")
     g.add_argument("--keep-checkpoints", type=int, default=S, help="how many recent checkpoints to keep (default 2)")
     if single_run:
         g.add_argument("--resume", action="store_true", default=S,

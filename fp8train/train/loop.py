@@ -344,8 +344,8 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                     stop_reason = stop.signal_name
                 elif c.stop_after is not None and steps_done >= c.stop_after and step < c.steps:
                     stop_reason = "stop-after"
-                periodic = c.checkpoint_every and step % c.checkpoint_every == 0
-                if periodic or step == c.steps or stop_reason:
+                periodic = c.checkpoint_every > 0 and step % c.checkpoint_every == 0
+                if periodic or (step == c.steps and c.checkpoint_every >= 0) or stop_reason:
                     ckpt.save_checkpoint(checkpoints, step, model, optimizer, scheduler,
                                          {"sampler": sampler.state_dict(), "num_parameters": num_params},
                                          keep=c.keep_checkpoints)
