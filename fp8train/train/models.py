@@ -46,12 +46,12 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "micro": Preset(64, 2, 4, 176, 512, 256, 3e-3),           # ~0.1M: tests and smoke runs
+    "micro": Preset(64, 2, 4, 176, 512, 256, 3e-3),           # 0.17M: tests and smoke runs
     # ~5M parameters: ~0.35 s per 16x128-token step on 2 CPU cores
     "tiny": Preset(256, 4, 4, 688, 4096, 1024, 3e-3),
-    "small": Preset(512, 8, 8, 1376, 8192, 2048, 1e-3),       # ~34M
-    "125m": Preset(768, 12, 12, 2048, 32000, 2048, 6e-4),     # ~150M
-    "350m": Preset(1024, 24, 16, 2816, 32000, 2048, 3e-4),    # ~370M
+    "small": Preset(512, 8, 8, 1376, 8192, 2048, 1e-3),       # 34M
+    "125m": Preset(768, 12, 12, 2048, 32000, 2048, 6e-4),     # 134M
+    "350m": Preset(1024, 24, 16, 2816, 32000, 2048, 3e-4),    # 374M
     "1b": Preset(2048, 16, 16, 5632, 32000, 2048, 3e-4),      # 953M
     "7b": Preset(4096, 32, 32, 11008, 32000, 4096, 1.5e-4),   # 6.7B (Llama-2-7B)
     "13b": Preset(5120, 40, 40, 13824, 32000, 4096, 1e-4),    # 13.0B (Llama-2-13B)

@@ -92,7 +92,7 @@ def compare_markdown(summaries: dict[str, dict], failures: dict[str, str], setti
     for recipe, s in summaries.items():
         gap = "—" if baseline is None else f"{gap_percent(s['final_eval_loss'], baseline):+.2f} %"
         row = [recipe, s["optimizer"], f"{s['final_eval_loss']:.4f}", gap, f"{s['eval_perplexity']:.2f}",
-               f"{s['tokens_per_s']:,.0f}", format_bytes(s["peak_memory_bytes"])]
+               f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "—", format_bytes(s["peak_memory_bytes"])]
         row += [format_bytes(s["memory_breakdown"][key]) for key, _ in MEMORY_PARTS]
         lines.append("| " + " | ".join(row) + " |")
     for recipe, error in failures.items():
