@@ -131,3 +131,13 @@ def test_out_of_memory_is_reported_with_what_to_lower(tmp_path, monkeypatch):
         train(tiny_config(tmp_path), log=lambda s: None)
     assert not (tmp_path / "run" / "summary.json").exists()
     assert "--grad-accum" in json.loads((tmp_path / "run" / "failure.json").read_text())["error"]
+
+
+def test_fp8_recipe_run_keeps_fp8train_convert_callable(tmp_path):
+    import types
+
+    import fp8train
+
+    summary = train(tiny_config(tmp_path, recipe="fp8", steps=2), log=lambda s: None)
+    assert summary["recipe"] == "fp8" and summary["optimizer"] == "adamw"
+    assert callable(fp8train.convert) and not isinstance(fp8train.convert, types.ModuleType)

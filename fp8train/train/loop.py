@@ -25,6 +25,7 @@ import random
 import shutil
 import signal
 import time
+import types
 from typing import Callable, Optional
 
 from . import checkpoint as ckpt
@@ -66,13 +67,19 @@ def seed_everything(seed: int) -> None:
 
 def apply_recipe(model, recipe: str):
     """``fp8train.convert(model, recipe)``; bf16 needs no conversion when the converter is not installed."""
+    import fp8train
+
     try:
-        from fp8train.convert import convert
+        # the public attribute, not ``from fp8train.convert import``: importing the submodule directly would
+        # shadow the function fp8train.convert with the module fp8train.convert for everyone else
+        convert = fp8train.convert
     except ImportError as exc:
         if recipe == "bf16":
             return model
         raise TrainError(f"recipe {recipe!r} needs fp8train.convert, which this installation lacks ({exc}); "
                          f"use --recipe bf16") from exc
+    if isinstance(convert, types.ModuleType):  # someone imported the submodule first
+        convert = convert.convert
     return convert(model, recipe=recipe)
 
 
