@@ -59,6 +59,11 @@ def test_resume_is_bit_identical(tmp_path, recipe):
     sa = json.loads((tmp_path / "a" / "run" / "summary.json").read_text())
     sb = json.loads((tmp_path / "b" / "run" / "summary.json").read_text())
     assert sa["final_eval_loss"] == sb["final_eval_loss"] and sb["resumed_from_step"] == 5
+    if recipe == "coat":  # the checkpoint holds the FP8 moments as FP8, not widened
+        from fp8train.train.checkpoint import latest_checkpoint, load_tree
+
+        state = load_tree(latest_checkpoint(tmp_path / "b" / "run" / "checkpoints"), "optimizer")["state"]
+        assert torch.float8_e4m3fn in {t.dtype for s in state.values() for t in s.values()}
 
 
 def test_resume_drops_lines_logged_after_the_checkpoint(tmp_path):
