@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import bench
 
     bench.register(sub)
+    from .train.cli import register as register_train
+    register_train(sub)
     return parser
 
 
