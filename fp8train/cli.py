@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     from .train.cli import register as register_train
     register_train(sub)
+    from .lab.sweep import register as register_sweep
+    register_sweep(sub)
     return parser
 
 
