@@ -10,7 +10,7 @@ import transformers
 import fp8train
 from fp8train import formats
 from fp8train.lab.simulated_linear import (SimulatedFormats, SimulatedLinear, parse_simulated_format,
-                                           simulate_quantize)
+                                           saturating_round, simulate_quantize)
 from fp8train.quant import fake_quantize
 
 torch.set_num_threads(1)
@@ -59,6 +59,21 @@ def test_unscaled_rounding_is_the_format_grid_with_saturation(spec):
     assert (y.abs() <= fmt.max).all() and (y[x > 2 * fmt.max] == fmt.max).all()
 
 
+@pytest.mark.parametrize("fmt", [formats.E3M4, formats.E2M1, formats.BF16, formats.FP16, formats.E5M2,
+                                 formats.E4M3FNUZ, formats.E8M3, formats.Minifloat(5, 7),
+                                 parse_simulated_format("e7m7b127"), parse_simulated_format("e8m0"),
+                                 parse_simulated_format("e8m3b140")])  # emin -139: takes the float64 path
+def test_float32_rounding_path_equals_the_reference(fmt):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=g) * torch.exp2(torch.randint(-150, 128, (200_000,), generator=g).float())
+    x = torch.cat([x, torch.tensor([0.0, -0.0, fmt.max, -fmt.max, fmt.min_subnormal / 2, -fmt.min_subnormal * 1.5,
+                                    float("nan")])])
+    got = saturating_round(x, fmt)
+    want = fmt.round(fmt.saturate(x.double())).float()
+    same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+    assert same.all() and torch.equal(torch.signbit(got[~torch.isnan(got)]), torch.signbit(want[~torch.isnan(want)]))
+
+
 def test_nonfinite_values_pass_through():
     x = torch.tensor([1.0, float("inf"), -float("inf"), float("nan"), 1e9])
     for scaling in ("none", "tensor"):
@@ -71,8 +86,9 @@ def test_nonfinite_values_pass_through():
 @pytest.mark.parametrize("scaling", ["tensor", "1x16", "row"])
 def test_scaled_rounding_is_quant_fake_quantize(scaling):
     x = torch.randn(33, 48) * 5
-    for fmt in (formats.E3M4, formats.E2M1, formats.E4M3, formats.INT8):
+    for fmt in (formats.E3M4, formats.E2M1, formats.E4M3, formats.E5M2, formats.E8M3, formats.INT8):
         assert torch.equal(simulate_quantize(x, fmt, scaling), fake_quantize(x, fmt, scaling))
+        assert torch.equal(simulate_quantize(x.bfloat16(), fmt, scaling), fake_quantize(x.bfloat16(), fmt, scaling))
 
 
 def test_bf16_without_scaling_is_the_identity_on_bf16_tensors():

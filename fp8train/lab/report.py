@@ -88,8 +88,7 @@ def plot_heatmap(formats, lrs, table, path: pathlib.Path, title: str) -> None:
                 grid[i, j] = table[fmt, lr]["fraction"]
     fig = _figure(1.6 + 1.5 * len(lrs), 1.2 + 0.55 * len(formats))
     ax = fig.add_subplot()
-    cmap = __import__("matplotlib").colormaps["RdYlGn"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = __import__("matplotlib").colormaps["RdYlGn"].with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     for i, fmt in enumerate(formats):
         for j, lr in enumerate(lrs):
@@ -183,8 +182,9 @@ def write_report(root: pathlib.Path, settings, thresholds, formats: list[str], l
     for key, value in shown.items():
         if value not in (None, ""):
             lines.append(f"| {key} | {value} |")
-    lines += [f"| divergence | non-finite loss, or training loss > {thresholds.spike_factor:g} x its running minimum"
-              + (f", or > {thresholds.loss_cap:g}" if thresholds.loss_cap is not None else "") + " |", ""]
+    lines += [f"| divergence | a non-finite loss, or the {thresholds.window}-step moving mean of the training loss > "
+              f"{thresholds.spike_factor:g} x its running minimum"
+              + (f" or > {thresholds.loss_cap:g}" if thresholds.loss_cap is not None else "") + " |", ""]
 
     lines += ["## Formats", ""]
     for fmt in formats:

@@ -10,8 +10,8 @@ by ``--operands``; ``--grad-format`` overrides the gradients' format) or one of 
 cores/jobs threads).
 
 Bookkeeping (:func:`cell_result`): a cell is *diverged* when its training loss became NaN/inf (the run stops
-there) or rose above ``--spike-factor`` (1.5) times its running minimum, or above ``--loss-cap``, at any step;
-else *stable*.  Final eval loss and last-token sharpness (:mod:`fp8train.lab.sharpness`) come from the run's
+there), or when the moving mean of its training loss over ``--spike-window`` (10) steps rose above
+``--spike-factor`` (1.5) times its running minimum, or above ``--loss-cap``, at any step; else *stable*.  Final eval loss and last-token sharpness (:mod:`fp8train.lab.sharpness`) come from the run's
 ``summary.json`` and ``metrics.jsonl``.
 
 Resume: run the same command again.  Finished cells (a summary, or a NaN divergence) are skipped; interrupted
@@ -79,10 +79,16 @@ class SweepSettings:
 
 @dataclasses.dataclass
 class Thresholds:
-    """The divergence rule (applied when reading results, so it can change without retraining)."""
+    """The divergence rule (applied when reading results, so it can change without retraining).
+
+    The rule looks at the moving mean of the training loss over ``window`` steps (a single small batch is
+    noisy; a divergence lasts): diverged when it exceeds ``spike_factor`` x its running minimum or ``loss_cap``,
+    or when any loss is NaN/inf.
+    """
 
     spike_factor: float = 1.5
     loss_cap: Optional[float] = None
+    window: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,23 +187,27 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
 
 
 def detect_divergence(records: list[dict], thresholds: Thresholds) -> Optional[tuple[int, str]]:
-    """(step, reason) of the first step whose training loss is non-finite, above the cap, or above
-    ``spike_factor`` x the running minimum of the losses before it; None when there is none."""
+    """(step, reason) of the first step where a loss is non-finite, or where the moving mean of the training
+    loss (over ``thresholds.window`` steps) is above the cap or above ``spike_factor`` x its running minimum
+    before that step; None when there is none."""
     running_min = math.inf
+    recent: list[float] = []
+    what = "loss" if thresholds.window <= 1 else f"{thresholds.window}-step mean loss"
     for record in sorted(records, key=lambda r: r.get("step", 0)):
         step = record.get("step", 0)
         for key in ("loss", "eval_loss"):
             value = record.get(key)
             if value is not None and not math.isfinite(value):
                 return step, f"{'training' if key == 'loss' else 'eval'} loss {value}"
-        loss = record.get("loss")
-        if loss is None:
+        if record.get("loss") is None:
             continue
-        if thresholds.loss_cap is not None and loss > thresholds.loss_cap:
-            return step, f"loss {loss:.3f} > cap {thresholds.loss_cap:g}"
-        if loss > thresholds.spike_factor * running_min:
-            return step, f"loss {loss:.3f} > {thresholds.spike_factor:g} x running min {running_min:.3f}"
-        running_min = min(running_min, loss)
+        recent = (recent + [record["loss"]])[-max(1, thresholds.window):]
+        mean = sum(recent) / len(recent)
+        if thresholds.loss_cap is not None and mean > thresholds.loss_cap:
+            return step, f"{what} {mean:.3f} > cap {thresholds.loss_cap:g}"
+        if mean > thresholds.spike_factor * running_min:
+            return step, f"{what} {mean:.3f} > {thresholds.spike_factor:g} x its running min {running_min:.3f}"
+        running_min = min(running_min, mean)
     return None
 
 
@@ -425,7 +435,7 @@ def _names(text: str) -> list[str]:
 def _sweep_command(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(SweepSettings)}
     settings = SweepSettings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    thresholds = Thresholds(spike_factor=args.spike_factor, loss_cap=args.loss_cap)
+    thresholds = Thresholds(spike_factor=args.spike_factor, loss_cap=args.loss_cap, window=args.spike_window)
     command = "fp8train " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["sweep"] else None
     try:
         result = run_sweep(args.formats, args.lrs, args.seeds, settings, args.out, thresholds, jobs=args.jobs,
@@ -484,7 +494,9 @@ def register(subparsers) -> None:
     g.add_argument("--train-args", default="", help="extra `fp8train train` flags for every cell, quoted")
     g = p.add_argument_group("divergence and report")
     g.add_argument("--spike-factor", type=float, default=Thresholds.spike_factor,
-                   help="diverged when the loss exceeds this x its running minimum (default 1.5)")
+                   help="diverged when the loss's moving mean exceeds this x its running minimum (default 1.5)")
+    g.add_argument("--spike-window", type=int, default=Thresholds.window,
+                   help="steps in the moving mean of the loss that the rule looks at (default 10; 1 = raw losses)")
     g.add_argument("--loss-cap", type=float, default=None, help="diverged when the loss exceeds this value")
     g.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs; train nothing")
     g.add_argument("--overwrite", action="store_true", help="delete the runs of an existing sweep in --out first")
