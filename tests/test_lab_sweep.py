@@ -228,3 +228,11 @@ def test_interrupted_sweep_resumes_and_finishes(tmp_path):
         lines = [json.loads(x) for x in m.read_text().splitlines()]
         assert [r["step"] for r in lines] == list(range(1, 41))
         assert [r["step"] for r in lines if "sharpness" in r] == [10, 20, 30, 40]
+
+
+def test_lab_imports_stay_cheap():
+    code = ("import sys, fp8train.lab, fp8train.lab.sweep, fp8train.lab.report, fp8train.cli; "
+            "fp8train.cli.build_parser(); print([m for m in ('torch', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip()
+    assert out == "[]"
