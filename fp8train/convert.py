@@ -9,7 +9,8 @@ What it does (details and the saved-tensor accounting in docs/convert.md):
    :mod:`fp8train.nn.adapters` -- get the precision flow of :mod:`fp8train.nn.precision_flow`.
 2. **Generic path**, everything else: ``nn.Linear`` (and GPT-2's ``Conv1D``) -> FP8 linear; with compressed
    activations also RMSNorm-like modules -> ``FP8RMSNorm``, ``nn.LayerNorm`` -> ``FP8LayerNorm``,
-   SiLU/GELU modules -> ``FP8Activation``, gated MLPs (gate_proj/up_proj/down_proj/act_fn) -> ``FlowMLP``.
+   SiLU/GELU modules -> ``FP8Activation``, gated MLPs (gate_proj/up_proj/down_proj/act_fn) -> ``FlowMLP``,
+   fused ones (gate_up_proj, as Phi-3) -> ``FP8GatedMLP``.
 3. Left in bf16: embeddings, output heads (``Recipe.keep_bf16``: lm_head, score, classifier, ...), linears
    whose weight is tied to an embedding, the attention core, anything matched by ``exclude``.
 
@@ -108,10 +109,16 @@ def _fp8_module_types() -> tuple:
     from .nn.precision_flow import FlowMLP
     from .nn.rmsnorm import FP8RMSNorm
 
-    return (FP8Linear, FP8RMSNorm, FP8LayerNorm, FP8Activation, FP8GatedMLP, FlowMLP, _fp8_conv1d_class())
+    types = (FP8Linear, FP8RMSNorm, FP8LayerNorm, FP8Activation, FP8GatedMLP, FlowMLP)
+    return types + ((_fp8_conv1d_class(),) if _conv1d_class() is not None else ())
 
 
 def _conv1d_class():
+    """transformers' Conv1D, if transformers is loaded (a model containing one has imported it)."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        return None
     try:
         from transformers.pytorch_utils import Conv1D
     except Exception:  # noqa: BLE001 - transformers is optional for convert
@@ -192,7 +199,15 @@ class _Converter:
 
         self.fast_path = (self.recipe.compress_activations and self.recipe.precision_flow
                           and flow_supported(self.recipe))
-        self._visit(self.model, find_adapter if self.recipe.fp8_linears else None)
+        finder = find_adapter if self.recipe.fp8_linears else None
+        root_adapter = finder(self.model) if finder is not None else None
+        if root_adapter is not None:  # converting a single decoder block
+            root_adapter.convert(self.model, self)
+            self.report["fast_path_blocks"] += int(self.fast_path)
+        elif isinstance(self.model, nn.Linear):
+            raise TypeError("convert() swaps submodules and cannot replace the root module itself; wrap the "
+                            "layer in a container or use fp8train.nn.linear.FP8Linear.from_linear(layer)")
+        self._visit(self.model, finder)
         self._warn()
 
     def _visit(self, parent: nn.Module, find_adapter) -> None:
@@ -237,6 +252,13 @@ class _Converter:
                 self.convert_linear(child, proj)
             self.replace(parent, child_name, FlowMLP.from_module(child, recipe=self.recipe))
             return True
+        if _is_fused_gated_mlp(child):  # Phi-3 style: gate_up_proj -> [gate | up]
+            from .nn.gated_mlp import FP8GatedMLP
+
+            for proj in ("gate_up_proj", "down_proj"):
+                self.convert_linear(child, proj)
+            self.replace(parent, child_name, FP8GatedMLP.from_module(child))
+            return True
         return False
 
     def _warn(self) -> None:
@@ -272,9 +294,30 @@ class _Converter:
         return unknown
 
 
+def _is_fused_gated_mlp(module: nn.Module) -> bool:
+    from .nn.adapters import is_activation
+
+    act = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
+    return (all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_up_proj", "down_proj"))
+            and isinstance(act, nn.Module) and is_activation(act))
+
+
 def _is_gated_mlp(module: nn.Module) -> bool:
     from .nn.adapters import is_activation
 
     act = getattr(module, "act_fn", None)
     return (all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
             and isinstance(act, nn.Module) and is_activation(act))
+
+
+class _CallableModule(type(collections)):
+    """``fp8train.convert`` is both this module and its function: importing the module first (``from
+    fp8train.convert import ...``) binds the package attribute to the module, so make the module callable."""
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

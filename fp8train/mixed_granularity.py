@@ -47,6 +47,8 @@ __all__ = [
     "quantization_disabled",
     "is_quantization_disabled",
     "UnquantizedTensor",
+    "is_kernel_copy",
+    "use_kernels",
     "pack",
     "unpack",
 ]
@@ -131,6 +133,17 @@ def quantize_grad_for_linear(g: torch.Tensor, *, amax: Optional[torch.Tensor] = 
                              ) -> Union[QuantizedTensor, tuple[QuantizedTensor, torch.Tensor]]:
     """E5M2 per-tensor copy of an output gradient (same layout options as :func:`quantize_for_linear`)."""
     return _per_tensor(g, GRAD_FORMAT, "quantize_grad_for_linear", amax, with_transpose)
+
+
+def use_kernels(op: str, *tensors) -> bool:
+    """Whether ``op`` runs its fused Triton kernel (CUDA inputs the kernels cover, quantization enabled)."""
+    return not _disabled and use_triton(op, *tensors)
+
+
+def is_kernel_copy(q: QuantizedTensor) -> bool:
+    """Whether ``q`` is a copy the fused kernels can read: CUDA, E4M3, 1x16 groups, contiguous."""
+    return (not isinstance(q, UnquantizedTensor) and q.fmt == NONLINEAR_FORMAT and q.granularity == GROUP16
+            and q.data.is_cuda and q.data.is_contiguous() and q.amax.is_contiguous())
 
 
 # -- saving QuantizedTensors through autograd's save_for_backward ---------------------------------------------

@@ -227,6 +227,9 @@ def quantize(
         raise ValueError("nonfinite must be 'raise' or 'propagate'")
     if scale_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError("scale_dtype must be torch.float32 or torch.bfloat16")
+    fast = _triton_quantize(x, fmt, g, amax, scale_dtype, nonfinite)
+    if fast is not None:
+        return fast
     if amax is None:
         amax = group_amax(x, g)
     amax = amax.float()
@@ -244,6 +247,29 @@ def quantize(
     scaled = x.detach().float() * expand_to(inv, g, x.shape)
     data = fmt.to_storage(scaled)
     return QuantizedTensor(data=data, amax=stored, fmt=fmt, granularity=g, shape=x.shape, dtype=x.dtype)
+
+
+def _triton_quantize(x, fmt, g, amax, scale_dtype, nonfinite) -> Optional[QuantizedTensor]:
+    """CUDA fast path (fp8train.kernels.quantize) for float8 formats at per-tensor or power-of-two 1xG
+    granularity on the hot path (``nonfinite="propagate"``); None when the reference must run."""
+    if nonfinite != "propagate" or not x.is_cuda or getattr(fmt, "torch_dtype", None) not in (
+            torch.float8_e4m3fn, torch.float8_e5m2):
+        return None
+    if g.kind == "tensor" and scale_dtype == torch.float32:
+        from .kernels import use_triton
+
+        if use_triton("quantize", x, group=1):
+            from .kernels.quantize import quantize_tensorwise
+
+            return quantize_tensorwise(x, fmt, amax=amax)
+    elif g.kind == "group" and amax is None and g.size & (g.size - 1) == 0 and x.dim() > 0:
+        from .kernels import use_triton
+
+        if use_triton("quantize", x, group=g.size):
+            from .kernels.quantize import quantize_groups
+
+            return quantize_groups(x, fmt, group_size=g.size, scale_dtype=scale_dtype)
+    return None
 
 
 def fake_quantize(x: torch.Tensor, fmt: Union[Format, str], granularity: Union[Granularity, str] = PER_TENSOR,

@@ -282,3 +282,34 @@ def test_scaled_mm_path_matches_reference_path(monkeypatch):
         results.append((y.detach(), xr.grad, linear.weight.grad.clone(), linear.bias.grad.clone()))
     for ref, gpu in zip(*results):
         torch.testing.assert_close(gpu, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_output_is_saved_by_reference_with_identical_gradients():
+    """o_proj after SDPA: the input is a view of SDPA's (saved) output -> keep a reference, not an FP8 copy."""
+    from fp8train.nn.linear import kept_by_attention
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 16, 4, 32).transpose(1, 2).requires_grad_()  # (B, H, S, D) view of (B, S, H, D)
+    attn = torch.nn.functional.scaled_dot_product_attention(qkv, qkv, qkv, is_causal=True)
+    viewed = attn.transpose(1, 2).reshape(2, 16, 128)
+    copied = attn.transpose(1, 2).contiguous().mul(1.0).reshape(2, 16, 128)
+    assert kept_by_attention(viewed) and not kept_by_attention(copied)
+    assert not kept_by_attention(torch.randn(4, 8, requires_grad=True) * 2)
+
+    o_proj = make_layer(128, 64)
+    grads, fp8_saved = {}, {}
+    for mode in ("fp8", "reference", "auto"):
+        fp8 = FP8Linear.from_linear(o_proj)
+        fp8.save_input = mode
+        o_proj.weight.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fp8(viewed)
+        fp8_saved[mode] = sum(t.dtype == torch.float8_e4m3fn for t in saved)
+        (dx,) = torch.autograd.grad(y, viewed, torch.ones_like(y), retain_graph=True)
+        y.backward(torch.ones_like(y), retain_graph=True)
+        grads[mode] = (dx, o_proj.weight.grad.clone())
+    assert fp8_saved == {"fp8": 1, "reference": 0, "auto": 0}
+    for mode in ("reference", "auto"):
+        for a, b in zip(grads[mode], grads["fp8"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -8,11 +8,25 @@ Set ``FP8TRAIN_DISABLE_TRITON=1`` to force the torch references everywhere (debu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
 
-__all__ = ["triton_available", "use_triton", "warn_once"]
+__all__ = ["triton_available", "use_triton", "warn_once", "force_reference"]
+
+_forced_reference = False
+
+
+@contextlib.contextmanager
+def force_reference():
+    """Run the torch references even on CUDA inside this block (GPU checks compare kernels against them)."""
+    global _forced_reference
+    previous, _forced_reference = _forced_reference, True
+    try:
+        yield
+    finally:
+        _forced_reference = previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,7 +60,7 @@ def use_triton(op: str, *tensors, group: int = 16) -> bool:
     multiple of ``group``).  CUDA inputs that the kernels do not cover fall back to the torch reference with
     a one-time warning that says why."""
     live = [t for t in tensors if t is not None]
-    if not live or not all(t.is_cuda for t in live):
+    if _forced_reference or not live or not all(t.is_cuda for t in live) or any(t.numel() == 0 for t in live):
         return False
     if not triton_available():
         return False

@@ -13,8 +13,10 @@ FP8 linear layer and the wiring between ops:
 
 * :mod:`fp8train.nn.linear` -- ``FP8Linear`` (an nn.Linear subclass), ``fp8_linear_forward`` / ``_backward``
 * :mod:`fp8train.nn.handoff` -- attach a tensor's FP8 form for its consumers (one FP8 copy for q/k/v)
+* :mod:`fp8train.nn.conv1d` -- ``FP8Conv1D`` for transformers' Conv1D (GPT-2)
 * :mod:`fp8train.nn.precision_flow` -- the Llama-style decoder-block fast path; per-family adapters in
   :mod:`fp8train.nn.adapters`
+* :mod:`fp8train.nn.saved_memory` -- ``SavedTensorCounter``: bytes autograd keeps for backward
 
-What each saves is described in docs/activations.md.
+What each saves is described in docs/activations.md and docs/convert.md.
 """

@@ -86,6 +86,12 @@ def activation_forward(x: torch.Tensor, activation: str = "silu", *, quantize_ou
     check_activation(activation)
     if not torch.is_floating_point(x):
         raise TypeError(f"activation expects a floating-point input, got {x.dtype}")
+    if mg.use_kernels("activation", x):
+        from ..kernels import activation as kernel
+
+        y, copy = kernel.activation_forward(x, activation, quantize_output=quantize_output,
+                                            output_transpose=output_transpose)
+        return y, ActivationSaved(x=copy, activation=activation)
     y = _reference_forward(x, activation)
     saved = ActivationSaved(x=mg.save_for_nonlinear(x), activation=activation)
     if quantize_output:
@@ -94,6 +100,11 @@ def activation_forward(x: torch.Tensor, activation: str = "silu", *, quantize_ou
 
 
 def activation_backward(dy: torch.Tensor, saved: ActivationSaved) -> torch.Tensor:
+    """``dx = dy * act'(x_hat)`` in x's dtype."""
+    if mg.use_kernels("activation", dy) and mg.is_kernel_copy(saved.x):
+        from ..kernels import activation as kernel
+
+        return kernel.activation_backward(dy, saved.x, saved.activation)
     cdt = _compute_dtype(saved.x.dtype)
     x_hat = saved.x.dequantize(cdt)
     return (dy.to(cdt) * act_grad(x_hat, saved.activation)).to(saved.x.dtype)

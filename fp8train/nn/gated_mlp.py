@@ -55,6 +55,12 @@ def gated_product_forward(gate: torch.Tensor, up: torch.Tensor, activation: str 
     """``(h, saved)`` with ``h = act(gate) * up`` computed in fp32 and rounded once to the inputs' dtype."""
     check_activation(activation)
     _check(gate, up)
+    if mg.use_kernels("gated_product", gate, up):
+        from ..kernels import gated_product as kernel
+
+        h, g_copy, u_copy = kernel.gated_product_forward(gate, up, activation, quantize_output=quantize_output,
+                                                         output_transpose=output_transpose)
+        return h, GatedSaved(gate=g_copy, up=u_copy, activation=activation)
     h = _reference_forward(gate, up, activation)
     saved = GatedSaved(gate=mg.save_for_nonlinear(gate), up=mg.save_for_nonlinear(up), activation=activation)
     if quantize_output:
@@ -62,15 +68,29 @@ def gated_product_forward(gate: torch.Tensor, up: torch.Tensor, activation: str 
     return h, saved
 
 
-def gated_product_backward(dh: torch.Tensor, saved: GatedSaved):
-    """``(dgate, dup)`` in the dtypes of gate and up."""
+def gated_product_backward(dh: torch.Tensor, saved: GatedSaved, *, quantize_output: bool = False,
+                           output_transpose: bool = False):
+    """``(dgate, dup)`` in the dtypes of gate and up.
+
+    ``quantize_output=True`` returns each as the per-tensor E5M2 QuantizedTensor that the gate / up projections'
+    backward consumes (``(q, data_t)`` with ``output_transpose``: the transposed copy for the weight gradient);
+    the kernel then never writes the bf16 gradients.
+    """
+    if mg.use_kernels("gated_product", dh) and mg.is_kernel_copy(saved.gate) and mg.is_kernel_copy(saved.up):
+        from ..kernels import gated_product as kernel
+
+        return kernel.gated_product_backward(dh, saved.gate, saved.up, saved.activation,
+                                             quantize_output=quantize_output, output_transpose=output_transpose)
     cdt = _compute_dtype(torch.promote_types(saved.gate.dtype, saved.up.dtype))
     g_hat = saved.gate.dequantize(cdt)
     u_hat = saved.up.dequantize(cdt)
     dh_c = dh.to(cdt)
-    dgate = dh_c * u_hat * act_grad(g_hat, saved.activation)
-    dup = dh_c * act_fn(g_hat, saved.activation)
-    return dgate.to(saved.gate.dtype), dup.to(saved.up.dtype)
+    dgate = (dh_c * u_hat * act_grad(g_hat, saved.activation)).to(saved.gate.dtype)
+    dup = (dh_c * act_fn(g_hat, saved.activation)).to(saved.up.dtype)
+    if quantize_output:
+        return (mg.quantize_grad_for_linear(dgate, with_transpose=output_transpose),
+                mg.quantize_grad_for_linear(dup, with_transpose=output_transpose))
+    return dgate, dup
 
 
 class GatedProductFunction(torch.autograd.Function):

@@ -62,6 +62,12 @@ def layernorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
     """LayerNorm forward that returns ``(y, saved)``; ``quantize_output`` as in
     :func:`fp8train.nn.rmsnorm.rmsnorm_forward` (per-tensor E4M3 for the next linear layer)."""
     _check(x, weight, bias)
+    if mg.use_kernels("layernorm", x, weight, bias):
+        from ..kernels import layernorm as kernel
+
+        y, rstd, copy = kernel.layernorm_forward(x, weight, bias, eps, quantize_output=quantize_output,
+                                                 output_transpose=output_transpose)
+        return y, LayerNormSaved(centered=copy, rstd=rstd)
     y, centered, rstd = _reference_forward(x, weight, bias, eps)
     # the copy is made from the centred values rounded to x's dtype, as the kernel writes them
     saved = LayerNormSaved(centered=mg.save_for_nonlinear(centered.to(x.dtype)), rstd=rstd)
@@ -73,6 +79,10 @@ def layernorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
 def layernorm_backward(dy: torch.Tensor, saved: LayerNormSaved, weight: Optional[torch.Tensor],
                        has_bias: bool = True):
     """``(dx, dweight, dbias)``; dweight/dbias are None for a non-affine LayerNorm (or ``has_bias=False``)."""
+    if mg.use_kernels("layernorm", dy, weight) and mg.is_kernel_copy(saved.centered):
+        from ..kernels import layernorm as kernel
+
+        return kernel.layernorm_backward(dy, saved.centered, saved.rstd, weight, has_bias)
     x_dtype = saved.centered.dtype
     cdt = _compute_dtype(x_dtype)
     rstd = saved.rstd.to(cdt).unsqueeze(-1)

@@ -34,6 +34,7 @@ on every device: operands are dequantized and multiplied in fp32.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple, Optional, Union
 
@@ -57,6 +58,7 @@ __all__ = [
     "quantize_linear_input",
     "attach_linear_input",
     "compute_dtype",
+    "kept_by_attention",
     "fp8_gemm_supported",
 ]
 
@@ -127,7 +129,7 @@ def _as_matrix(q: QuantizedTensor, data_t: Optional[torch.Tensor] = None) -> Qua
     the layout the weight-gradient GEMM wants for its second operand.
     """
     k = q.shape[-1] if len(q.shape) else 1
-    m = q.data.numel() // k if k else 0
+    m = math.prod(q.shape[:-1]) if len(q.shape) else 1
     amax = q.amax
     if q.granularity.kind == "group":
         amax = amax.reshape(m, -1)
@@ -372,19 +374,50 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_VIEW_NODES = {"ViewBackward0", "UnsafeViewBackward0", "TransposeBackward0", "PermuteBackward0", "AliasBackward0",
+               "AsStridedBackward0", "SqueezeBackward0", "SqueezeBackward1", "UnsqueezeBackward0",
+               "ReshapeAliasBackward0"}
+
+
+def kept_by_attention(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a pure view of an attention kernel's output that the kernel saves for its backward.
+
+    SDPA's flash / memory-efficient / cuDNN / CPU-flash kernels and flash-attn keep their output; when o_proj
+    reads it through views only (no copy), o_proj can keep a reference instead of a second, FP8 copy.
+    """
+    node = x.grad_fn
+    for _ in range(8):
+        if node is None:
+            return False
+        name = type(node).__name__
+        if "ScaledDotProduct" in name or "FlashAttn" in name:
+            return hasattr(node, "_saved_output") or "FlashAttn" in name
+        if name not in _VIEW_NODES:
+            return False
+        parents = [n for n, _ in node.next_functions if n is not None]
+        if len(parents) != 1:
+            return False
+        node = parents[0]
+    return False
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-               recipe: Union[Recipe, str] = "fp8", save_input: str = "fp8") -> torch.Tensor:
+               recipe: Union[Recipe, str] = "fp8", save_input: str = "auto") -> torch.Tensor:
     """Differentiable ``F.linear`` with FP8 GEMMs (what :class:`FP8Linear` calls).
 
     Honours autocast: the output has the autocast dtype when autocast is on, else x's dtype.
     ``save_input="fp8"`` keeps the FP8 copy of x for backward; ``"reference"`` keeps x itself and
-    re-quantizes it in backward -- only worth it when another op keeps x alive anyway.
+    re-quantizes it in backward (free when another op keeps x alive anyway); ``"auto"`` picks
+    ``"reference"`` when x is a view of an attention output that the attention kernel saves
+    (:func:`kept_by_attention`), else ``"fp8"``.
     """
-    if save_input not in ("fp8", "reference"):
-        raise ValueError(f"save_input must be 'fp8' or 'reference', got {save_input!r}")
+    if save_input not in ("auto", "fp8", "reference"):
+        raise ValueError(f"save_input must be 'auto', 'fp8' or 'reference', got {save_input!r}")
     recipe = resolve_recipe(recipe)
     x_in = quantize_linear_input(x, recipe)
-    return _FP8LinearFunction.apply(x, weight, bias, x_in, recipe, compute_dtype(x), save_input == "reference")
+    reference = save_input == "reference" or (save_input == "auto" and torch.is_grad_enabled()
+                                              and kept_by_attention(x))
+    return _FP8LinearFunction.apply(x, weight, bias, x_in, recipe, compute_dtype(x), reference)
 
 
 # -- the module ------------------------------------------------------------------------------------------------
@@ -396,13 +429,13 @@ class FP8Linear(nn.Linear):
     checkpoints, exporters and FSDP see an ordinary Linear.  Build one from an existing layer with
     :meth:`from_linear` (it reuses that layer's Parameters) or directly like nn.Linear plus ``recipe=``.
 
-    ``save_input`` (attribute): ``"fp8"`` (default) saves the FP8 copy of the input for backward;
-    ``"reference"`` saves the input tensor itself and re-quantizes it in backward, which costs nothing when
-    another op keeps that tensor anyway (the Llama adapter sets it on ``o_proj`` when attention is SDPA or
-    FlashAttention: their output, which o_proj reads, is saved by the attention kernel).
+    ``save_input`` (attribute): ``"auto"`` (default) saves the FP8 copy of the input for backward, except
+    when the input is a view of an attention kernel's output that the kernel keeps anyway (o_proj after SDPA
+    or FlashAttention): then a reference costs nothing and backward re-quantizes it.  ``"fp8"`` /
+    ``"reference"`` force one behaviour.
     """
 
-    save_input: str = "fp8"
+    save_input: str = "auto"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  recipe: Union[Recipe, str] = "fp8"):
@@ -422,11 +455,12 @@ class FP8Linear(nn.Linear):
         new.train(linear.training)
         return new
 
+    @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.bias, recipe=self.recipe, save_input=self.save_input)
 
     def extra_repr(self) -> str:
-        saves = "" if self.save_input == "fp8" else ", saves input by reference"
+        saves = "" if self.save_input == "auto" else f", save_input={self.save_input}"
         return f"{super().extra_repr()}, recipe={self.recipe.name}{saves}"
 
     def to_linear(self) -> nn.Linear:

@@ -112,6 +112,7 @@ class FlowRMSNorm(FP8RMSNorm):
         new.recipe = resolve_recipe(recipe)
         return new
 
+    @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor, x_saved=None) -> torch.Tensor:
         recipe = getattr(self, "recipe", None)
         if x_saved is not None or recipe is None or not flow_supported(recipe):
@@ -197,7 +198,15 @@ class _FlowMLPFunction(torch.autograd.Function):
                 saved_down = load_linear(ctx.h_meta, h_data, h_amax, wd_amax)
             dh, dw_down, db_down = fp8_linear_backward(dout, saved_down, w_down, recipe=recipe,
                                                        has_bias=ctx.has_bias[2], needs_weight_grad=needs[6])
-            dgate, dup = gated_product_backward(dh, gated)
+            # the gated product's backward can write dgate/dup directly as the projections' E5M2 per-tensor
+            # gradients (+ transposed copies), skipping the bf16 round trip
+            # (not with biases: their gradient is an exact sum of the unquantized dgate/dup)
+            fused_quantize = linear_formats(recipe)[2][0] == mg.GRAD_FORMAT and not any(ctx.has_bias[:2])
+            transpose = wants_transpose(dout.device, recipe)
+            dgate, dup = gated_product_backward(dh, gated, quantize_output=fused_quantize,
+                                                output_transpose=fused_quantize and transpose)
+            if fused_quantize:
+                dgate, dup = (LinearInput(*d) if transpose else LinearInput(d) for d in (dgate, dup))
             del dh
             saved_gate = load_linear(ctx.x_meta, x_data, x_amax, wg_amax)
             saved_up = saved_gate._replace(weight_amax=wu_amax)
@@ -215,18 +224,36 @@ class _FlowMLPFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-def _product_from_fp8(gated: GatedSaved, dtype: torch.dtype, recipe: Recipe, transpose: bool) -> LinearInput:
-    """act(gate_hat) * up_hat from the FP8 1x16 copies, rounded to ``dtype``, quantized for down_proj."""
+def _product_from_fp8(gated: GatedSaved, dtype: torch.dtype, recipe: Recipe, transpose: bool,
+                      rowmajor: bool = True) -> LinearInput:
+    """act(gate_hat) * up_hat from the FP8 1x16 copies, rounded to ``dtype``, quantized for down_proj.
+
+    ``rowmajor=False`` (backward, with ``transpose``) lets the CUDA kernel write only the transposed copy.
+    """
+    if _product_kernel_applies(gated, dtype):
+        from ..kernels.gated_from_copies import product_from_copies
+
+        q, data_t = product_from_copies(gated.gate, gated.up, gated.activation, dtype,
+                                        write_rowmajor=rowmajor or not transpose, with_transpose=transpose)
+        return LinearInput(q, data_t)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     h = (act_fn(gated.gate.dequantize(cdt), gated.activation) * gated.up.dequantize(cdt)).to(dtype)
     (fmt, granularity), _, _ = linear_formats(recipe)
     return _quantize(h, fmt, granularity, transpose=transpose)
 
 
+def _product_kernel_applies(gated: GatedSaved, dtype: torch.dtype) -> bool:
+    from ..kernels import triton_available
+
+    g, u = gated.gate, gated.up
+    return (g.data.is_cuda and dtype in (torch.bfloat16, torch.float16, torch.float32) and mg.is_kernel_copy(g)
+            and mg.is_kernel_copy(u) and g.shape == u.shape and g.shape[-1] % 16 == 0 and triton_available())
+
+
 def _recompute_product(gated: GatedSaved, w_amax: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
                        recipe: Recipe, device: torch.device) -> LinearSaved:
     """Rebuild down_proj's FP8 input (identical to forward's) from the saved FP8 gate and up."""
-    h_in = _product_from_fp8(gated, dtype, recipe, wants_transpose(device, recipe))
+    h_in = _product_from_fp8(gated, dtype, recipe, wants_transpose(device, recipe), rowmajor=False)
     return LinearSaved(_as_matrix(h_in.q, h_in.data_t), w_amax, shape, dtype)
 
 
@@ -261,6 +288,7 @@ class FlowMLP(nn.Module):
         return flow_supported(self.recipe) and all(type(p) is FP8Linear and p.recipe == self.recipe
                                                    for p in projections)
 
+    @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable():
             return self.down_proj(gated_product(self.gate_proj(x), self.up_proj(x), self.activation))

@@ -11,7 +11,6 @@ The sum is computed in fp32 and rounded once to the promoted dtype (the same val
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -35,6 +34,10 @@ def _reference_sum(residual, x):
 def residual_add_forward(residual: torch.Tensor, x: torch.Tensor, *, emit_fp8_copy: bool = False):
     """``(sum, copy)``: the sum and, with ``emit_fp8_copy``, its E4M3 1x16 QuantizedTensor (else None)."""
     _check(residual, x)
+    if mg.use_kernels("residual_add", residual, x):
+        from ..kernels import residual as kernel
+
+        return kernel.residual_add(residual, x, emit_fp8_copy=emit_fp8_copy)
     total = _reference_sum(residual, x)
     return total, (mg.save_for_nonlinear(total) if emit_fp8_copy else None)
 

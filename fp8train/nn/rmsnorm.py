@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import mixed_granularity as mg
-from ..kernels import use_triton, warn_once
+from ..kernels import warn_once
 from ..quant import QuantizedTensor
 
 __all__ = ["RMSNormSaved", "rmsnorm_forward", "rmsnorm_backward", "rms_norm", "FP8RMSNorm", "STYLES"]
@@ -90,6 +90,12 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
     producer of ``x`` already wrote it (:func:`fp8train.nn.residual.residual_add` with ``emit_fp8_copy``).
     """
     _check(x, weight, style)
+    if mg.use_kernels("rmsnorm", x, weight) and (x_saved is None or mg.is_kernel_copy(x_saved)):
+        from ..kernels import rmsnorm as kernel
+
+        y, rstd, copy = kernel.rmsnorm_forward(x, weight, eps, style, quantize_output=quantize_output,
+                                               output_transpose=output_transpose, write_copy=x_saved is None)
+        return y, RMSNormSaved(x=copy if x_saved is None else x_saved, rstd=rstd, style=style)
     y, rstd = _reference_forward(x, weight, eps, style)
     if x_saved is None:
         x_saved = mg.save_for_nonlinear(x)
@@ -99,8 +105,19 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
     return y, saved
 
 
-def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[torch.Tensor]):
-    """``(dx, dweight)`` from the output gradient and what forward saved (``dweight`` is None without weight)."""
+def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[torch.Tensor], *,
+                     residual_grad: Optional[torch.Tensor] = None):
+    """``(dx, dweight)`` from the output gradient and what forward saved (``dweight`` is None without weight).
+
+    ``residual_grad``: the gradient that reaches the norm's input through the residual connection; when given,
+    ``dx`` is ``residual_grad + dx_norm`` (rounded once), which the kernel adds in the same pass.
+    """
+    if residual_grad is not None and residual_grad.shape != saved.x.shape:
+        raise ValueError(f"residual_grad has shape {tuple(residual_grad.shape)}, expected {tuple(saved.x.shape)}")
+    if mg.use_kernels("rmsnorm", dy, weight, residual_grad) and mg.is_kernel_copy(saved.x):
+        from ..kernels import rmsnorm as kernel
+
+        return kernel.rmsnorm_backward(dy, saved.x, saved.rstd, weight, saved.style, residual_grad=residual_grad)
     x_dtype = saved.x.dtype
     cdt = _compute_dtype(x_dtype)
     x_hat = saved.x.dequantize(cdt)
@@ -118,6 +135,8 @@ def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[tor
         g = dy_c * (weight.to(cdt) + (1.0 if saved.style == "gemma" else 0.0))
         dweight = (dy_c * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
     dx = rstd * (g - n * (g * n).mean(-1, keepdim=True))
+    if residual_grad is not None:
+        dx = dx + residual_grad.to(cdt)
     return dx.to(x_dtype), dweight
 
 
@@ -218,7 +237,8 @@ class FP8RMSNorm(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor, x_saved: Optional[QuantizedTensor] = None) -> torch.Tensor:
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's eps=None rule
+        # nn.RMSNorm's eps=None: machine epsilon of the dtype it computes in (float32 for 16-bit inputs)
+        eps = self.eps if self.eps is not None else torch.finfo(_compute_dtype(x.dtype)).eps
         return rms_norm(x, self.weight, eps, style=self.style, x_saved=x_saved)
 
     def extra_repr(self) -> str:

@@ -10,12 +10,10 @@ What changes (parameter names and state_dict keys stay the same):
 * ``input_layernorm`` / ``post_attention_layernorm`` -> :class:`~fp8train.nn.precision_flow.FlowRMSNorm`
 * the seven projections -> :class:`~fp8train.nn.linear.FP8Linear` (unless excluded or of unsupported shape)
 * ``mlp`` -> :class:`~fp8train.nn.precision_flow.FlowMLP` holding the same projection modules
-* ``o_proj`` saves its input by reference when attention runs on SDPA/FlashAttention: those kernels keep
-  their output (= o_proj's input, reshaped without a copy) for their own backward, so a second, FP8 copy
-  would only add bytes (COAT does the same)
-
 Norms and MLP are rewired only on the fast path (recipe "coat"); with FP8 linears alone ("fp8") the
-adapter converts the projections and the o_proj rule, and everything else is left to the generic path.
+adapter converts the projections, and everything else is left to the generic path.  (``o_proj`` keeps a
+reference to its input instead of an FP8 copy by itself when that input is a view of an SDPA/FlashAttention
+output: see ``FP8Linear.save_input``.)
 * anything else inside the block (Qwen3's q_norm/k_norm, rotary embeddings, the attention core) is left to
   the generic path: norms become FP8RMSNorm, the attention core stays bf16.
 """
@@ -50,15 +48,10 @@ class LlamaStyleBlock:
         return norms == set(NORMS) and all(is_rmsnorm_like(getattr(module, n)) for n in NORMS)
 
     def convert(self, module: nn.Module, converter) -> None:
-        from ..linear import FP8Linear
-
         recipe = converter.recipe
         prefix = converter.name_of(module)
         for name in ATTENTION_PROJECTIONS:
             converter.convert_linear(module.self_attn, name)
-        attention = getattr(getattr(module.self_attn, "config", None), "_attn_implementation", None) or "eager"
-        if isinstance(module.self_attn.o_proj, FP8Linear) and attention != "eager":
-            module.self_attn.o_proj.save_input = "reference"
         if not converter.fast_path:
             return
         for name in NORMS:

@@ -1,0 +1,397 @@
+"""GPU checks and benchmarks of the fused non-linear op kernels against their torch references.
+
+    python benchmarks/gpu_suite.py --only ops
+
+For RMSNorm, LayerNorm, SiLU / GELU-tanh, the gated product and the residual add, on random bf16 inputs with odd
+row counts:
+* forward outputs within one rounding of the output dtype of the reference, FP8 1x16 copies with the reference's
+  amax and data (at most one FP8 step apart), per-tensor FP8 outputs within two FP8 steps (their y may differ by
+  one bf16 rounding from a different reduction order, which can move the amax);
+* backward outputs (from the same saved FP8 copies) within 2^-7 of the reference's largest value;
+* the autograd path (CUDA dispatch) against the same path with the references forced;
+* no recompiles for new row counts; CUDA-graph capture of the fused forward paths.
+Benchmarks: median time and effective TB/s = (bytes read once + written once) / time vs a device copy measured in
+the same run, next to the torch reference and the plain bf16 op (no FP8 saving) for context.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpu.quant import bench_ms, bf16_input, compiled_variants, copy_tbps, fp8_steps, max_rel, tbps, ulp_ok
+
+
+def _row(report, name, ms, nbytes, copy, ref_ms=None, plain_ms=None, **extra):
+    values = dict(ms=round(ms, 4), tbps=round(tbps(nbytes, ms), 3), copy_tbps=round(copy, 3),
+                  of_copy=round(tbps(nbytes, ms) / copy, 3), **extra)
+    if ref_ms is not None:
+        values.update(torch_ref_ms=round(ref_ms, 4), speedup=round(ref_ms / ms, 2))
+    if plain_ms is not None:
+        values.update(plain_bf16_op_ms=round(plain_ms, 4))
+    report.add_bench(name, **values)
+
+
+def _check_copy(report, name, got, ref):
+    from fp8train.formats import E4M3
+
+    same, steps = fp8_steps(got.data, ref.data, E4M3)
+    amax_equal = torch.equal(got.amax, ref.amax)
+    report.check(name, amax_equal and steps <= 1, amax_equal=amax_equal, data_identical=round(same, 6),
+                 max_steps=steps)
+
+
+def _check_tensorwise(report, name, got, ref):
+    from fp8train.formats import E4M3
+
+    (q, t), (qr, tr) = got, ref
+    same, steps = fp8_steps(q.data, qr.data, E4M3)
+    same_t, steps_t = fp8_steps(t, tr, E4M3)
+    amax_rel = max_rel(q.amax, qr.amax)
+    report.check(name, amax_rel <= 2**-7 and steps <= 2 and steps_t <= 2, amax_rel=amax_rel,
+                 data_identical=round(same, 6), max_steps=steps, transposed_max_steps=steps_t)
+
+
+def _check_tensorwise_grads(report, name, got, ref):
+    """Per-tensor E5M2 gradients: dequantized values within two FP8 steps, or within 2^-18 of the amax (float32
+    tails of act' cancel to ~1e-7 and land many E5M2 subnormal steps apart)."""
+    from fp8train.formats import E5M2
+
+    worst, amax_rel = 0.0, 0.0
+    for (q, t), (qr, tr) in zip(got, ref):
+        amax_rel = max(amax_rel, max_rel(q.amax, qr.amax))
+        for a, b in ((q.data, qr.data), (t, tr)):
+            a, b = a.float(), b.float()
+            excess = ((a - b).abs() - E5M2.max * 2**-18) / E5M2.quantum(b).float()
+            worst = max(worst, float(excess.max()))
+    report.check(name, amax_rel <= 2**-7 and worst <= 2, amax_rel=amax_rel, worst_steps_beyond_floor=worst)
+
+
+def _check_close(report, name, got, ref, tol=2**-7):
+    rel = max_rel(got, ref)
+    report.check(name, rel <= tol, max_rel=rel)
+
+
+def _check_ulp(report, name, got, ref):
+    ok, worst = ulp_ok(got, ref)
+    report.check(name, ok and got.dtype == ref.dtype, worst_ulps=round(worst, 3), dtype=str(got.dtype))
+
+
+def check_rmsnorm(report, shapes):
+    from fp8train.kernels import force_reference
+    from fp8train.nn import rmsnorm as op
+
+    for shape in shapes:
+        x = bf16_input(shape)
+        w = (1 + 0.2 * bf16_input(shape[-1:], seed=1).float().clamp(-3, 3)).to(torch.bfloat16)
+        dy = bf16_input(shape, seed=2)
+        for style in op.STYLES:
+            y, saved = op.rmsnorm_forward(x, w, 1e-5, style=style)
+            with force_reference():
+                yr, sr = op.rmsnorm_forward(x, w, 1e-5, style=style)
+            _check_ulp(report, f"ops: rmsnorm[{style}] y {shape}", y, yr)
+            _check_close(report, f"ops: rmsnorm[{style}] rstd {shape}", saved.rstd, sr.rstd, 1e-5)
+            _check_copy(report, f"ops: rmsnorm[{style}] saved copy {shape}", saved.x, sr.x)
+            got = op.rmsnorm_forward(x, w, 1e-5, style=style, quantize_output=True, output_transpose=True)[0]
+            with force_reference():
+                ref = op.rmsnorm_forward(x, w, 1e-5, style=style, quantize_output=True, output_transpose=True)[0]
+            _check_tensorwise(report, f"ops: rmsnorm[{style}] per-tensor E4M3 y {shape}", got, ref)
+            dx, dw = op.rmsnorm_backward(dy, sr, w)
+            with force_reference():
+                dxr, dwr = op.rmsnorm_backward(dy, sr, w)
+            _check_close(report, f"ops: rmsnorm[{style}] dx {shape}", dx, dxr)
+            _check_close(report, f"ops: rmsnorm[{style}] dweight {shape}", dw, dwr)
+        dres = bf16_input(shape, seed=4)
+        dx, _ = op.rmsnorm_backward(dy, sr, w, residual_grad=dres)
+        with force_reference():
+            dxr, _ = op.rmsnorm_backward(dy, sr, w, residual_grad=dres)
+        _check_close(report, f"ops: rmsnorm dx + residual grad {shape}", dx, dxr)
+        # autograd path, no weight
+        a = x.clone().requires_grad_(True)
+        op.rms_norm(a, None, 1e-6).backward(dy)
+        b = x.clone().requires_grad_(True)
+        with force_reference():
+            op.rms_norm(b, None, 1e-6).backward(dy)
+        _check_close(report, f"ops: rms_norm autograd dx, no weight {shape}", a.grad, b.grad)
+
+
+def check_layernorm(report, shapes):
+    from fp8train.kernels import force_reference
+    from fp8train.nn import layernorm as op
+
+    for shape in shapes:
+        x = bf16_input(shape) + 1.0
+        w = (1 + 0.2 * bf16_input(shape[-1:], seed=1).float().clamp(-3, 3)).to(torch.bfloat16)
+        b = bf16_input(shape[-1:], seed=3)
+        dy = bf16_input(shape, seed=2)
+        for weight, bias in ((w, b), (None, None)):
+            tag = "affine" if weight is not None else "plain"
+            y, saved = op.layernorm_forward(x, weight, bias, 1e-5)
+            with force_reference():
+                yr, sr = op.layernorm_forward(x, weight, bias, 1e-5)
+            _check_ulp(report, f"ops: layernorm[{tag}] y {shape}", y, yr)
+            _check_close(report, f"ops: layernorm[{tag}] rstd {shape}", saved.rstd, sr.rstd, 1e-5)
+            # the centred values differ by float32 reduction order; compare dequantized copies
+            _check_close(report, f"ops: layernorm[{tag}] saved centred copy {shape}", saved.centered.dequantize(),
+                         sr.centered.dequantize(), 2**-3)
+            got = op.layernorm_forward(x, weight, bias, 1e-5, quantize_output=True, output_transpose=True)[0]
+            with force_reference():
+                ref = op.layernorm_forward(x, weight, bias, 1e-5, quantize_output=True, output_transpose=True)[0]
+            _check_tensorwise(report, f"ops: layernorm[{tag}] per-tensor E4M3 y {shape}", got, ref)
+            grads = op.layernorm_backward(dy, sr, weight, bias is not None)
+            with force_reference():
+                grads_r = op.layernorm_backward(dy, sr, weight, bias is not None)
+            for gname, g, gr in zip(("dx", "dweight", "dbias"), grads, grads_r):
+                if gr is not None:
+                    _check_close(report, f"ops: layernorm[{tag}] {gname} {shape}", g, gr)
+
+
+def check_activation(report, shapes):
+    from fp8train.kernels import force_reference
+    from fp8train.nn import activation as op
+
+    for shape in shapes:
+        x = bf16_input(shape)
+        dy = bf16_input(shape, seed=2)
+        for name in ("silu", "gelu_tanh"):
+            y, saved = op.activation_forward(x, name)
+            with force_reference():
+                yr, sr = op.activation_forward(x, name)
+            _check_ulp(report, f"ops: {name} y {shape}", y, yr)
+            _check_copy(report, f"ops: {name} saved copy {shape}", saved.x, sr.x)
+            got = op.activation_forward(x, name, quantize_output=True, output_transpose=True)[0]
+            with force_reference():
+                ref = op.activation_forward(x, name, quantize_output=True, output_transpose=True)[0]
+            _check_tensorwise(report, f"ops: {name} per-tensor E4M3 y {shape}", got, ref)
+            dx = op.activation_backward(dy, sr)
+            with force_reference():
+                dxr = op.activation_backward(dy, sr)
+            _check_close(report, f"ops: {name} dx {shape}", dx, dxr)
+
+
+def check_gated(report, shapes):
+    from fp8train.kernels import force_reference
+    from fp8train.nn import gated_mlp as op
+
+    for shape in shapes:
+        fused = bf16_input((*shape[:-1], 2 * shape[-1]))
+        gate, up = fused.chunk(2, dim=-1)  # strided halves of a fused gate_up output
+        dh = bf16_input(shape, seed=2)
+        for name in ("silu", "gelu_tanh"):
+            h, saved = op.gated_product_forward(gate, up, name)
+            with force_reference():
+                hr, sr = op.gated_product_forward(gate, up, name)
+            _check_ulp(report, f"ops: gated[{name}] h {shape}", h, hr)
+            _check_copy(report, f"ops: gated[{name}] saved gate {shape}", saved.gate, sr.gate)
+            _check_copy(report, f"ops: gated[{name}] saved up {shape}", saved.up, sr.up)
+            got = op.gated_product_forward(gate, up, name, quantize_output=True, output_transpose=True)[0]
+            with force_reference():
+                ref = op.gated_product_forward(gate, up, name, quantize_output=True, output_transpose=True)[0]
+            _check_tensorwise(report, f"ops: gated[{name}] per-tensor E4M3 h {shape}", got, ref)
+            dg, du = op.gated_product_backward(dh, sr)
+            with force_reference():
+                dgr, dur = op.gated_product_backward(dh, sr)
+            _check_close(report, f"ops: gated[{name}] dgate {shape}", dg, dgr)
+            _check_close(report, f"ops: gated[{name}] dup {shape}", du, dur)
+            got = op.gated_product_backward(dh, sr, quantize_output=True, output_transpose=True)
+            with force_reference():
+                ref = op.gated_product_backward(dh, sr, quantize_output=True, output_transpose=True)
+            _check_tensorwise_grads(report, f"ops: gated[{name}] per-tensor E5M2 dgate, dup {shape}", got, ref)
+
+
+def check_residual(report, shapes):
+    from fp8train.kernels import force_reference
+    from fp8train.nn import residual as op
+
+    for shape in shapes:
+        r, x = bf16_input(shape), bf16_input(shape, seed=1)
+        total, copy = op.residual_add_forward(r, x, emit_fp8_copy=True)
+        with force_reference():
+            total_r, copy_r = op.residual_add_forward(r, x, emit_fp8_copy=True)
+        report.check(f"ops: residual sum {shape}", torch.equal(total, total_r) and torch.equal(total, r + x))
+        _check_copy(report, f"ops: residual FP8 copy {shape}", copy, copy_r)
+
+
+def check_no_recompiles(report):
+    from fp8train.kernels import activation as ka, gated_product as kg, residual as kr, rmsnorm as kn
+    from fp8train.nn.activation import activation_backward, activation_forward
+    from fp8train.nn.gated_mlp import gated_product_backward, gated_product_forward
+    from fp8train.nn.residual import residual_add_forward
+    from fp8train.nn.rmsnorm import rmsnorm_backward, rmsnorm_forward
+
+    kernels = [kn._rmsnorm_fwd_kernel, kn._rmsnorm_apply_kernel, kn._rmsnorm_bwd_kernel, ka._activation_fwd_kernel,
+               ka._activation_apply_kernel, ka._activation_bwd_kernel, kg._gated_fwd_kernel, kg._gated_apply_kernel,
+               kg._gated_bwd_kernel, kg._gated_bwd_apply_kernel, kr._residual_add_kernel]
+    w = torch.ones(1024, dtype=torch.bfloat16, device="cuda")
+
+    def run_all(rows):
+        x = bf16_input((rows, 1024), seed=rows)
+        for quantized in (False, True):
+            y, s = rmsnorm_forward(x, w, 1e-5, quantize_output=quantized, output_transpose=quantized)
+            _, sa = activation_forward(x, "silu", quantize_output=quantized, output_transpose=quantized)
+            _, sg = gated_product_forward(x, x, "silu", quantize_output=quantized, output_transpose=quantized)
+        rmsnorm_backward(x, s, w, residual_grad=x)
+        activation_backward(x, sa)
+        gated_product_backward(x, sg)
+        gated_product_backward(x, sg, quantize_output=True, output_transpose=True)
+        residual_add_forward(x, x, emit_fp8_copy=True)
+
+    run_all(4095)
+    before = [compiled_variants(k) for k in kernels]
+    for rows in (1, 2, 17, 1000, 4097, 8192):
+        run_all(rows)
+    after = [compiled_variants(k) for k in kernels]
+    grew = {k.fn.__name__: a - b for k, a, b in zip(kernels, after, before) if a != b}
+    report.check("ops: no recompiles for new row counts (1..8192)", not grew, new_variants=grew)
+
+
+def check_cuda_graph(report):
+    from fp8train.nn.gated_mlp import gated_product_forward
+    from fp8train.nn.rmsnorm import rmsnorm_forward
+
+    x = bf16_input((2047, 4096))
+    w = torch.ones(4096, dtype=torch.bfloat16, device="cuda")
+    g, u = bf16_input((2047, 11008), seed=1), bf16_input((2047, 11008), seed=2)
+
+    def step():
+        (qn, tn), sn = rmsnorm_forward(x, w, 1e-5, quantize_output=True, output_transpose=True)
+        (qg, tg), sg = gated_product_forward(g, u, "silu", quantize_output=True, output_transpose=True)
+        return qn.data, tn, qn.amax, sn.x.data, qg.data, tg, qg.amax, sg.gate.data
+
+    eager = step()
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up on a side stream, as CUDA graphs want
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        same = all(torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                               b.view(torch.uint8) if b.element_size() == 1 else b) for a, b in zip(eager, captured))
+        report.check("ops: CUDA-graph capture of fused rmsnorm + gated forward (per-tensor FP8 out)", same)
+    except Exception as exc:  # noqa: BLE001 - report, don't abort the area
+        report.check("ops: CUDA-graph capture of fused rmsnorm + gated forward (per-tensor FP8 out)", False,
+                     error=repr(exc)[:300])
+
+
+def bench(report):
+    import torch.nn.functional as F
+
+    from fp8train.kernels import force_reference
+    from fp8train.nn import activation as act_op, gated_mlp as gated_op, layernorm as ln_op, residual as res_op
+    from fp8train.nn import rmsnorm as rms_op
+
+    # norms: hidden 4096, 8192 tokens
+    x = bf16_input((8192, 4096))
+    n = x.numel()
+    copy = copy_tbps(x)
+    w = torch.ones(4096, dtype=torch.bfloat16, device="cuda")
+    b = torch.zeros(4096, dtype=torch.bfloat16, device="cuda")
+    dy = bf16_input((8192, 4096), seed=2)
+    copy_bytes = n + n // 16 * 2  # E4M3 + bf16 amax
+
+    def hf_rms(t):
+        t32 = t.float()
+        return w * (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(t.dtype)
+
+    plain = bench_ms(lambda: hf_rms(x))
+    ms = bench_ms(lambda: rms_op.rmsnorm_forward(x, w, 1e-5))
+    with force_reference():
+        ref = bench_ms(lambda: rms_op.rmsnorm_forward(x, w, 1e-5))
+    _row(report, "ops: rmsnorm fwd (y bf16 + FP8 copy) 8192x4096", ms, 2 * n + 2 * n + copy_bytes, copy, ref, plain)
+    for transpose in (False, True):
+        ms = bench_ms(lambda: rms_op.rmsnorm_forward(x, w, 1e-5, quantize_output=True, output_transpose=transpose))
+        with force_reference():
+            ref = bench_ms(lambda: rms_op.rmsnorm_forward(x, w, 1e-5, quantize_output=True,
+                                                          output_transpose=transpose))
+        _row(report, f"ops: rmsnorm fwd (per-tensor E4M3 y{' + transpose' if transpose else ''} + FP8 copy) "
+             "8192x4096", ms, 2 * n + copy_bytes + n * (2 if transpose else 1), copy, ref,
+             note="two passes over x (row stats + amax, then scale)")
+    _, saved = rms_op.rmsnorm_forward(x, w, 1e-5)
+    ms = bench_ms(lambda: rms_op.rmsnorm_backward(dy, saved, w))
+    with force_reference():
+        ref = bench_ms(lambda: rms_op.rmsnorm_backward(dy, saved, w))
+    _row(report, "ops: rmsnorm bwd (dx + dweight) 8192x4096", ms, 2 * n + copy_bytes + 2 * n, copy, ref)
+    ms = bench_ms(lambda: rms_op.rmsnorm_backward(dy, saved, w, residual_grad=x))
+    _row(report, "ops: rmsnorm bwd + residual grad add 8192x4096", ms, 4 * n + copy_bytes + 2 * n, copy)
+
+    plain = bench_ms(lambda: F.layer_norm(x, (4096,), w, b, 1e-5))
+    ms = bench_ms(lambda: ln_op.layernorm_forward(x, w, b, 1e-5))
+    with force_reference():
+        ref = bench_ms(lambda: ln_op.layernorm_forward(x, w, b, 1e-5))
+    _row(report, "ops: layernorm fwd (y bf16 + FP8 centred copy) 8192x4096", ms, 4 * n + copy_bytes, copy, ref,
+         plain)
+    _, saved = ln_op.layernorm_forward(x, w, b, 1e-5)
+    ms = bench_ms(lambda: ln_op.layernorm_backward(dy, saved, w, True))
+    _row(report, "ops: layernorm bwd (dx + dweight + dbias) 8192x4096", ms, 4 * n + copy_bytes, copy)
+
+    r = bf16_input((8192, 4096), seed=5)
+    plain = bench_ms(lambda: r + x)
+    ms = bench_ms(lambda: res_op.residual_add_forward(r, x))
+    _row(report, "ops: residual add 8192x4096", ms, 6 * n, copy, plain_ms=plain)
+    ms = bench_ms(lambda: res_op.residual_add_forward(r, x, emit_fp8_copy=True))
+    with force_reference():
+        ref = bench_ms(lambda: res_op.residual_add_forward(r, x, emit_fp8_copy=True))
+    _row(report, "ops: residual add + FP8 1x16 copy 8192x4096", ms, 6 * n + copy_bytes, copy, ref, plain)
+
+    # MLP-sized element-wise ops: 8192 tokens x 11008
+    gu = bf16_input((8192, 2 * 11008))
+    gate, up = gu.chunk(2, dim=-1)
+    g = gate.contiguous()
+    n = g.numel()
+    copy = copy_tbps(g)
+    copy_bytes = n + n // 16 * 2
+    dh = bf16_input((8192, 11008), seed=3)
+    for name in ("silu", "gelu_tanh"):
+        plain = bench_ms(lambda: F.silu(g) if name == "silu" else F.gelu(g, approximate="tanh"))
+        ms = bench_ms(lambda: act_op.activation_forward(g, name))
+        with force_reference():
+            ref = bench_ms(lambda: act_op.activation_forward(g, name))
+        _row(report, f"ops: {name} fwd (y bf16 + FP8 copy) 8192x11008", ms, 4 * n + copy_bytes, copy, ref, plain)
+        _, saved = act_op.activation_forward(g, name)
+        ms = bench_ms(lambda: act_op.activation_backward(dh, saved))
+        _row(report, f"ops: {name} bwd 8192x11008", ms, 4 * n + copy_bytes, copy)
+    plain = bench_ms(lambda: F.silu(gate) * up)
+    ms = bench_ms(lambda: gated_op.gated_product_forward(gate, up, "silu"))
+    with force_reference():
+        ref = bench_ms(lambda: gated_op.gated_product_forward(gate, up, "silu"))
+    _row(report, "ops: gated silu fwd (h bf16 + 2 FP8 copies) 8192x11008", ms, 6 * n + 2 * copy_bytes, copy, ref,
+         plain)
+    for transpose in (False, True):
+        ms = bench_ms(lambda: gated_op.gated_product_forward(gate, up, "silu", quantize_output=True,
+                                                             output_transpose=transpose))
+        _row(report, f"ops: gated silu fwd (per-tensor E4M3 h{' + transpose' if transpose else ''} + 2 FP8 copies)"
+             " 8192x11008", ms, 4 * n + 2 * copy_bytes + n * (2 if transpose else 1), copy,
+             note="two passes over gate and up (amax, then scale)")
+    _, saved = gated_op.gated_product_forward(gate, up, "silu")
+    ms = bench_ms(lambda: gated_op.gated_product_backward(dh, saved))
+    with force_reference():
+        ref = bench_ms(lambda: gated_op.gated_product_backward(dh, saved))
+    _row(report, "ops: gated silu bwd (dgate + dup) 8192x11008", ms, 2 * n + 2 * copy_bytes + 4 * n, copy, ref)
+    for transpose in (False, True):
+        ms = bench_ms(lambda: gated_op.gated_product_backward(dh, saved, quantize_output=True,
+                                                              output_transpose=transpose))
+        with force_reference():
+            ref = bench_ms(lambda: gated_op.gated_product_backward(dh, saved, quantize_output=True,
+                                                                   output_transpose=transpose))
+        _row(report, f"ops: gated silu bwd (per-tensor E5M2 dgate, dup{' + transposes' if transpose else ''}) "
+             "8192x11008", ms, 2 * n + 2 * copy_bytes + 2 * n * (2 if transpose else 1), copy, ref,
+             note="two passes over dh and the copies (amax, then scale)")
+
+
+def run(report) -> None:
+    if not torch.cuda.is_available():
+        report.check("ops: CUDA available", False, detail="no GPU")
+        return
+    torch.manual_seed(0)
+    check_rmsnorm(report, [(4095, 4096), (3, 333, 2048)])
+    check_layernorm(report, [(4095, 4096)])
+    check_activation(report, [(4095, 4096), (8191, 11008)])
+    check_gated(report, [(4095, 11008), (1, 7, 1376)])
+    check_residual(report, [(4095, 4096), (2, 1023, 5120)])
+    check_no_recompiles(report)
+    check_cuda_graph(report)
+    bench(report)

@@ -1,0 +1,166 @@
+"""GPU checks and benchmarks of the Triton quantizers (fp8train.kernels.quantize) against the torch reference.
+
+    python benchmarks/gpu_suite.py --only quant
+
+Checks (random bf16 inputs, odd row counts included): 1x16 E4M3 with bf16 amax and per-tensor E4M3/E5M2 (+ the
+transposed copy) give the reference's amax exactly and the same FP8 data (at most one FP8 step apart, where an
+fp32 rounding of the scale could differ); no recompilation for new row counts.
+Benchmarks: median time (triton.testing.do_bench) and effective TB/s = (bytes read once + bytes written once) /
+time, next to a device copy (``torch.empty_like(x).copy_(x)``) measured in the same run.
+
+The helpers here (``bench_ms``, ``copy_tbps``, ``fp8_steps``, ``compiled_variants``) are shared with ops.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SHAPES = [(4095, 4096), (8192, 11008), (2, 1023, 4096)]
+BENCH_SHAPES = [(4096, 4096), (8192, 11008)]
+
+
+# -- shared helpers -----------------------------------------------------------------------------------------
+
+def bench_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def copy_tbps(x: torch.Tensor) -> float:
+    ms = bench_ms(lambda: torch.empty_like(x).copy_(x))
+    return 2 * x.numel() * x.element_size() / ms / 1e9
+
+
+def tbps(nbytes: float, ms: float) -> float:
+    return nbytes / ms / 1e9
+
+
+def fp8_steps(got: torch.Tensor, ref: torch.Tensor, fmt) -> tuple[float, float]:
+    """(fraction of bit-identical elements, largest difference in FP8 steps of the reference value)."""
+    a, b = got.float(), ref.float()
+    same = (got.view(torch.uint8) == ref.view(torch.uint8)) | (torch.isnan(a) & torch.isnan(b))
+    steps = (a - b).abs() / fmt.quantum(b).float()
+    steps = torch.where(same, torch.zeros_like(steps), steps)
+    return float(same.float().mean()), float(steps.max()) if steps.numel() else 0.0
+
+
+def max_rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| (float64)."""
+    g, r = got.double(), ref.double()
+    return float((g - r).abs().max() / r.abs().max().clamp_min(1e-30))
+
+
+def ulp_ok(got: torch.Tensor, ref: torch.Tensor, ulps: float = 1.0) -> tuple[bool, float]:
+    """Elementwise within ``ulps`` units of the output dtype's precision (relative), plus a tiny absolute floor."""
+    eps = torch.finfo(ref.dtype).eps if ref.dtype.is_floating_point else 0.0
+    g, r = got.double(), ref.double()
+    err = (g - r).abs()
+    tol = ulps * eps * r.abs() + 1e-6 * r.abs().max()
+    worst = float((err / (eps * r.abs() + 1e-30)).max())
+    return bool((err <= tol).all()), worst
+
+
+def compiled_variants(kernel) -> int:
+    """How many compiled specialisations a Triton kernel has (to detect recompiles)."""
+    try:
+        return sum(len(cache[0]) for cache in kernel.device_caches.values())
+    except Exception:  # noqa: BLE001 - internal API; report -1 rather than fail
+        return -1
+
+
+def bf16_input(shape, seed=0, device="cuda") -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(shape, generator=gen, device=device) * torch.exp(torch.randn(shape, generator=gen, device=device))
+    return x.to(torch.bfloat16)
+
+
+# -- checks and benchmarks ----------------------------------------------------------------------------------
+
+def run(report) -> None:
+    from fp8train import mixed_granularity as mg
+    from fp8train.formats import E4M3, E5M2
+    from fp8train.kernels import force_reference
+    from fp8train.kernels import quantize as kq
+    from fp8train.quant import quantize
+
+    if not torch.cuda.is_available():
+        report.check("quant: CUDA available", False, detail="no GPU")
+        return
+    torch.manual_seed(0)
+    for shape in SHAPES:
+        x = bf16_input(shape)
+        # 1x16 groups, bf16 rounded-up amax (what save_for_nonlinear stores)
+        q = kq.quantize_groups(x, E4M3, 16, torch.bfloat16)
+        r = quantize(x, E4M3, "1x16", scale_dtype=torch.bfloat16)  # nonfinite="raise": the pure torch path
+        same, steps = fp8_steps(q.data, r.data, E4M3)
+        report.check(f"quant: 1x16 E4M3 bf16-amax {shape}", torch.equal(q.amax, r.amax) and steps <= 1,
+                     amax_equal=torch.equal(q.amax, r.amax), data_identical=round(same, 6), max_steps=steps)
+        q = kq.quantize_groups(x, E4M3, 128, torch.float32)
+        r = quantize(x, E4M3, "1x128")
+        same, steps = fp8_steps(q.data, r.data, E4M3)
+        report.check(f"quant: 1x128 E4M3 fp32-amax {shape}", torch.equal(q.amax, r.amax) and steps <= 1,
+                     data_identical=round(same, 6), max_steps=steps)
+        for fmt in (E4M3, E5M2):
+            q, data_t = kq.quantize_tensorwise(x, fmt, with_transpose=True)
+            r = quantize(x, fmt, "tensor")
+            same, steps = fp8_steps(q.data, r.data, fmt)
+            same_t, steps_t = fp8_steps(data_t, r.data.reshape(-1, shape[-1]).t(), fmt)
+            report.check(f"quant: per-tensor {fmt.name} + transpose {shape}",
+                         torch.equal(q.amax, r.amax) and steps <= 1 and steps_t <= 1,
+                         amax_equal=torch.equal(q.amax, r.amax), data_identical=round(same, 6), max_steps=steps,
+                         transposed_identical=round(same_t, 6), transposed_max_steps=steps_t)
+        # the policy functions dispatch to the kernels on CUDA and agree with the reference
+        with force_reference():
+            ref_copy = mg.save_for_nonlinear(x)
+        got = mg.save_for_nonlinear(x)
+        same, steps = fp8_steps(got.data, ref_copy.data, E4M3)
+        report.check(f"quant: save_for_nonlinear kernel == reference {shape}",
+                     torch.equal(got.amax, ref_copy.amax) and steps <= 1, data_identical=round(same, 6))
+
+    # non-finite values propagate (no exception, no finite wrong value)
+    x = bf16_input((64, 256))
+    x[3, 17] = float("nan")
+    x[9, 200] = float("inf")
+    deq = kq.quantize_groups(x, E4M3, 16, torch.bfloat16).dequantize().float()
+    report.check("quant: NaN/inf poison only their 1x16 group", bool(deq[3, 16:32].isnan().all())
+                 and bool((~deq[9, 192:208].isfinite()).all()) and int((~deq.isfinite()).sum()) == 32)
+    report.check("quant: per-tensor amax of a NaN tensor is NaN",
+                 bool(kq.quantize_tensorwise(x, E4M3).amax.isnan()))
+
+    # new row counts do not recompile
+    before = {k: compiled_variants(k) for k in (kq._quantize_groups_kernel, kq._amax_partials_kernel,
+                                                 kq._quantize_tensorwise_kernel)}
+    for rows in (1, 17, 1000, 4097):
+        y = bf16_input((rows, 4096), seed=rows)
+        kq.quantize_groups(y, E4M3, 16, torch.bfloat16)
+        kq.quantize_tensorwise(y, E4M3, with_transpose=True)
+    after = {k: compiled_variants(k) for k in before}
+    grew = {k.fn.__name__: after[k] - before[k] for k in before if after[k] != before[k]}
+    report.check("quant: no recompiles for new row counts", not grew, new_variants=grew)
+
+    # benchmarks
+    for shape in BENCH_SHAPES:
+        x = bf16_input(shape)
+        n = x.numel()
+        copy = copy_tbps(x)
+        ms = bench_ms(lambda: kq.quantize_groups(x, E4M3, 16, torch.bfloat16))
+        ref_ms = bench_ms(lambda: quantize(x, E4M3, "1x16", scale_dtype=torch.bfloat16))
+        nbytes = 2 * n + n + n // 16 * 2
+        report.add_bench(f"quant: 1x16 E4M3 {shape}", ms=round(ms, 4), tbps=round(tbps(nbytes, ms), 3),
+                         copy_tbps=round(copy, 3), of_copy=round(tbps(nbytes, ms) / copy, 3),
+                         torch_ref_ms=round(ref_ms, 4), speedup=round(ref_ms / ms, 2))
+        for transpose in (False, True):
+            ms = bench_ms(lambda: kq.quantize_tensorwise(x, E4M3, with_transpose=transpose))
+            ref_ms = bench_ms(lambda: quantize(x, E4M3, "tensor"))
+            nbytes = 2 * n + n * (2 if transpose else 1)
+            report.add_bench(f"quant: per-tensor E4M3{' + transpose' if transpose else ''} {shape}",
+                             ms=round(ms, 4), tbps=round(tbps(nbytes, ms), 3), copy_tbps=round(copy, 3),
+                             of_copy=round(tbps(nbytes, ms) / copy, 3), torch_ref_ms=round(ref_ms, 4),
+                             speedup=round(ref_ms / ms, 2),
+                             note="two passes over x (amax, then scale); effective bytes count x once")
+        amax = x.float().abs().amax()
+        ms = bench_ms(lambda: kq.quantize_tensorwise(x, E4M3, amax=amax))
+        report.add_bench(f"quant: per-tensor E4M3 given amax {shape}", ms=round(ms, 4),
+                         tbps=round(tbps(3 * n, ms), 3), copy_tbps=round(copy, 3),
+                         of_copy=round(tbps(3 * n, ms) / copy, 3))

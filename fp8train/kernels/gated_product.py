@@ -1,0 +1,244 @@
+"""Triton gated product ``h = act(gate) * up``: forward reads gate and up once and writes h (or per-tensor FP8 h)
+plus both E4M3 1x16 copies; backward reads the two FP8 copies and dh once and writes dgate and dup, recomputing
+act(gate_hat) instead of loading a saved copy of it.
+
+Reference: :mod:`fp8train.nn.gated_mlp`.  gate and up may be strided row views (e.g. the two halves of a fused
+gate_up projection); their last dim must be contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import PER_TENSOR, QuantizedTensor
+from .activation import ACT_CODE, act_derivative, act_value, elementwise_tile
+from .quantize import (BLOCK_P, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
+                       partials_capacity, quantize_group_tile, store_tensorwise, tile_amax_bits)
+
+__all__ = ["gated_product_forward", "gated_product_backward"]
+
+E4M3_MAX = 448.0
+
+
+@triton.jit
+def _store_group_copy(vals, rows64, rmask, cols, gcols, mask, N, q_ptr, qamax_ptr, BM: tl.constexpr,
+                      BN: tl.constexpr):
+    q, amax = quantize_group_tile(vals, BM, BN, 16, 448.0, True)
+    tl.store(q_ptr + rows64 * N + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(qamax_ptr + rows64 * (N // 16) + gcols[None, :], amax.to(qamax_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (gcols < N // 16)[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "num_programs", "iters"])
+def _gated_fwd_kernel(g_ptr, stride_g, u_ptr, stride_u, h_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, partials_ptr,
+                      M, N, num_programs, iters, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
+                      WRITE_H: tl.constexpr, WRITE_AMAX: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BN)
+    acc = tl.full((), 0, tl.int32)
+    for i in range(0, iters):
+        t = pid + i * num_programs
+        rows = (t // tiles_n) * BM + tl.arange(0, BM)
+        cols = (t % tiles_n) * BN + tl.arange(0, BN)
+        gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
+        rmask = rows < M
+        mask = rmask[:, None] & (cols < N)[None, :]
+        rows64 = rows[:, None].to(tl.int64)
+        g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (act_value(g, ACT) * u).to(h_ptr.dtype.element_ty)
+        if WRITE_H:
+            tl.store(h_ptr + rows64 * N + cols[None, :], h, mask=mask)
+        if WRITE_AMAX:
+            acc = tl.maximum(acc, tile_amax_bits(tl.where(mask, h.to(tl.float32), 0.0)))
+        _store_group_copy(g, rows64, rmask, cols, gcols, mask, N, gq_ptr, gamax_ptr, BM, BN)
+        _store_group_copy(u, rows64, rmask, cols, gcols, mask, N, uq_ptr, uamax_ptr, BM, BN)
+    if WRITE_AMAX:
+        tl.store(partials_ptr + pid, acc)
+
+
+@triton.jit(do_not_specialize=["M", "num_partials"])
+def _gated_apply_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
+                        q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
+                        ACT: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    amax = global_amax(partials_ptr, num_partials, BLOCK_P)
+    if (pid_m == 0) & (pid_n == 0):
+        tl.store(amax_out_ptr, amax)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows64 = rows[:, None].to(tl.int64)
+    g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = (act_value(g, ACT) * u).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
+    store_tensorwise(h, encode_multiplier(amax, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr,
+                     WRITE_ROW, WRITE_T, E4M3_MAX)
+
+
+@triton.jit
+def _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N,
+                 BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr):
+    """(dgate, dup, mask) of one tile in float32, from the FP8 copies of gate and up and dh."""
+    rmask = rows < M
+    mask = rmask[:, None] & (cols < N)[None, :]
+    gmask = rmask[:, None] & (gcols < N // 16)[None, :]
+    rows64 = rows[:, None].to(tl.int64)
+    g_hat = dequantize_group_tile(tl.load(gq_ptr + rows64 * N + cols[None, :], mask=mask, other=0.0),
+                                  tl.load(gamax_ptr + rows64 * (N // 16) + gcols[None, :], mask=gmask, other=0.0),
+                                  BM, BN, 16, 448.0)
+    u_hat = dequantize_group_tile(tl.load(uq_ptr + rows64 * N + cols[None, :], mask=mask, other=0.0),
+                                  tl.load(uamax_ptr + rows64 * (N // 16) + gcols[None, :], mask=gmask, other=0.0),
+                                  BM, BN, 16, 448.0)
+    dh = tl.load(dh_ptr + rows64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return dh * u_hat * act_derivative(g_hat, ACT), dh * act_value(g_hat, ACT), mask
+
+
+@triton.jit(do_not_specialize=["M", "num_programs", "iters"])
+def _gated_bwd_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_ptr, du_ptr, partials_ptr,
+                      M, N, num_programs, iters, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
+                      WRITE_GRADS: tl.constexpr, WRITE_AMAX: tl.constexpr):
+    """Writes dgate and dup (WRITE_GRADS), or folds their max |.| into two rows of partial maxima (WRITE_AMAX:
+    pass 1 of the per-tensor E5M2 outputs; dg_ptr / du_ptr then only give the gradients' dtypes)."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BN)
+    acc_g = tl.full((), 0, tl.int32)
+    acc_u = tl.full((), 0, tl.int32)
+    for i in range(0, iters):
+        t = pid + i * num_programs
+        rows = (t // tiles_n) * BM + tl.arange(0, BM)
+        cols = (t % tiles_n) * BN + tl.arange(0, BN)
+        gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
+        dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols,
+                                    M, N, BM, BN, ACT)
+        dg = dg.to(dg_ptr.dtype.element_ty)
+        du = du.to(du_ptr.dtype.element_ty)
+        if WRITE_GRADS:
+            offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+            tl.store(dg_ptr + offs, dg, mask=mask)
+            tl.store(du_ptr + offs, du, mask=mask)
+        if WRITE_AMAX:
+            acc_g = tl.maximum(acc_g, tile_amax_bits(tl.where(mask, dg.to(tl.float32), 0.0)))
+            acc_u = tl.maximum(acc_u, tile_amax_bits(tl.where(mask, du.to(tl.float32), 0.0)))
+    if WRITE_AMAX:
+        tl.store(partials_ptr + pid, acc_g)
+        tl.store(partials_ptr + num_programs + pid, acc_u)
+
+
+@triton.jit(do_not_specialize=["M", "num_partials"])
+def _gated_bwd_apply_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
+                            partials_ptr, num_partials, amax_out_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N,
+                            BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr,
+                            FMAX: tl.constexpr, WRITE_T: tl.constexpr):
+    """Pass 2: recompute dgate / dup and write them per-tensor FP8 (row-major and optionally transposed)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    amax_g = global_amax(partials_ptr, num_partials, BLOCK_P)
+    amax_u = global_amax(partials_ptr + num_partials, num_partials, BLOCK_P)
+    if (pid_m == 0) & (pid_n == 0):
+        tl.store(amax_out_ptr, amax_g)
+        tl.store(amax_out_ptr + 1, amax_u)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    gcols = pid_n * (BN // 16) + tl.arange(0, BN // 16)
+    dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N,
+                                BM, BN, ACT)
+    dg = dg.to(dg_dtype_ptr.dtype.element_ty).to(tl.float32)
+    du = du.to(du_dtype_ptr.dtype.element_ty).to(tl.float32)
+    store_tensorwise(dg, encode_multiplier(amax_g, FMAX), rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, WRITE_T,
+                     FMAX)
+    store_tensorwise(du, encode_multiplier(amax_u, FMAX), rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, WRITE_T,
+                     FMAX)
+
+
+def _copy_tensors(shape, N, dev):
+    return (torch.empty(shape, dtype=torch.float8_e4m3fn, device=dev),
+            torch.empty(*shape[:-1], N // 16, dtype=torch.bfloat16, device=dev))
+
+
+def gated_product_forward(gate, up, name, *, quantize_output=False, output_transpose=False):
+    """``(h, gate_copy, up_copy)``; h in the promoted dtype, or per-tensor E4M3 (``(q, data_t)`` with transpose)."""
+    from ..mixed_granularity import LINEAR_FORMAT, NONLINEAR_FORMAT, NONLINEAR_GRANULARITY
+
+    g2, u2 = as_rows(gate), as_rows(up)
+    M, N = g2.shape
+    dev = gate.device
+    h_dtype = torch.promote_types(gate.dtype, up.dtype)
+    gq, gamax = _copy_tensors(gate.shape, N, dev)
+    uq, uamax = _copy_tensors(up.shape, N, dev)
+    bm, bn = elementwise_tile(N)
+    num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if quantize_output:
+        nprog = max(1, min(num_tiles, partials_capacity(gate)))
+        partials = torch.empty(nprog, dtype=torch.int32, device=dev)
+        h = torch.empty(1, dtype=h_dtype, device=dev)  # only its dtype is used
+    else:
+        nprog = num_tiles
+        h = torch.empty(gate.shape, dtype=h_dtype, device=dev)
+        partials = gamax  # unused
+    iters = triton.cdiv(num_tiles, nprog)
+    _gated_fwd_kernel[(nprog,)](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax, partials,
+                                M, N, nprog, iters, BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_H=not quantize_output,
+                                WRITE_AMAX=quantize_output, num_warps=8)
+    copies = [QuantizedTensor(data=d, amax=a, fmt=NONLINEAR_FORMAT, granularity=NONLINEAR_GRANULARITY,
+                              shape=t.shape, dtype=t.dtype) for d, a, t in ((gq, gamax, gate), (uq, uamax, up))]
+    if not quantize_output:
+        return h, copies[0], copies[1]
+    amax = torch.empty((), dtype=torch.float32, device=dev)
+    data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev)
+    data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
+    bm2, bn2 = elementwise_tile(N, output_transpose)
+    grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
+    _gated_apply_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, partials, nprog, amax, data, data_t, M, N,
+                              BM=bm2, BN=bn2, BLOCK_P=BLOCK_P, ACT=ACT_CODE[name], WRITE_ROW=True,
+                              WRITE_T=output_transpose, num_warps=8)
+    q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=gate.shape,
+                        dtype=h_dtype)
+    return ((q, data_t) if output_transpose else q), copies[0], copies[1]
+
+
+def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTensor, name, *,
+                           quantize_output=False, output_transpose=False):
+    """``(dgate, dup)`` in the dtypes of gate and up; with ``quantize_output`` each is the per-tensor E5M2
+    QuantizedTensor the gate / up projections' backward consumes (``(q, data_t)`` with ``output_transpose``)."""
+    from ..mixed_granularity import GRAD_FORMAT
+
+    dh2 = as_rows(dh)
+    M, N = dh2.shape
+    dev = dh.device
+    bm, bn = elementwise_tile(N)
+    num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if not quantize_output:
+        dgate = torch.empty(gate_copy.shape, dtype=gate_copy.dtype, device=dev)
+        dup = torch.empty(up_copy.shape, dtype=up_copy.dtype, device=dev)
+        _gated_bwd_kernel[(num_tiles,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
+                                        up_copy.amax, dgate, dup, dgate, M, N, num_tiles, 1, BM=bm, BN=bn,
+                                        ACT=ACT_CODE[name], WRITE_GRADS=True, WRITE_AMAX=False, num_warps=8)
+        return dgate, dup
+    dg_dtype = torch.empty(1, dtype=gate_copy.dtype, device=dev)
+    du_dtype = torch.empty(1, dtype=up_copy.dtype, device=dev)
+    nprog = max(1, min(num_tiles, partials_capacity(dh)))
+    partials = torch.empty(2, nprog, dtype=torch.int32, device=dev)
+    _gated_bwd_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
+                                dg_dtype, du_dtype, partials, M, N, nprog, triton.cdiv(num_tiles, nprog), BM=bm,
+                                BN=bn, ACT=ACT_CODE[name], WRITE_GRADS=False, WRITE_AMAX=True, num_warps=8)
+    fmt = GRAD_FORMAT
+    amax = torch.empty(2, dtype=torch.float32, device=dev)
+    qg = torch.empty(gate_copy.shape, dtype=fmt.torch_dtype, device=dev)
+    qu = torch.empty(up_copy.shape, dtype=fmt.torch_dtype, device=dev)
+    qg_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=dev) if output_transpose else qg
+    qu_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=dev) if output_transpose else qu
+    bm2, bn2 = elementwise_tile(N, output_transpose)
+    grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
+    _gated_bwd_apply_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
+                                  dg_dtype, du_dtype, partials, nprog, amax, qg, qg_t, qu, qu_t, M, N, BM=bm2, BN=bn2,
+                                  BLOCK_P=BLOCK_P, ACT=ACT_CODE[name], FMAX=float(fmt.max), WRITE_T=output_transpose,
+                                  num_warps=8)
+    out = []
+    for data, data_t, a, copy in ((qg, qg_t, amax[0], gate_copy), (qu, qu_t, amax[1], up_copy)):
+        q = QuantizedTensor(data=data, amax=a, fmt=fmt, granularity=PER_TENSOR, shape=copy.shape, dtype=copy.dtype)
+        out.append((q, data_t) if output_transpose else q)
+    return out[0], out[1]

@@ -1,0 +1,270 @@
+"""Triton quantizers: 1xG groups, and per-tensor with the two-stage group-scaling amax (+ transposed copy).
+
+Same numbers as :func:`fp8train.quant.quantize` (the reference):
+
+* group amax = max |x| of the group, float32; NaN/inf propagate (the max runs on the IEEE bit patterns of |x|
+  as int32, which order like the values and put NaN above inf);
+* with ``scale_dtype=bfloat16`` the amax is rounded *up* to bf16 and that rounded value is used to encode;
+* ``q = saturate(x * (448 / amax))`` cast to FP8 (round to nearest even), where ``448 / amax`` is computed like
+  torch does, ``(1 / amax) * 448`` with IEEE division; ``amax == 0`` (or NaN) encodes zeros.
+
+The shared ``@triton.jit`` helpers here (``quantize_group_tile``, ``tile_amax_bits``, ``global_amax``,
+``store_tensorwise``) are used by the fused producer kernels (norms, activations, gated product, residual add).
+
+Shapes: any number of rows (a runtime argument, never a specialisation key), last dim a multiple of the
+group size; leading dims are flattened into rows; the last dim must be contiguous (rows may be strided).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import PER_TENSOR, Granularity, QuantizedTensor
+
+__all__ = ["quantize_groups", "quantize_tensorwise", "as_rows", "partials_capacity", "tensorwise_amax",
+           "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise", "BLOCK_P"]
+
+BLOCK_P = 1024  # most partial maxima a kernel reduces in its prologue (see partials_capacity)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# shared device helpers
+# --------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def saturate(x, FMAX: tl.constexpr):
+    """Clamp to [-FMAX, FMAX]; NaN stays NaN."""
+    x = tl.maximum(x, -FMAX, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, FMAX, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def encode_multiplier(amax, FMAX: tl.constexpr):
+    """448 / amax the way torch computes ``fmt.max / amax`` (reciprocal, then multiply); 0 where amax <= 0 or NaN."""
+    one = tl.full(amax.shape, 1.0, tl.float32)
+    return tl.where(amax > 0, tl.div_rn(one, amax) * FMAX, 0.0)
+
+
+@triton.jit
+def quantize_group_tile(x, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, FMAX: tl.constexpr,
+                        ROUND_BF16: tl.constexpr):
+    """Quantize a float32 tile [BM, BN] in 1xG groups along its columns.
+
+    Returns (q, amax): q is float32 [BM, BN] on the FP8 grid's scale (saturated, not yet cast), amax float32
+    [BM, BN // G] (rounded up to bf16 when ROUND_BF16).  Masked-out elements must be loaded as 0.
+    """
+    xg = tl.reshape(x, (BM, BN // G, G))
+    bits = tl.max(tl.abs(xg).to(tl.int32, bitcast=True), axis=2)
+    if ROUND_BF16:
+        bits = (bits + 0xFFFF) & -65536  # round the float32 bit pattern up to the next bfloat16
+    amax = bits.to(tl.float32, bitcast=True)
+    inv = encode_multiplier(amax, FMAX)
+    q = saturate(xg * inv[:, :, None], FMAX)
+    return tl.reshape(q, (BM, BN)), amax
+
+
+@triton.jit
+def dequantize_group_tile(q, amax, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, FMAX: tl.constexpr):
+    """FP8 tile [BM, BN] and its group amax [BM, BN // G] -> float32 values q * (amax / FMAX).
+
+    One multiply per element with a per-group scale; the reference computes (q / FMAX) * amax, which can differ
+    in the last float32 bit -- far below the FP8 error."""
+    amax = amax.to(tl.float32)
+    scale = tl.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32))
+    qg = tl.reshape(q.to(tl.float32), (BM, BN // G, G))
+    return tl.reshape(qg * scale[:, :, None], (BM, BN))
+
+
+@triton.jit
+def tile_amax_bits(x):
+    """max |x| over a whole tile as the int32 bit pattern of a non-negative float32 (NaN-propagating)."""
+    return tl.max(tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1), axis=0)
+
+
+@triton.jit
+def global_amax(partials_ptr, num_partials, BLOCK_P: tl.constexpr):
+    """Finish the two-stage amax: max over the int32 partial maxima written by a first pass."""
+    offs = tl.arange(0, BLOCK_P)
+    bits = tl.load(partials_ptr + offs, mask=offs < num_partials, other=0)
+    return tl.max(bits, axis=0).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def store_tensorwise(vals, inv, rows, cols, M, N, out_ptr, stride_out, out_t_ptr,
+                     WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr, FMAX: tl.constexpr):
+    """Scale a float32 tile by ``inv``, saturate, cast to the output's FP8 type and store it row-major
+    (``out[rows, cols]``) and/or transposed (``out_t[cols, rows]``, row stride M)."""
+    q = saturate(vals * inv, FMAX)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if WRITE_ROW:
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :],
+                 q.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_T:
+        q_t = tl.trans(q.to(out_t_ptr.dtype.element_ty))
+        tl.store(out_t_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], q_t, mask=tl.trans(mask))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["M"])
+def _quantize_groups_kernel(x_ptr, stride_x, q_ptr, amax_ptr, M, N,
+                            BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, FMAX: tl.constexpr,
+                            ROUND_BF16: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows64 = rows[:, None].to(tl.int64)
+    x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    q, amax = quantize_group_tile(x, BM, BN, G, FMAX, ROUND_BF16)
+    tl.store(q_ptr + rows64 * N + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    gcols = pid_n * (BN // G) + tl.arange(0, BN // G)
+    gmask = (rows < M)[:, None] & (gcols < N // G)[None, :]
+    tl.store(amax_ptr + rows64 * (N // G) + gcols[None, :], amax.to(amax_ptr.dtype.element_ty), mask=gmask)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs", "iters"])
+def _amax_partials_kernel(x_ptr, stride_x, partials_ptr, M, N, num_programs, iters,
+                          BM: tl.constexpr, BN: tl.constexpr):
+    """Stage 1 of group scaling: each program folds its share of tiles into one partial max (int32 bits).
+    Tile t goes to program t % num_programs; tiles past the end are fully masked."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BN)
+    acc = tl.full((), 0, tl.int32)
+    for i in range(0, iters):
+        t = pid + i * num_programs
+        rows = (t // tiles_n) * BM + tl.arange(0, BM)
+        cols = (t % tiles_n) * BN + tl.arange(0, BN)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
+        acc = tl.maximum(acc, tile_amax_bits(x.to(tl.float32)))
+    tl.store(partials_ptr + pid, acc)
+
+
+@triton.jit(do_not_specialize=["M", "num_partials"])
+def _quantize_tensorwise_kernel(x_ptr, stride_x, partials_ptr, num_partials, amax_out_ptr, q_ptr, q_t_ptr, M, N,
+                                BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, FMAX: tl.constexpr,
+                                WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
+    """Stage 2: global amax from the partials, then scale + cast one tile (row-major and/or transposed)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    amax = global_amax(partials_ptr, num_partials, BLOCK_P)
+    if (pid_m == 0) & (pid_n == 0):
+        tl.store(amax_out_ptr, amax)
+    inv = encode_multiplier(amax, FMAX)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
+    store_tensorwise(x.to(tl.float32), inv, rows, cols, M, N, q_ptr, N, q_t_ptr, WRITE_ROW, WRITE_T, FMAX)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------------------
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` as 2-D (rows, last dim) with a contiguous last dim; copies only when no such view exists."""
+    if x.dim() == 0:
+        x = x.reshape(1)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return x.contiguous().view(-1, x.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    try:
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
+    except Exception:  # noqa: BLE001 - the CPU interpreter has no device properties
+        return 132
+
+
+def partials_capacity(x: torch.Tensor) -> int:
+    """How many programs a first (amax) pass may use: a few per SM, at most BLOCK_P."""
+    index = x.device.index if x.is_cuda and x.device.index is not None else 0
+    return min(BLOCK_P, 4 * _sm_count(index))
+
+
+def _tile(N: int, G: int) -> tuple[int, int]:
+    """(rows, cols) of an elementwise tile: cols a power of two >= G, about 8K elements per tile."""
+    bn = max(G, min(512, triton.next_power_of_2(N)))
+    return max(1, 8192 // bn), bn
+
+
+def _fmax(fmt) -> float:
+    if fmt.torch_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"the Triton quantizers write float8_e4m3fn or float8_e5m2, not {fmt.name}")
+    return float(fmt.max)
+
+
+def quantize_groups(x: torch.Tensor, fmt, group_size: int = 16, scale_dtype: torch.dtype = torch.bfloat16
+                    ) -> QuantizedTensor:
+    """1xG group quantization of ``x`` (last dim a multiple of ``group_size``); returns a QuantizedTensor."""
+    fmax = _fmax(fmt)
+    x2 = as_rows(x)
+    M, N = x2.shape
+    if N % group_size:
+        raise ValueError(f"last dim {N} is not a multiple of the group size {group_size}")
+    data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device)
+    amax = torch.empty(*x.shape[:-1], N // group_size, dtype=scale_dtype, device=x.device)
+    if x2.numel():
+        bm, bn = _tile(N, group_size)
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        _quantize_groups_kernel[grid](x2, x2.stride(0), data, amax, M, N, BM=bm, BN=bn, G=group_size, FMAX=fmax,
+                                      ROUND_BF16=scale_dtype == torch.bfloat16, num_warps=8)
+    return QuantizedTensor(data=data, amax=amax, fmt=fmt, granularity=Granularity("group", group_size),
+                           shape=x.shape, dtype=x.dtype)
+
+
+def tensorwise_amax(x2: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Stage 1 alone: int32 partial maxima of a 2-D ``x2`` and how many there are."""
+    M, N = x2.shape
+    bm, bn = _tile(N, 16)
+    num = max(1, min(triton.cdiv(M, bm) * triton.cdiv(N, bn), partials_capacity(x2)))
+    iters = triton.cdiv(triton.cdiv(M, bm) * triton.cdiv(N, bn), num)
+    partials = torch.empty(num, dtype=torch.int32, device=x2.device)
+    _amax_partials_kernel[(num,)](x2, x2.stride(0), partials, M, N, num, iters, BM=bm, BN=bn, num_warps=8)
+    return partials, num
+
+
+def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = None, with_transpose: bool = False,
+                        write_rowmajor: bool = True):
+    """Per-tensor quantization with the two-stage group-scaling amax (or a given float32 ``amax``).
+
+    Returns a QuantizedTensor, or ``(QuantizedTensor, data_t)`` with ``with_transpose`` where ``data_t`` is the
+    (K, M) transposed FP8 copy of ``x`` viewed as (M, K).  ``write_rowmajor=False`` skips the row-major data
+    (then ``q.data`` is None) for callers that only need the transposed copy.
+    """
+    fmax = _fmax(fmt)
+    x2 = as_rows(x)
+    M, N = x2.shape
+    if amax is not None:
+        partials = amax.detach().reshape(1).to(device=x.device, dtype=torch.float32).view(torch.int32)
+        num = 1
+    else:
+        partials, num = tensorwise_amax(x2)
+    amax_out = torch.empty((), dtype=torch.float32, device=x.device)
+    data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device) if write_rowmajor else None
+    data_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=x.device) if with_transpose else None
+    bm, bn = (64, 128) if with_transpose else _tile(N, 16)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _quantize_tensorwise_kernel[grid](x2, x2.stride(0), partials, num, amax_out,
+                                      data if data is not None else amax_out,
+                                      data_t if data_t is not None else amax_out, M, N,
+                                      BM=bm, BN=bn, BLOCK_P=BLOCK_P, FMAX=fmax, WRITE_ROW=write_rowmajor,
+                                      WRITE_T=with_transpose, num_warps=8)
+    q = QuantizedTensor(data=data, amax=amax_out, fmt=fmt, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype)
+    return (q, data_t) if with_transpose else q
+

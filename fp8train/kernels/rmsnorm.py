@@ -1,0 +1,223 @@
+"""Triton RMSNorm: forward writes y (or per-tensor FP8 y) and the E4M3 1x16 copy of x in one read of x;
+backward reads the FP8 copy, rstd and dy once and writes dx plus per-program dweight partial sums.
+
+Reference: :mod:`fp8train.nn.rmsnorm` (same styles, same rounding points).  Each program owns ``BM`` whole rows
+(``BLOCK_N`` = next power of two of the hidden size, a compile-time constant; the row count is a runtime
+argument, so new batch sizes or sequence lengths never recompile).
+
+quantize_output: pass 1 (this row kernel) also folds max |y| into per-program partial maxima; pass 2
+(``_rmsnorm_apply_kernel``, 2-D tiles) recomputes y from x and the saved rstd and writes FP8 y, row-major and/or
+transposed, with the global amax -- the two-stage group-scaling amax without a bf16 y round trip.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import PER_TENSOR, QuantizedTensor
+from .quantize import (BLOCK_P, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
+                       partials_capacity, quantize_group_tile, store_tensorwise, tile_amax_bits)
+
+__all__ = ["rmsnorm_forward", "rmsnorm_backward"]
+
+_STYLE_CODE = {"llama": 0, "torch": 1, "gemma": 2}
+E4M3_MAX = 448.0
+
+
+@triton.jit
+def _normed_output(n, w, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, STYLE: tl.constexpr, HAS_W: tl.constexpr):
+    """y from n = x * rstd (float32) as the reference computes it, rounded to the output dtype, as float32."""
+    if HAS_W:
+        if STYLE == 0:  # llama: weight * n.to(x.dtype), in the promoted dtype
+            y = n.to(X_DTYPE).to(tl.float32) * w[None, :]
+        elif STYLE == 1:  # torch: (n * weight).to(x.dtype)
+            y = n * w[None, :]
+        else:  # gemma: (n * (1 + weight)).to(x.dtype)
+            y = n * (1.0 + w[None, :])
+    else:
+        y = n
+    return y.to(Y_DTYPE).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs", "iters"])
+def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_ptr, partials_ptr,
+                        M, num_programs, iters, eps,
+                        N: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, STYLE: tl.constexpr,
+                        HAS_W: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_COPY: tl.constexpr,
+                        WRITE_AMAX: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.full((), 0, tl.int32)
+    for i in range(0, iters):
+        rows = (pid + i * num_programs) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        rows64 = rows[:, None].to(tl.int64)
+        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+        y = _normed_output(x * rstd[:, None], w, x_ptr.dtype.element_ty, y_ptr.dtype.element_ty, STYLE, HAS_W)
+        if WRITE_Y:
+            tl.store(y_ptr + rows64 * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        if WRITE_AMAX:
+            acc = tl.maximum(acc, tile_amax_bits(tl.where(mask, y, 0.0)))
+        if WRITE_COPY:
+            q, amax = quantize_group_tile(x, BM, BLOCK_N, 16, 448.0, True)
+            tl.store(q_ptr + rows64 * N + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+            gcols = tl.arange(0, BLOCK_N // 16)
+            gmask = rmask[:, None] & (gcols < N // 16)[None, :]
+            tl.store(qamax_ptr + rows64 * (N // 16) + gcols[None, :], amax.to(qamax_ptr.dtype.element_ty),
+                     mask=gmask)
+    if WRITE_AMAX:
+        tl.store(partials_ptr + pid, acc)
+
+
+@triton.jit(do_not_specialize=["M", "num_partials"])
+def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
+                          q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
+                          STYLE: tl.constexpr, HAS_W: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    amax = global_amax(partials_ptr, num_partials, BLOCK_P)
+    if (pid_m == 0) & (pid_n == 0):
+        tl.store(amax_out_ptr, amax)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros((BN,), tl.float32)
+    y = _normed_output(x.to(tl.float32) * rstd[:, None], w, x_ptr.dtype.element_ty, y_dtype_ptr.dtype.element_ty,
+                       STYLE, HAS_W)
+    store_tensorwise(y, encode_multiplier(amax, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr,
+                     WRITE_ROW, WRITE_T, E4M3_MAX)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs", "iters"])
+def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, rstd_ptr, w_ptr, dx_ptr, dw_partial_ptr,
+                        dres_ptr, stride_dres, M, num_programs, iters,
+                        N: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, STYLE: tl.constexpr,
+                        HAS_W: tl.constexpr, HAS_RES: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    gcols = tl.arange(0, BLOCK_N // 16)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if STYLE == 2:
+            w = w + 1.0
+    dw_acc = tl.zeros((BLOCK_N,), tl.float32)
+    for i in range(0, iters):
+        rows = (pid + i * num_programs) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        rows64 = rows[:, None].to(tl.int64)
+        q = tl.load(q_ptr + rows64 * N + cols[None, :], mask=mask, other=0.0)
+        qamax = tl.load(qamax_ptr + rows64 * (N // 16) + gcols[None, :],
+                        mask=rmask[:, None] & (gcols < N // 16)[None, :], other=0.0)
+        x_hat = dequantize_group_tile(q, qamax, BM, BLOCK_N, 16, 448.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        n = x_hat * rstd[:, None]
+        dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_W:
+            g = dy * w[None, :]
+            if STYLE == 0:  # forward multiplied the weight with n rounded to x's dtype
+                dw_acc += tl.sum(dy * n.to(dx_ptr.dtype.element_ty).to(tl.float32), axis=0)
+            else:
+                dw_acc += tl.sum(dy * n, axis=0)
+        else:
+            g = dy
+        mean_gn = tl.sum(g * n, axis=1) / N
+        dx = rstd[:, None] * (g - n * mean_gn[:, None])
+        if HAS_RES:  # gradient arriving through the residual connection, added before the one rounding
+            dx += tl.load(dres_ptr + rows64 * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows64 * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(dw_partial_ptr + pid * N + cols, dw_acc, mask=cmask)
+
+
+def _row_plan(M: int, N: int, target: int = 4096) -> tuple[int, int, int]:
+    """(BLOCK_N, BM, num_warps) for kernels that keep BM whole rows of N in registers."""
+    block_n = triton.next_power_of_2(N)
+    bm = max(1, min(64, target // block_n))
+    warps = min(16, max(4, bm * block_n // 512))
+    return block_n, bm, warps
+
+
+def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_transpose=False, write_copy=True):
+    """Returns ``(y, rstd, x_copy)``: y as a tensor (promoted dtype for llama style), or the per-tensor E4M3
+    QuantizedTensor (``(q, data_t)`` with ``output_transpose``); rstd float32 ``x.shape[:-1]``; x_copy the E4M3
+    1x16 QuantizedTensor of x (None when ``write_copy`` is False)."""
+    from ..mixed_granularity import NONLINEAR_FORMAT, NONLINEAR_GRANULARITY, LINEAR_FORMAT
+
+    x2 = as_rows(x)
+    M, N = x2.shape
+    dev = x.device
+    y_dtype = torch.promote_types(weight.dtype, x.dtype) if (style == "llama" and weight is not None) else x.dtype
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=dev)
+    copy_data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev) if write_copy else rstd
+    copy_amax = torch.empty(*x.shape[:-1], N // 16, dtype=torch.bfloat16, device=dev) if write_copy else rstd
+    block_n, bm, warps = _row_plan(M, N)
+    row_blocks = triton.cdiv(M, bm)
+    w = weight if weight is not None else rstd
+    if quantize_output:
+        nprog = max(1, min(row_blocks, partials_capacity(x)))
+        partials = torch.empty(nprog, dtype=torch.int32, device=dev)
+        y_dummy = torch.empty(1, dtype=y_dtype, device=dev)
+        y_arg = y_dummy
+    else:
+        nprog, partials = row_blocks, rstd
+        y = torch.empty(x.shape, dtype=y_dtype, device=dev)
+        y_arg = y
+    iters = triton.cdiv(row_blocks, nprog)
+    _rmsnorm_fwd_kernel[(nprog,)](x2, x2.stride(0), w, y_arg, rstd, copy_data, copy_amax, partials,
+                                  M, nprog, iters, float(eps), N=N, BLOCK_N=block_n, BM=bm,
+                                  STYLE=_STYLE_CODE[style], HAS_W=weight is not None, WRITE_Y=not quantize_output,
+                                  WRITE_COPY=write_copy, WRITE_AMAX=quantize_output, num_warps=warps)
+    copy = None
+    if write_copy:
+        copy = QuantizedTensor(data=copy_data, amax=copy_amax, fmt=NONLINEAR_FORMAT,
+                               granularity=NONLINEAR_GRANULARITY, shape=x.shape, dtype=x.dtype)
+    if not quantize_output:
+        return y, rstd, copy
+    amax = torch.empty((), dtype=torch.float32, device=dev)
+    data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
+    data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
+    bm2, bn2 = (64, 128) if output_transpose else (16, min(512, triton.next_power_of_2(N)))
+    grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
+    _rmsnorm_apply_kernel[grid](x2, x2.stride(0), w, rstd, y_dummy, partials, nprog, amax, data, data_t, M, N,
+                                BM=bm2, BN=bn2, BLOCK_P=BLOCK_P, STYLE=_STYLE_CODE[style],
+                                HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose, num_warps=8)
+    q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
+                        dtype=y_dtype)
+    return ((q, data_t) if output_transpose else q), rstd, copy
+
+
+def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None):
+    """``(dx, dweight)`` from the E4M3 1x16 copy of x (bf16 group amax), rstd and dy (+ ``residual_grad``)."""
+    dy2 = as_rows(dy)
+    dres = as_rows(residual_grad) if residual_grad is not None else dy2
+    M, N = dy2.shape
+    dev = dy.device
+    dx = torch.empty(x_copy.shape, dtype=x_copy.dtype, device=dev)
+    block_n, bm, warps = _row_plan(M, N)
+    row_blocks = triton.cdiv(M, bm)
+    nprog = max(1, min(row_blocks, partials_capacity(dy) // 2))
+    iters = triton.cdiv(row_blocks, nprog)
+    dw_partial = torch.empty(nprog, N, dtype=torch.float32, device=dev) if weight is not None else rstd
+    _rmsnorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), x_copy.data, x_copy.amax, rstd,
+                                  weight if weight is not None else rstd, dx, dw_partial, dres, dres.stride(0),
+                                  M, nprog, iters, N=N, BLOCK_N=block_n, BM=bm, STYLE=_STYLE_CODE[style],
+                                  HAS_W=weight is not None, HAS_RES=residual_grad is not None, num_warps=warps)
+    dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
+    return dx, dweight

@@ -1,0 +1,252 @@
+"""Run Triton kernels on CPU with TRITON_INTERPRET=1 (kernel indexing/masking checks on tiny inputs).
+
+Import this module before triton: it sets TRITON_INTERPRET=1 when ``FP8TRAIN_INTERPRET`` asks for it, and works
+around an interpreter incompatibility with numpy >= 2.3 (``int()`` of a 1-element array, used by ``range`` over a
+runtime bound).  The interpreter also mis-rounds float8 casts (ties go up; a carry into the exponent can drop a
+whole binade), so FP8 data is compared with :func:`fp8_equal_modulo_interpreter`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def patch_interpreter() -> None:
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_fp8train_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._fp8train_patched = True
+
+
+def fp8_mismatches(got: torch.Tensor, ref: torch.Tensor, fmt, steps: int = 1, floor: float = 0.0) -> int:
+    """Elements where FP8 ``got`` differs from ``ref`` by more than ``steps`` steps, except the interpreter's broken
+    carry: a value that should round up to a power of two comes out as half of it."""
+    a, b = got.float(), ref.float()
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    step = fmt.quantum(b).float()
+    within = (a - b).abs() <= step * steps * 1.01 + floor
+    carry = (torch.frexp(b.abs())[0] == 0.5) | ((torch.frexp(a.abs())[0] == 0.5) & ((2 * a - b).abs() <= step * steps * 1.01))
+    return int(((a != b) & ~within & ~carry & ~both_nan).sum())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kernel checks against the torch references (run as ``python tests/triton_interpreter.py <op>``)
+# ------------------------------------------------------------------------------------------------------------
+
+# float32 / float16 inputs: numpy rounds these exactly; the interpreter truncates float32 -> bfloat16 casts, so
+# bfloat16 outputs are compared to within one bf16 step.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SHAPES = ((5, 48), (3, 3, 64), (33, 160))
+
+
+def close(got, ref, dtype, scale=1.0):
+    rtol = {torch.float32: 2e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype] * scale
+    err = (got.double() - ref.double()).abs()
+    tol = rtol * ref.double().abs().amax().clamp_min(1e-30)
+    assert bool((err <= tol).all()), f"max error {float(err.max()):.3g} > {float(tol):.3g}"
+
+
+def same_fp8(got, ref, fmt=None, steps=1, floor=0.0):
+    from fp8train.formats import E4M3
+
+    bad = fp8_mismatches(got, ref, fmt or E4M3, steps, floor)
+    assert bad == 0, f"{bad} FP8 elements off by more than {steps} step(s)"
+
+
+def same_tensorwise(q, t, qr, tr, dtype):
+    """Per-tensor FP8 outputs of the fused producers: their y may differ from the reference's by a rounding of
+    y's dtype (reduction order), which moves the amax; allow two steps on the data."""
+    close(q.amax, qr.amax, dtype, scale=2)
+    same_fp8(q.data, qr.data, steps=2)
+    same_fp8(t, tr, steps=2)
+
+
+def same_copy(got, ref):
+    same_fp8(got.data, ref.data)
+    assert torch.equal(got.amax, ref.amax)
+
+
+def _inputs(shape, dtype, seed=0, offset=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = offset + torch.randn(shape, generator=gen) * torch.exp(torch.randn(shape, generator=gen))
+    return x.to(dtype)
+
+
+def check_quantize():
+    from fp8train.formats import E4M3, E5M2
+    from fp8train.kernels.quantize import quantize_groups, quantize_tensorwise
+    from fp8train.quant import quantize
+
+    for shape in SHAPES + ((1, 16),):
+        for dtype in DTYPES:
+            x = _inputs(shape, dtype)
+            for scale_dtype in (torch.bfloat16, torch.float32):
+                for g in (16, 32):
+                    if shape[-1] % g:
+                        continue
+                    q = quantize_groups(x, E4M3, g, scale_dtype)
+                    r = quantize(x, E4M3, f"1x{g}", scale_dtype=scale_dtype)
+                    same_copy(q, r)
+            for fmt in (E4M3, E5M2):
+                q, t = quantize_tensorwise(x, fmt, with_transpose=True)
+                r = quantize(x, fmt, "tensor")
+                assert torch.equal(q.amax, r.amax)
+                same_fp8(q.data, r.data, fmt)
+                same_fp8(t, r.data.reshape(-1, shape[-1]).t(), fmt)
+                given = quantize_tensorwise(x, fmt, amax=r.amax * 4)
+                same_fp8(given.data, quantize(x, fmt, "tensor", amax=r.amax * 4).data, fmt)
+
+
+def check_rmsnorm():
+    from fp8train.kernels import rmsnorm as kernel
+    from fp8train.nn import rmsnorm as ref
+
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            x = _inputs(shape, dtype)
+            dy = _inputs(shape, dtype, seed=1)
+            for style in ref.STYLES:
+                for w in (None, (1 + 0.3 * _inputs(shape[-1:], torch.float32, seed=2)).to(dtype)):
+                    y, rstd, copy = kernel.rmsnorm_forward(x, w, 1e-5, style)
+                    yr, sr = ref.rmsnorm_forward(x, w, 1e-5, style=style)
+                    assert y.dtype == yr.dtype and y.shape == yr.shape
+                    close(y, yr, dtype)
+                    close(rstd, sr.rstd, torch.float32)
+                    same_copy(copy, sr.x)
+                    (q, t), _, _ = kernel.rmsnorm_forward(x, w, 1e-5, style, quantize_output=True,
+                                                          output_transpose=True)
+                    (qr, tr), _ = ref.rmsnorm_forward(x, w, 1e-5, style=style, quantize_output=True,
+                                                      output_transpose=True)
+                    same_tensorwise(q, t, qr, tr, dtype)
+                    dx, dw = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style)
+                    dxr, dwr = ref.rmsnorm_backward(dy.to(yr.dtype), sr, w)
+                    close(dx, dxr, dtype, scale=4)
+                    dres = _inputs(shape, dtype, seed=4)
+                    dx2, _ = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style, residual_grad=dres)
+                    close(dx2, ref.rmsnorm_backward(dy.to(yr.dtype), sr, w, residual_grad=dres)[0], dtype, scale=4)
+                    if w is not None:
+                        close(dw, dwr, dtype, scale=4)
+
+
+def check_layernorm():
+    from fp8train.kernels import layernorm as kernel
+    from fp8train.nn import layernorm as ref
+
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            x = _inputs(shape, dtype, offset=2.0)
+            dy = _inputs(shape, dtype, seed=1)
+            w = (1 + 0.3 * _inputs(shape[-1:], torch.float32, seed=2)).to(dtype)
+            b = _inputs(shape[-1:], dtype, seed=3)
+            for weight, bias in ((w, b), (w, None), (None, None)):
+                y, rstd, copy = kernel.layernorm_forward(x, weight, bias, 1e-5)
+                yr, sr = ref.layernorm_forward(x, weight, bias, 1e-5)
+                close(y, yr, dtype, scale=2)
+                close(rstd, sr.rstd, torch.float32, scale=4)
+                # the centred values themselves differ by float32 reduction order (and by the interpreter's
+                # truncating bf16 cast), which can move a group's amax
+                close(copy.amax.float(), sr.centered.amax.float(), torch.bfloat16)
+                same_fp8(copy.data, sr.centered.data, steps=2)
+                (q, t), _, _ = kernel.layernorm_forward(x, weight, bias, 1e-5, quantize_output=True,
+                                                        output_transpose=True)
+                (qr, tr), _ = ref.layernorm_forward(x, weight, bias, 1e-5, quantize_output=True,
+                                                    output_transpose=True)
+                same_tensorwise(q, t, qr, tr, dtype)
+                dx, dw, db = kernel.layernorm_backward(dy, sr.centered, sr.rstd, weight, bias is not None)
+                dxr, dwr, dbr = ref.layernorm_backward(dy, sr, weight, bias is not None)
+                close(dx, dxr, dtype, scale=4)
+                for got, expected in ((dw, dwr), (db, dbr)):
+                    assert (got is None) == (expected is None)
+                    if got is not None:
+                        close(got, expected, dtype, scale=4)
+
+
+def check_activation():
+    from fp8train.kernels import activation as kernel
+    from fp8train.nn import activation as ref
+
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            x = _inputs(shape, dtype)
+            dy = _inputs(shape, dtype, seed=1)
+            for name in ref.ACTIVATIONS:
+                y, copy = kernel.activation_forward(x, name)
+                yr, sr = ref.activation_forward(x, name)
+                close(y, yr, dtype, scale=2)
+                same_copy(copy, sr.x)
+                (q, t), _ = kernel.activation_forward(x, name, quantize_output=True, output_transpose=True)
+                (qr, tr), _ = ref.activation_forward(x, name, quantize_output=True, output_transpose=True)
+                same_tensorwise(q, t, qr, tr, dtype)
+                close(kernel.activation_backward(dy, sr.x, name), ref.activation_backward(dy, sr), dtype, scale=4)
+
+
+def check_gated_product():
+    from fp8train.kernels import gated_product as kernel
+    from fp8train.nn import gated_mlp as ref
+
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            fused = _inputs((*shape[:-1], 2 * shape[-1]), dtype)
+            gate, up = fused.chunk(2, dim=-1)  # strided row views, as a fused gate_up projection gives
+            dh = _inputs(shape, dtype, seed=1)
+            for name in ("silu", "gelu", "gelu_tanh"):
+                h, gc, uc = kernel.gated_product_forward(gate, up, name)
+                hr, sr = ref.gated_product_forward(gate, up, name)
+                close(h, hr, dtype, scale=2)
+                same_copy(gc, sr.gate)
+                same_copy(uc, sr.up)
+                (q, t), _, _ = kernel.gated_product_forward(gate, up, name, quantize_output=True,
+                                                            output_transpose=True)
+                (qr, tr), _ = ref.gated_product_forward(gate, up, name, quantize_output=True, output_transpose=True)
+                same_tensorwise(q, t, qr, tr, dtype)
+                dg, du = kernel.gated_product_backward(dh, sr.gate, sr.up, name)
+                dgr, dur = ref.gated_product_backward(dh, sr)
+                close(dg, dgr, dtype, scale=4)
+                close(du, dur, dtype, scale=4)
+                from fp8train.formats import E5M2
+
+                got = kernel.gated_product_backward(dh, sr.gate, sr.up, name, quantize_output=True,
+                                                    output_transpose=True)
+                expected = ref.gated_product_backward(dh, sr, quantize_output=True, output_transpose=True)
+                # E5M2 spans 2^-16..57344: float32 tails of act'(x) (1 + erf(x) cancelling to ~1e-7) land many
+                # subnormal steps apart while being 2^-18 of the amax or less; allow that absolute floor
+                for (q, t), (qr, tr) in zip(got, expected):
+                    close(q.amax, qr.amax, dtype, scale=2)
+                    same_fp8(q.data, qr.data, E5M2, steps=2, floor=E5M2.max * 2**-18)
+                    same_fp8(t, tr, E5M2, steps=2, floor=E5M2.max * 2**-18)
+
+
+def check_residual():
+    from fp8train.kernels import residual as kernel
+    from fp8train.nn import residual as ref
+
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            r, x = _inputs(shape, dtype), _inputs(shape, dtype, seed=1)
+            total, copy = kernel.residual_add(r, x, emit_fp8_copy=True)
+            total_r, copy_r = ref.residual_add_forward(r, x, emit_fp8_copy=True)
+            close(total, total_r, dtype)
+            if dtype != torch.bfloat16:  # the copy is made from the rounded sum
+                same_copy(copy, copy_r)
+            plain, none = kernel.residual_add(r, x)
+            assert none is None
+            close(plain, total_r, dtype)
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    patch_interpreter()
+    for op in sys.argv[1:]:
+        globals()[f"check_{op}"]()
+        print(f"{op}: ok")
