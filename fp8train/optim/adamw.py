@@ -188,6 +188,9 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if any(p.grad is not None and p.grad.is_sparse for g in self.param_groups for p in g["params"]):
+            raise TypeError("fp8train.AdamW does not support sparse gradients; use "
+                            "torch.optim.SparseAdam for them or nn.Embedding(sparse=False)")
         self._read_nonfinite(block=False)
         self._steps_taken += 1
         fused_work: dict = {}
@@ -196,9 +199,6 @@ class AdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError("fp8train.AdamW does not support sparse gradients; use "
-                                    "torch.optim.SparseAdam for them or nn.Embedding(sparse=False)")
                 state = self._init_state(p, group)
                 state["step"] += 1
                 if p.numel() == 0:
