@@ -112,5 +112,10 @@ def compare_markdown(summaries: dict[str, dict], failures: dict[str, str], setti
               "* Breakdown, measured on one micro-batch: weights = parameter bytes; gradients = `.grad` bytes; "
               "optimizer state = bytes of the tensors in the optimizer's state_dict; activations = bytes autograd "
               "saves for backward (via `torch.autograd.graph.saved_tensors_hooks`, each storage counted once, "
-              "parameters excluded).", ""]
+              "parameters excluded)."]
+    if settings.get("device") == "cpu":
+        lines.append("* On CPU there is no bf16 autocast: the bf16 recipe computes and saves fp32 activations, and the "
+                     "FP8 recipes run fp8train's plain-torch reference ops, so tokens/s says nothing about GPU speed "
+                     "and the activation savings are larger than against a real bf16 baseline.")
+    lines.append("")
     return "\n".join(lines)
