@@ -51,7 +51,7 @@ def stability_table(formats: list[str], lrs: list[float], results: list[dict]) -
     """{(format, lr): {"stable", "finished", "runs", "fraction", "eval_loss", "sharpness"}} over seeds.
 
     ``fraction`` = stable / finished runs (None when none finished); ``eval_loss`` and ``sharpness`` are means
-    over the stable runs' final values.
+    over the stable runs' final values, ``eval_loss_all`` over every finished run with a finite eval loss.
     """
     table = {}
     for fmt in formats:
@@ -62,6 +62,7 @@ def stability_table(formats: list[str], lrs: list[float], results: list[dict]) -
             table[fmt, lr] = {"stable": len(stable), "finished": len(finished), "runs": len(cell),
                               "fraction": len(stable) / len(finished) if finished else None,
                               "eval_loss": _mean(r["final_eval_loss"] for r in stable),
+                              "eval_loss_all": _mean(r["final_eval_loss"] for r in finished),
                               "sharpness": _mean(r["final_sharpness"] for r in stable)}
     return table
 
@@ -78,29 +79,50 @@ def _format_facts(fmt: str) -> str:
             f"min normal {f.min_normal:.3g}, min subnormal {f.min_subnormal:.3g}")
 
 
-def plot_heatmap(formats, lrs, table, path: pathlib.Path, title: str) -> None:
+def plot_heatmap(formats, lrs, table, path: pathlib.Path, title: str, control: Optional[str] = None) -> None:
+    """Two panels, format x learning rate: the fraction of seeds that stayed stable (k/n), and the mean final eval
+    loss of the finished runs (with the difference to ``control`` at the same learning rate)."""
+    import matplotlib
     import numpy as np
 
-    grid = np.full((len(formats), len(lrs)), np.nan)
-    for i, fmt in enumerate(formats):
-        for j, lr in enumerate(lrs):
-            if table[fmt, lr]["fraction"] is not None:
-                grid[i, j] = table[fmt, lr]["fraction"]
-    fig = _figure(1.6 + 1.5 * len(lrs), 1.2 + 0.55 * len(formats))
-    ax = fig.add_subplot()
-    cmap = __import__("matplotlib").colormaps["RdYlGn"].with_extremes(bad="#dddddd")
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    fraction = np.full((len(formats), len(lrs)), np.nan)
+    loss = np.full((len(formats), len(lrs)), np.nan)
     for i, fmt in enumerate(formats):
         for j, lr in enumerate(lrs):
             t = table[fmt, lr]
-            text = "n/a" if t["fraction"] is None else f"{t['stable']}/{t['finished']}"
-            if t["eval_loss"] is not None:
-                text += f"\n{t['eval_loss']:.3f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
-    ax.set_yticks(range(len(formats)), formats)
-    ax.set(xlabel="peak learning rate", ylabel="format", title=title)
-    fig.colorbar(image, ax=ax, label="fraction of seeds stable")
+            if t["fraction"] is not None:
+                fraction[i, j] = t["fraction"]
+            if t["eval_loss_all"] is not None:
+                loss[i, j] = t["eval_loss_all"]
+    fig = _figure(2.4 + 3.0 * len(lrs), 1.3 + 0.55 * len(formats))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    image = left.imshow(np.ma.masked_invalid(fraction), aspect="auto", vmin=0.0, vmax=1.0,
+                        cmap=matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd"))
+    fig.colorbar(image, ax=left, label="fraction of seeds stable")
+    finite = loss[np.isfinite(loss)]
+    image = right.imshow(np.ma.masked_invalid(loss), aspect="auto",
+                         cmap=matplotlib.colormaps["viridis_r"].with_extremes(bad="#dddddd"),
+                         vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+    fig.colorbar(image, ax=right, label="final eval loss (mean over finished seeds)")
+    for i, fmt in enumerate(formats):
+        for j, lr in enumerate(lrs):
+            t = table[fmt, lr]
+            left.text(j, i, "n/a" if t["fraction"] is None else f"{t['stable']}/{t['finished']}", ha="center",
+                      va="center", fontsize=8)
+            if t["eval_loss_all"] is None:
+                continue
+            text = f"{t['eval_loss_all']:.3f}"
+            base = table.get((control, lr), {}).get("eval_loss_all") if control else None
+            if base is not None and fmt != control:
+                text += f"\n{t['eval_loss_all'] - base:+.3f}"
+            shade = (t["eval_loss_all"] - finite.min()) / max(1e-9, finite.max() - finite.min())
+            right.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if shade > 0.6 else "black")
+    for ax, name in ((left, "stable seeds"), (right, "final eval loss" + (f" (vs {control})" if control else ""))):
+        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+        ax.set_yticks(range(len(formats)), formats)
+        ax.set(xlabel="peak learning rate", title=name)
+    left.set_ylabel("format")
+    fig.suptitle(title)
     _save_png(fig, path)
 
 
@@ -163,7 +185,8 @@ def write_report(root: pathlib.Path, settings, thresholds, formats: list[str], l
     curves = {r["name"]: read_metrics(root / "runs" / r["name"] / "metrics.jsonl") for r in results}
     seeds = sorted({r["seed"] for r in results})
     title = f"{settings.model}, {settings.steps} steps, {len(seeds)} seed(s), scaling {settings.scaling}"
-    plot_heatmap(formats, lrs, table, root / "heatmap.png", title)
+    control = next((f for f in formats if f in ("bf16", "fp8", "coat")), None)
+    plot_heatmap(formats, lrs, table, root / "heatmap.png", title, control)
     has_curves = any(curves.values())
     if has_curves:
         plot_curves(formats, lrs, results, curves, "loss", root / "loss_curves.png",
@@ -208,7 +231,9 @@ def write_report(root: pathlib.Path, settings, thresholds, formats: list[str], l
         stable = sum(table[fmt, lr]["stable"] for lr in lrs)
         finished = sum(table[fmt, lr]["finished"] for lr in lrs)
         lines.append(f"| {fmt} | " + " | ".join(row) + f" | {stable}/{finished} |")
-    lines += ["", "![stability heat-map](heatmap.png)", ""]
+    lines += ["", "Left: stable seeds / finished seeds.  Right: mean final eval loss of all finished runs"
+              + (f" and its difference to `{control}` at the same learning rate" if control else "") + ".", "",
+              "![stability heat-map](heatmap.png)", ""]
     if has_curves:
         lines += ["## Curves", "", "Training loss (moving mean over steps/50 steps; x = divergence detected):", "",
                   "![loss curves](loss_curves.png)", "",
