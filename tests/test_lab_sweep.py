@@ -165,6 +165,12 @@ def test_changed_settings_need_a_new_directory(tmp_path, fake):
     run_sweep(["bf16"], [0.01], 1, SweepSettings(steps=6), out, overwrite=True, launch=make(scenario),
               log=lambda m: None)
     assert len(calls) == 1
+    # --report-only keeps the command that trained the runs in the report
+    run_sweep(["bf16"], [0.01], 1, SweepSettings(steps=6), out, command="fp8train sweep --first", launch=make(scenario),
+              log=lambda m: None)
+    run_sweep(["bf16"], [0.01], 1, SweepSettings(steps=6), out, report_only=True, command="fp8train sweep --again",
+              log=lambda m: None)
+    assert "fp8train sweep --first" in (tmp_path / "sw" / "report.md").read_text()
     # a wider grid with the same settings only runs the new cells
     calls.clear()
     run_sweep(["bf16", "e4m3"], [0.01], 1, SweepSettings(steps=6), out, launch=make(scenario), log=lambda m: None)

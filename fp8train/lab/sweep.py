@@ -322,6 +322,8 @@ def run_sweep(formats: list[str], lrs: list[float], seeds: int, settings: SweepS
         for name in ("runs", "logs"):
             shutil.rmtree(root / name, ignore_errors=True)
     grid = make_grid(formats, lrs, seeds, first_seed)
+    if report_only and saved is not None and saved.get("command"):
+        command = saved["command"]  # the report shows the command that trained the runs
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "sweep.json", {"settings": dataclasses.asdict(settings), "formats": formats,
                                             "lrs": lrs, "seeds": seeds, "first_seed": first_seed,
