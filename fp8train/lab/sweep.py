@@ -363,6 +363,8 @@ def _run_cells(todo: list[Cell], run_dirs: dict, settings: SweepSettings, root: 
                thresholds: Thresholds, jobs: Optional[int], log, launch) -> bool:
     """Run ``todo`` with at most ``jobs`` processes at a time; True when interrupted."""
     cores = available_cores()
+    if jobs is None and settings.device != "cpu":
+        jobs = 1  # runs on one GPU would compete for its memory; --jobs N asks for more
     jobs = max(1, min(jobs or cores, len(todo)))
     env = _child_env(max(1, cores // jobs))
     log(f"sweep: {jobs} parallel run(s), {env['OMP_NUM_THREADS']} thread(s) each; logs in {root / 'logs'}")
@@ -472,7 +474,8 @@ def register(subparsers) -> None:
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ... (default 0)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per run (default {d.steps})")
     p.add_argument("--out", required=True, help="sweep directory")
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: min(CPU cores, cells to run))")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel runs (default: min(CPU cores, cells to run) on CPU, 1 with --device cuda/auto)")
     g = p.add_argument_group("what is simulated")
     g.add_argument("--scaling", default=d.scaling, help="none | tensor | row | 1x16 | 1x128 (default tensor)")
     g.add_argument("--operands", default=d.operands,
