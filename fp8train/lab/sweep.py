@@ -67,6 +67,7 @@ class SweepSettings:
     scaling: str = "tensor"
     operands: str = "activations,weights,gradients"
     grad_format: Optional[str] = None
+    include_lm_head: bool = False
     data: Optional[str] = None
     cache_dir: Optional[str] = None
     tokenizer_train_bytes: Optional[int] = None
@@ -137,6 +138,8 @@ def cell_argv(cell: Cell, settings: SweepSettings, run_dir: pathlib.Path, resume
         argv += ["--recipe", cell.format]
     else:
         argv += ["--recipe", "bf16", "--simulate-format", spec, "--simulate-scaling", s.scaling]
+        if s.include_lm_head:
+            argv += ["--simulate-lm-head"]
     argv += shlex.split(s.train_args)
     argv += ["--resume"] if resume else ["--overwrite"]
     return argv
@@ -311,9 +314,11 @@ def run_sweep(formats: list[str], lrs: list[float], seeds: int, settings: SweepS
     check_settings(formats, lrs, seeds, settings)
     root = pathlib.Path(out)
     saved = _read_json(root / "sweep.json")
-    if saved is not None and saved.get("settings") != dataclasses.asdict(settings):
+    # settings added in later versions take their defaults, so older sweeps stay resumable
+    saved_settings = {**dataclasses.asdict(SweepSettings()), **saved["settings"]} if saved else None
+    if saved is not None and saved_settings != dataclasses.asdict(settings):
         if not overwrite:
-            changed = sorted(k for k, v in dataclasses.asdict(settings).items() if saved["settings"].get(k) != v)
+            changed = sorted(k for k, v in dataclasses.asdict(settings).items() if saved_settings.get(k) != v)
             raise SweepError(f"{root} holds a sweep with other training settings ({', '.join(changed)}); rerun with "
                              "the same settings to continue it, choose another --out, or pass --overwrite")
     if overwrite and not report_only:
@@ -481,6 +486,8 @@ def register(subparsers) -> None:
     g.add_argument("--operands", default=d.operands,
                    help="which GEMM inputs take the format (default activations,weights,gradients)")
     g.add_argument("--grad-format", default=None, help="gradients' format instead of the entry's (e.g. e5m2)")
+    g.add_argument("--include-lm-head", action="store_true", default=None,
+                   help="simulate the LM head too (default: it stays unrounded, as in the FP8 recipes)")
     g = p.add_argument_group("training (shared by every cell)")
     g.add_argument("--model", default=d.model, help=f"size preset (default {d.model})")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
