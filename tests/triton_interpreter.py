@@ -129,6 +129,21 @@ def check_rmsnorm():
                     dx, dw = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style)
                     dxr, dwr = ref.rmsnorm_backward(dy.to(yr.dtype), sr, w)
                     close(dx, dxr, dtype, scale=4)
+                    # fused residual add + norm (h = r + x is the norm's input)
+                    r = _inputs(shape, dtype, seed=5)
+                    h, y2, rstd2, copy2 = kernel.rmsnorm_forward(x, w, 1e-5, style, residual=r)
+                    hr, y2r, sr2 = ref.add_rmsnorm_forward(r, x, w, 1e-5, style=style)
+                    close(h, hr, dtype)
+                    close(y2, y2r, dtype, scale=2)
+                    close(rstd2, sr2.rstd, dtype, scale=2)  # h carries a rounding of its dtype
+                    close(copy2.amax.float(), sr2.x.amax.float(), torch.bfloat16)
+                    same_fp8(copy2.data, sr2.x.data, steps=2)
+                    h, (q, t), _, _ = kernel.rmsnorm_forward(x, w, 1e-5, style, residual=r, quantize_output=True,
+                                                             output_transpose=True)
+                    _, (qr, tr), _ = ref.add_rmsnorm_forward(r, x, w, 1e-5, style=style, quantize_output=True,
+                                                             output_transpose=True)
+                    close(h, hr, dtype)
+                    same_tensorwise(q, t, qr, tr, dtype)
                     dres = _inputs(shape, dtype, seed=4)
                     dx2, _ = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style, residual_grad=dres)
                     close(dx2, ref.rmsnorm_backward(dy.to(yr.dtype), sr, w, residual_grad=dres)[0], dtype, scale=4)
