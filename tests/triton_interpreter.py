@@ -103,6 +103,15 @@ def check_quantize():
                 same_fp8(t, r.data.reshape(-1, shape[-1]).t(), fmt)
                 given = quantize_tensorwise(x, fmt, amax=r.amax * 4)
                 same_fp8(given.data, quantize(x, fmt, "tensor", amax=r.amax * 4).data, fmt)
+    # NaN with every payload bit set (CUDA's canonical float32 NaN) and inf poison exactly their own group
+    x = _inputs((4, 64), torch.float32)
+    x.view(torch.int32)[1, 20] = 0x7FFFFFFF
+    x[2, 40] = float("-inf")
+    for scale_dtype in (torch.bfloat16, torch.float32):
+        out = quantize_groups(x, E4M3, 16, scale_dtype).dequantize()
+        bad = ~out.isfinite()
+        assert bool(bad[1, 16:32].all()) and bool(bad[2, 32:48].all()) and int(bad.sum()) == 32, scale_dtype
+    assert bool(quantize_tensorwise(x, E4M3).amax.isnan())
 
 
 def check_rmsnorm():
