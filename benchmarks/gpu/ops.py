@@ -80,11 +80,13 @@ def check_rmsnorm(report, shapes):
     from fp8train.kernels import force_reference
     from fp8train.nn import rmsnorm as op
 
-    for shape in shapes:
+    for i, shape in enumerate(shapes):
         x = bf16_input(shape)
         w = (1 + 0.2 * bf16_input(shape[-1:], seed=1).float().clamp(-3, 3)).to(torch.bfloat16)
         dy = bf16_input(shape, seed=2)
-        for style in op.STYLES:
+        # every style on the first shape; the hidden size is a compile-time constant, so later shapes (new
+        # compiles) check the Llama style only, to keep the area's GPU time down
+        for style in op.STYLES if i == 0 else ("llama",):
             y, saved = op.rmsnorm_forward(x, w, 1e-5, style=style)
             with force_reference():
                 yr, sr = op.rmsnorm_forward(x, w, 1e-5, style=style)
@@ -233,10 +235,10 @@ def check_no_recompiles(report):
     kernels = [kn._rmsnorm_fwd_kernel, kn._rmsnorm_apply_kernel, kn._rmsnorm_bwd_kernel, ka._activation_fwd_kernel,
                ka._activation_apply_kernel, ka._activation_bwd_kernel, kg._gated_fwd_kernel, kg._gated_apply_kernel,
                kg._gated_bwd_kernel, kg._gated_bwd_apply_kernel, kr._residual_add_kernel]
-    w = torch.ones(1024, dtype=torch.bfloat16, device="cuda")
+    w = torch.ones(4096, dtype=torch.bfloat16, device="cuda")  # the hidden size the checks compiled for
 
     def run_all(rows):
-        x = bf16_input((rows, 1024), seed=rows)
+        x = bf16_input((rows, 4096), seed=rows)
         for quantized in (False, True):
             y, s = rmsnorm_forward(x, w, 1e-5, quantize_output=quantized, output_transpose=quantized)
             add_rmsnorm_forward(x, x, w, 1e-5, quantize_output=quantized, output_transpose=quantized)
