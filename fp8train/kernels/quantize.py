@@ -61,7 +61,8 @@ def quantize_group_tile(x, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, 
     xg = tl.reshape(x, (BM, BN // G, G))
     bits = tl.max(tl.abs(xg).to(tl.int32, bitcast=True), axis=2)
     if ROUND_BF16:
-        bits = (bits + 0xFFFF) & -65536  # round the float32 bit pattern up to the next bfloat16
+        # round the float32 bit pattern up to the next bfloat16; NaN/inf keep theirs (0x7FFFFFFF would overflow)
+        bits = tl.where(bits < 0x7F800000, (bits + 0xFFFF) & -65536, bits)
     amax = bits.to(tl.float32, bitcast=True)
     inv = encode_multiplier(amax, FMAX)
     q = saturate(xg * inv[:, :, None], FMAX)
