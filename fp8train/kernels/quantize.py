@@ -29,6 +29,7 @@ from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 __all__ = ["quantize_groups", "quantize_tensorwise", "as_rows", "partials_capacity", "tensorwise_amax",
            "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise", "BLOCK_P"]
 
+E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
 BLOCK_P = 1024  # most partial maxima a kernel reduces in its prologue (see partials_capacity)
 
 
