@@ -72,7 +72,9 @@ def _check_close(report, name, got, ref, tol=2**-7):
 
 
 def _check_ulp(report, name, got, ref):
-    ok, worst = ulp_ok(got, ref)
+    # Llama-style norms round twice (x * rstd to the input dtype, then times the weight): a different fp32
+    # reduction order for rstd can move the first rounding by one ulp and the output by up to two.
+    ok, worst = ulp_ok(got, ref, ulps=2.0)
     report.check(name, ok and got.dtype == ref.dtype, worst_ulps=round(worst, 3), dtype=str(got.dtype))
 
 
