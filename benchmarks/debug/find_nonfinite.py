@@ -36,6 +36,14 @@ def diagnose(name):
     done = []
 
     def hook(module, grad_input, grad_output):
+        if grad_input[0] is not None and not done:
+            dy_ = _last_grad[id(module)].float()
+            exact = dy_.reshape(-1, dy_.shape[-1]) @ module.weight.detach().float()
+            got = grad_input[0].float().reshape(exact.shape)
+            rel = float((got - exact).norm() / exact.norm().clamp_min(1e-30))
+            if rel > 0.2 or not torch.isfinite(got).all():
+                print(f"DGRAD-OFF {name}: rel err {rel:.3g} |dy| {float(dy_.abs().max()):.3g} "
+                      f"|got| {float(got.abs().max()):.3g} |exact| {float(exact.abs().max()):.3g}", flush=True)
         if done or grad_input[0] is None or torch.isfinite(grad_input[0]).all():
             return
         done.append(True)
