@@ -44,7 +44,7 @@ def diagnose(name):
             if rel > 0.2 or not torch.isfinite(got).all():
                 print(f"DGRAD-OFF {name}: rel err {rel:.3g} |dy| {float(dy_.abs().max()):.3g} "
                       f"|got| {float(got.abs().max()):.3g} |exact| {float(exact.abs().max()):.3g}", flush=True)
-        if done or grad_input[0] is None or torch.isfinite(grad_input[0]).all():
+        if done or grad_input[0] is None:
             return
         done.append(True)
         dy = _last_grad[id(module)]
@@ -71,6 +71,15 @@ def diagnose(name):
             dx_mm = torch._scaled_mm(q.data, wq_t.t(), scale_a=q.scale.float().reshape(()),
                                      scale_b=wq.scale.float().reshape(()), out_dtype=torch.bfloat16)
             describe(f"{label} dx (_scaled_mm)", dx_mm)
+            exact = dy.float() @ module.weight.detach().float()
+            for tag, val in (("fp32 matmul", dx), ("_scaled_mm", dx_mm), ("module grad_input", grad_input[0])):
+                val = val.float().reshape(exact.shape)
+                print(f"   {label} {tag} rel err vs exact: {float((val - exact).norm() / exact.norm()):.3g}", flush=True)
+            deq = q.dequantize(torch.float32)
+            print(f"   {label} dy dequant rel err: {float((deq - dy.float()).norm() / dy.float().norm()):.3g}; "
+                  f"w dequant rel err: {float((wq.dequantize(torch.float32) - module.weight.float()).norm() / module.weight.float().norm()):.3g}; "
+                  f"data_t == data.T: {bool(torch.equal(q_t.float(), q.data.float().t()))} "
+                  f"{bool(torch.equal(wq_t.float(), wq.data.float().t()))}", flush=True)
 
     return hook
 
