@@ -107,7 +107,9 @@ def store_tensorwise(vals, inv, rows, cols, M, N, out_ptr, stride_out, out_t_ptr
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :],
                  q.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_T:
-        q_t = tl.trans(q.to(out_t_ptr.dtype.element_ty))
+        # transpose the float32 tile, then cast: transposing the 8-bit tile scrambled it on an H200 when the
+        # tile came from a float32 load (Triton 3.6; bf16 loads were fine) -- see benchmarks/gpu/quant.py
+        q_t = tl.trans(q).to(out_t_ptr.dtype.element_ty)
         tl.store(out_t_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], q_t, mask=tl.trans(mask))
 
 
