@@ -41,9 +41,14 @@ CONFIGS = {
     "fp8train_fp8_compiled": ("fp8", "torch", True),
     "fp8train_coat": ("coat", "fp8train", False),
     "fp8train_coat_compiled": ("coat", "fp8train", True),
+    # the memory levers beyond COAT: chunked loss, bf16 parameters with stochastic rounding (no fp32 master
+    # copy, bf16 gradients)
+    "fp8train_coat_lean": ("coat-lean", "fp8train", False),
+    "fp8train_coat_lean_compiled": ("coat-lean", "fp8train", True),
 }
+LEAN_OPTIONS = {"master": "bf16", "optimizer": {"master_weights": "bf16_stochastic"}}
 DEFAULT_CONFIGS = ["bf16_eager", "bf16_compiled", "torchao_float8_compiled", "torchao_float8_adamwfp8_compiled",
-                   "fp8train_fp8", "fp8train_coat", "fp8train_coat_compiled"]
+                   "fp8train_fp8", "fp8train_coat", "fp8train_coat_compiled", "fp8train_coat_lean"]
 
 
 def build_model(shape: str, *, master_dtype=None):
@@ -101,6 +106,8 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
     import torch
 
     recipe, optimizer_kind, compiled = CONFIGS[name]
+    if name.startswith("fp8train_coat_lean"):
+        master, optimizer_options = LEAN_OPTIONS["master"], {**LEAN_OPTIONS["optimizer"], **(optimizer_options or {})}
     row = {"name": name, "model": shape, "batch": batch, "seq": seq}
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()

@@ -43,6 +43,10 @@ class Recipe:
     fast path for decoder blocks whose structure it recognizes; ``recompute_gated_product`` makes the fast
     path's MLP rebuild act(gate) * up from the saved FP8 gate/up in backward instead of saving its FP8 copy.
 
+    Loss: ``chunked_loss`` -- compute a causal LM's training loss with the chunked fused lm_head +
+    cross-entropy (:mod:`fp8train.nn.chunked_cross_entropy`), so the vocabulary-sized logits are never
+    materialised; calls that pass ``labels`` then return ``logits=None``.
+
     Module selection: ``keep_bf16`` -- name patterns (globs, matched against the full module name and its
     last component) that are never converted; embeddings, the attention core and output heads stay bf16.
     """
@@ -60,6 +64,7 @@ class Recipe:
     fast_accumulation: bool = False
     recompute_gated_product: bool = True
     keep_bf16: tuple = ("lm_head", "score", "classifier", "qa_outputs")
+    chunked_loss: bool = False
 
     def __post_init__(self):
         from .formats import E5M2, Minifloat, parse_format
@@ -85,7 +90,7 @@ class Recipe:
 
     @property
     def is_noop(self) -> bool:
-        return not self.fp8_linears and not self.compress_activations
+        return not self.fp8_linears and not self.compress_activations and not self.chunked_loss
 
     @property
     def per_tensor(self) -> bool:
@@ -107,6 +112,9 @@ PRESETS = {
     "bf16": Recipe(name="bf16", fp8_linears=False, compress_activations=False),
     "fp8": Recipe(name="fp8", fp8_linears=True, compress_activations=False),
     "coat": Recipe(name="coat", fp8_linears=True, compress_activations=True),
+    # coat without the logits buffer; pair it with bf16 parameters and
+    # fp8train.AdamW(master_weights="bf16_stochastic") for the smallest footprint
+    "coat-lean": Recipe(name="coat-lean", fp8_linears=True, compress_activations=True, chunked_loss=True),
     "fp8-block": Recipe(name="fp8-block", fp8_linears=True, compress_activations=False,
                         input_granularity="1x128", weight_granularity="128x128", grad_granularity="1x128",
                         grad_format="e4m3"),

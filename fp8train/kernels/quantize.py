@@ -107,9 +107,7 @@ def store_tensorwise(vals, inv, rows, cols, M, N, out_ptr, stride_out, out_t_ptr
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :],
                  q.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_T:
-        # transpose the float32 tile, then cast: transposing the 8-bit tile scrambled it on an H200 when the
-        # tile came from a float32 load (Triton 3.6; bf16 loads were fine) -- see benchmarks/gpu/quant.py
-        q_t = tl.trans(q).to(out_t_ptr.dtype.element_ty)
+        q_t = tl.trans(q.to(out_t_ptr.dtype.element_ty))
         tl.store(out_t_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], q_t, mask=tl.trans(mask))
 
 
@@ -259,6 +257,12 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
         num = 1
     else:
         partials, num = tensorwise_amax(x2)
+    # The in-kernel transposed store scrambles tiles loaded from float32 inputs (seen on an H200 with Triton 3.6,
+    # whichever side of the FP8 cast the transpose is on; bf16 inputs are right): for float32 inputs -- the
+    # master weights -- transpose the 1-byte result with torch instead (cheap next to the float32 read).
+    transpose_after = with_transpose and x2.dtype == torch.float32
+    if transpose_after:
+        with_transpose, write_rowmajor, keep_rowmajor = False, True, write_rowmajor
     amax_out = torch.empty((), dtype=torch.float32, device=x.device)
     data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=x.device) if with_transpose else None
@@ -269,6 +273,11 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
                                       data_t if data_t is not None else amax_out, M, N,
                                       BM=bm, BN=bn, BLOCK_P=BLOCK_P, FMAX=fmax, WRITE_ROW=write_rowmajor,
                                       WRITE_T=with_transpose, num_warps=8)
+    if transpose_after:
+        data_t = data.reshape(M, N).t().contiguous()
+        q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax_out, fmt=fmt, granularity=PER_TENSOR,
+                            shape=x.shape, dtype=x.dtype)
+        return q, data_t
     q = QuantizedTensor(data=data, amax=amax_out, fmt=fmt, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype)
     return (q, data_t) if with_transpose else q
 
