@@ -21,6 +21,7 @@ updated normally.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import warnings
@@ -339,7 +340,7 @@ class AdamW(torch.optim.Optimizer):
                                      "options (or start its state from scratch)")
             index_to_param.update(zip(saved["params"], group["params"]))
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        new_state: dict = {}
+        new_state: dict = collections.defaultdict(dict)  # like torch: step() adds state for new params
         for index, saved_state in state_dict["state"].items():
             if index not in index_to_param:
                 raise ValueError(f"the state dict has state for parameter index {index}, which no group lists")
