@@ -9,6 +9,8 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     torchao_float8_adamwfp8[_compiled]         ... plus torchao's AdamWFp8
     fp8train_fp8[_compiled]                    fp8train.convert(recipe="fp8") + torch AdamW(fused)
     fp8train_coat[_compiled]                   fp8train.convert(recipe="coat") + fp8train.AdamW
+    fp8train_coat_lean[_compiled]              ... "coat-lean" (chunked loss) on bf16 params + stochastic rounding
+    <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
 Rows: ``{name, batch, seq, tokens_per_s, peak_memory_bytes}`` (+ ``status`` and ``error`` when a
 configuration failed, e.g. ``"oom"``).
@@ -105,7 +107,10 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
     """Train ``steps`` timed steps of one configuration in this process; return its row."""
     import torch
 
-    recipe, optimizer_kind, compiled = CONFIGS[name]
+    graphed = name.endswith("_graphed")
+    recipe, optimizer_kind, compiled = CONFIGS[name.removesuffix("_graphed")]
+    if graphed and compiled:
+        raise ValueError(f"{name}: a configuration is either compiled or CUDA-graphed, not both")
     if name.startswith("fp8train_coat_lean"):
         master, optimizer_options = LEAN_OPTIONS["master"], {**LEAN_OPTIONS["optimizer"], **(optimizer_options or {})}
     row = {"name": name, "model": shape, "batch": batch, "seq": seq}
@@ -125,6 +130,16 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
+    if graphed:
+        from .cuda_graphs import GraphedStep
+
+        graph = GraphedStep(model, lambda m, b: m(**b).loss, {"input_ids": tokens, "labels": tokens})
+
+        def step():  # noqa: F811 - the graphed variant of the same step
+            loss = graph({"input_ids": tokens, "labels": tokens})
+            opt.step()
+            return loss
 
     for _ in range(warmup):
         loss = step()
@@ -176,7 +191,7 @@ def bench(args) -> list[dict]:
         raise SystemExit("fp8train bench needs a CUDA GPU (it measures GPU throughput and memory); none is visible")
     rows = []
     for name in [c for c in args.configs.split(",") if c]:
-        if name not in CONFIGS:
+        if name.removesuffix("_graphed") not in CONFIGS:
             raise SystemExit(f"unknown bench configuration {name!r}; choose from {', '.join(CONFIGS)}")
         row = run_isolated(name, args)
         rows.append(row)
