@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     smoke = sub.add_parser("smoke", help="quick check that the library works on this machine")
     smoke.set_defaults(func=_smoke)
+    from . import export
+
+    export.register(sub)
     return parser
 
 

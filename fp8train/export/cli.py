@@ -1,0 +1,152 @@
+"""``fp8train export`` and ``fp8train eval`` (registered in fp8train/cli.py).  Imports torch only when run.
+
+    fp8train export RUN_DIR_OR_MODEL_DIR --format fp8-dynamic --out DIR [--overwrite]
+    fp8train export MODEL_DIR --format w4a16 --out DIR --calibration-data corpus/ --calibration-samples 128
+    fp8train eval EXPORT_DIR --data eval.txt                      # perplexity of a checkpoint (simulated)
+    fp8train eval MODEL_DIR --data eval.txt --formats all --calibration-data train/ --report-out report.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+FORMATS = ("fp8-dynamic", "w8a8-int8", "w4a16", "w4a8-fp")
+
+
+def register(subparsers) -> None:
+    exp = subparsers.add_parser("export", help="quantize a trained model into a compressed-tensors checkpoint",
+                                description="Quantize a model (run directory or Hugging Face model directory) for "
+                                            "inference and write a compressed-tensors checkpoint (vLLM, transformers).")
+    exp.add_argument("model", help="run directory or model directory (config.json + *.safetensors)")
+    exp.add_argument("--format", required=True, choices=FORMATS, help="export format")
+    exp.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _calibration_args(exp)
+    exp.add_argument("--method", choices=("rtn", "gptq"), default=None,
+                     help="weight rounding: rtn or gptq (default: gptq for 4-bit formats when calibration data is given)")
+    exp.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                     help="apply SmoothQuant with this migration strength first (e.g. 0.8; formats with quantized activations)")
+    exp.add_argument("--lorc-rank", type=int, default=0, help="low-rank error compensation rank (0: off)")
+    exp.add_argument("--group-size", type=int, default=None, help="w4a16 group size (default 128)")
+    exp.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
+    exp.add_argument("--damping", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H)")
+    exp.add_argument("--quantize-lm-head", action="store_true", help="quantize the output projection too")
+    exp.add_argument("--quantize-embeddings", action="store_true", help="quantize the embedding table (weight-only)")
+    exp.add_argument("--eval-data", default=None,
+                     help="text file/dir or .pt of token ids: measure bf16 and exported perplexity after export")
+    exp.add_argument("--seq-len", type=int, default=256, help="window length for --eval-data")
+    exp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    exp.set_defaults(func=_run_export)
+
+    ev = subparsers.add_parser("eval", help="perplexity of an exported (or bf16) model under simulated quantization",
+                               description="Eval-split perplexity: of an exported checkpoint as the runtime computes "
+                                           "it, or of a model quantized in memory to one or more formats.")
+    ev.add_argument("model", help="export directory, model directory or run directory")
+    ev.add_argument("--data", required=True, help="evaluation text (file or directory) or .pt of token ids")
+    ev.add_argument("--formats", default="",
+                    help="comma-separated formats to compare with bf16, or 'all' for the full report "
+                         "(FP8 vs INT8, RTN vs GPTQ, FP4 scale rules, LoRC); empty: evaluate the model as it is")
+    _calibration_args(ev)
+    ev.add_argument("--seq-len", type=int, default=256, help="evaluation window length in tokens")
+    ev.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--report-out", default=None, help="write a markdown report here")
+    ev.add_argument("--json-out", default=None, help="write the results as JSON here")
+    ev.add_argument("--device", default=None)
+    ev.set_defaults(func=_run_eval)
+
+
+def _calibration_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calibration-data", default=None,
+                        help="text file/dir or .pt of token ids to draw calibration samples from (the training corpus)")
+    parser.add_argument("--calibration-samples", type=int, default=128, help="number of calibration sequences")
+    parser.add_argument("--calibration-seq-len", type=int, default=512, help="tokens per calibration sequence")
+
+
+def _device(name):
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _calibration(args, model_dir):
+    """Calibration token ids from --calibration-data (random windows, fixed seed), or None."""
+    if args.calibration_data is None:
+        return None
+    from .io import load_tokenizer, load_tokens, token_windows
+
+    tokenizer = None if str(args.calibration_data).endswith(".pt") else load_tokenizer(model_dir)
+    ids = load_tokens(args.calibration_data, tokenizer,
+                      max_tokens=max(args.calibration_samples * args.calibration_seq_len * 20, 1 << 20))
+    return token_windows(ids, args.calibration_seq_len, args.calibration_samples, seed=0)
+
+
+def _run_export(args) -> int:
+    from .exporter import export
+    from .io import find_model_dir, load_source_model
+
+    model_dir = find_model_dir(args.model)
+    model = load_source_model(model_dir, _device(args.device))
+    calibration = _calibration(args, model_dir)
+    info = export(model, args.out, args.format, calibration=calibration, overwrite=args.overwrite, method=args.method,
+                  smoothquant=args.smoothquant, lorc_rank=args.lorc_rank,
+                  group_size=args.group_size if args.group_size else "keep", act_order=args.act_order,
+                  damping=args.damping, quantize_lm_head=args.quantize_lm_head,
+                  quantize_embeddings=args.quantize_embeddings, copy_from=model_dir)
+    print(f"wrote {info['path']}: {args.format} ({info['method']}), {info['quantized_layers']} layers quantized, "
+          f"{len(info['skipped'])} kept in bf16, {info['seconds']} s")
+    for name, reason in info["skipped"].items():
+        print(f"  kept in bf16: {name}: {reason}")
+    if args.eval_data:
+        from .io import load_tokenizer, load_tokens, token_windows
+        from .quality import evaluate
+
+        tokenizer = None if args.eval_data.endswith(".pt") else load_tokenizer(model_dir)
+        tokens = token_windows(load_tokens(args.eval_data, tokenizer), args.seq_len)
+        base = evaluate(model, tokens)
+        ours = evaluate(info["path"], tokens)
+        delta = ours["perplexity"] / base["perplexity"] - 1
+        print(f"perplexity: bf16 {base['perplexity']:.4f}, {args.format} {ours['perplexity']:.4f} ({100 * delta:+.2f}%)")
+    return 0
+
+
+def _run_eval(args) -> int:
+    from .io import find_model_dir, load_source_model, load_tokenizer, load_tokens, token_windows
+    from .quality import activation_error_table, compare, default_variants, evaluate, report_markdown, Variant
+
+    model_dir = find_model_dir(args.model)
+    tokenizer = None if args.data.endswith(".pt") else load_tokenizer(model_dir)
+    tokens = token_windows(load_tokens(args.data, tokenizer), args.seq_len, args.max_windows)
+    is_export = "quantization_config" in json.loads((model_dir / "config.json").read_text())
+    if is_export or not args.formats:
+        if args.formats:
+            raise SystemExit(f"{model_dir} is already quantized; --formats compares formats of an unquantized model")
+        result = evaluate(str(model_dir), tokens, batch_size=args.batch_size)
+        print(f"{result['format']}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f}, "
+              f"{result['tokens']} tokens)")
+        results = [result]
+    else:
+        model = load_source_model(model_dir, _device(args.device))
+        calibration = _calibration(args, model_dir)
+        if args.formats.strip() == "all":
+            variants = default_variants()
+        else:
+            names = [f.strip() for f in args.formats.split(",") if f.strip()]
+            unknown = [n for n in names if n not in FORMATS]
+            if unknown:
+                raise SystemExit(f"unknown format(s) {unknown}: choose from {', '.join(FORMATS)} or 'all'")
+            variants = [Variant("bf16")] + [Variant(n, n, {"method": "rtn"} if calibration is None else {})
+                                            for n in names]
+        results = compare(model, tokens, variants, calibration=calibration, batch_size=args.batch_size)
+        if args.report_out:
+            table = activation_error_table(model, tokens[: min(8, tokens.shape[0])])
+            command = "fp8train " + " ".join(sys.argv[1:]) if sys.argv and "fp8train" in sys.argv[0] else ""
+            text = report_markdown(results, command=command, activation_rows=table)
+            pathlib.Path(args.report_out).write_text(text)
+            print(f"wrote {args.report_out}")
+    if args.json_out:
+        pathlib.Path(args.json_out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
