@@ -242,3 +242,75 @@ def test_run_directory_picks_the_model_inside(model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a model directory"):
         find_model_dir(tmp_path / "run" / "checkpoints")
     assert isinstance(load(run / "final"), torch.nn.Module)  # a plain model directory loads as bf16 values
+
+
+# -- fp8train train run directories --------------------------------------------------------------------------
+
+def _fake_run(tmp_path, train_settings=None):
+    """A run directory in the layout of ``fp8train train``: config.json, tokenizer.json, checkpoints/step_*/."""
+    from safetensors.torch import save_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    run = tmp_path / "run"
+    model = tiny_llama(vocab=300)
+    step = run / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    save_model(model, str(step / "model.safetensors"))
+    size = (step / "model.safetensors").stat().st_size
+    (step / "manifest.json").write_text(json.dumps({"format": 1, "step": 10,
+                                                    "files": {"model.safetensors": size}}))
+    damaged = run / "checkpoints" / "step_00000020"  # killed mid-save: no manifest
+    damaged.mkdir()
+    (damaged / "model.safetensors").write_bytes(b"partial")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x\n"] * 50, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(run / "tokenizer.json"))
+    settings = {"seq_len": 32, "vocab_size": 300, **(train_settings or {})}
+    (run / "config.json").write_text(json.dumps({"train": settings, "model": model.config.to_dict(),
+                                                 "parameters": 1}))
+    return run, model
+
+
+def test_export_from_a_run_directory_uses_its_newest_complete_checkpoint(tmp_path):
+    from transformers import AutoTokenizer
+
+    from fp8train.export.io import open_source
+
+    run, model = _fake_run(tmp_path)
+    with pytest.warns(UserWarning, match="step_00000020"):
+        source = open_source(run)
+    assert source.kind == "run" and source.weights.parent.name == "step_00000010"
+    loaded = source.load_model()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with _quiet():
+        info = export(run, tmp_path / "out", "fp8-dynamic")
+    assert info["source"]["kind"] == "run"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")  # tokenizer.json + a generated tokenizer_config
+    assert tokenizer.decode(tokenizer("def f(x):")["input_ids"]) == "def f(x):"
+    with pytest.raises(FileNotFoundError, match="without a complete checkpoint"):
+        (run / "checkpoints" / "step_00000010" / "manifest.json").unlink()
+        with _quiet():
+            open_source(run)
+
+
+def test_run_directory_corpus_gives_calibration_and_eval_tokens(tmp_path, capsys):
+    pytest.importorskip("fp8train.train.data")
+    from fp8train.cli import main
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for i in range(40):
+        (data / f"m{i}.py").write_text(f"def f{i}(a, b):\n    return a * {i} + b\n" * 20)
+    run, _ = _fake_run(tmp_path, {"data": str(data), "text_field": "text", "eval_fraction": 0.2,
+                                  "tokenizer_train_bytes": 100000, "cache_dir": str(tmp_path / "cache")})
+    with _quiet():
+        assert main(["export", str(run), "--format", "w4a16", "--out", str(tmp_path / "w4"),
+                     "--calibration-samples", "4"]) == 0
+        info = json.loads((tmp_path / "w4" / "fp8train_export.json").read_text())
+        assert info["method"] == "gptq" and info["calibration"] == {"samples": 4, "tokens": 4 * 32}
+        assert main(["eval", str(tmp_path / "w4"), "--max-windows", "4"]) == 0  # the run's eval split
+    assert "checkpoint: perplexity" in capsys.readouterr().out

@@ -128,6 +128,11 @@ def write_checkpoint(out_dir, *, config: dict, tensors: dict[str, torch.Tensor],
                 src = pathlib.Path(copy_from) / name
                 if src.is_file():
                     shutil.copy2(src, partial / name)
+            if (partial / "tokenizer.json").is_file() and not (partial / "tokenizer_config.json").is_file():
+                # a bare tokenizers file (fp8train runs save one): tell AutoTokenizer how to load it
+                (partial / "tokenizer_config.json").write_text(json.dumps(
+                    {"tokenizer_class": "PreTrainedTokenizerFast",
+                     "model_max_length": config.get("max_position_embeddings", 2048)}, indent=2) + "\n")
         (partial / EXPORT_INFO_FILE).write_text(json.dumps(export_info, indent=2, sort_keys=True) + "\n")
         (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # last
         _check_out_dir(out, overwrite)  # it may have appeared meanwhile

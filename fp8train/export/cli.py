@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     exp.add_argument("--quantize-embeddings", action="store_true", help="quantize the embedding table (weight-only)")
     exp.add_argument("--eval-data", default=None,
                      help="text file/dir or .pt of token ids: measure bf16 and exported perplexity after export")
-    exp.add_argument("--seq-len", type=int, default=256, help="window length for --eval-data")
+    exp.add_argument("--seq-len", type=int, default=None, help="window length for --eval-data (default 256)")
     exp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     exp.set_defaults(func=_run_export)
 
@@ -45,12 +45,15 @@ def register(subparsers) -> None:
                                description="Eval-split perplexity: of an exported checkpoint as the runtime computes "
                                            "it, or of a model quantized in memory to one or more formats.")
     ev.add_argument("model", help="export directory, model directory or run directory")
-    ev.add_argument("--data", required=True, help="evaluation text (file or directory) or .pt of token ids")
+    ev.add_argument("--data", default=None,
+                    help="evaluation text (file or directory) or .pt of token ids (default for an fp8train run, or "
+                         "an export of one: the run's eval split)")
     ev.add_argument("--formats", default="",
                     help="comma-separated formats to compare with bf16, or 'all' for the full report "
                          "(FP8 vs INT8, RTN vs GPTQ, FP4 scale rules, LoRC); empty: evaluate the model as it is")
     _calibration_args(ev)
-    ev.add_argument("--seq-len", type=int, default=256, help="evaluation window length in tokens")
+    ev.add_argument("--seq-len", type=int, default=None,
+                    help="evaluation window length in tokens (default: the run's seq_len, else 256)")
     ev.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--report-out", default=None, help="write a markdown report here")
@@ -61,9 +64,11 @@ def register(subparsers) -> None:
 
 def _calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-data", default=None,
-                        help="text file/dir or .pt of token ids to draw calibration samples from (the training corpus)")
+                        help="text file/dir or .pt of token ids to draw calibration samples from "
+                             "(default for an fp8train run: its training split)")
     parser.add_argument("--calibration-samples", type=int, default=128, help="number of calibration sequences")
-    parser.add_argument("--calibration-seq-len", type=int, default=512, help="tokens per calibration sequence")
+    parser.add_argument("--calibration-seq-len", type=int, default=None,
+                        help="tokens per calibration sequence (default: the run's seq_len, else 512)")
 
 
 def _device(name):
@@ -72,40 +77,63 @@ def _device(name):
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _calibration(args, model_dir):
-    """Calibration token ids from --calibration-data (random windows, fixed seed), or None."""
-    if args.calibration_data is None:
-        return None
-    from .io import load_tokenizer, load_tokens, token_windows
+def _calibration(args, source, needed: bool):
+    """Calibration token ids: random windows (seed 0) of --calibration-data, or of a run's training split."""
+    from .io import load_tokens, token_windows
 
-    tokenizer = None if str(args.calibration_data).endswith(".pt") else load_tokenizer(model_dir)
-    ids = load_tokens(args.calibration_data, tokenizer,
-                      max_tokens=max(args.calibration_samples * args.calibration_seq_len * 20, 1 << 20))
-    return token_windows(ids, args.calibration_seq_len, args.calibration_samples, seed=0)
+    seq_len = args.calibration_seq_len or (source.train or {}).get("seq_len") or 512
+    if args.calibration_data is not None:
+        tokenizer = None if str(args.calibration_data).endswith(".pt") else source.tokenizer()
+        ids = load_tokens(args.calibration_data, tokenizer,
+                          max_tokens=max(args.calibration_samples * seq_len * 20, 1 << 20))
+    elif needed and source.kind == "run":
+        ids, _ = source.corpus_split()
+    else:
+        return None
+    return token_windows(ids, seq_len, args.calibration_samples, seed=0)
+
+
+def _eval_tokens(args, source, export_info=None):
+    """Evaluation windows: --data, else the eval split of the run (or of the run an export was made from)."""
+    from .io import load_tokens, open_source, token_windows
+
+    if args.data is not None:
+        tokenizer = None if str(args.data).endswith(".pt") else source.tokenizer()
+        seq_len = args.seq_len or (source.train or {}).get("seq_len") or 256
+        return token_windows(load_tokens(args.data, tokenizer), seq_len, args.max_windows)
+    run = source
+    if source.kind != "run" and export_info and (export_info.get("source") or {}).get("kind") == "run":
+        run = open_source(export_info["source"]["path"])
+    if run.kind != "run":
+        raise SystemExit(f"{source.path} is not an fp8train run (nor exported from one): give --data")
+    _, held_out = run.corpus_split()
+    return token_windows(held_out, args.seq_len or run.train["seq_len"], args.max_windows)
 
 
 def _run_export(args) -> int:
     from .exporter import export
-    from .io import find_model_dir, load_source_model
+    from .io import open_source
+    from .schemes import get_scheme
 
-    model_dir = find_model_dir(args.model)
-    model = load_source_model(model_dir, _device(args.device))
-    calibration = _calibration(args, model_dir)
+    source = open_source(args.model)
+    model = source.load_model(_device(args.device))
+    scheme = get_scheme(args.format)
+    needed = (args.method or scheme.default_method) == "gptq" or args.smoothquant is not None
+    calibration = _calibration(args, source, needed)
     info = export(model, args.out, args.format, calibration=calibration, overwrite=args.overwrite, method=args.method,
                   smoothquant=args.smoothquant, lorc_rank=args.lorc_rank,
                   group_size=args.group_size if args.group_size else "keep", act_order=args.act_order,
                   damping=args.damping, quantize_lm_head=args.quantize_lm_head,
-                  quantize_embeddings=args.quantize_embeddings, copy_from=model_dir)
+                  quantize_embeddings=args.quantize_embeddings, copy_from=source.files_dir, source=source)
     print(f"wrote {info['path']}: {args.format} ({info['method']}), {info['quantized_layers']} layers quantized, "
           f"{len(info['skipped'])} kept in bf16, {info['seconds']} s")
     for name, reason in info["skipped"].items():
         print(f"  kept in bf16: {name}: {reason}")
     if args.eval_data:
-        from .io import load_tokenizer, load_tokens, token_windows
         from .quality import evaluate
 
-        tokenizer = None if args.eval_data.endswith(".pt") else load_tokenizer(model_dir)
-        tokens = token_windows(load_tokens(args.eval_data, tokenizer), args.seq_len)
+        args.data, args.max_windows = args.eval_data, None
+        tokens = _eval_tokens(args, source)
         base = evaluate(model, tokens)
         ours = evaluate(info["path"], tokens)
         delta = ours["perplexity"] / base["perplexity"] - 1
@@ -114,23 +142,29 @@ def _run_export(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from .io import find_model_dir, load_source_model, load_tokenizer, load_tokens, token_windows
-    from .quality import activation_error_table, compare, default_variants, evaluate, report_markdown, Variant
+    from .io import open_source
+    from .quality import Variant, activation_error_table, compare, default_variants, evaluate, report_markdown
 
-    model_dir = find_model_dir(args.model)
-    tokenizer = None if args.data.endswith(".pt") else load_tokenizer(model_dir)
-    tokens = token_windows(load_tokens(args.data, tokenizer), args.seq_len, args.max_windows)
-    is_export = "quantization_config" in json.loads((model_dir / "config.json").read_text())
-    if is_export or not args.formats:
+    source = open_source(args.model)
+    if source.quantized or not args.formats:
         if args.formats:
-            raise SystemExit(f"{model_dir} is already quantized; --formats compares formats of an unquantized model")
-        result = evaluate(str(model_dir), tokens, batch_size=args.batch_size)
+            raise SystemExit(f"{source.path} is already quantized; --formats compares formats of an unquantized model")
+        export_info = None
+        info_file = source.path / "fp8train_export.json"
+        if info_file.is_file():
+            export_info = json.loads(info_file.read_text())
+        tokens = _eval_tokens(args, source, export_info)
+        if source.kind == "run":
+            result = evaluate(source.load_model(_device(args.device)), tokens, batch_size=args.batch_size)
+        else:
+            result = evaluate(str(source.path), tokens, batch_size=args.batch_size)
         print(f"{result['format']}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f}, "
               f"{result['tokens']} tokens)")
         results = [result]
     else:
-        model = load_source_model(model_dir, _device(args.device))
-        calibration = _calibration(args, model_dir)
+        model = source.load_model(_device(args.device))
+        tokens = _eval_tokens(args, source)
+        calibration = _calibration(args, source, needed=True)
         if args.formats.strip() == "all":
             variants = default_variants()
         else:

@@ -319,16 +319,20 @@ def export(
     damping: float = 0.01,
     act_order: bool = False,
     copy_from=None,
+    source=None,
 ) -> dict:
     """Quantize ``model`` to ``format`` and write a compressed-tensors checkpoint to ``out_dir``.
 
-    ``model``: a Hugging Face causal LM (any dtype/device, fp8train-converted or not) or a model directory.
+    ``model``: a Hugging Face causal LM (any dtype/device, fp8train-converted or not), or a model directory or
+    ``fp8train train`` run directory (its newest checkpoint; the tokenizer files are copied along).
     ``format``: ``fp8-dynamic`` | ``w8a8-int8`` | ``w4a16`` | ``w4a8-fp``.
     ``calibration``: token ids (LongTensor [samples, tokens] or a list of 1-D tensors) for GPTQ / SmoothQuant.
     ``method``: ``rtn`` or ``gptq`` (default: GPTQ for the 4-bit formats when calibration is given).
     ``smoothquant``: alpha (e.g. 0.8) to apply SmoothQuant first (formats with quantized activations).
     ``lorc_rank``: rank of the low-rank error compensation (0: off).
     ``overwrite``: replace an existing ``out_dir`` (otherwise refused).
+    ``copy_from``: a directory whose tokenizer / generation-config files are copied into the export.
+    ``source``: the :class:`fp8train.export.io.Source` the model came from (recorded in the export info).
     Returns the export info (also written to ``fp8train_export.json``) with ``path`` added.
     """
     out = pathlib.Path(out_dir)
@@ -337,13 +341,17 @@ def export(
     if reason:
         raise ValueError(f"cannot write {format}: {reason}")
     if isinstance(model, (str, pathlib.Path)):
-        from .io import load_source_model
+        from .io import open_source
 
-        copy_from = copy_from or model
-        model = load_source_model(model)
+        source = open_source(model)
+        copy_from = copy_from or source.files_dir
+        model = source.load_model()
     qmodel = quantize_model(model, format, calibration=calibration, method=method, smoothquant=smoothquant,
                             lorc_rank=lorc_rank, group_size=group_size, quantize_lm_head=quantize_lm_head,
                             quantize_embeddings=quantize_embeddings, damping=damping, act_order=act_order)
+    if source is not None:
+        qmodel.info["source"] = {"path": str(source.path.resolve()), "kind": source.kind,
+                                 "weights": str(source.weights.resolve())}
     write_checkpoint(out, config=qmodel.checkpoint_config(), tensors=qmodel.checkpoint_tensors(),
                      export_info=qmodel.info, overwrite=overwrite, copy_from=copy_from)
     return {**qmodel.info, "path": str(out)}

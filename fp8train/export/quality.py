@@ -97,21 +97,20 @@ def evaluate(model, tokens: Optional[torch.Tensor] = None, format=None, *, calib
     started = time.time()
     info: dict = {}
     if isinstance(model, (str, pathlib.Path)):
-        from .io import find_model_dir, load_source_model, load_tokenizer, load_tokens, token_windows
+        from .io import load_tokens, open_source, token_windows
         from .simulate import load
 
-        model_dir = find_model_dir(model)
+        source = open_source(model)
         if tokens is None:
             if data is None:
                 raise ValueError("give tokens= (token ids) or data= (a text file/dir or .pt of token ids)")
-            ids = load_tokens(data, load_tokenizer(model_dir) if not str(data).endswith(".pt") else None)
+            ids = load_tokens(data, source.tokenizer() if not str(data).endswith(".pt") else None)
             tokens = token_windows(ids, seq_len, max_windows)
-        config_text = (model_dir / "config.json").read_text()
-        if format is None and "quantization_config" in config_text:
-            sim = load(model_dir)
-            info = {"format": "checkpoint", "path": str(model_dir)}
+        if format is None and source.quantized:
+            sim = load(source.path)
+            info = {"format": "checkpoint", "path": str(source.path)}
             return {**info, **perplexity(sim, tokens, batch_size), "seconds": round(time.time() - started, 2)}
-        model = load_source_model(model_dir)
+        model = source.load_model()
     if tokens is None:
         raise ValueError("give tokens= ([n, seq_len] token ids)")
     if format is None:
