@@ -198,8 +198,10 @@ def test_cli_export_and_eval(model_dir, tmp_path, capsys):
     assert "14 layers quantized" in printed and "(gptq)" in printed and "perplexity: bf16" in printed
     info = json.loads((out / "fp8train_export.json").read_text())
     assert info["calibration"] == {"samples": 4, "tokens": 256}
-    with pytest.raises(FileExistsError):
-        main(["export", str(path), "--format", "fp8-dynamic", "--out", str(out)])
+    capsys.readouterr()
+    assert main(["export", str(path), "--format", "fp8-dynamic", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "already exists" in err and "--overwrite" in err
     with _quiet():
         assert main(["eval", str(out), "--data", str(text), "--seq-len", "64"]) == 0
     assert "checkpoint: perplexity" in capsys.readouterr().out
@@ -211,18 +213,22 @@ def test_cli_export_and_eval(model_dir, tmp_path, capsys):
     assert len(json.loads((tmp_path / "r.json").read_text())) == 3
 
 
-def test_cli_rejects_unknown_formats_and_quantized_sources(model_dir, tmp_path):
+def test_cli_rejects_unknown_formats_and_quantized_sources(model_dir, tmp_path, capsys):
     from fp8train.cli import main
 
     path, text = model_dir
     with pytest.raises(SystemExit) as exc:
         main(["export", str(path), "--format", "int3", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
     export(load_model(path), tmp_path / "fp8", "fp8-dynamic")
-    with pytest.raises(ValueError, match="already quantized"):
-        main(["export", str(tmp_path / "fp8"), "--format", "w4a16", "--out", str(tmp_path / "y")])
-    with pytest.raises(SystemExit, match="unknown format"):
-        main(["eval", str(path), "--data", str(text), "--formats", "int3"])
+    assert main(["export", str(tmp_path / "fp8"), "--format", "w4a16", "--out", str(tmp_path / "y")]) == 1
+    assert "error:" in (err := capsys.readouterr().err) and "already quantized" in err
+    assert main(["eval", str(path), "--data", str(text), "--formats", "int3"]) == 1
+    assert "unknown format(s) ['int3']" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nowhere"), "--format", "w4a16", "--out", str(tmp_path / "y")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def load_model(path):

@@ -101,7 +101,7 @@ def quantization_config(scheme: Scheme, ignore: list[str], *, embeddings: bool =
 
 # -- writing ------------------------------------------------------------------------------------------
 
-def _check_out_dir(out: pathlib.Path, overwrite: bool) -> None:
+def check_out_dir(out: pathlib.Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out directory or pass --overwrite "
                               "(overwrite=True) to replace it")
@@ -115,7 +115,7 @@ def write_checkpoint(out_dir, *, config: dict, tensors: dict[str, torch.Tensor],
     from safetensors.torch import save_file
 
     out = pathlib.Path(out_dir)
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     partial = out.parent / f".{out.name}.partial-{tag}"
@@ -135,7 +135,7 @@ def write_checkpoint(out_dir, *, config: dict, tensors: dict[str, torch.Tensor],
                      "model_max_length": config.get("max_position_embeddings", 2048)}, indent=2) + "\n")
         (partial / EXPORT_INFO_FILE).write_text(json.dumps(export_info, indent=2, sort_keys=True) + "\n")
         (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # last
-        _check_out_dir(out, overwrite)  # it may have appeared meanwhile
+        check_out_dir(out, overwrite)  # it may have appeared meanwhile
         if out.exists():
             old = out.parent / f".{out.name}.old-{tag}"
             out.rename(old)

@@ -1,5 +1,7 @@
 """``fp8train export`` and ``fp8train eval`` (registered in fp8train/cli.py).  Imports torch only when run.
 
+Exit codes: 0 ok, 1 a problem the user can fix (printed as one ``error: ...`` line), 2 bad arguments.
+
     fp8train export RUN_DIR_OR_MODEL_DIR --format fp8-dynamic --out DIR [--overwrite]
     fp8train export MODEL_DIR --format w4a16 --out DIR --calibration-data corpus/ --calibration-samples 128
     fp8train eval EXPORT_DIR --data eval.txt                      # perplexity of a checkpoint (simulated)
@@ -12,8 +14,29 @@ import argparse
 import json
 import pathlib
 import sys
+import warnings
 
 FORMATS = ("fp8-dynamic", "w8a8-int8", "w4a16", "w4a8-fp")
+
+
+def _plain_warnings() -> None:
+    """Warnings as one ``warning: ...`` line on stderr instead of file:line noise."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+
+
+def _user_errors(command):
+    """Run ``command(args)``; errors the user can fix become ``error: ...`` and exit code 1."""
+    def run(args) -> int:
+        _plain_warnings()
+        try:
+            return command(args)
+        except (ValueError, FileExistsError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return run
 
 
 def register(subparsers) -> None:
@@ -39,7 +62,7 @@ def register(subparsers) -> None:
                      help="text file/dir or .pt of token ids: measure bf16 and exported perplexity after export")
     exp.add_argument("--seq-len", type=int, default=None, help="window length for --eval-data (default 256)")
     exp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    exp.set_defaults(func=_run_export)
+    exp.set_defaults(func=_user_errors(_run_export))
 
     ev = subparsers.add_parser("eval", help="perplexity of an exported (or bf16) model under simulated quantization",
                                description="Eval-split perplexity: of an exported checkpoint as the runtime computes "
@@ -59,7 +82,7 @@ def register(subparsers) -> None:
     ev.add_argument("--report-out", default=None, help="write a markdown report here")
     ev.add_argument("--json-out", default=None, help="write the results as JSON here")
     ev.add_argument("--device", default=None)
-    ev.set_defaults(func=_run_eval)
+    ev.set_defaults(func=_user_errors(_run_eval))
 
 
 def _calibration_args(parser: argparse.ArgumentParser) -> None:
@@ -105,16 +128,18 @@ def _eval_tokens(args, source, export_info=None):
     if source.kind != "run" and export_info and (export_info.get("source") or {}).get("kind") == "run":
         run = open_source(export_info["source"]["path"])
     if run.kind != "run":
-        raise SystemExit(f"{source.path} is not an fp8train run (nor exported from one): give --data")
+        raise ValueError(f"{source.path} is not an fp8train run (nor exported from one): give --data")
     _, held_out = run.corpus_split()
     return token_windows(held_out, args.seq_len or run.train["seq_len"], args.max_windows)
 
 
 def _run_export(args) -> int:
+    from .checkpoint import check_out_dir
     from .exporter import export
     from .io import open_source
     from .schemes import get_scheme
 
+    check_out_dir(pathlib.Path(args.out), args.overwrite)  # before the (possibly long) model load
     source = open_source(args.model)
     model = source.load_model(_device(args.device))
     scheme = get_scheme(args.format)
@@ -148,7 +173,7 @@ def _run_eval(args) -> int:
     source = open_source(args.model)
     if source.quantized or not args.formats:
         if args.formats:
-            raise SystemExit(f"{source.path} is already quantized; --formats compares formats of an unquantized model")
+            raise ValueError(f"{source.path} is already quantized; --formats compares formats of an unquantized model")
         export_info = None
         info_file = source.path / "fp8train_export.json"
         if info_file.is_file():
@@ -171,7 +196,7 @@ def _run_eval(args) -> int:
             names = [f.strip() for f in args.formats.split(",") if f.strip()]
             unknown = [n for n in names if n not in FORMATS]
             if unknown:
-                raise SystemExit(f"unknown format(s) {unknown}: choose from {', '.join(FORMATS)} or 'all'")
+                raise ValueError(f"unknown format(s) {unknown}: choose from {', '.join(FORMATS)} or 'all'")
             variants = [Variant("bf16")] + [Variant(n, n, {"method": "rtn"} if calibration is None else {})
                                             for n in names]
         results = compare(model, tokens, variants, calibration=calibration, batch_size=args.batch_size)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import __version__
 from .calibration import BlockReplay, as_batches, decoder_blocks, forward_all, input_hooks
-from .checkpoint import _check_out_dir, compressed_tensors, quantization_config, write_checkpoint
+from .checkpoint import check_out_dir, compressed_tensors, quantization_config, write_checkpoint
 from .gptq import HessianAccumulator, gptq_quantize
 from .lorc import low_rank_compensation
 from .schemes import Scheme, get_scheme
@@ -336,7 +336,7 @@ def export(
     Returns the export info (also written to ``fp8train_export.json``) with ``path`` added.
     """
     out = pathlib.Path(out_dir)
-    _check_out_dir(out, overwrite)  # fail before the (possibly long) quantization
+    check_out_dir(out, overwrite)  # fail before the (possibly long) quantization
     reason = get_scheme(format).with_options(group_size=group_size).exportable
     if reason:
         raise ValueError(f"cannot write {format}: {reason}")
