@@ -235,3 +235,17 @@ def test_tied_embeddings_stay_tied_unless_lm_head_is_quantized(tmp_path):
         ct_model(input_ids=token_batch(1, 8))
     expected = (tensors["model.embed_tokens.weight"].float() * tensors["model.embed_tokens.weight_scale"].float())
     assert torch.equal(ct_model.model.embed_tokens.weight, expected.to(torch.bfloat16))
+
+
+def test_gptq_on_a_tied_lm_head_leaves_the_embedding_alone(tmp_path):
+    from safetensors.torch import load_file
+
+    from fp8train.export import export
+
+    model = tiny_llama(tie=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export(model, tmp_path / "out", "w4a16", calibration=token_batch(), quantize_lm_head=True)
+    tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert "lm_head.weight_packed" in tensors
+    assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight.to(torch.bfloat16))

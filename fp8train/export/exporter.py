@@ -196,6 +196,9 @@ def quantize_model(
         work = empty_model(config, device if device.type != "meta" else None)
         work.load_state_dict({k: state[k].detach().float() for k in keys}, strict=True)
         work.eval()
+        if untie:  # lm_head and the embedding are quantized separately: they must stop sharing storage
+            out_emb = work.get_output_embeddings()
+            out_emb.weight = nn.Parameter(out_emb.weight.detach().clone(), requires_grad=False)
         work_modules = dict(work.named_modules())
         work_targets = {n: work_modules[n] for n in targets}
     source = dict(work.named_modules()) if work is not None else dict(model.named_modules())
