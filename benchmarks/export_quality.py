@@ -1,7 +1,7 @@
 """Export quality on a small Llama trained here on the Python standard library (byte-level vocabulary).
 
     python benchmarks/export_quality.py                       # train (cached in runs/), then compare formats
-    python benchmarks/export_quality.py --model DIR --data-root DIR   # compare formats of an existing model
+    python benchmarks/export_quality.py --run RUN_DIR --out benchmarks/results/NAME   # an `fp8train train` run
 
 Trains a LlamaForCausalLM (hidden 256, 4 layers, byte vocabulary) on the .py files of the running Python's
 standard library (5% of the files, chosen by a CRC of their path, are the evaluation split), then reports
@@ -101,14 +101,15 @@ def train_model(out: pathlib.Path, train_ids: torch.Tensor, args) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="use this model directory instead of training one")
+    parser.add_argument("--model", default=None, help="use this byte-level model directory instead of training one")
+    parser.add_argument("--run", default=None, help="use this `fp8train train` run (its model and corpus split)")
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "export-bench"))
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-windows", type=int, default=128)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export-quality-cpu"))
@@ -116,16 +117,37 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    train_files, eval_files = stdlib_split()
-    train_ids, eval_ids = read_bytes(train_files), read_bytes(eval_files)
-    print(f"corpus: {len(train_files)} train files ({train_ids.numel():,} bytes), "
-          f"{len(eval_files)} eval files ({eval_ids.numel():,} bytes)")
-    model_dir = pathlib.Path(args.model) if args.model else pathlib.Path(args.run_dir) / "model"
-    if not (model_dir / "config.json").is_file():
-        train_model(model_dir, train_ids, args)
-    from transformers import AutoModelForCausalLM
+    training: dict = {}
+    if args.run:
+        from fp8train.export.io import open_source
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        source = open_source(args.run)
+        model = source.load_model()
+        train_ids, eval_ids = source.corpus_split()
+        args.seq_len = source.train["seq_len"]
+        training = {"steps": source.train["steps"], "batch": source.train["batch_size"],
+                    "seq_len": source.train["seq_len"], "recipe": source.train["recipe"],
+                    "source": f"`fp8train train` run {args.run} ({source.weights.parent.name})"}
+        corpus_note = (f"the run's corpus split ({train_ids.numel():,} train / {eval_ids.numel():,} eval BPE tokens, "
+                       f"vocabulary {model.config.vocab_size})")
+    else:
+        train_files, eval_files = stdlib_split()
+        train_ids, eval_ids = read_bytes(train_files), read_bytes(eval_files)
+        print(f"corpus: {len(train_files)} train files ({train_ids.numel():,} bytes), "
+              f"{len(eval_files)} eval files ({eval_ids.numel():,} bytes)")
+        model_dir = pathlib.Path(args.model) if args.model else pathlib.Path(args.run_dir) / "model"
+        if not (model_dir / "config.json").is_file():
+            train_model(model_dir, train_ids, args)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if (model_dir / "training.json").is_file():
+            training = json.loads((model_dir / "training.json").read_text())
+            training["recipe"] = "fp32 (this script)"
+            training["source"] = "this script"
+            args.seq_len = training.get("seq_len", args.seq_len)
+        corpus_note = (f"the .py files of the Python {sys.version.split()[0]} standard library as UTF-8 bytes "
+                       f"(held-out: the 5% of files whose path CRC falls below 5)")
     tokens = token_windows(eval_ids, args.seq_len, args.eval_windows)
     calibration = token_windows(train_ids, args.seq_len, args.calibration_samples, seed=0)
 
@@ -159,16 +181,17 @@ def main(argv=None) -> int:
          f"GPTQ {100 * delta('w4a16 (GPTQ)'):+.2f}% vs RTN {100 * delta('w4a16 (RTN)'):+.2f}%"),
     ]
     size_note = ", ".join(f"{c['format']} {c['safetensors_bytes'] / 1e6:.2f} MB" for c in checks)
-    training = json.loads((model_dir / "training.json").read_text()) if (model_dir / "training.json").is_file() else {}
     n_params = sum(p.numel() for p in model.parameters())
     setup = (f"Model: LlamaForCausalLM, {n_params / 1e6:.2f} M parameters (hidden {model.config.hidden_size}, "
-             f"{model.config.num_hidden_layers} layers, intermediate {model.config.intermediate_size}, byte vocabulary), "
-             f"trained {training.get('steps', '?')} steps of {training.get('batch', '?')}x{training.get('seq_len', '?')} "
-             f"tokens on the Python {sys.version.split()[0]} standard library (this script).  Evaluation: "
-             f"{tokens.numel():,} tokens of the held-out 5% of files ({args.eval_windows} windows of {args.seq_len}).  "
-             f"Calibration: {args.calibration_samples} random windows of {args.seq_len} tokens from the training "
-             f"split.  CPU, float32 arithmetic; quantized layers simulated exactly as the runtime computes them "
-             f"(dequantized weights, per-token fake-quantized activations).  Checkpoint sizes: {size_note}.")
+             f"{model.config.num_hidden_layers} layers, intermediate {model.config.intermediate_size}, vocabulary "
+             f"{model.config.vocab_size}), trained {training.get('steps', '?')} steps of "
+             f"{training.get('batch', '?')}x{training.get('seq_len', '?')} tokens, recipe "
+             f"{training.get('recipe', '?')}, by {training.get('source', '?')}.  Data: {corpus_note}.  "
+             f"Evaluation: {tokens.numel():,} tokens ({tokens.shape[0]} windows of {tokens.shape[1]}) of the "
+             f"held-out split.  Calibration: {args.calibration_samples} random windows of {args.seq_len} tokens "
+             f"from the training split.  CPU, float32 arithmetic; quantized layers simulated exactly as the "
+             f"runtime computes them (dequantized weights, per-token fake-quantized activations).  Checkpoint "
+             f"sizes: {size_note}.")
     command = "python benchmarks/export_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = quality.report_markdown(rows, title="Export quality: bf16 vs every format", command=command.strip(),
                                    setup=setup, activation_rows=activation_rows, goals=goals)
