@@ -249,3 +249,23 @@ def test_gptq_on_a_tied_lm_head_leaves_the_embedding_alone(tmp_path):
     tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert "lm_head.weight_packed" in tensors
     assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight.to(torch.bfloat16))
+
+
+def test_a_coat_converted_model_exports_directly(tmp_path):
+    """FP8Linear subclasses nn.Linear: a model converted for COAT training exports like the plain model."""
+    convert = pytest.importorskip("fp8train.convert").convert
+    from safetensors.torch import load_file
+
+    from fp8train.export import export
+
+    plain = tiny_llama()
+    converted = convert(tiny_llama(), recipe="coat")
+    assert any(type(m).__name__ == "FP8Linear" for m in converted.modules())
+    calibration = token_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, model in (("plain", plain), ("coat", converted)):
+            export(model, tmp_path / name, "w4a16", calibration=calibration)
+    a = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    b = load_file(str(tmp_path / "coat" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
