@@ -23,7 +23,8 @@ def _model(layers: int, hidden: int = 2048, intermediate: int = 5632, vocab: int
                          num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
                          max_position_embeddings=2048, tie_word_embeddings=False)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    with torch.device("cuda"):
+        return LlamaForCausalLM(config).eval()
 
 
 def run(report) -> None:
@@ -65,7 +66,7 @@ def run(report) -> None:
                      abs(err["cuda"] / err["cpu"] - 1) < 0.02, output_err=err, codes_differing=agree)
         report.add_bench(f"export gptq 1024x2048 [{name}]", seconds=round(seconds, 3))
 
-    model = _model(layers=4).cuda()
+    model = _model(layers=4)
     calibration = torch.randint(0, 32000, (64, 512), generator=gen)
     with tempfile.TemporaryDirectory() as tmp:
         for name in FORMAT_NAMES:
