@@ -225,7 +225,10 @@ def test_tied_embeddings_stay_tied_unless_lm_head_is_quantized(tmp_path):
     assert "lm_head" in info["layers"] and "model.embed_tokens" in info["layers"]
     config = json.loads((tmp_path / "untied" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
-    assert config["quantization_config"]["config_groups"]["group_1"]["targets"] == ["Embedding"]
+    assert config["quantization_config"]["config_groups"]["group_1"]["targets"] == ["model.embed_tokens"]
+    _, _, decompressed = _ct_decompress(tmp_path / "untied")  # the model-free reader finds it by name
+    assert set(decompressed) == {"lm_head", "model.embed_tokens"} | {
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     tensors = load_file(str(tmp_path / "untied" / "model.safetensors"))
     assert tensors["lm_head.weight"].dtype == torch.float8_e4m3fn
     assert tensors["model.embed_tokens.weight"].dtype == torch.float8_e4m3fn

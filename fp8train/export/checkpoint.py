@@ -67,8 +67,8 @@ def compressed_tensors(name: str, qweight: QuantizedWeight) -> dict[str, torch.T
     return out
 
 
-def quantization_config(scheme: Scheme, ignore: list[str], *, embeddings: bool = False) -> dict:
-    """The ``quantization_config`` entry of config.json."""
+def quantization_config(scheme: Scheme, ignore: list[str], *, embeddings: list[str] = ()) -> dict:
+    """The ``quantization_config`` entry of config.json (``embeddings``: names of quantized embedding tables)."""
     groups = {
         "group_0": {
             "targets": ["Linear"],
@@ -78,9 +78,11 @@ def quantization_config(scheme: Scheme, ignore: list[str], *, embeddings: bool =
             "format": scheme.compressed_format,
         }
     }
-    if embeddings:  # weight-only: an embedding lookup has no input activations to quantize
+    if embeddings:
+        # weight-only (a lookup has no input activations); targeted by name, which both the model-based
+        # (transformers) and the model-free compressed-tensors readers match
         groups["group_1"] = {
-            "targets": ["Embedding"],
+            "targets": sorted(embeddings),
             "weights": scheme.weight_args(),
             "input_activations": None,
             "output_activations": None,

@@ -57,7 +57,7 @@ class QuantizedModel:
     def checkpoint_config(self) -> dict:
         config = dict(self.config)
         config["quantization_config"] = quantization_config(self.scheme, self.ignore,
-                                                            embeddings=bool(self.embeddings))
+                                                            embeddings=sorted(self.embeddings))
         return config
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:

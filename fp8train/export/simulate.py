@@ -124,6 +124,7 @@ def load(path, device=None) -> nn.Module:
         if qconfig.get("quant_method") != "compressed-tensors":
             raise ValueError(f"{path}: quant_method {qconfig.get('quant_method')!r} is not compressed-tensors")
         groups = qconfig.get("config_groups", {})
+        by_name = {t: g for g in groups.values() for t in g.get("targets", []) if t not in ("Linear", "Embedding")}
         linear_group = next((g for g in groups.values() if "Linear" in g.get("targets", [])), None)
         embedding_group = next((g for g in groups.values() if "Embedding" in g.get("targets", [])), None)
         model_skeleton = empty_model(config, "meta")
@@ -133,7 +134,7 @@ def load(path, device=None) -> nn.Module:
                 continue
             name = key[: -len(".weight_scale")]
             is_embedding = issubclass(kinds.get(name, nn.Module), nn.Embedding)
-            group = embedding_group if is_embedding else linear_group
+            group = by_name.get(name) or (embedding_group if is_embedding else linear_group)
             if group is None:
                 raise ValueError(f"{path}: {name} is quantized but no config group targets it")
             scheme = scheme_from_config_group(group)
