@@ -6,7 +6,7 @@ Calibration data is token ids: a LongTensor [samples, tokens] or a list of 1-D L
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn

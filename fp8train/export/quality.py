@@ -16,7 +16,7 @@ import dataclasses
 import math
 import pathlib
 import time
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
