@@ -28,11 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     smoke = sub.add_parser("smoke", help="quick check that the library works on this machine")
     smoke.set_defaults(func=_smoke)
-    from . import bench
+    from . import bench, export
     from .train.cli import register as register_train
 
     register_train(sub)
     bench.register(sub)
+    export.register(sub)
     return parser
 
 
