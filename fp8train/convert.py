@@ -116,7 +116,9 @@ def _fp8_module_types() -> tuple:
     from .nn.precision_flow import FlowMLP
     from .nn.rmsnorm import FP8RMSNorm
 
-    types = (FP8Linear, FP8RMSNorm, FP8LayerNorm, FP8Activation, FP8GatedMLP, FlowMLP)
+    from .lab.simulated_linear import SimulatedLinear
+
+    types = (FP8Linear, FP8RMSNorm, FP8LayerNorm, FP8Activation, FP8GatedMLP, FlowMLP, SimulatedLinear)
     return types + ((_fp8_conv1d_class(),) if _conv1d_class() is not None else ())
 
 
@@ -189,6 +191,14 @@ class _Converter:
         if type(module) is not nn.Linear and not is_conv1d:
             self.report["unknown"][type(module).__name__] += 1
             return
+        if self.recipe.simulate is not None:  # the stability lab: rounded GEMM inputs, no shape constraints
+            if is_conv1d:
+                self.report["unknown"][type(module).__name__] += 1
+                return
+            from .lab.simulated_linear import SimulatedLinear
+
+            self.replace(parent, child, SimulatedLinear.from_linear(module, self.recipe.simulate))
+            return
         in_features, out_features = (module.nx, module.nf) if is_conv1d else (module.in_features, module.out_features)
         if in_features % 16 or out_features % 16:
             self.report["fallback"].append(f"{name} ({in_features}->{out_features})")
@@ -206,7 +216,7 @@ class _Converter:
 
         self.fast_path = (self.recipe.compress_activations and self.recipe.precision_flow
                           and flow_supported(self.recipe))
-        finder = find_adapter if self.recipe.fp8_linears else None
+        finder = find_adapter if self.recipe.fp8_linears or self.recipe.simulate is not None else None
         root_adapter = finder(self.model) if finder is not None else None
         if root_adapter is not None:  # converting a single decoder block
             root_adapter.convert(self.model, self)

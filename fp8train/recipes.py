@@ -16,13 +16,17 @@ Presets (``Recipe.named(name)``):
 * ``"fp8-block"`` -- FP8 linears with DeepSeek-V3-style fine-grained scales: 1x128 groups for inputs and
   gradients, 128x128 blocks for weights, E4M3 everywhere.  Numerics only: the GEMMs run on dequantized
   operands (no speed-up), for accuracy comparisons in the stability lab.
+
+Simulated formats (the stability lab, :mod:`fp8train.lab`): ``Recipe(simulate=SimulatedFormats(...))`` or
+``Recipe(simulate="e3m4")`` turns every converted linear into a
+:class:`~fp8train.lab.simulated_linear.SimulatedLinear` whose GEMM inputs are rounded to any ExMy format.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Union
+from typing import Any, Optional, Union
 
 __all__ = ["Recipe", "PRESETS", "resolve_recipe"]
 
@@ -46,6 +50,10 @@ class Recipe:
     Loss: ``chunked_loss`` -- compute a causal LM's training loss with the chunked fused lm_head +
     cross-entropy (:mod:`fp8train.nn.chunked_cross_entropy`), so the vocabulary-sized logits are never
     materialised; calls that pass ``labels`` then return ``logits=None``.
+    Simulated formats (``simulate``): a :class:`fp8train.lab.SimulatedFormats` or its spec string (``"e3m4"``,
+    ``"a=e3m4,w=e3m4,g=e5m2,scaling=1x16"``).  When set, every converted linear becomes a ``SimulatedLinear``
+    (GEMM inputs rounded to the given formats, GEMMs in the compute dtype); the FP8 linear fields above are not
+    used, and ``compress_activations`` must stay off.
 
     Module selection: ``keep_bf16`` -- name patterns (globs, matched against the full module name and its
     last component) that are never converted; embeddings, the attention core and output heads stay bf16.
@@ -65,6 +73,7 @@ class Recipe:
     recompute_gated_product: bool = True
     keep_bf16: tuple = ("lm_head", "score", "classifier", "qa_outputs")
     chunked_loss: bool = False
+    simulate: Optional[Any] = None  # fp8train.lab.SimulatedFormats (or its spec string)
 
     def __post_init__(self):
         from .formats import E5M2, Minifloat, parse_format
@@ -87,10 +96,23 @@ class Recipe:
         if self.compress_activations and not self.fp8_linears:
             raise ValueError("compress_activations=True needs fp8_linears=True (the compressed ops hand FP8 "
                              "tensors to FP8 linear layers)")
+        if self.simulate is not None:
+            from .lab.simulated_linear import SimulatedFormats
+
+            if not isinstance(self.simulate, (str, SimulatedFormats)):
+                raise TypeError(f"Recipe.simulate must be a fp8train.lab.SimulatedFormats or a spec string such as "
+                                f"'e3m4', got {type(self.simulate).__name__}")
+            object.__setattr__(self, "simulate", SimulatedFormats.parse(self.simulate))
+            if self.compress_activations:
+                raise ValueError("Recipe.simulate replaces the linear layers with simulated ones, which do not take "
+                                 "the compressed ops' FP8 hand-offs: use compress_activations=False")
+            if self.name == "custom":
+                object.__setattr__(self, "name", f"simulate[{self.simulate.describe()}]")
 
     @property
     def is_noop(self) -> bool:
-        return not self.fp8_linears and not self.compress_activations and not self.chunked_loss
+        return (not self.fp8_linears and not self.compress_activations and not self.chunked_loss
+                and self.simulate is None)
 
     @property
     def per_tensor(self) -> bool:

@@ -70,6 +70,11 @@ class TrainConfig:
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of this invocation
     overwrite: bool = False
     progress: bool = True
+    # stability lab (fp8train.lab): simulated GEMM-input formats and last-token sharpness
+    simulate_format: Optional[str] = None  # e.g. "e3m4" or "a=e3m4,w=e3m4,g=e5m2"; None: off
+    simulate_scaling: str = "tensor"       # none | tensor | row | 1xG | BxB
+    sharpness_every: int = 0               # 0: off
+    sharpness_eps: float = 1e-3
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,12 +149,42 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise TrainError(f"--keep-checkpoints must be at least 1 (got {c.keep_checkpoints})")
     if c.cache_dir is None:
         c.cache_dir = str(default_cache_dir())
+    _check_lab_settings(c)
     if c.out is None:
         if c.resume:
             raise TrainError("--resume needs --out DIR: the run directory to continue")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         c.out = os.path.join("runs", f"{stamp}-{c.model}-{c.recipe}")
     return c
+
+
+def _check_lab_settings(c: TrainConfig) -> None:
+    """The stability-lab flags (--simulate-format, --sharpness-every); imports torch only when simulating."""
+    if c.simulate_format is not None:
+        if c.recipe != "bf16":
+            raise TrainError(f"--simulate-format replaces the linear layers with simulated ones; use it with "
+                             f"--recipe bf16 (got --recipe {c.recipe})")
+        from ..lab.simulated_linear import SimulatedFormats
+
+        try:
+            SimulatedFormats.parse(c.simulate_format, c.simulate_scaling)
+        except ValueError as exc:
+            raise TrainError(f"--simulate-format/--simulate-scaling: {exc}") from None
+    if c.sharpness_every < 0:
+        raise TrainError(f"--sharpness-every must be >= 0 (0 = off), got {c.sharpness_every}")
+    if c.sharpness_eps <= 0:
+        raise TrainError(f"--sharpness-eps must be positive, got {c.sharpness_eps}")
+
+
+def simulated_recipe(c: TrainConfig):
+    """The fp8train.Recipe of a run with --simulate-format (None without it)."""
+    if c.simulate_format is None:
+        return None
+    from ..lab.simulated_linear import SimulatedFormats
+    from ..recipes import Recipe
+
+    formats = SimulatedFormats.parse(c.simulate_format, c.simulate_scaling)
+    return Recipe(name=f"simulate[{formats.describe()}]", simulate=formats)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,12 +248,23 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                        help="stop after N steps of this invocation with a checkpoint, as if interrupted")
     g.add_argument("--overwrite", action="store_true", default=S, help="reuse a non-empty --out, deleting its run")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no live progress bar")
+    g = parser.add_argument_group("stability lab (docs/lab.md)")
+    g.add_argument("--simulate-format", default=S, metavar="SPEC",
+                   help="round the GEMM inputs of every linear to a simulated format: e3m4 (activations, weights "
+                        "and gradients) or a=e3m4,w=e3m4,g=e5m2 (g=none: leave one out); any eXmY, e.g. e2m1, e8m3, "
+                        "e7m7b127 (bias 127); needs --recipe bf16")
+    g.add_argument("--simulate-scaling", default=S, metavar="SCALING",
+                   help="none | tensor | row | 1x16 | 1x128 | 128x128 (default tensor)")
+    g.add_argument("--sharpness-every", type=int, default=S, metavar="K",
+                   help="log the last-token epsilon-sharpness of a fixed eval batch every K steps (default 0 = off)")
+    g.add_argument("--sharpness-eps", type=float, default=S, help="epsilon of the sharpness box (default 1e-3)")
 
 
 # settings whose change on --resume makes the continuation differ from an uninterrupted run
 _DECIDES_LOSSES = ("model", "recipe", "optimizer", "vocab_size", "steps", "batch_size", "seq_len", "grad_accum", "lr",
                    "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
+_DECIDES_LOSSES += ("simulate_format", "simulate_scaling")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

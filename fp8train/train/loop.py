@@ -29,7 +29,7 @@ import types
 from typing import Callable, Optional
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, TrainError, resolve
+from .config import TrainConfig, TrainError, resolve, simulated_recipe
 from .data import WindowSampler, eval_batches, prepare_corpus, split_for_training
 from .metrics import MetricsLog, ProgressDisplay, format_bytes, memory_breakdown, peak_memory, write_summary
 from .models import PRESETS, build_model
@@ -41,6 +41,14 @@ RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "
 
 class Interrupted(TrainError):
     """Ctrl-C / SIGTERM: the run stopped at a step boundary after saving a checkpoint."""
+
+
+class Diverged(TrainError):
+    """The training loss became NaN or inf at ``step``."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,8 +248,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict:
         message = str(exc) if isinstance(exc, TrainError) else f"{type(exc).__name__}: {exc}"
         if _is_oom(exc):
             message = _oom_message(c, device, "training")
-        ckpt.write_json_atomic(out / "failure.json", {"status": "interrupted" if isinstance(exc, Interrupted)
-                                                     else "failed", "error": message, "step": step})
+        failure = {"status": "interrupted" if isinstance(exc, Interrupted) else "failed", "error": message,
+                   "step": step}
+        if isinstance(exc, Diverged):
+            failure.update(diverged=True, diverged_at_step=exc.step)
+        ckpt.write_json_atomic(out / "failure.json", failure)
         if _is_oom(exc):
             raise TrainError(message) from exc
         raise
@@ -259,7 +270,7 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         if _is_oom(exc):
             raise TrainError(_oom_message(c, device, "building the model")) from exc
         raise
-    model = apply_recipe(model, c.recipe)
+    model = apply_recipe(model, simulated_recipe(c) or c.recipe)
     if c.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -317,8 +328,8 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                 loss_value = (total / c.grad_accum).item()
                 step += 1
                 if not math.isfinite(loss_value):
-                    raise TrainError(f"the loss became {loss_value} at step {step}; lower --lr (now {c.lr:g}) or "
-                                     f"raise --warmup-steps; the last good checkpoint is in {checkpoints}")
+                    raise Diverged(f"the loss became {loss_value} at step {step}; lower --lr (now {c.lr:g}) or "
+                                   f"raise --warmup-steps; the last good checkpoint is in {checkpoints}", step)
                 if c.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip).item()
                 else:
@@ -338,13 +349,21 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                 eval_loss = None
                 if step % c.eval_every == 0 or step == c.steps:
                     eval_loss = evaluate(step_model, evals, device, use_autocast)
+                sharpness = None
+                if c.sharpness_every and (step % c.sharpness_every == 0 or step == c.steps):
+                    from ..lab.sharpness import model_sharpness
+
+                    sharpness = model_sharpness(step_model, evals[0], c.sharpness_eps, use_autocast, device)
                 peak, _ = peak_memory(device)
-                if step % c.log_every == 0 or eval_loss is not None or step == c.steps:
+                if (step % c.log_every == 0 or eval_loss is not None or step == c.steps
+                        or sharpness is not None):
                     record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                               "tokens": step * c.tokens_per_step, "tokens_per_s": tokens_per_s,
                               "peak_memory_bytes": peak}
                     if eval_loss is not None:
                         record["eval_loss"] = eval_loss
+                    if sharpness is not None:
+                        record["sharpness"] = sharpness
                     metrics.append(record)
                 progress.update(step, loss_value, tokens_per_s, peak, eval_loss)
                 if stop.signal_name:
