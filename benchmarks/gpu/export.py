@@ -80,7 +80,11 @@ def run(report) -> None:
                                  seconds=round(time.time() - start, 2), layers=info["quantized_layers"],
                                  calibration_tokens=calibration.numel() if method == "gptq" else 0)
         # the checkpoint written from CUDA, read by compressed-tensors (model-free dequantizer) on the CPU
-        from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+        try:
+            from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+        except ImportError:  # not in the GPU image; the CPU tests read every format with it
+            report.add_bench("export: compressed-tensors reader check skipped (package not installed here)")
+            return
         from safetensors.torch import load_file
 
         qmodel = quantize_model(model, "w4a16", method="rtn")
