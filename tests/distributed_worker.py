@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sys
 import traceback
 
@@ -93,72 +94,79 @@ def full_state(model, opt) -> dict:
     return out
 
 
-def scenario(rank: int, world: int, args: dict) -> dict:
-    """What one process does; returns JSON-able results (rank 0's are written to ``args['out']``)."""
+def run_task(rank: int, world: int, task: dict) -> dict:
+    """One task in the worker processes; returns JSON-able results (rank 0's are kept).
+
+    ``train_save``: train steps 0..stop-1 from scratch, checkpoint to ``ckpt`` before step ``save_at`` and write
+    the full state at that point to ``state_out``.  ``load_continue``: build a fresh model, load ``ckpt``, write
+    the loaded full state to ``state_out`` and train on to ``stop``.
+    """
     import torch
 
     import fp8train.distributed as fd
 
-    fd.init_distributed(backend="gloo")
     result: dict = {}
-    if args["mode"] == "train_save":
-        # steps 0..save_at-1, checkpoint, then on to stop; also the full state at the checkpoint
-        model, opt, sched = build(world, shard=args.get("shard", True))
-        losses = []
-        for step in range(args["stop"]):
-            if step == args["save_at"]:
-                fd.save_checkpoint(args["ckpt"], model, opt, extra={"step": step, "scheduler": sched.state_dict()})
-                state = full_state(model, opt)
-                if rank == 0:
-                    torch.save(state, args["reference"])
-            losses.append(train_step(model, opt, sched, step, rank, world))
-        result["losses"] = losses
-        result["moment_dtypes"] = {n: str(opt.state[p]["exp_avg"].dtype) for n, p in model.named_parameters()}
-        result["state_types"] = sorted({type(v).__name__ for s in opt.state.values() for k, v in s.items()
-                                        if k != "step"})
-    elif args["mode"] == "load_continue":
-        model, opt, sched = build(world, shard=args.get("shard", True))
-        extra = fd.load_checkpoint(args["ckpt"], model, opt)
+    model, opt, sched = build(world, shard=task.get("shard", True))
+    first = 0
+    if task["kind"] == "load_continue":
+        extra = fd.load_checkpoint(task["ckpt"], model, opt)
         sched.load_state_dict(extra["scheduler"])
-        state = full_state(model, opt)
-        if rank == 0:
-            torch.save(state, args["state_out"])
-        result["losses"] = [train_step(model, opt, sched, step, rank, world)
-                            for step in range(extra["step"], args["stop"])]
+        first = extra["step"]
+    losses = []
+    for step in range(first, task["stop"]):
+        if step == first and task["kind"] == "load_continue" or step == task.get("save_at"):
+            if task["kind"] == "train_save":
+                fd.save_checkpoint(task["ckpt"], model, opt, extra={"step": step, "scheduler": sched.state_dict()})
+            state = full_state(model, opt)
+            if rank == 0:
+                torch.save(state, task["state_out"])
+        losses.append(train_step(model, opt, sched, step, rank, world))
+    result["losses"] = losses
+    result["moment_dtypes"] = {n: str(opt.state[p]["exp_avg"].dtype) for n, p in model.named_parameters()}
+    result["state_types"] = sorted({type(v).__name__ for s in opt.state.values() for k, v in s.items()
+                                    if k != "step"})
     return result
 
 
-def _main(rank: int, world: int, port: int, args: dict) -> None:
+def _main(rank: int, world: int, port: int, tasks: list, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
+    import torch.distributed as dist
+
+    import fp8train.distributed as fd
 
     torch.set_num_threads(1)
     try:
-        result = scenario(rank, world, args)
+        fd.init_distributed(backend="gloo")
+        results = [run_task(rank, world, task) for task in tasks]
     except Exception:
-        result = {"error": traceback.format_exc()}
-    if rank == 0 or "error" in result:
-        with open(f"{args['out']}.{rank}", "w") as f:
-            json.dump(result, f)
-    import torch.distributed as dist
-
-    if dist.is_initialized() and "error" not in result:
+        results = {"error": traceback.format_exc()}
+    if rank == 0 or "error" in results:
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(results, f)
+    if dist.is_initialized() and "error" not in results:
         dist.destroy_process_group()
 
 
-def launch(world: int, args: dict, timeout: float = 240.0) -> dict:
-    """Run ``scenario`` on ``world`` gloo processes; returns rank 0's result (raises a rank's traceback)."""
+def launch(world: int, tasks: list, out: str, timeout: float = 300.0) -> list:
+    """Run ``tasks`` in order on ``world`` gloo processes; returns rank 0's results (raises a rank's traceback).
+
+    Called in a fresh interpreter (``python distributed_worker.py``): the workers are forked from it after the
+    heavy imports, so torch and transformers load once, not once per rank.
+    """
     import socket
+    import time
 
     import torch.multiprocessing as mp
+    import transformers  # noqa: F401  (imported once, before forking)
+
+    import fp8train.distributed  # noqa: F401
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.start_processes(_main, args=(world, port, args), nprocs=world, join=False, start_method="spawn")
-    import time
-
+    ctx = mp.start_processes(_main, args=(world, port, tasks, out), nprocs=world, join=False, start_method="fork")
     deadline = time.time() + timeout
     while not ctx.join(timeout=max(1.0, deadline - time.time())):
         if time.time() > deadline:
@@ -166,15 +174,29 @@ def launch(world: int, args: dict, timeout: float = 240.0) -> dict:
                 p.kill()
             raise TimeoutError(f"distributed test workers did not finish in {timeout} s")
     for r in range(world):
-        path = f"{args['out']}.{r}"
-        if os.path.exists(path):
-            with open(path) as f:
+        if os.path.exists(f"{out}.{r}"):
+            with open(f"{out}.{r}") as f:
                 res = json.load(f)
             if "error" in res:
                 raise RuntimeError(f"rank {r} failed:\n{res['error']}")
-    with open(f"{args['out']}.0") as f:
+    with open(f"{out}.0") as f:
+        return json.load(f)
+
+
+def run(world: int, tasks: list, out: str, timeout: float = 300.0) -> list:
+    """``launch`` in a fresh ``python`` process (what the tests call)."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, __file__, str(world), json.dumps(tasks), out], env=env,
+                          capture_output=True, text=True, timeout=timeout + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed workers failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    with open(f"{out}.0") as f:
         return json.load(f)
 
 
 if __name__ == "__main__":
-    print(json.dumps(launch(int(sys.argv[1]), json.loads(sys.argv[2]))))
+    launch(int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3])
