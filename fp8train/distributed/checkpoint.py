@@ -28,10 +28,12 @@ float32), they are decoded and re-encoded on load (:func:`_convert_moments`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -57,6 +59,16 @@ def _rank() -> int:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """Without a process group DCP warns on every call that it assumes a single process -- which is what we mean
+    there; other warnings pass."""
+    with warnings.catch_warnings():
+        if not _distributed():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _broadcast_error(message: Optional[str]) -> None:
@@ -148,7 +160,8 @@ def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     if extra_tensors:
         # plain tensors: DCP writes rank 0's copy once
         state[_EXTRA] = {key: t.detach().cpu() for key, t in extra_tensors.items()}
-    dcp.save(state, checkpoint_id=str(tmp))
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp))
 
     if _rank() == 0:
         with open(tmp / INFO_FILE, "w") as f:  # written last: its presence marks a complete checkpoint
@@ -242,7 +255,8 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
             break
     _broadcast_error(problem)
 
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path))
     tensors = state.get(_EXTRA, {})
     extra = _decode(info["extra"], tensors)
     if optim_sd is None:
@@ -300,7 +314,8 @@ def _convert_moments(path, fqn: str, param: torch.Tensor, group: dict, saved_gro
     prefix = f"optimizer.state.{fqn}."
     full = {key[len(prefix):]: torch.empty(md.size, dtype=md.properties.dtype)
             for key, md in stored.items() if key.startswith(prefix)}
-    dcp.load({"optimizer": {"state": {fqn: full}}}, checkpoint_id=str(path))
+    with _quiet_single_process():
+        dcp.load({"optimizer": {"state": {fqn: full}}}, checkpoint_id=str(path))
     saved_mode = "dre" if "exp_avg_k" in full else "plain" if "exp_avg_amax" in full else "fp32"
     live_mode = storage_mode(param, group["states"])
     shape = param.shape
