@@ -23,7 +23,7 @@ Scaling groups of the FP8 moments run along each parameter's last dim and FSDP2 
 do not depend on the world size; parameters sharded along their last dim (1-D ones under FSDP2) keep float32
 moments (fp8train/optim/adamw.py).  When a checkpoint stores a parameter's moments in another layout than the
 loading optimizer (say a single-process run's FP8 norm-weight moments, loaded into an FSDP2 run that keeps them in
-float32), they are decoded and re-encoded on load (:func:`_convert_moments`).
+float32), they are read in full and ``fp8train.AdamW.load_state_dict`` decodes and re-encodes them.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     if optim_sd is not None:
         conversions = _plan_moment_conversions(optimizer, optim_sd, stored)
         state["optimizer"] = {"state": {fqn: s for fqn, s in optim_sd["state"].items()
-                                        if fqn not in {c[0] for c in conversions}}}
+                                        if fqn not in conversions}}
     extra_keys = [key[len(_EXTRA) + 1:] for key in stored if key.startswith(_EXTRA + ".")]
     if extra_keys:
         state[_EXTRA] = {}
@@ -262,10 +262,9 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     if optim_sd is None:
         set_model_state_dict(model, model_sd)
         return extra
-    saved_groups = _decode(info["optimizer_param_groups"], tensors)
-    for fqn, param, group in conversions:
-        optim_sd["state"][fqn] = _convert_moments(path, fqn, param, group, _saved_group(saved_groups, fqn), stored)
-    optim_sd["param_groups"] = saved_groups
+    for fqn in conversions:
+        optim_sd["state"][fqn] = _read_full(path, fqn, stored)
+    optim_sd["param_groups"] = _decode(info["optimizer_param_groups"], tensors)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     return extra
 
@@ -273,56 +272,33 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
 # -- moments stored in another layout ------------------------------------------------------------------------
 
 def _plan_moment_conversions(optimizer, optim_sd: dict, stored: dict) -> list:
-    """``(fqn, param, group)`` of every parameter whose fp8train.AdamW moments the checkpoint stores in another
-    layout (other keys or dtypes) than this optimizer keeps them.  Only 1-D parameters moving between sharded
-    (float32 moments) and unsharded (FP8) runs should get here; other option changes are then refused by
-    ``AdamW.load_state_dict``."""
+    """Names of the parameters whose fp8train.AdamW moments the checkpoint stores in another layout (other keys
+    or dtypes) than this optimizer keeps them.  Only 1-D parameters moving between sharded (float32 moments) and
+    unsharded (FP8) runs should get here; other option changes are then refused by ``AdamW.load_state_dict``."""
     from ..optim import AdamW
 
     if not isinstance(optimizer, AdamW):
         return []
     out = []
-    for names, group in zip(optim_sd["param_groups"], optimizer.param_groups):
-        for fqn, param in zip(names["params"], group["params"]):
-            live = optim_sd["state"].get(fqn)
-            prefix = f"optimizer.state.{fqn}."
-            saved = {key[len(prefix):]: md for key, md in stored.items() if key.startswith(prefix)}
-            if not live or "exp_avg" not in saved:
-                continue
-            same = set(saved) == set(live) and all(
-                getattr(saved[k], "properties", None) is not None and saved[k].properties.dtype == live[k].dtype
-                for k in live)
-            if not same:
-                out.append((fqn, param, group))
+    for fqn, live in optim_sd["state"].items():
+        prefix = f"optimizer.state.{fqn}."
+        saved = {key[len(prefix):]: md for key, md in stored.items() if key.startswith(prefix)}
+        if "exp_avg" not in saved:
+            continue  # not in the checkpoint at all: the key check reports it
+        same = set(saved) == set(live) and all(
+            getattr(saved[k], "properties", None) is not None and saved[k].properties.dtype == live[k].dtype
+            for k in live)
+        if not same:
+            out.append(fqn)
     return out
 
 
-def _saved_group(info_groups: list, fqn: str) -> dict:
-    for group in info_groups:
-        if fqn in group["params"]:
-            return group
-    raise ValueError(f"the checkpoint's optimizer parameter groups do not list {fqn!r}")
-
-
-def _convert_moments(path, fqn: str, param: torch.Tensor, group: dict, saved_group: dict, stored: dict) -> dict:
-    """Read one parameter's saved moments in full, decode them to float32 with the options they were saved with
-    and encode them the way this optimizer keeps them (sharded like ``param`` when it is a DTensor).  Decoding is
-    exact; encoding float32 moments into FP8 rounds them as one optimizer step would."""
-    from ..optim import moment_storage as storage
-    from ..optim.adamw import _placed_like, storage_mode
-
+def _read_full(path, fqn: str, stored: dict) -> dict:
+    """One parameter's saved optimizer entries as full plain tensors, in the layout they were saved in;
+    ``fp8train.AdamW.load_state_dict`` re-encodes them into its own layout (and shards them)."""
     prefix = f"optimizer.state.{fqn}."
     full = {key[len(prefix):]: torch.empty(md.size, dtype=md.properties.dtype)
             for key, md in stored.items() if key.startswith(prefix)}
     with _quiet_single_process():
         dcp.load({"optimizer": {"state": {fqn: full}}}, checkpoint_id=str(path))
-    saved_mode = "dre" if "exp_avg_k" in full else "plain" if "exp_avg_amax" in full else "fp32"
-    live_mode = storage_mode(param, group["states"])
-    shape = param.shape
-    out = {"step": full["step"]}
-    for name, option in zip(storage.MOMENT_NAMES, ("m_format", "v_format")):
-        values = storage.decode(full, name, saved_mode, saved_group[option], saved_group["group_size"]).clone()
-        target = storage.allocate(name, torch.empty(shape), live_mode, group[option], group["group_size"])
-        storage.encode_into(target, name, values, live_mode, group[option], group["group_size"])
-        out.update({key: _placed_like(param, value) for key, value in target.items()})
-    return out
+    return full

@@ -164,6 +164,27 @@ def _placed_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value.to(device=p.device, copy=True)
 
 
+def _entry_names(mode: str) -> set:
+    names = {"step"}
+    for name in storage.MOMENT_NAMES:
+        names.update(storage.expected_entries(name, (1,), mode, "e4m3", 128))
+    return names
+
+
+def _reencode_moments(saved: dict, shape: torch.Size, saved_mode: str, mode: str, group: dict) -> dict:
+    """Full (unsharded) state entries of one parameter re-encoded from ``saved_mode`` to ``mode``: decoding is
+    exact, FP8 encoding rounds the moments as one optimizer step would.  Sharded entries are gathered first."""
+    full = {key: _as_bytes(v, lambda t: t.full_tensor()) if is_dtensor(v) else v for key, v in saved.items()}
+    out = {"step": full["step"]}
+    for name, option in zip(storage.MOMENT_NAMES, ("m_format", "v_format")):
+        values = storage.decode(full, name, saved_mode, group[option], group["group_size"]).float().clone()
+        target = storage.allocate(name, torch.empty(shape, device=values.device), mode, group[option],
+                                  group["group_size"])
+        storage.encode_into(target, name, values, mode, group[option], group["group_size"])
+        out.update(target)
+    return out
+
+
 def _as_bytes(value, collective):
     """Run a DTensor collective on FP8 data viewed as uint8 (gloo has no float8 types), then view it back."""
     if value.dtype.itemsize != 1 or value.dtype == torch.uint8:
@@ -456,12 +477,13 @@ class AdamW(torch.optim.Optimizer):
             for name, fmt in zip(storage.MOMENT_NAMES, (group["m_format"], group["v_format"])):
                 expected.update(storage.expected_entries(name, p.shape, mode, fmt, group["group_size"]))
             if set(saved_state) != set(expected):
-                hint = ""
-                if mode != group["states"]:
-                    hint = (" (this parameter is sharded along its last dim, so its moments are kept in float32; "
-                            "a state saved without that sharding cannot be loaded into it)")
-                raise ValueError(f"state of parameter {index} has entries {sorted(saved_state)}, expected "
-                                 f"{sorted(expected)} for states={mode!r}{hint}")
+                # a parameter saved sharded along its last dim (float32 moments) loaded unsharded, or the reverse
+                other = "fp32" if mode != "fp32" else group["states"]
+                if other != mode and set(saved_state) == _entry_names(other):
+                    saved_state = _reencode_moments(saved_state, p.shape, other, mode, group)
+                else:
+                    raise ValueError(f"state of parameter {index} has entries {sorted(saved_state)}, expected "
+                                     f"{sorted(expected)} for states={mode!r}")
             loaded = {}
             for key, (shape, dtype) in expected.items():
                 value = saved_state[key]
