@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -35,10 +36,12 @@ def _bits(t):
 def test_round_trip_model_optimizer_and_extra(tmp_path):
     model, opt = _trained()
     rng = torch.get_rng_state()
+    np_rng = np.random.default_rng(0).bit_generator.state, np.random.RandomState(0).get_state()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no DCP single-process noise
         path = fd.save_checkpoint(tmp_path / "ck", model, opt,
-                                  extra={"step": 2, "pos": (3, 4), "rng": rng, "sched": {"last_epoch": 2}})
+                                  extra={"step": 2, "pos": (3, 4), "rng": rng, "sched": {"last_epoch": 2},
+                                         "np": np_rng})
     assert sorted(p.name for p in path.iterdir() if not p.name.endswith(".distcp")) == [".metadata", "fp8train.json"]
     assert not list(tmp_path.glob(".tmp-*"))
     torch.manual_seed(1)
@@ -47,6 +50,10 @@ def test_round_trip_model_optimizer_and_extra(tmp_path):
     extra = fd.load_checkpoint(path, model2, opt2)
     assert extra["step"] == 2 and extra["pos"] == (3, 4) and extra["sched"] == {"last_epoch": 2}
     assert torch.equal(extra["rng"], rng)
+    assert extra["np"][0] == np_rng[0]
+    restored = np.random.RandomState()
+    restored.set_state(extra["np"][1])
+    assert restored.randint(0, 2**31, 5).tolist() == np.random.RandomState(0).randint(0, 2**31, 5).tolist()
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
     assert opt2.param_groups[0]["lr"] == 1e-2

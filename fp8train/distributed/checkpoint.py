@@ -90,6 +90,12 @@ def _encode(obj: Any, tensors: dict, path: str) -> Any:
         return {"__tensor__": path}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
+    if type(obj).__module__ == "numpy":  # RNG states: numpy arrays and scalars, stored as lists
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+        return obj.item()
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -99,8 +105,8 @@ def _encode(obj: Any, tensors: dict, path: str) -> Any:
             return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
         return {"__items__": [[_encode(k, tensors, f"{path}.key{i}"), _encode(v, tensors, f"{path}.{i}")]
                               for i, (k, v) in enumerate(obj.items())]}
-    raise TypeError(f"cannot store a {type(obj).__name__} at {path!r} in a checkpoint: only tensors and python "
-                    "scalars, strings, lists, tuples and dicts are allowed (nothing is pickled)")
+    raise TypeError(f"cannot store a {type(obj).__name__} at {path!r} in a checkpoint: only tensors, numpy arrays "
+                    "and python scalars, strings, lists, tuples and dicts are allowed (nothing is pickled)")
 
 
 def _decode(obj: Any, tensors: dict) -> Any:
@@ -111,6 +117,10 @@ def _decode(obj: Any, tensors: dict) -> Any:
             return tensors[obj["__tensor__"]]
         if "__tuple__" in obj:
             return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__ndarray__" in obj:
+            import numpy as np
+
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
         if "__items__" in obj:
             return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
         return {k: _decode(v, tensors) for k, v in obj.items()}
