@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     smoke = sub.add_parser("smoke", help="quick check that the library works on this machine")
     smoke.set_defaults(func=_smoke)
     from . import bench
+    from .train.cli import register as register_train
 
     bench.register(sub)
+    register_train(sub)
     return parser
 
 

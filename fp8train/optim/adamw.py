@@ -48,6 +48,7 @@ __all__ = ["AdamW", "OVERFLOW_LIMIT"]
 OVERFLOW_LIMIT = 3.0e38
 _MASTER_WEIGHTS = (None, "bf16_stochastic")
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
+_ROUNDING_SEED = 0x5EED
 
 
 def adamw_math(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
@@ -233,7 +234,9 @@ class AdamW(torch.optim.Optimizer):
         self._nonfinite_total = 0
         self._nonfinite_pending: list = []  # (host count tensor, cuda event, step number) not read yet
         self._generators: dict = {}
-        self._seed_generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        # stochastic rounding draws from its own fixed-seed stream: the global RNG is left alone, runs are
+        # reproducible, and data-parallel replicas round replicated parameters identically
+        self._seed_generator = torch.Generator().manual_seed(_ROUNDING_SEED)
         super().__init__(params, defaults)
 
     # -- options -----------------------------------------------------------------------------------------
@@ -310,6 +313,9 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if any(p.grad is not None and p.grad.is_sparse for g in self.param_groups for p in g["params"]):
+            raise TypeError("fp8train.AdamW does not support sparse gradients; use "
+                            "torch.optim.SparseAdam for them or nn.Embedding(sparse=False)")
         self._read_nonfinite(block=False)
         self._steps_taken += 1
         fused_work: dict = {}
@@ -318,9 +324,6 @@ class AdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError("fp8train.AdamW does not support sparse gradients; use "
-                                    "torch.optim.SparseAdam for them or nn.Embedding(sparse=False)")
                 state = self._init_state(p, group)
                 state["step"] += 1
                 # sharded parameters: update this rank's shard (local views share storage with the DTensors)
@@ -515,6 +518,6 @@ class AdamW(torch.optim.Optimizer):
             if not hasattr(self, attr):
                 setattr(self, attr, default)
         if not hasattr(self, "_seed_generator"):
-            self._seed_generator = torch.Generator().manual_seed(0)
+            self._seed_generator = torch.Generator().manual_seed(_ROUNDING_SEED)
         if not hasattr(self, "fused"):
             self.fused = None

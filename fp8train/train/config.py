@@ -1,0 +1,239 @@
+"""The training run's settings: one dataclass, its command-line flags, and the checks that need no torch.
+
+Every flag defaults to ``None`` on the command line so that ``--resume`` can tell what the user typed
+(which overrides the saved run) from what they left out (which keeps the saved value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import pathlib
+import warnings
+from typing import Optional
+
+RECIPES = ("bf16", "fp8", "coat")
+OPTIMIZERS = ("auto", "adamw", "fp8adamw")
+SCHEDULES = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class TrainError(Exception):
+    """A problem the user can fix (bad data path, impossible settings, out of memory).
+
+    The CLI prints the message and exits with status 1 instead of a traceback.
+    """
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # model and numerics
+    model: str = "tiny"
+    recipe: str = "bf16"
+    optimizer: str = "auto"          # auto: fp8adamw for coat, torch AdamW otherwise
+    vocab_size: Optional[int] = None  # None: the preset's vocabulary
+    device: str = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    # optimisation
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: Optional[float] = None        # None: the preset's learning rate
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: Optional[int] = None  # None: 5 % of the steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    # data
+    data: Optional[str] = None        # None: this interpreter's standard-library sources
+    text_field: str = "text"
+    eval_fraction: float = 0.05
+    tokenizer_train_bytes: int = 4_000_000
+    cache_dir: Optional[str] = None
+    # evaluation, logging, checkpoints
+    eval_every: Optional[int] = None  # None: 10 evaluations per run
+    eval_batches: int = 8
+    log_every: int = 1
+    out: Optional[str] = None
+    checkpoint_every: Optional[int] = None  # None: steps/4; 0: only at the end; -1: never
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps of this invocation
+    overwrite: bool = False
+    progress: bool = True
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+def default_cache_dir() -> pathlib.Path:
+    env = os.environ.get("FP8TRAIN_CACHE")
+    if env:
+        return pathlib.Path(env).expanduser()
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fp8train"
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill in the derived defaults and check everything that can be checked before loading anything."""
+    from .models import PRESETS
+
+    c = dataclasses.replace(config)
+    if c.recipe not in RECIPES:
+        raise TrainError(f"unknown recipe {c.recipe!r}; choose one of {', '.join(RECIPES)}")
+    if c.optimizer not in OPTIMIZERS:
+        raise TrainError(f"unknown optimizer {c.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if c.schedule not in SCHEDULES:
+        raise TrainError(f"unknown schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if c.device not in DEVICES:
+        raise TrainError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICES)}")
+    if c.model not in PRESETS:
+        raise TrainError(f"unknown model preset {c.model!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[c.model]
+    if c.optimizer == "auto":
+        c.optimizer = "fp8adamw" if c.recipe == "coat" else "adamw"
+    if c.vocab_size is None:
+        c.vocab_size = preset.vocab_size
+    if c.lr is None:
+        c.lr = preset.lr
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "vocab_size"):
+        if getattr(c, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(c, name)})")
+    if c.vocab_size < 258:
+        raise TrainError(f"--vocab-size must be at least 258 (256 bytes + end-of-text + one merge), got {c.vocab_size}")
+    if c.seq_len > preset.max_position_embeddings:
+        raise TrainError(
+            f"--seq-len {c.seq_len} is longer than model {c.model!r} supports "
+            f"(max_position_embeddings={preset.max_position_embeddings}); lower --seq-len")
+    if not 0.0 < c.eval_fraction < 1.0:
+        raise TrainError(f"--eval-fraction must be between 0 and 1 (got {c.eval_fraction})")
+    if c.lr <= 0:
+        raise TrainError(f"--lr must be positive (got {c.lr})")
+    if not 0.0 <= c.min_lr_ratio <= 1.0:
+        raise TrainError(f"--min-lr-ratio must be in [0, 1] (got {c.min_lr_ratio})")
+    if c.warmup_steps is None:
+        c.warmup_steps = max(1, round(0.05 * c.steps)) if c.schedule != "constant" else 0
+    if c.warmup_steps < 0:
+        raise TrainError(f"--warmup-steps must be >= 0 (got {c.warmup_steps})")
+    if c.eval_every is None:
+        c.eval_every = max(1, c.steps // 10)
+    if c.checkpoint_every is None:
+        c.checkpoint_every = max(1, c.steps // 4) if c.steps >= 8 else 0
+    if c.checkpoint_every < -1 or c.eval_every < 1:
+        raise TrainError("--checkpoint-every must be >= -1 and --eval-every >= 1")
+    if c.stop_after is not None and c.stop_after < 1:
+        raise TrainError(f"--stop-after must be at least 1 (got {c.stop_after})")
+    if c.keep_checkpoints < 1:
+        raise TrainError(f"--keep-checkpoints must be at least 1 (got {c.keep_checkpoints})")
+    if c.cache_dir is None:
+        c.cache_dir = str(default_cache_dir())
+    if c.out is None:
+        if c.resume:
+            raise TrainError("--resume needs --out DIR: the run directory to continue")
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        c.out = os.path.join("runs", f"{stamp}-{c.model}-{c.recipe}")
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = True) -> None:
+    """All run settings as flags.  Defaults are None here; TrainConfig holds the real defaults."""
+    from .models import PRESET_HELP
+
+    d = TrainConfig()
+    S = argparse.SUPPRESS
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=S, help=f"size preset: {PRESET_HELP} (default {d.model})")
+    if single_run:
+        g.add_argument("--recipe", default=S,
+                       help=f"numerics: {' | '.join(RECIPES)} (default {d.recipe}); unknown names are refused")
+    g.add_argument("--optimizer", default=S, choices=OPTIMIZERS,
+                   help="adamw = torch.optim.AdamW, fp8adamw = fp8train.AdamW (FP8 states); "
+                        "auto = fp8adamw for coat, adamw otherwise")
+    g.add_argument("--vocab-size", type=int, default=S, help="BPE vocabulary (default: the preset's)")
+    g.add_argument("--device", default=S, choices=DEVICES, help="default auto: cuda when available")
+    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action="store_true", default=S,
+                   help="recompute activations in backward (less memory, ~30%% slower)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=S, help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--batch-size", type=int, default=S, help=f"sequences per micro-batch (default {d.batch_size})")
+    g.add_argument("--seq-len", type=int, default=S, help=f"tokens per sequence (default {d.seq_len})")
+    g.add_argument("--grad-accum", type=int, default=S, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=S, help="peak learning rate (default: the preset's)")
+    g.add_argument("--schedule", default=S, choices=SCHEDULES, help=f"decay after warmup (default {d.schedule})")
+    g.add_argument("--warmup-steps", type=int, default=S, help="linear warmup steps (default 5%% of --steps)")
+    g.add_argument("--min-lr-ratio", type=float, default=S, help=f"final lr / peak lr (default {d.min_lr_ratio})")
+    g.add_argument("--weight-decay", type=float, default=S, help=f"decoupled weight decay (default {d.weight_decay})")
+    g.add_argument("--beta1", type=float, default=S)
+    g.add_argument("--beta2", type=float, default=S)
+    g.add_argument("--eps", type=float, default=S)
+    g.add_argument("--grad-clip", type=float, default=S, help=f"max gradient norm, 0 = off (default {d.grad_clip})")
+    g.add_argument("--seed", type=int, default=S, help=f"seed for init and data order (default {d.seed})")
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default=S,
+                   help="a text file, a directory of text files, or a .jsonl file with a text field "
+                        "(default: this Python's standard-library sources)")
+    g.add_argument("--text-field", default=S, help="field of each .jsonl record to train on (default text)")
+    g.add_argument("--eval-fraction", type=float, default=S, help="share of documents held out (default 0.05)")
+    g.add_argument("--tokenizer-train-bytes", type=int, default=S,
+                   help="train the BPE on this many bytes of documents (default 4e6)")
+    g.add_argument("--cache-dir", default=S, help="tokenizer/token cache (default $FP8TRAIN_CACHE or ~/.cache/fp8train)")
+    g = parser.add_argument_group("outputs")
+    g.add_argument("--out", default=S, help="run directory (default runs/<time>-<model>-<recipe>)")
+    g.add_argument("--eval-every", type=int, default=S, help="evaluate every N steps (default steps/10)")
+    g.add_argument("--eval-batches", type=int, default=S, help="batches per evaluation (default 8)")
+    g.add_argument("--log-every", type=int, default=S, help="write metrics every N steps (default 1)")
+    g.add_argument("--checkpoint-every", type=int, default=S,
+                   help="checkpoint every N steps; 0 = only at the end, -1 = never (default steps/4)")
+    g.add_argument("--keep-checkpoints", type=int, default=S, help="how many recent checkpoints to keep (default 2)")
+    if single_run:
+        g.add_argument("--resume", action="store_true", default=S,
+                       help="continue from the latest checkpoint in --out (its config.json supplies the settings)")
+        g.add_argument("--stop-after", type=int, default=S,
+                       help="stop after N steps of this invocation with a checkpoint, as if interrupted")
+    g.add_argument("--overwrite", action="store_true", default=S, help="reuse a non-empty --out, deleting its run")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no live progress bar")
+
+
+# settings whose change on --resume makes the continuation differ from an uninterrupted run
+_DECIDES_LOSSES = ("model", "recipe", "optimizer", "vocab_size", "steps", "batch_size", "seq_len", "grad_accum", "lr",
+                   "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
+                   "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A TrainConfig from parsed flags; with --resume, the saved run's config with the typed flags on top."""
+    typed = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if typed.get("resume") and typed.get("out"):
+        saved = pathlib.Path(typed["out"]) / "config.json"
+        if saved.is_file():
+            base = TrainConfig.from_json(json.loads(saved.read_text())["train"])
+            for key in ("resume", "stop_after", "overwrite", "progress"):
+                setattr(base, key, getattr(TrainConfig(), key))
+            changed = [f"{k} {getattr(base, k)!r} -> {v!r}" for k, v in typed.items()
+                       if k in _DECIDES_LOSSES and v != getattr(base, k)]
+            if changed:
+                warnings.warn(f"resuming with changed settings ({', '.join(changed)}): the run continues, but its "
+                              f"losses will differ from an uninterrupted run", stacklevel=2)
+            return dataclasses.replace(base, **typed)
+    return TrainConfig(**typed)

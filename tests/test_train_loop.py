@@ -1,0 +1,148 @@
+"""The training loop: outputs, exact resume, schedules, memory accounting and failures (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from fp8train.train import TrainError
+from fp8train.train.loop import lr_lambda, train
+from fp8train.train.config import resolve
+from fp8train.train.metrics import MetricsLog, memory_breakdown
+
+from train_fixtures import tiny_config
+
+
+def test_run_writes_every_output(tmp_path):
+    summary = train(tiny_config(tmp_path), log=lambda s: None)
+    run = tmp_path / "run"
+    records = MetricsLog(run / "metrics.jsonl").read()
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    for key in ("final_eval_loss", "eval_perplexity", "tokens_per_s", "peak_memory_bytes", "recipe"):
+        assert saved[key] is not None
+    assert saved["final_eval_loss"] == records[-1]["eval_loss"]
+    assert saved["eval_perplexity"] == pytest.approx(math.exp(saved["final_eval_loss"]))
+    assert saved["recipe"] == "bf16" and saved["status"] == "complete"
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["steps"] == 6 and config["model"]["hidden_size"] == 64
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
+    assert tok.decode(tok.encode("def value(self): return 1").ids) == "def value(self): return 1"
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    # the loss goes down from the initial ~ln(vocab)
+    assert records[-1]["eval_loss"] < records[0]["loss"] - 0.3
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "coat"])  # coat: FP8 layers and FP8 AdamW states in the checkpoint
+def test_resume_is_bit_identical(tmp_path, recipe):
+    straight = tiny_config(tmp_path / "a", steps=8, checkpoint_every=3, eval_every=2, grad_accum=2, recipe=recipe)
+    train(straight, log=lambda s: None)
+    interrupted = dataclasses.replace(straight, out=str(tmp_path / "b" / "run"))
+    assert train(dataclasses.replace(interrupted, stop_after=5), log=lambda s: None)["status"] == "stopped"
+    assert not (tmp_path / "b" / "run" / "summary.json").exists()
+    train(dataclasses.replace(interrupted, resume=True), log=lambda s: None)
+    a = MetricsLog(tmp_path / "a" / "run" / "metrics.jsonl").read()
+    b = MetricsLog(tmp_path / "b" / "run" / "metrics.jsonl").read()
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [(r["loss"], r["grad_norm"], r["lr"], r.get("eval_loss")) for r in a] == \
+           [(r["loss"], r["grad_norm"], r["lr"], r.get("eval_loss")) for r in b]
+    sa = json.loads((tmp_path / "a" / "run" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "b" / "run" / "summary.json").read_text())
+    assert sa["final_eval_loss"] == sb["final_eval_loss"] and sb["resumed_from_step"] == 5
+    if recipe == "coat":  # the checkpoint holds the FP8 moments as FP8, not widened
+        from fp8train.train.checkpoint import latest_checkpoint, load_tree
+
+        state = load_tree(latest_checkpoint(tmp_path / "b" / "run" / "checkpoints"), "optimizer")["state"]
+        assert torch.float8_e4m3fn in {t.dtype for s in state.values() for t in s.values()}
+
+
+def test_resume_drops_lines_logged_after_the_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, steps=6, checkpoint_every=2)
+    train(dataclasses.replace(config, stop_after=4), log=lambda s: None)
+    log = MetricsLog(tmp_path / "run" / "metrics.jsonl")
+    log.append({"step": 5, "loss": 123.0})  # as if the process died after logging step 5
+    train(dataclasses.replace(config, resume=True), log=lambda s: None)
+    records = log.read()
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and records[4]["loss"] != 123.0
+
+
+def test_out_dir_with_a_run_needs_resume_or_overwrite(tmp_path):
+    config = tiny_config(tmp_path, steps=2)
+    train(config, log=lambda s: None)
+    with pytest.raises(TrainError, match="--resume"):
+        train(config, log=lambda s: None)
+    train(dataclasses.replace(config, overwrite=True), log=lambda s: None)
+    with pytest.raises(TrainError, match="no checkpoints"):
+        train(dataclasses.replace(config, out=str(tmp_path / "new"), resume=True), log=lambda s: None)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_schedules(schedule):
+    c = resolve(dataclasses.replace(tiny_config(__import__("pathlib").Path("/nonexistent")), steps=100,
+                                    warmup_steps=10, schedule=schedule, min_lr_ratio=0.1))
+    f = lr_lambda(c)
+    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    expected_end = {"cosine": 0.1, "linear": 0.1, "constant": 1.0}[schedule]
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(expected_end)
+    mid = {"cosine": 0.1 + 0.9 * 0.5, "linear": 0.1 + 0.9 * 0.5, "constant": 1.0}[schedule]
+    assert f(55) == pytest.approx(mid)
+
+
+def test_memory_breakdown_counts_saved_tensors_once():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(5, 8)
+    model(x).sum().backward()
+    opt.step()
+    parts = memory_breakdown(model, opt, lambda: model(x).sum())
+    n_params = sum(p.numel() for p in model.parameters())
+    assert parts["weights_bytes"] == n_params * 4
+    assert parts["gradients_bytes"] == n_params * 4
+    # AdamW: exp_avg + exp_avg_sq per parameter (fp32) + a 4-byte step per tensor
+    assert parts["optimizer_state_bytes"] == 2 * n_params * 4 + 4 * 4
+    # saved for backward: the input x (for W1's grad) and the ReLU output (ReLU's and Linear 2's, one storage);
+    # the weights themselves are parameters and excluded
+    assert parts["activations_bytes"] == x.numel() * 4 + 5 * 16 * 4
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(TrainError, match="lower --lr"):
+        train(tiny_config(tmp_path, lr=1e6, grad_clip=0.0, steps=30, warmup_steps=0), log=lambda s: None)
+    run = tmp_path / "run"
+    assert not (run / "summary.json").exists()
+    assert json.loads((run / "failure.json").read_text())["status"] == "failed"
+
+
+def test_out_of_memory_is_reported_with_what_to_lower(tmp_path, monkeypatch):
+    import fp8train.train.loop as loop
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(loop, "causal_lm_loss", boom)
+    with pytest.raises(TrainError, match="lower --batch-size"):
+        train(tiny_config(tmp_path), log=lambda s: None)
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert "--grad-accum" in json.loads((tmp_path / "run" / "failure.json").read_text())["error"]
+
+
+def test_fp8_recipe_run_keeps_fp8train_convert_callable(tmp_path):
+    import types
+
+    import fp8train
+
+    summary = train(tiny_config(tmp_path, recipe="fp8", steps=2), log=lambda s: None)
+    assert summary["recipe"] == "fp8" and summary["optimizer"] == "adamw"
+    assert callable(fp8train.convert) and not isinstance(fp8train.convert, types.ModuleType)
