@@ -17,6 +17,9 @@ GPU -- batch 2 x 2048 per GPU), Llama-2-13B (``13b``, bf16 master, batch 1 x 204
 needed sequence 1024 there).  The batch per GPU is fixed, so 1 -> 2 GPUs is weak scaling: efficiency =
 tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU).
 
+``train``: ``fp8train train --nproc 2 --recipe coat`` (tiny preset, stdlib data) stopped half-way, then resumed
+with ``--resume --nproc 1``: the trainer's NCCL path and its distributed checkpoints on the GPU.
+
 ``dcp``: a tiny coat model trains 2 steps on 2 GPUs, checkpoints (torch.distributed.checkpoint), trains 2 more;
 1 GPU loads the checkpoint, compares every weight and FP8 optimizer state with the 2-GPU state bit for bit and
 trains the same 2 steps: the losses must match (CUDA + NCCL + the Triton AdamW kernel on local shards).
@@ -56,6 +59,7 @@ CONFIGS = {
     "bf16-1b-2gpu": ("bf16", "1b", 2, 4, 2048, "fp32", 80),
     "dcp": None,
     "bf16-13b-2gpu": ("bf16", "13b", 2, 1, 2048, "bf16", 150),
+    "train": None,
 }
 MIN_START_S = 40  # do not start a configuration with less budget left than this
 
@@ -269,6 +273,23 @@ def worker_main(cfg: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # driver side
 
+def run_group(cmd: list, timeout: float, env: dict) -> tuple:
+    """``(returncode, stdout, stderr)`` of ``cmd`` run in its own process group; on timeout the whole group
+    (torchrun and its workers, or the trainer and the processes it spawned) is killed, so no orphan keeps a
+    GPU.  Raises ``subprocess.TimeoutExpired`` after the kill."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
 def launch(cfg: dict, nproc: int, timeout: float, device: str) -> dict:
     """One torchrun; returns rank 0's MULTI_ROW dict or {status: oom|error|timeout, error}."""
     env = {**os.environ, **NCCL_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -280,16 +301,15 @@ def launch(cfg: dict, nproc: int, timeout: float, device: str) -> dict:
            str(pathlib.Path(__file__).resolve()), "--worker", json.dumps(cfg)]
     started = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as exc:
-        tail = ((exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or ""))
-        return {"status": "timeout", "error": tail[-800:], "wall_s": round(time.time() - started, 1)}
-    for line in proc.stdout.splitlines():
+        _, stdout, stderr = run_group(cmd, timeout, env)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"killed after {timeout:.0f} s", "wall_s": round(time.time() - started, 1)}
+    for line in stdout.splitlines():
         if line.startswith("MULTI_ROW "):
             row = json.loads(line[len("MULTI_ROW "):])
             row.update(status="ok", wall_s=round(time.time() - started, 1))
             return row
-    tail = (proc.stderr + proc.stdout)[-4000:]
+    tail = (stderr + stdout)[-4000:]
     status = "oom" if ("OutOfMemory" in tail or "out of memory" in tail) else "error"
     return {"status": status, "error": tail[-1500:], "wall_s": round(time.time() - started, 1)}
 
@@ -321,6 +341,33 @@ def run_dcp(args) -> dict:
     return {"name": "dcp 2 -> 1 GPU: same state and losses", "ok": ok, "losses_2gpu": expected,
             "losses_1gpu": loaded["losses"], "max_rel_loss_diff": rel, "n_compared": loaded["n_compared"],
             "mismatched": loaded["mismatched"]}
+
+
+def run_train(args) -> dict:
+    """The trainer end to end: 2 GPUs for 20 steps (stopping after 10), then resumed on 1 GPU."""
+    name = "fp8train train --nproc 2 -> --resume --nproc 1"
+    env = {**os.environ, **NCCL_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    device = "cuda" if args.device == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory(prefix="fp8train-train-", ignore_cleanup_errors=True) as tmp:
+        common = [sys.executable, "-m", "fp8train", "train", "--out", f"{tmp}/run", "--no-progress"]
+        # a small corpus (fp8train's own sources) keeps the tokenizer and data preparation to seconds
+        first = common + ["--model", "tiny", "--recipe", "coat", "--steps", "20", "--stop-after", "10",
+                          "--batch-size", "8", "--seq-len", "256", "--checkpoint-every", "5", "--eval-every", "10",
+                          "--data", str(ROOT / "fp8train"), "--tokenizer-train-bytes", "300000",
+                          "--cache-dir", f"{tmp}/cache", "--device", device, "--nproc", "2"]
+        for cmd in (first, common + ["--resume", "--nproc", "1"]):
+            try:
+                code, stdout, stderr = run_group(cmd, min(150, args.remaining()), env)
+            except subprocess.TimeoutExpired:
+                return {"name": name, "ok": False, "detail": f"timeout: {' '.join(cmd[3:])}"}
+            if code != 0:
+                return {"name": name, "ok": False, "detail": (stderr + stdout)[-1500:]}
+        summary = json.loads(pathlib.Path(tmp, "run", "summary.json").read_text())
+        losses = [json.loads(line)["loss"] for line in pathlib.Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
+    ok = summary["status"] == "complete" and summary["resumed_from_step"] == 10 and len(losses) == 20 \
+        and all(x == x for x in losses) and losses[-1] < losses[0]
+    return {"name": name, "ok": ok, "losses": [round(x, 4) for x in losses], "final_eval_loss": summary["final_eval_loss"],
+            "tokens_per_s": summary["tokens_per_s"]}
 
 
 def scaling(rows: list) -> list:
@@ -402,14 +449,14 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
         if deadline - time.time() < MIN_START_S:
             if CONFIGS[name] is None:
-                checks.append({"name": "dcp 2 -> 1 GPU: same state and losses", "ok": False, "detail": "skipped"})
+                checks.append({"name": name, "ok": False, "detail": "skipped (time budget)"})
             else:
                 recipe, model, gpus, batch, seq, master, _ = CONFIGS[name]
                 rows.append({"name": name, "recipe": recipe, "model": model, "gpus": gpus, "batch_per_gpu": batch,
                              "seq": seq, "master": master, "status": "skipped (time budget)"})
             continue
         if CONFIGS[name] is None:
-            checks.append(run_dcp(args))
+            checks.append(run_dcp(args) if name == "dcp" else run_train(args))
             print(json.dumps(checks[-1]), flush=True)
         else:
             rows.append(run_bench(name, CONFIGS[name], args))
