@@ -8,7 +8,8 @@ out-of-memory run (or a hang) becomes a status row and the next one starts on cl
 Llama-shaped model (random init, random tokens) sharded with ``fp8train.distributed.shard_model`` (FSDP2 per
 decoder layer, bf16 all-gathers, fp32 reduce-scatter) under bf16 autocast:
 
-* ``bf16-*``: no conversion + ``torch.optim.AdamW(fused=True)`` (the baseline);
+* ``bf16-*``: no conversion + ``torch.optim.AdamW(fused=True)`` (the baseline; its moments take the master
+  weights' dtype, so bf16 ones with bf16 masters);
 * ``coat-*``: ``fp8train.convert(recipe="coat")`` + ``fp8train.AdamW`` (FP8 moments, DRE).
 
 Shapes (fp8train.bench.MODEL_SHAPES): 953M (``1b``, fp32 master weights, batch 4 x 2048 per GPU), Llama-2-7B
@@ -60,6 +61,7 @@ CONFIGS = {
     "dcp": None,
     "bf16-13b-2gpu": ("bf16", "13b", 2, 1, 2048, "bf16", 150),
     "train": None,
+    "coat-13b-2gpu-fp32master": ("coat", "13b", 2, 1, 2048, "fp32", 150),
 }
 MIN_START_S = 40  # do not start a configuration with less budget left than this
 
@@ -321,7 +323,8 @@ def run_bench(name: str, spec: tuple, args) -> dict:
     cfg = dict(kind="bench", recipe=recipe, model=model, batch=batch, seq=seq, master=master,
                warmup=args.warmup, steps=args.steps)
     row = {"name": name, "recipe": recipe, "model": model, "gpus": gpus, "batch_per_gpu": batch, "seq": seq,
-           "master": master}
+           "master": master, "optimizer": ("torch.optim.AdamW(fused), states in the master dtype" if recipe == "bf16"
+                                           else "fp8train.AdamW(states='dre')")}
     row.update(launch(cfg, gpus, min(timeout, args.remaining()), args.device))
     return row
 
