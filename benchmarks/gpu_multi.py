@@ -18,12 +18,18 @@ GPU -- batch 2 x 2048 per GPU), Llama-2-13B (``13b``, bf16 master, batch 1 x 204
 needed sequence 1024 there).  The batch per GPU is fixed, so 1 -> 2 GPUs is weak scaling: efficiency =
 tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU).
 
+``kernel``: benchmarks/gpu/distributed.py on 2 GPUs -- fp8train.AdamW's Triton kernel on FSDP-style shards
+(uneven rows, 1-D parameters) against the torch reference.
+
 ``train``: ``fp8train train --nproc 2 --recipe coat`` (tiny preset, stdlib data) stopped half-way, then resumed
 with ``--resume --nproc 1``: the trainer's NCCL path and its distributed checkpoints on the GPU.
 
 ``dcp``: a tiny coat model trains 2 steps on 2 GPUs, checkpoints (torch.distributed.checkpoint), trains 2 more;
 1 GPU loads the checkpoint, compares every weight and FP8 optimizer state with the 2-GPU state bit for bit and
 trains the same 2 steps: the losses must match (CUDA + NCCL + the Triton AdamW kernel on local shards).
+
+CPU smoke test of this script (gloo, tiny shapes): ``python benchmarks/gpu_multi.py --device cpu``; the ``kernel``
+check then needs ``TRITON_INTERPRET=1 FP8TRAIN_CHECK_STEPS=1`` (Triton's CPU interpreter).
 
 Output: ``<out>/<date>-<gpu>-multi.json`` (gpu, torch, triton, cuda, date, rows, scaling, checks) and ``.md``.
 NCCL: NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1).
@@ -43,12 +49,15 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 EXTRA_SHAPES = {"smoke": (64, 2, 4, 160, 512)}  # CPU smoke test of this script (--device cpu)
 
 # name: (recipe, model, gpus, batch per gpu, seq, master dtype, timeout s) -- in priority order
 CONFIGS = {
+    "kernel": None,
+    "dcp": None,
     "coat-13b-2gpu": ("coat", "13b", 2, 1, 2048, "bf16", 150),
     "coat-7b-1gpu": ("coat", "7b", 1, 2, 2048, "bf16", 110),
     "coat-7b-2gpu": ("coat", "7b", 2, 2, 2048, "bf16", 110),
@@ -58,7 +67,6 @@ CONFIGS = {
     "coat-1b-2gpu": ("coat", "1b", 2, 4, 2048, "fp32", 80),
     "bf16-1b-1gpu": ("bf16", "1b", 1, 4, 2048, "fp32", 80),
     "bf16-1b-2gpu": ("bf16", "1b", 2, 4, 2048, "fp32", 80),
-    "dcp": None,
     "bf16-13b-2gpu": ("bf16", "13b", 2, 1, 2048, "bf16", 150),
     "train": None,
     "coat-13b-2gpu-fp32master": ("coat", "13b", 2, 1, 2048, "fp32", 150),
@@ -346,6 +354,17 @@ def run_dcp(args) -> dict:
             "mismatched": loaded["mismatched"]}
 
 
+def run_check(name: str, args) -> dict:
+    if name == "dcp":
+        return run_dcp(args)
+    if name == "train":
+        return run_train(args)
+    from gpu import distributed
+
+    result = distributed.launch(2, timeout=min(120, args.remaining()))
+    return {"name": "adamw kernel on 2-GPU shards vs reference", "ok": distributed.verdict(result), **result}
+
+
 def run_train(args) -> dict:
     """The trainer end to end: 2 GPUs for 20 steps (stopping after 10), then resumed on 1 GPU."""
     name = "fp8train train --nproc 2 -> --resume --nproc 1"
@@ -433,8 +452,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     parser.add_argument("--only", default="", help=f"comma-separated, from: {', '.join(CONFIGS)}")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for everything")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke-test this script")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -459,7 +478,7 @@ def main(argv=None) -> int:
                              "seq": seq, "master": master, "status": "skipped (time budget)"})
             continue
         if CONFIGS[name] is None:
-            checks.append(run_dcp(args) if name == "dcp" else run_train(args))
+            checks.append(run_check(name, args))
             print(json.dumps(checks[-1]), flush=True)
         else:
             rows.append(run_bench(name, CONFIGS[name], args))
