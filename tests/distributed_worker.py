@@ -125,6 +125,9 @@ def run_task(rank: int, world: int, task: dict) -> dict:
     result["moment_dtypes"] = {n: str(opt.state[p]["exp_avg"].dtype) for n, p in model.named_parameters()}
     result["state_types"] = sorted({type(v).__name__ for s in opt.state.values() for k, v in s.items()
                                     if k != "step"})
+    from torch.distributed.fsdp import FSDPModule
+
+    result["fsdp_units"] = sorted(name or "<root>" for name, m in model.named_modules() if isinstance(m, FSDPModule))
     return result
 
 

@@ -60,6 +60,8 @@ def _moments(state: dict, prefix: str) -> dict:
 
 def test_sharded_training_state_is_sharded_like_the_parameters(runs):
     result = runs["run2"]
+    assert result["fsdp_units"] == ["<root>", "model.layers.0", "model.layers.1"]  # one unit per decoder layer
+    assert runs["run1_unsharded"]["fsdp_units"] == []
     assert result["state_types"] == ["DTensor"]
     dtypes = result["moment_dtypes"]
     # matrices keep FP8 moments; 1-D parameters (sharded along their only dim) keep float32 ones
