@@ -38,7 +38,6 @@ NCCL: NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MUL
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import pathlib
@@ -407,19 +406,19 @@ def scaling(rows: list) -> list:
 
 
 def environment(device: str) -> dict:
-    import torch
-
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "date": _dt.date.today().isoformat()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    cuda = device == "cuda" and torch.cuda.is_available()
-    info["gpu"] = torch.cuda.get_device_name() if cuda else "cpu"
-    info["gpus"] = torch.cuda.device_count() if cuda else 0
-    return info
+    """Versions and GPU names, read in a child process: the driver itself never creates a CUDA context (it would
+    hold memory on GPU 0 for the whole run)."""
+    code = (
+        "import json, datetime, torch\n"
+        "info = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'date': datetime.date.today().isoformat()}\n"
+        "try:\n    import triton; info['triton'] = triton.__version__\n"
+        "except ImportError:\n    info['triton'] = None\n"
+        f"cuda = {device == 'cuda'!r} and torch.cuda.is_available()\n"
+        "info['gpu'] = torch.cuda.get_device_name() if cuda else 'cpu'\n"
+        "info['gpus'] = torch.cuda.device_count() if cuda else 0\n"
+        "print(json.dumps(info))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def to_markdown(result: dict) -> str:
