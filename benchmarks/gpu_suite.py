@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-AREAS = ["quant", "ops", "linear", "optim", "layer", "train", "e2e", "lab"]
+AREAS = ["quant", "ops", "linear", "optim", "distributed", "layer", "export", "lab", "train", "e2e"]
 
 
 class Report:
@@ -67,6 +67,17 @@ def main(argv=None) -> int:
     env = environment()
     print(env, flush=True)
     timings = {}
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu_slug = env["gpu"].replace("NVIDIA ", "").replace(" ", "-").lower()
+    stem = out / f"{env['date']}-{gpu_slug}"
+
+    def write_results():  # after every area, so a run cut short by its time limit still leaves its results
+        result = {**env, "areas_seconds": timings, "checks": report.checks, "bench": report.bench,
+                  "end_to_end": report.end_to_end, "errors": report.errors}
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        stem.with_suffix(".md").write_text(to_markdown(result))
+
     for area in areas:
         start = time.time()
         try:
@@ -77,14 +88,7 @@ def main(argv=None) -> int:
             print(f"[ERROR] {area}: {exc!r}\n{traceback.format_exc()}", flush=True)
         timings[area] = round(time.time() - start, 1)
         print(f"[area] {area} took {timings[area]} s", flush=True)
-    result = {**env, "areas_seconds": timings, "checks": report.checks, "bench": report.bench,
-              "end_to_end": report.end_to_end, "errors": report.errors}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu_slug = env["gpu"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    stem = out / f"{env['date']}-{gpu_slug}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(to_markdown(result))
+        write_results()
     failed = [c["name"] for c in report.checks if not c["ok"]]
     print(f"\nchecks: {len(report.checks) - len(failed)} passed, {len(failed)} failed; errors: {len(report.errors)}")
     for name in failed:

@@ -1,6 +1,6 @@
 """How much do FP8 Adam states cost?  Quantization error of real Adam moments, and the eval-loss gap of training.
 
-    OMP_NUM_THREADS=1 python benchmarks/optimizer_quality.py            # ~4 min on one CPU core
+    OMP_NUM_THREADS=1 python benchmarks/optimizer_quality.py            # ~5 min on one idle CPU core
     python benchmarks/optimizer_quality.py --steps 60 --out /tmp/q       # quick look
 
 1. Train a small Llama (transformers LlamaForCausalLM, byte-level vocabulary of 256) on the Python standard
@@ -10,6 +10,7 @@
    Also: DRE with a bfloat16 group maximum instead of float32, in one round trip and after 50 requantizations.
 2. Train the same model from the same seed on the same batches with torch.optim.AdamW (fp32 states),
    fp8train.AdamW(states="plain") and fp8train.AdamW(states="dre"), and report the eval loss and its gap to fp32.
+   Two more fp32 runs measure the noise floor: weights nudged by 1e-6 of their std, and an lr 1 % higher.
 
 Results: benchmarks/results/optimizer_quality.json and .md (written atomically).
 """
@@ -95,13 +96,13 @@ def lr_at(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(args, make_optimizer, train_tokens, eval_chunks, snapshot_steps=(), perturb=0.0):
+def train(args, make_optimizer, train_tokens, eval_chunks, snapshot_steps=(), perturb=0.0, lr_scale=1.0):
     model = make_model(args, perturb)
     opt = make_optimizer(model.parameters())
     snapshots, curve = [], []
     for step, chunk in enumerate(batches(train_tokens, args.batch, args.seq, args.steps, args.seed + 1)):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args) * lr_scale
         loss = loss_of(model, chunk)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,6 +190,9 @@ def main(argv=None) -> int:
         # for reasons that have nothing to do with the optimizer's precision
         "fp32-nudged": lambda ps: torch.optim.AdamW(ps, lr=args.lr, betas=betas, eps=eps,
                                                     weight_decay=args.weight_decay),
+        # ... and from an lr 1 % higher: how sensitive the run is to a slightly longer Adam step
+        "fp32-lr+1%": lambda ps: torch.optim.AdamW(ps, lr=args.lr, betas=betas, eps=eps,
+                                                   weight_decay=args.weight_decay),
         "fp32": lambda ps: torch.optim.AdamW(ps, lr=args.lr, betas=betas, eps=eps, weight_decay=args.weight_decay),
         "fp8-plain": lambda ps: AdamW(ps, lr=args.lr, betas=betas, eps=eps, weight_decay=args.weight_decay,
                                       states="plain"),
@@ -200,7 +204,8 @@ def main(argv=None) -> int:
     for name, make in optimizers.items():
         t0 = time.time()
         curve, snapshots = train(args, make, train_tokens, eval_chunks, snapshot_steps if name == "fp32" else (),
-                                 perturb=1e-6 if name == "fp32-nudged" else 0.0)
+                                 perturb=1e-6 if name == "fp32-nudged" else 0.0,
+                                 lr_scale=1.01 if name == "fp32-lr+1%" else 1.0)
         runs[name] = {"curve": curve, "final_eval_loss": curve[-1][2], "seconds": round(time.time() - t0, 1)}
         print(f"{name}: eval loss {curve[-1][2]:.4f} ({runs[name]['seconds']} s)", flush=True)
         for step, snapshot in snapshots:
@@ -219,7 +224,7 @@ def main(argv=None) -> int:
         "dre_error_1.7x_below_plain_e4m3_v": ratio["v/e4m3"] >= 1.7,
         "dre_eval_loss_gap_le_0.3_percent": abs(runs["fp8-dre"]["gap_percent"]) <= 0.3,
         "noise_floor_below_0.3_percent (else the gap goal cannot be resolved at this scale)":
-            abs(runs["fp32-nudged"]["gap_percent"]) <= 0.3,
+            max(abs(runs["fp32-nudged"]["gap_percent"]), abs(runs["fp32-lr+1%"]["gap_percent"])) <= 0.3,
     }
     result = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/optimizer_quality.py " + " ".join(argv or sys.argv[1:]),
@@ -275,8 +280,8 @@ def to_markdown(r: dict) -> str:
               "|---|---|---|---|"]
     for name, run in r["training"].items():
         lines.append(f"| {name} | {run['final_eval_loss']:.4f} | {run['gap_percent']:+.3f} % | {run['seconds']} |")
-    lines += ["", "Eval loss during training (step: fp32 / fp32-nudged / plain / dre):", ""]
-    curves = [r["training"][k]["curve"] for k in ("fp32", "fp32-nudged", "fp8-plain", "fp8-dre")]
+    lines += ["", "Eval loss during training (step: fp32 / fp32-nudged / fp32-lr+1% / plain / dre):", ""]
+    curves = [r["training"][k]["curve"] for k in ("fp32", "fp32-nudged", "fp32-lr+1%", "fp8-plain", "fp8-dre")]
     for points in zip(*curves):
         lines.append(f"- {points[0][0]}: " + " / ".join(f"{p[2]:.4f}" for p in points))
     lines += ["", "## Goals", ""] + [f"- {k}: {'met' if v else '**missed**'}" for k, v in r["goals"].items()]

@@ -9,6 +9,8 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     torchao_float8_adamwfp8[_compiled]         ... plus torchao's AdamWFp8
     fp8train_fp8[_compiled]                    fp8train.convert(recipe="fp8") + torch AdamW(fused)
     fp8train_coat[_compiled]                   fp8train.convert(recipe="coat") + fp8train.AdamW
+    fp8train_coat_lean[_compiled]              ... "coat-lean" (chunked loss) on bf16 params + stochastic rounding
+    <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
 Rows: ``{name, batch, seq, tokens_per_s, peak_memory_bytes}`` (+ ``status`` and ``error`` when a
 configuration failed, e.g. ``"oom"``).
@@ -41,9 +43,14 @@ CONFIGS = {
     "fp8train_fp8_compiled": ("fp8", "torch", True),
     "fp8train_coat": ("coat", "fp8train", False),
     "fp8train_coat_compiled": ("coat", "fp8train", True),
+    # the memory levers beyond COAT: chunked loss, bf16 parameters with stochastic rounding (no fp32 master
+    # copy, bf16 gradients)
+    "fp8train_coat_lean": ("coat-lean", "fp8train", False),
+    "fp8train_coat_lean_compiled": ("coat-lean", "fp8train", True),
 }
+LEAN_OPTIONS = {"master": "bf16", "optimizer": {"master_weights": "bf16_stochastic"}}
 DEFAULT_CONFIGS = ["bf16_eager", "bf16_compiled", "torchao_float8_compiled", "torchao_float8_adamwfp8_compiled",
-                   "fp8train_fp8", "fp8train_coat", "fp8train_coat_compiled"]
+                   "fp8train_fp8", "fp8train_coat", "fp8train_coat_compiled", "fp8train_coat_lean"]
 
 
 def build_model(shape: str, *, master_dtype=None):
@@ -100,7 +107,12 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
     """Train ``steps`` timed steps of one configuration in this process; return its row."""
     import torch
 
-    recipe, optimizer_kind, compiled = CONFIGS[name]
+    graphed = name.endswith("_graphed")
+    recipe, optimizer_kind, compiled = CONFIGS[name.removesuffix("_graphed")]
+    if graphed and compiled:
+        raise ValueError(f"{name}: a configuration is either compiled or CUDA-graphed, not both")
+    if name.startswith("fp8train_coat_lean"):
+        master, optimizer_options = LEAN_OPTIONS["master"], {**LEAN_OPTIONS["optimizer"], **(optimizer_options or {})}
     row = {"name": name, "model": shape, "batch": batch, "seq": seq}
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
@@ -118,6 +130,16 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
+    if graphed:
+        from .cuda_graphs import GraphedStep
+
+        graph = GraphedStep(model, lambda m, b: m(**b).loss, {"input_ids": tokens, "labels": tokens})
+
+        def step():  # noqa: F811 - the graphed variant of the same step
+            loss = graph({"input_ids": tokens, "labels": tokens})
+            opt.step()
+            return loss
 
     for _ in range(warmup):
         loss = step()
@@ -169,7 +191,7 @@ def bench(args) -> list[dict]:
         raise SystemExit("fp8train bench needs a CUDA GPU (it measures GPU throughput and memory); none is visible")
     rows = []
     for name in [c for c in args.configs.split(",") if c]:
-        if name not in CONFIGS:
+        if name.removesuffix("_graphed") not in CONFIGS:
             raise SystemExit(f"unknown bench configuration {name!r}; choose from {', '.join(CONFIGS)}")
         row = run_isolated(name, args)
         rows.append(row)

@@ -28,12 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     smoke = sub.add_parser("smoke", help="quick check that the library works on this machine")
     smoke.set_defaults(func=_smoke)
-    from . import bench
-
-    bench.register(sub)
-    from .train.cli import register as register_train
-    register_train(sub)
+    from . import bench, export
     from .lab.sweep import register as register_sweep
+    from .train.cli import register as register_train
+
+    register_train(sub)
+    bench.register(sub)
+    export.register(sub)
     register_sweep(sub)
     return parser
 

@@ -72,10 +72,17 @@ def convert(model: nn.Module, recipe: Union[str, Recipe, None] = "coat", *,
         return model  # converting twice is a no-op
     if recipe.is_noop:
         return model
-    converter = _Converter(model, recipe, exclude)
-    converter.run()
+    report = None
+    if recipe.fp8_linears or recipe.compress_activations:
+        converter = _Converter(model, recipe, exclude)
+        converter.run()
+        report = converter.report
+    if recipe.chunked_loss:
+        from .nn.chunked_cross_entropy import enable_chunked_loss
+
+        enable_chunked_loss(model)
     object.__setattr__(model, _MARK, recipe)
-    object.__setattr__(model, _REPORT, converter.report)
+    object.__setattr__(model, _REPORT, report)
     return model
 
 

@@ -47,6 +47,9 @@ class Recipe:
     fast path for decoder blocks whose structure it recognizes; ``recompute_gated_product`` makes the fast
     path's MLP rebuild act(gate) * up from the saved FP8 gate/up in backward instead of saving its FP8 copy.
 
+    Loss: ``chunked_loss`` -- compute a causal LM's training loss with the chunked fused lm_head +
+    cross-entropy (:mod:`fp8train.nn.chunked_cross_entropy`), so the vocabulary-sized logits are never
+    materialised; calls that pass ``labels`` then return ``logits=None``.
     Simulated formats (``simulate``): a :class:`fp8train.lab.SimulatedFormats` or its spec string (``"e3m4"``,
     ``"a=e3m4,w=e3m4,g=e5m2,scaling=1x16"``).  When set, every converted linear becomes a ``SimulatedLinear``
     (GEMM inputs rounded to the given formats, GEMMs in the compute dtype); the FP8 linear fields above are not
@@ -69,6 +72,7 @@ class Recipe:
     fast_accumulation: bool = False
     recompute_gated_product: bool = True
     keep_bf16: tuple = ("lm_head", "score", "classifier", "qa_outputs")
+    chunked_loss: bool = False
     simulate: Optional[Any] = None  # fp8train.lab.SimulatedFormats (or its spec string)
 
     def __post_init__(self):
@@ -107,7 +111,8 @@ class Recipe:
 
     @property
     def is_noop(self) -> bool:
-        return not self.fp8_linears and not self.compress_activations and self.simulate is None
+        return (not self.fp8_linears and not self.compress_activations and not self.chunked_loss
+                and self.simulate is None)
 
     @property
     def per_tensor(self) -> bool:
@@ -129,6 +134,9 @@ PRESETS = {
     "bf16": Recipe(name="bf16", fp8_linears=False, compress_activations=False),
     "fp8": Recipe(name="fp8", fp8_linears=True, compress_activations=False),
     "coat": Recipe(name="coat", fp8_linears=True, compress_activations=True),
+    # coat without the logits buffer; pair it with bf16 parameters and
+    # fp8train.AdamW(master_weights="bf16_stochastic") for the smallest footprint
+    "coat-lean": Recipe(name="coat-lean", fp8_linears=True, compress_activations=True, chunked_loss=True),
     "fp8-block": Recipe(name="fp8-block", fp8_linears=True, compress_activations=False,
                         input_granularity="1x128", weight_granularity="128x128", grad_granularity="1x128",
                         grad_format="e4m3"),

@@ -80,3 +80,20 @@ def test_enable_chunked_loss_on_llama_matches_hf_loss():
     torch.testing.assert_close(model.lm_head.weight.grad, ref_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(model.model.embed_tokens.weight.grad, emb_grad, rtol=1e-4, atol=1e-6)
     assert model(input_ids=ids).logits.shape == (2, 17, 211)  # no labels: the model's own forward
+
+
+def test_recipe_option_enables_chunked_loss():
+    import fp8train
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 97, (2, 9))
+    ref = model(input_ids=ids, labels=ids).loss
+    fp8train.convert(model, recipe=fp8train.Recipe(name="loss-only", fp8_linears=False, chunked_loss=True))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    assert fp8train.recipes.resolve_recipe("coat-lean").chunked_loss

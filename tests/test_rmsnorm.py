@@ -182,3 +182,34 @@ def test_residual_grad_is_added_in_the_same_pass():
     assert bool(((dx_sum.double() - exact).abs() <= 2**-8 * dx.double().abs() + 2**-8 * exact.abs() + 1e-6).all())
     with pytest.raises(ValueError, match="residual_grad has shape"):
         rmsnorm_backward(dy, saved, w, residual_grad=dres[:-1])
+
+
+def test_fused_residual_add_and_norm():
+    from fp8train.nn.rmsnorm import add_rms_norm, add_rmsnorm_forward
+
+    x, w, dy = _data()
+    r = torch.randn_like(x)
+    h, y, saved = add_rmsnorm_forward(r, x, w, 1e-5)
+    assert torch.equal(h, r + x)
+    y_ref, saved_ref = rmsnorm_forward(r + x, w, 1e-5)
+    assert torch.equal(y, y_ref) and torch.equal(saved.rstd, saved_ref.rstd)
+    assert torch.equal(saved.x.data.view(torch.uint8), saved_ref.x.data.view(torch.uint8))
+    _, q, _ = add_rmsnorm_forward(r, x, w, 1e-5, quantize_output=True)
+    assert torch.equal(q.data.view(torch.uint8), mg.quantize_for_linear(y_ref).data.view(torch.uint8))
+    # autograd: h feeds the next residual, y the next linear; both gradients reach residual and x
+    dh = torch.randn_like(x)
+    a, b, wa = r.clone().requires_grad_(True), x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    h1, y1 = add_rms_norm(a, b, wa, 1e-5)
+    torch.autograd.backward([h1, y1], [dh, dy.to(x.dtype)])
+    c, d, wb = r.clone().requires_grad_(True), x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    h2 = residual_add(c, d)
+    y2 = rms_norm(h2, wb, 1e-5)
+    torch.autograd.backward([h2, y2], [dh, dy.to(x.dtype)])
+    # fused: dh + dx_norm rounded once; unfused: dx_norm rounded to bf16 first, then the sum rounded again
+    dx_norm = rmsnorm_backward(dy.to(x.dtype), saved, w)[0].double()
+    bound = 2**-7 * (dx_norm.abs() + c.grad.double().abs()) + 1e-30  # one bf16 step of each
+    assert bool(((a.grad.double() - c.grad.double()).abs() <= bound).all())
+    assert torch.equal(a.grad, b.grad) and torch.equal(wa.grad, wb.grad)
+    with mg.quantization_disabled():
+        args = [torch.randn(3, 32, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+        assert torch.autograd.gradcheck(lambda p, q, s: add_rms_norm(p, q, s[0], 1e-5), (args[0], args[1], args[2]))

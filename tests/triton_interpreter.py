@@ -103,6 +103,15 @@ def check_quantize():
                 same_fp8(t, r.data.reshape(-1, shape[-1]).t(), fmt)
                 given = quantize_tensorwise(x, fmt, amax=r.amax * 4)
                 same_fp8(given.data, quantize(x, fmt, "tensor", amax=r.amax * 4).data, fmt)
+    # NaN with every payload bit set (CUDA's canonical float32 NaN) and inf poison exactly their own group
+    x = _inputs((4, 64), torch.float32)
+    x.view(torch.int32)[1, 20] = 0x7FFFFFFF
+    x[2, 40] = float("-inf")
+    for scale_dtype in (torch.bfloat16, torch.float32):
+        out = quantize_groups(x, E4M3, 16, scale_dtype).dequantize()
+        bad = ~out.isfinite()
+        assert bool(bad[1, 16:32].all()) and bool(bad[2, 32:48].all()) and int(bad.sum()) == 32, scale_dtype
+    assert bool(quantize_tensorwise(x, E4M3).amax.isnan())
 
 
 def check_rmsnorm():
@@ -129,6 +138,21 @@ def check_rmsnorm():
                     dx, dw = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style)
                     dxr, dwr = ref.rmsnorm_backward(dy.to(yr.dtype), sr, w)
                     close(dx, dxr, dtype, scale=4)
+                    # fused residual add + norm (h = r + x is the norm's input)
+                    r = _inputs(shape, dtype, seed=5)
+                    h, y2, rstd2, copy2 = kernel.rmsnorm_forward(x, w, 1e-5, style, residual=r)
+                    hr, y2r, sr2 = ref.add_rmsnorm_forward(r, x, w, 1e-5, style=style)
+                    close(h, hr, dtype)
+                    close(y2, y2r, dtype, scale=2)
+                    close(rstd2, sr2.rstd, dtype, scale=2)  # h carries a rounding of its dtype
+                    close(copy2.amax.float(), sr2.x.amax.float(), torch.bfloat16)
+                    same_fp8(copy2.data, sr2.x.data, steps=2)
+                    h, (q, t), _, _ = kernel.rmsnorm_forward(x, w, 1e-5, style, residual=r, quantize_output=True,
+                                                             output_transpose=True)
+                    _, (qr, tr), _ = ref.add_rmsnorm_forward(r, x, w, 1e-5, style=style, quantize_output=True,
+                                                             output_transpose=True)
+                    close(h, hr, dtype)
+                    same_tensorwise(q, t, qr, tr, dtype)
                     dres = _inputs(shape, dtype, seed=4)
                     dx2, _ = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style, residual_grad=dres)
                     close(dx2, ref.rmsnorm_backward(dy.to(yr.dtype), sr, w, residual_grad=dres)[0], dtype, scale=4)

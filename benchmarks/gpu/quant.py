@@ -110,6 +110,17 @@ def run(report) -> None:
                          torch.equal(q.amax, r.amax) and steps <= 1 and steps_t <= 1,
                          amax_equal=torch.equal(q.amax, r.amax), data_identical=round(same, 6), max_steps=steps,
                          transposed_identical=round(same_t, 6), transposed_max_steps=steps_t)
+            # float32 inputs with a given amax: the backward pass's weight re-quantization (a float32 master
+            # weight's transposed copy once came out scrambled while bf16 inputs were right)
+            x32 = x.float() * 0.37
+            amax = x32.abs().max()
+            q, data_t = kq.quantize_tensorwise(x32, fmt, amax=amax, with_transpose=True)
+            r = quantize(x32, fmt, "tensor", amax=amax)
+            same, steps = fp8_steps(q.data, r.data, fmt)
+            same_t, steps_t = fp8_steps(data_t, r.data.reshape(-1, shape[-1]).t(), fmt)
+            report.check(f"quant: per-tensor {fmt.name} float32 input, given amax, + transpose {shape}",
+                         steps <= 1 and steps_t <= 1, data_identical=round(same, 6), max_steps=steps,
+                         transposed_identical=round(same_t, 6), transposed_max_steps=steps_t)
         # the policy functions dispatch to the kernels on CUDA and agree with the reference
         with force_reference():
             ref_copy = mg.save_for_nonlinear(x)

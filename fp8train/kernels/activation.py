@@ -12,13 +12,12 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .quantize import (BLOCK_P, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
+from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
                        partials_capacity, quantize_group_tile, store_tensorwise, tile_amax_bits)
 
 __all__ = ["activation_forward", "activation_backward", "act_value", "act_derivative", "ACT_CODE", "elementwise_tile"]
 
 ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
-E4M3_MAX = 448.0
 
 
 @triton.jit

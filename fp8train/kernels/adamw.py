@@ -186,7 +186,9 @@ def _fused_adamw_kernel(
     new_p = p * decay
     new_m = tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * (1.0 - lerp_weight))
     new_v = v * beta2 + one_minus_beta2 * (g * g)
-    denom = tl.sqrt_rn(new_v) * (1.0 / bias_correction2_sqrt) + eps
+    # same roundings as torch: sqrt, divide by sqrt(bias correction), add eps (a reciprocal-multiply here
+    # drifts parameters by a systematic ulp per step)
+    denom = tl.div_rn(tl.sqrt_rn(new_v), bias_correction2_sqrt) + eps
     new_p = new_p + neg_step_size * tl.div_rn(new_m, denom)
 
     # an element whose gradient is NaN/inf (or whose moments overflow) keeps its parameter and moments

@@ -18,12 +18,11 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from .activation import ACT_CODE, act_value, elementwise_tile
-from .quantize import (BLOCK_P, dequantize_group_tile, encode_multiplier, global_amax, partials_capacity,
+from .quantize import (BLOCK_P, E4M3_MAX, dequantize_group_tile, encode_multiplier, global_amax, partials_capacity,
                        store_tensorwise, tile_amax_bits)
 
 __all__ = ["product_from_copies"]
 
-E4M3_MAX = 448.0
 
 
 @triton.jit

@@ -14,12 +14,11 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from .activation import ACT_CODE, act_derivative, act_value, elementwise_tile
-from .quantize import (BLOCK_P, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
+from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
                        partials_capacity, quantize_group_tile, store_tensorwise, tile_amax_bits)
 
 __all__ = ["gated_product_forward", "gated_product_backward"]
 
-E4M3_MAX = 448.0
 
 
 @triton.jit

@@ -12,13 +12,12 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .quantize import (BLOCK_P, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
+from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
                        partials_capacity, quantize_group_tile, store_tensorwise, tile_amax_bits)
 from .rmsnorm import _row_plan
 
 __all__ = ["layernorm_forward", "layernorm_backward"]
 
-E4M3_MAX = 448.0
 
 
 @triton.jit

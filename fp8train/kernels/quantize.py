@@ -29,6 +29,7 @@ from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 __all__ = ["quantize_groups", "quantize_tensorwise", "as_rows", "partials_capacity", "tensorwise_amax",
            "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise", "BLOCK_P"]
 
+E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
 BLOCK_P = 1024  # most partial maxima a kernel reduces in its prologue (see partials_capacity)
 
 
@@ -61,7 +62,8 @@ def quantize_group_tile(x, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, 
     xg = tl.reshape(x, (BM, BN // G, G))
     bits = tl.max(tl.abs(xg).to(tl.int32, bitcast=True), axis=2)
     if ROUND_BF16:
-        bits = (bits + 0xFFFF) & -65536  # round the float32 bit pattern up to the next bfloat16
+        # round the float32 bit pattern up to the next bfloat16; NaN/inf keep theirs (0x7FFFFFFF would overflow)
+        bits = tl.where(bits < 0x7F800000, (bits + 0xFFFF) & -65536, bits)
     amax = bits.to(tl.float32, bitcast=True)
     inv = encode_multiplier(amax, FMAX)
     q = saturate(xg * inv[:, :, None], FMAX)
@@ -255,6 +257,12 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
         num = 1
     else:
         partials, num = tensorwise_amax(x2)
+    # The in-kernel transposed store scrambles tiles loaded from float32 inputs (seen on an H200 with Triton 3.6,
+    # whichever side of the FP8 cast the transpose is on; bf16 inputs are right): for float32 inputs -- the
+    # master weights -- transpose the 1-byte result with torch instead (cheap next to the float32 read).
+    transpose_after = with_transpose and x2.dtype == torch.float32
+    if transpose_after:
+        with_transpose, write_rowmajor, keep_rowmajor = False, True, write_rowmajor
     amax_out = torch.empty((), dtype=torch.float32, device=x.device)
     data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=x.device) if with_transpose else None
@@ -265,6 +273,11 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
                                       data_t if data_t is not None else amax_out, M, N,
                                       BM=bm, BN=bn, BLOCK_P=BLOCK_P, FMAX=fmax, WRITE_ROW=write_rowmajor,
                                       WRITE_T=with_transpose, num_warps=8)
+    if transpose_after:
+        data_t = data.reshape(M, N).t().contiguous()
+        q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax_out, fmt=fmt, granularity=PER_TENSOR,
+                            shape=x.shape, dtype=x.dtype)
+        return q, data_t
     q = QuantizedTensor(data=data, amax=amax_out, fmt=fmt, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype)
     return (q, data_t) if with_transpose else q
 

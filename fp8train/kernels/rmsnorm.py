@@ -17,13 +17,12 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .quantize import (BLOCK_P, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
+from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
                        partials_capacity, quantize_group_tile, store_tensorwise, tile_amax_bits)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
 _STYLE_CODE = {"llama": 0, "torch": 1, "gemma": 2}
-E4M3_MAX = 448.0
 
 
 @triton.jit
@@ -43,10 +42,11 @@ def _normed_output(n, w, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, STYLE: tl
 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_ptr, partials_ptr,
-                        M, num_programs, iters, eps,
+                        r_ptr, stride_r, h_ptr, M, num_programs, iters, eps,
                         N: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, STYLE: tl.constexpr,
                         HAS_W: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_COPY: tl.constexpr,
-                        WRITE_AMAX: tl.constexpr):
+                        WRITE_AMAX: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    """ADD_RESIDUAL: the norm's input is h = residual + x (rounded to h's dtype), which is written too."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -61,9 +61,15 @@ def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_pt
         mask = rmask[:, None] & cmask[None, :]
         rows64 = rows[:, None].to(tl.int64)
         x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ADD_RESIDUAL:
+            r = tl.load(r_ptr + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = (r + x).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + rows64 * N + cols[None, :], h, mask=mask)
+            x = h.to(tl.float32)
+        # h_ptr is x_ptr itself without ADD_RESIDUAL, so its type is the norm input's dtype either way
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
         tl.store(rstd_ptr + rows, rstd, mask=rmask)
-        y = _normed_output(x * rstd[:, None], w, x_ptr.dtype.element_ty, y_ptr.dtype.element_ty, STYLE, HAS_W)
+        y = _normed_output(x * rstd[:, None], w, h_ptr.dtype.element_ty, y_ptr.dtype.element_ty, STYLE, HAS_W)
         if WRITE_Y:
             tl.store(y_ptr + rows64 * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
         if WRITE_AMAX:
@@ -154,16 +160,26 @@ def _row_plan(M: int, N: int, target: int = 4096) -> tuple[int, int, int]:
     return block_n, bm, warps
 
 
-def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_transpose=False, write_copy=True):
+def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_transpose=False, write_copy=True,
+                    residual=None):
     """Returns ``(y, rstd, x_copy)``: y as a tensor (promoted dtype for llama style), or the per-tensor E4M3
     QuantizedTensor (``(q, data_t)`` with ``output_transpose``); rstd float32 ``x.shape[:-1]``; x_copy the E4M3
-    1x16 QuantizedTensor of x (None when ``write_copy`` is False)."""
+    1x16 QuantizedTensor of x (None when ``write_copy`` is False).
+
+    With ``residual``, the norm's input is ``h = residual + x`` and the result is ``(h, y, rstd, h_copy)``."""
     from ..mixed_granularity import NONLINEAR_FORMAT, NONLINEAR_GRANULARITY, LINEAR_FORMAT
 
     x2 = as_rows(x)
     M, N = x2.shape
     dev = x.device
-    y_dtype = torch.promote_types(weight.dtype, x.dtype) if (style == "llama" and weight is not None) else x.dtype
+    if residual is not None:
+        r2 = as_rows(residual)
+        h = torch.empty(x.shape, dtype=torch.promote_types(residual.dtype, x.dtype), device=dev)
+        h2 = h.view(-1, N)
+    else:
+        r2 = h2 = x2
+    in_dtype = h2.dtype
+    y_dtype = torch.promote_types(weight.dtype, in_dtype) if (style == "llama" and weight is not None) else in_dtype
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=dev)
     copy_data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev) if write_copy else rstd
     copy_amax = torch.empty(*x.shape[:-1], N // 16, dtype=torch.bfloat16, device=dev) if write_copy else rstd
@@ -181,15 +197,18 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
         y_arg = y
     iters = triton.cdiv(row_blocks, nprog)
     _rmsnorm_fwd_kernel[(nprog,)](x2, x2.stride(0), w, y_arg, rstd, copy_data, copy_amax, partials,
-                                  M, nprog, iters, float(eps), N=N, BLOCK_N=block_n, BM=bm,
+                                  r2, r2.stride(0), h2, M, nprog, iters, float(eps), N=N, BLOCK_N=block_n, BM=bm,
                                   STYLE=_STYLE_CODE[style], HAS_W=weight is not None, WRITE_Y=not quantize_output,
-                                  WRITE_COPY=write_copy, WRITE_AMAX=quantize_output, num_warps=warps)
+                                  WRITE_COPY=write_copy, WRITE_AMAX=quantize_output,
+                                  ADD_RESIDUAL=residual is not None, num_warps=warps)
     copy = None
     if write_copy:
         copy = QuantizedTensor(data=copy_data, amax=copy_amax, fmt=NONLINEAR_FORMAT,
-                               granularity=NONLINEAR_GRANULARITY, shape=x.shape, dtype=x.dtype)
+                               granularity=NONLINEAR_GRANULARITY, shape=x.shape, dtype=in_dtype)
+    lead = (h,) if residual is not None else ()
     if not quantize_output:
-        return y, rstd, copy
+        return (*lead, y, rstd, copy)
+    x2 = h2  # pass 2 normalises the sum it just wrote
     amax = torch.empty((), dtype=torch.float32, device=dev)
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
@@ -200,7 +219,7 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
                                 HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose, num_warps=8)
     q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
                         dtype=y_dtype)
-    return ((q, data_t) if output_transpose else q), rstd, copy
+    return (*lead, ((q, data_t) if output_transpose else q), rstd, copy)
 
 
 def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None):

@@ -209,8 +209,11 @@ def _round_float32(x: torch.Tensor, fmt: Minifloat) -> torch.Tensor:
         normal = bits.view(torch.float32)
     else:
         normal = mag
-    quantum = math.ldexp(1.0, fmt.emin - fmt.man_bits)
-    subnormal = torch.round(mag / quantum) * quantum
+    # round(|x| / q) * q with q = 2^(emin - man_bits) as two exact power-of-two scalings each way: 1/q can
+    # overflow float32 (E8M3: 2^129), and CUDA divides by a scalar as a multiply by its reciprocal
+    exponent = fmt.emin - fmt.man_bits
+    half = exponent // 2
+    subnormal = torch.round(mag * 2.0 ** -half * 2.0 ** -(exponent - half)) * 2.0 ** half * 2.0 ** (exponent - half)
     rounded = torch.copysign(torch.where(mag < fmt.min_normal, subnormal, normal), x)
     if fmt.variant == "fnuz":
         rounded = rounded + 0.0  # no negative zero in fnuz formats

@@ -3,10 +3,12 @@
 Compressed non-linear ops (COAT's mixed-granularity activations), one per module, each with its torch
 reference forward/backward, the dispatch to its Triton kernel, an autograd.Function and a small nn.Module:
 
-* :mod:`fp8train.nn.rmsnorm` -- ``FP8RMSNorm``, ``rms_norm``, ``rmsnorm_forward`` / ``rmsnorm_backward``
+* :mod:`fp8train.nn.rmsnorm` -- ``FP8RMSNorm``, ``rms_norm``, ``rmsnorm_forward`` / ``rmsnorm_backward``, and the
+  fused residual add + norm ``add_rms_norm`` / ``add_rmsnorm_forward``
 * :mod:`fp8train.nn.layernorm` -- ``FP8LayerNorm``, ``layer_norm``, ``layernorm_forward`` / ``layernorm_backward``
 * :mod:`fp8train.nn.activation` -- ``FP8Activation``, ``activation``, ``activation_forward`` / ``activation_backward``
-* :mod:`fp8train.nn.gated_mlp` -- ``gated_product`` (act(gate) * up), ``gated_product_forward`` / ``_backward``
+* :mod:`fp8train.nn.gated_mlp` -- ``gated_product`` (act(gate) * up), ``gated_product_forward`` / ``_backward``,
+  ``FP8GatedMLP``
 * :mod:`fp8train.nn.residual` -- ``residual_add`` (optionally emitting the next norm's FP8 copy)
 
 FP8 linear layer and the wiring between ops:

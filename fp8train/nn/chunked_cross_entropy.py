@@ -48,7 +48,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # d(loss)/d(logits) = (softmax - one_hot) / denominator on valid rows, 0 elsewhere
             grad_logits = torch.softmax(logits, dim=-1)
             grad_logits.scatter_add_(1, safe_y[:, None], torch.full_like(picked[:, None], -1.0))
-            grad_logits *= (valid.to(acc_dtype) / denominator)[:, None]
+            grad_logits *= (valid.to(acc_dtype) / denominator.to(acc_dtype))[:, None]
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_rows] = (grad_logits.to(compute_dtype) @ w).to(hidden.dtype)
             if grad_weight is not None:
@@ -58,7 +58,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return total / denominator
+        return total / denominator.to(acc_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -83,10 +83,11 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     labels = labels.reshape(-1).to(hidden.device)
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but labels has {labels.shape[0]}")
+    # the denominator stays on the device: no host sync, so the loss can be captured in a CUDA graph
     if num_items_in_batch is not None:
-        denominator = float(num_items_in_batch)
+        denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
     else:
-        denominator = float(max(int((labels != ignore_index).sum()), 1))
+        denominator = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     with torch.autocast(hidden.device.type, enabled=False):

@@ -31,7 +31,8 @@ from .. import mixed_granularity as mg
 from ..kernels import warn_once
 from ..quant import QuantizedTensor
 
-__all__ = ["RMSNormSaved", "rmsnorm_forward", "rmsnorm_backward", "rms_norm", "FP8RMSNorm", "STYLES"]
+__all__ = ["RMSNormSaved", "rmsnorm_forward", "rmsnorm_backward", "rms_norm", "add_rmsnorm_forward", "add_rms_norm",
+           "FP8RMSNorm", "STYLES"]
 
 STYLES = ("llama", "torch", "gemma")
 
@@ -165,6 +166,59 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, sty
         return RMSNormFunction.apply(x, weight, eps, style, None, None, None)
     (data, amax), meta = mg.pack(x_saved)
     return RMSNormFunction.apply(x, weight, eps, style, data, amax, meta)
+
+
+def add_rmsnorm_forward(residual: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *,
+                        style: str = "llama", quantize_output: bool = False, output_transpose: bool = False):
+    """The residual add that feeds a norm, fused with it: ``h = residual + x`` and ``y = RMSNorm(h)``.
+
+    Returns ``(h, y, saved)``; ``saved`` holds the FP8 1x16 copy of h and its rstd.  On the GPU one kernel reads
+    residual and x once and writes h, its FP8 copy and y; with ``quantize_output`` (per-tensor E4M3 y for the next
+    linear) a second pass re-reads h to scale y, so no bf16 y is ever written.  Backward:
+    ``dh = rmsnorm_backward(dy, saved, weight, residual_grad=dh_next)`` is the gradient of both residual and x.
+    """
+    if residual.shape != x.shape:
+        raise ValueError(f"residual add needs equal shapes, got {tuple(residual.shape)} and {tuple(x.shape)}")
+    if mg.use_kernels("add_rmsnorm", residual, x, weight):
+        _check(x, weight, style)
+        from ..kernels import rmsnorm as kernel
+
+        h, y, rstd, copy = kernel.rmsnorm_forward(x, weight, eps, style, quantize_output=quantize_output,
+                                                  output_transpose=output_transpose, residual=residual)
+        return h, y, RMSNormSaved(x=copy, rstd=rstd, style=style)
+    from .residual import residual_add_forward
+
+    h, _ = residual_add_forward(residual, x)
+    y, saved = rmsnorm_forward(h, weight, eps, style=style, quantize_output=quantize_output,
+                               output_transpose=output_transpose)
+    return h, y, saved
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual, x, weight, eps, style):
+        h, y, saved = add_rmsnorm_forward(residual, x, weight, eps, style=style)
+        tensors, ctx.x_meta = mg.pack(saved.x)
+        ctx.save_for_backward(*tensors, saved.rstd, weight)
+        ctx.style = style
+        ctx.dtypes = (residual.dtype, x.dtype)
+        return h, y
+
+    @staticmethod
+    def backward(ctx, dh, dy):
+        data, amax, rstd, weight = ctx.saved_tensors
+        saved = RMSNormSaved(x=mg.unpack(ctx.x_meta, data, amax), rstd=rstd, style=ctx.style)
+        if dy is None:
+            total, dweight = dh, None
+        else:
+            total, dweight = rmsnorm_backward(dy, saved, weight, residual_grad=dh)
+        return total.to(ctx.dtypes[0]), total.to(ctx.dtypes[1]), dweight, None, None
+
+
+def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *,
+                 style: str = "llama") -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable fused ``h = residual + x; y = RMSNorm(h)`` returning ``(h, y)`` (h feeds the next residual)."""
+    return AddRMSNormFunction.apply(residual, x, weight, eps, style)
 
 
 def _detect_style(norm: nn.Module) -> str:

@@ -17,6 +17,17 @@ Non-finite values: an element whose gradient is NaN/inf -- or whose update would
 NaN.  Each step with skipped elements raises a ``RuntimeWarning`` (on CPU at once; on CUDA at a later ``step()``,
 read without a host sync) and ``nonfinite_skipped()`` returns the total count.  Everything else in the step is
 updated normally.
+
+Sharded parameters (FSDP2 ``fully_shard``, any DTensor): the state of a DTensor parameter is made of DTensors
+with the parameter's mesh and placements -- the FP8 moments shaped like the parameter, the per-group metadata
+``(*shape[:-1], groups)`` sharded along the same leading dims -- and the update runs on the local shards
+(``to_local()``), Triton kernel included.  Scaling groups run along the last dim, so FSDP2's row sharding
+(``Shard(0)`` of a matrix) keeps every group on one rank and the result does not depend on the world size.  A
+parameter sharded *along its last dim* -- FSDP2 shards 1-D parameters (norm weights, biases) on dim 0 -- would
+cut groups at world-size dependent places; such parameters keep unquantized float32 moments, sharded like the
+parameter (see ``storage_mode``).  They are a tiny fraction of a model (2 x hidden per decoder layer).  The
+state dict then works with ``torch.distributed.checkpoint`` (``get_optimizer_state_dict`` /
+``set_optimizer_state_dict``, save on N ranks, load on M): see fp8train/distributed/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -84,6 +95,110 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# -- sharded (DTensor) parameters ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _dtensor_type():
+    """torch.distributed.tensor.DTensor, or None where torch has no distributed support."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def local_view(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (same storage, so in-place updates reach the DTensor), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shards_last_dim(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DTensor split along its last dim (where the moments' scaling groups run)."""
+    if not is_dtensor(p) or p.dim() == 0:
+        return False
+    return any(pl.is_shard() and pl.dim % p.dim() == p.dim() - 1 for pl in p.placements)
+
+
+def storage_mode(p: torch.Tensor, states: str) -> str:
+    """How the moments of ``p`` are stored: the group's ``states``, except float32 for a parameter sharded along
+    its last dim (its groups would be cut at world-size dependent places; decided from the placement, not the mesh
+    size, so runs on 1, 2 or 4 ranks store the same thing and checkpoints move between them)."""
+    return "fp32" if states != "fp32" and shards_last_dim(p) else states
+
+
+def _shard_like(p: torch.Tensor, local: torch.Tensor, global_shape: torch.Size) -> torch.Tensor:
+    """Wrap a local state tensor as a DTensor with ``p``'s mesh and placements and the given global shape."""
+    from torch.distributed.tensor import DTensor
+
+    stride = torch.empty(global_shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=global_shape,
+                              stride=stride)
+
+
+def _placed_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A copy of a loaded state tensor on ``p``'s device, sharded like ``p`` when ``p`` is a DTensor.
+
+    A full (plain) tensor loaded into a sharded parameter's state is cut into this rank's shard (every rank must
+    pass the full tensor); a sharded one loaded into an unsharded parameter's state is gathered (a collective,
+    which every rank runs in ``load_state_dict`` in the same order).
+    """
+    if is_dtensor(p):
+        from torch.distributed.tensor import distribute_tensor
+
+        if not is_dtensor(value):  # every rank holds the full tensor: cut out the local shard, no communication
+            try:
+                return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            except TypeError:  # torch without src_data_rank: rank 0's copy is scattered
+                return distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+        if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
+            value = _as_bytes(value, lambda v: v.redistribute(p.device_mesh, p.placements))
+        return value.to(device=p.device, copy=True)
+    if is_dtensor(value):
+        value = _as_bytes(value, lambda v: v.full_tensor())
+    return value.to(device=p.device, copy=True)
+
+
+def _entry_names(mode: str) -> set:
+    names = {"step"}
+    for name in storage.MOMENT_NAMES:
+        names.update(storage.expected_entries(name, (1,), mode, "e4m3", 128))
+    return names
+
+
+def _reencode_moments(saved: dict, shape: torch.Size, saved_mode: str, mode: str, group: dict) -> dict:
+    """Full (unsharded) state entries of one parameter re-encoded from ``saved_mode`` to ``mode``: decoding is
+    exact, FP8 encoding rounds the moments as one optimizer step would.  Sharded entries are gathered first."""
+    full = {key: _as_bytes(v, lambda t: t.full_tensor()) if is_dtensor(v) else v for key, v in saved.items()}
+    out = {"step": full["step"]}
+    for name, option in zip(storage.MOMENT_NAMES, ("m_format", "v_format")):
+        values = storage.decode(full, name, saved_mode, group[option], group["group_size"]).float().clone()
+        target = storage.allocate(name, torch.empty(shape, device=values.device), mode, group[option],
+                                  group["group_size"])
+        storage.encode_into(target, name, values, mode, group[option], group["group_size"])
+        out.update(target)
+    return out
+
+
+def _as_bytes(value, collective):
+    """Run a DTensor collective on FP8 data viewed as uint8 (gloo has no float8 types), then view it back."""
+    if value.dtype.itemsize != 1 or value.dtype == torch.uint8:
+        return collective(value)
+    from torch.distributed.tensor import DTensor
+
+    as_uint8 = DTensor.from_local(value.to_local().view(torch.uint8), value.device_mesh, value.placements,
+                                  run_check=False, shape=value.shape, stride=value.stride())
+    result = collective(as_uint8)
+    if is_dtensor(result):
+        return DTensor.from_local(result.to_local().view(value.dtype), result.device_mesh, result.placements,
+                                  run_check=False, shape=result.shape, stride=result.stride())
+    return result.view(value.dtype)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -169,17 +284,26 @@ class AdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            mode, local = storage_mode(p, group["states"]), local_view(p)
             for name, fmt in zip(storage.MOMENT_NAMES, (group["m_format"], group["v_format"])):
-                state.update(storage.allocate(name, p, group["states"], fmt, group["group_size"]))
+                entries = storage.allocate(name, local, mode, fmt, group["group_size"])
+                if local is not p:  # sharded parameter: the state is sharded the same way (see module doc)
+                    shapes = storage.expected_entries(name, p.shape, mode, fmt, group["group_size"])
+                    entries = {key: _shard_like(p, value, shapes[key][0]) for key, value in entries.items()}
+                state.update(entries)
         return state
 
     def state_bytes(self) -> int:
-        """Bytes of every parameter's m and v with their metadata, allocated or not yet (step counters excluded)."""
-        return sum(storage.state_nbytes(p.shape, g["states"], g["m_format"], g["v_format"], g["group_size"])
+        """Bytes of every parameter's m and v with their metadata, allocated or not yet (step counters excluded).
+
+        For sharded (DTensor) parameters: the bytes this rank holds.
+        """
+        return sum(storage.state_nbytes(local_view(p).shape, storage_mode(p, g["states"]), g["m_format"],
+                                        g["v_format"], g["group_size"])
                    for g in self.param_groups for p in g["params"])
 
     def state_bytes_per_param(self) -> float:
-        n = sum(p.numel() for g in self.param_groups for p in g["params"])
+        n = sum(local_view(p).numel() for g in self.param_groups for p in g["params"])
         return self.state_bytes() / n if n else 0.0
 
     # -- step ----------------------------------------------------------------------------------------------
@@ -202,26 +326,30 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 state = self._init_state(p, group)
                 state["step"] += 1
-                if p.numel() == 0:
+                # sharded parameters: update this rank's shard (local views share storage with the DTensors)
+                param, grad = local_view(p), local_view(p.grad)
+                local_state = {key: local_view(value) for key, value in state.items()}
+                mode = storage_mode(p, group["states"])
+                if param.numel() == 0:
                     continue
-                if self._use_kernel(p):
-                    key = (p.device, p.dtype, p.grad.dtype, group["states"], group["m_format"], group["v_format"],
+                if self._use_kernel(param, grad):
+                    key = (param.device, param.dtype, grad.dtype, mode, group["m_format"], group["v_format"],
                            group["group_size"], group["master_weights"] == "bf16_stochastic", group["maximize"])
-                    fused_work.setdefault(key, []).append((p, group, state))
+                    fused_work.setdefault(key, []).append((param, grad, group, local_state))
                 else:
-                    counts.append(self._reference_update(p, group, state))
+                    counts.append(self._reference_update(param, grad, group, local_state, mode))
         for key, work in fused_work.items():
             counts.append(self._fused_update(key, work))
         if counts:
             self._queue_nonfinite(counts)
         return loss
 
-    def _use_kernel(self, p: torch.Tensor) -> bool:
+    def _use_kernel(self, p: torch.Tensor, grad: torch.Tensor) -> bool:
         if self.fused is False:
             return False
         if p.is_cuda:
-            eligible = p.is_contiguous() and p.grad.is_contiguous() and \
-                p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_available()
+            eligible = p.is_contiguous() and grad.is_contiguous() and \
+                grad.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_available()
         else:  # CPU tensors run the kernel only in Triton's interpreter, and only when asked to (tests)
             eligible = bool(self.fused) and os.environ.get("TRITON_INTERPRET") == "1" and p.is_contiguous()
         if self.fused and not eligible:
@@ -241,10 +369,11 @@ class AdamW(torch.optim.Optimizer):
         return dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                     weight_decay=group["weight_decay"])
 
-    def _reference_update(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
-        """Plain-torch update of one parameter; returns the number of skipped (non-finite) elements."""
-        mode, size = group["states"], group["group_size"]
-        grad = p.grad if not group["maximize"] else -p.grad
+    def _reference_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict,
+                          mode: str) -> torch.Tensor:
+        """Plain-torch update of one (local) parameter; returns the number of skipped (non-finite) elements."""
+        size = group["group_size"]
+        grad = grad if not group["maximize"] else -grad
         grad = grad.float()
         param = p.detach() if p.dtype == torch.float32 else p.detach().float()
         m = storage.decode(state, "exp_avg", mode, group["m_format"], size)
@@ -267,9 +396,9 @@ class AdamW(torch.optim.Optimizer):
         from ..kernels.adamw import fused_adamw_step
 
         device, _, _, mode, m_format, v_format, group_size, stochastic, maximize = key
-        scalars = [kernel_scalars(state["step"].item(), **self._hyper(group)) for _, group, state in work]
+        scalars = [kernel_scalars(state["step"].item(), **self._hyper(group)) for _, _, group, state in work]
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seed_generator).item()) if stochastic else 0
-        return fused_adamw_step([p for p, _, _ in work], [p.grad for p, _, _ in work], [s for _, _, s in work],
+        return fused_adamw_step([w[0] for w in work], [w[1] for w in work], [w[3] for w in work],
                                 scalars, mode=mode, m_format=m_format, v_format=v_format, group_size=group_size,
                                 stochastic_rounding=stochastic, maximize=maximize, seed=seed)
 
@@ -346,12 +475,18 @@ class AdamW(torch.optim.Optimizer):
                 raise ValueError(f"the state dict has state for parameter index {index}, which no group lists")
             p = index_to_param[index]
             group = group_of[id(p)]
+            mode = storage_mode(p, group["states"])
             expected = {"step": (torch.Size(()), torch.float32)}
             for name, fmt in zip(storage.MOMENT_NAMES, (group["m_format"], group["v_format"])):
-                expected.update(storage.expected_entries(name, p.shape, group["states"], fmt, group["group_size"]))
+                expected.update(storage.expected_entries(name, p.shape, mode, fmt, group["group_size"]))
             if set(saved_state) != set(expected):
-                raise ValueError(f"state of parameter {index} has entries {sorted(saved_state)}, expected "
-                                 f"{sorted(expected)} for states={group['states']!r}")
+                # a parameter saved sharded along its last dim (float32 moments) loaded unsharded, or the reverse
+                other = "fp32" if mode != "fp32" else group["states"]
+                if other != mode and set(saved_state) == _entry_names(other):
+                    saved_state = _reencode_moments(saved_state, p.shape, other, mode, group)
+                else:
+                    raise ValueError(f"state of parameter {index} has entries {sorted(saved_state)}, expected "
+                                     f"{sorted(expected)} for states={mode!r}")
             loaded = {}
             for key, (shape, dtype) in expected.items():
                 value = saved_state[key]
@@ -360,8 +495,10 @@ class AdamW(torch.optim.Optimizer):
                     raise ValueError(f"state '{key}' of parameter {index} is {got}, expected ({tuple(shape)}, {dtype})"
                                      f" for a parameter of shape {tuple(p.shape)}; the checkpoint belongs to another "
                                      "model or optimizer configuration")
-                device = torch.device("cpu") if key == "step" else p.device
-                loaded[key] = value.to(device=device, copy=True)
+                if key == "step":
+                    loaded[key] = local_view(value).to(device="cpu", copy=True)
+                else:
+                    loaded[key] = _placed_like(p, value)
             new_state[p] = loaded
         param_groups = []
         for saved, group in zip(saved_groups, self.param_groups):

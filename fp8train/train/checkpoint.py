@@ -15,6 +15,12 @@ point leaves either the old set of complete checkpoints or the old set plus the 
 directory is ignored and removed by the next save.  Loading checks the manifest and falls back to the
 previous checkpoint (with a warning) if the newest one is damaged.
 
+Runs of several processes (``--nproc N``) write *distributed* checkpoints in the same ``step_XXXXXXXX`` places:
+torch.distributed.checkpoint files (every rank writes its shards) plus ``fp8train.json`` (optimizer param groups
+and the trainer state above, as JSON; RNG states of rank 0), see :mod:`fp8train.distributed.checkpoint`.  They
+are written into a ``.tmp-`` directory and renamed the same way, ``fp8train.json`` last, and load on any number
+of processes -- or in a single-process run.
+
 Test hook: ``FP8TRAIN_TEST_PAUSE_IN_SAVE=STEP:FLAGFILE`` makes the save of step STEP stop half-way (after the
 model file, before the optimizer), create FLAGFILE and sleep, so a test can SIGKILL it mid-write.
 """
@@ -32,6 +38,7 @@ import warnings
 from typing import Any, Optional
 
 FORMAT = 1
+DISTRIBUTED_INFO = "fp8train.json"  # fp8train.distributed.checkpoint.INFO_FILE (not imported: it needs torch)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -134,7 +141,8 @@ def restore_rng(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        # states of the devices this process sees (a run resumed on fewer GPUs sees fewer)
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]][:torch.cuda.device_count()])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,8 +213,14 @@ def save_checkpoint(root: pathlib.Path, step: int, model, optimizer, scheduler, 
     return final
 
 
+def is_distributed_checkpoint(path: pathlib.Path) -> bool:
+    return (path / DISTRIBUTED_INFO).is_file()
+
+
 def checkpoint_problem(path: pathlib.Path) -> Optional[str]:
     """None if the checkpoint is complete, else what is wrong with it."""
+    if is_distributed_checkpoint(path):
+        return None if (path / ".metadata").is_file() else "no .metadata (incomplete distributed save)"
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         return "no manifest.json (incomplete save)"
@@ -232,15 +246,59 @@ def latest_checkpoint(root: pathlib.Path) -> Optional[pathlib.Path]:
     return None
 
 
+def save_distributed_checkpoint(root: pathlib.Path, step: int, model, optimizer, scheduler, trainer_state: dict,
+                                keep: int, run) -> pathlib.Path:
+    """The distributed counterpart of :func:`save_checkpoint`; every rank calls it (``run``: DistributedRun)."""
+    from ..distributed import save_checkpoint as save_dcp
+
+    if run.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a process killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+    run.barrier()
+    state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": capture_rng(),
+             "world_size": run.world}
+    final = save_dcp(root / f"step_{step:08d}", model, optimizer, extra=state)
+    if run.is_main:
+        for _, old in step_dirs(root)[:-keep]:
+            trash = root / f".tmp-trash-{old.name}"
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    run.barrier()
+    return final
+
+
+def load_distributed_checkpoint(path: pathlib.Path, model, optimizer, scheduler) -> dict:
+    """Restore a distributed checkpoint (saved on any number of processes) into ``model`` -- sharded or not --
+    ``optimizer`` and ``scheduler``; returns the trainer state (RNG not yet applied)."""
+    from ..distributed import load_checkpoint as load_dcp
+
+    state = load_dcp(path, model, optimizer)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    return state
+
+
 def load_checkpoint(path: pathlib.Path, model, optimizer, scheduler, device="cpu") -> dict:
     """Restore model, optimizer and scheduler in place; returns the trainer state (RNG not yet applied)."""
+    load_checkpoint_model(path, model, device)
+    return load_checkpoint_rest(path, optimizer, scheduler, device)
+
+
+def load_checkpoint_model(path: pathlib.Path, model, device="cpu") -> None:
+    """The weights of a (single-process) checkpoint into an unsharded model -- before FSDP shards it."""
     from safetensors.torch import load_model
 
     problem = checkpoint_problem(path)
     if problem is not None:
         raise ValueError(f"checkpoint {path} is not loadable: {problem}")
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
-    optimizer.load_state_dict(load_tree(path, "optimizer", device=device))
+    load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+
+
+def load_checkpoint_rest(path: pathlib.Path, optimizer, scheduler, device="cpu", load_optimizer=None) -> dict:
+    """Optimizer, scheduler and trainer state of a (single-process) checkpoint; ``load_optimizer(optimizer,
+    state_dict)`` replaces ``optimizer.load_state_dict`` (sharded optimizers)."""
+    state_dict = load_tree(path, "optimizer", device=device)
+    (load_optimizer or (lambda opt, sd: opt.load_state_dict(sd)))(optimizer, state_dict)
     state = load_tree(path, "trainer")
     scheduler.load_state_dict(state.pop("scheduler"))
     return state

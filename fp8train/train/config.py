@@ -36,6 +36,7 @@ class TrainConfig:
     optimizer: str = "auto"          # auto: fp8adamw for coat, torch AdamW otherwise
     vocab_size: Optional[int] = None  # None: the preset's vocabulary
     device: str = "auto"
+    nproc: int = 1                    # processes (one per GPU); > 1: FSDP2 sharding, DCP checkpoints
     compile: bool = False
     grad_checkpointing: bool = False
     # optimisation
@@ -87,7 +88,8 @@ class TrainConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.grad_accum
+        """Tokens per optimizer step over all processes (each runs grad_accum micro-batches of batch_size)."""
+        return self.batch_size * self.seq_len * self.grad_accum * self.nproc
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -119,7 +121,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         c.vocab_size = preset.vocab_size
     if c.lr is None:
         c.lr = preset.lr
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "vocab_size"):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "vocab_size", "nproc"):
         if getattr(c, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(c, name)})")
     if c.vocab_size < 258:
@@ -212,6 +214,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                         "auto = fp8adamw for coat, adamw otherwise")
     g.add_argument("--vocab-size", type=int, default=S, help="BPE vocabulary (default: the preset's)")
     g.add_argument("--device", default=S, choices=DEVICES, help="default auto: cuda when available")
+    g.add_argument("--nproc", type=int, default=S,
+                   help="processes, one per GPU (default 1): N > 1 shards the model over N GPUs with FSDP2 (N CPU "
+                        "processes with --device cpu) and writes distributed checkpoints that resume on any N; "
+                        "--batch-size and --grad-accum are per process.  Under torchrun the launcher sets N")
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true", default=S,
                    help="recompute activations in backward (less memory, ~30%% slower)")
@@ -275,6 +281,24 @@ _DECIDES_LOSSES = ("model", "recipe", "optimizer", "vocab_size", "steps", "batch
 _DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head")
 
 
+def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:
+    """On a resume with another number of processes, the grad_accum that keeps the micro-batches of a step.
+
+    The run continues with the same data per step (and the same losses, up to the order gradients are summed)
+    when the new world size divides ``grad_accum x old world size``; ``--grad-accum`` typed by the user wins.
+    """
+    world = typed.get("nproc")
+    if world is None and "WORLD_SIZE" in os.environ:  # torchrun decides the world size
+        world = int(os.environ["WORLD_SIZE"])
+    if world is None or world == base.nproc or "grad_accum" in typed:
+        return {}
+    micro_batches = base.grad_accum * base.nproc
+    if micro_batches % world:
+        changed.append(f"micro-batches per step {micro_batches} -> a multiple of {world} processes")
+        return {}
+    return {"grad_accum": micro_batches // world}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A TrainConfig from parsed flags; with --resume, the saved run's config with the typed flags on top."""
     typed = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
@@ -286,6 +310,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 setattr(base, key, getattr(TrainConfig(), key))
             changed = [f"{k} {getattr(base, k)!r} -> {v!r}" for k, v in typed.items()
                        if k in _DECIDES_LOSSES and v != getattr(base, k)]
+            typed.update(_keep_global_batch(base, typed, changed))
             if changed:
                 warnings.warn(f"resuming with changed settings ({', '.join(changed)}): the run continues, but its "
                               f"losses will differ from an uninterrupted run", stacklevel=2)

@@ -11,6 +11,10 @@ summary is a finished run.  A failed run writes ``failure.json`` instead.
 Exact resume: the checkpoint holds everything that decides the next step (weights, optimizer state,
 scheduler, data position, RNG states), so on CPU a resumed run reproduces the uninterrupted run's losses bit
 for bit.
+
+Several processes (``--nproc N`` or torchrun): see :mod:`fp8train.train.distributed` -- FSDP2 sharding,
+every rank its share of the step's micro-batches, distributed checkpoints that resume on any number of
+processes; rank 0 writes the run's files.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Callable, Optional
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainError, resolve, simulated_recipe
 from .data import WindowSampler, eval_batches, prepare_corpus, split_for_training
+from .distributed import DistributedRun, clip_grad_norm, grad_norm, launch, load_optimizer_state_dict, under_launcher
 from .metrics import MetricsLog, ProgressDisplay, format_bytes, memory_breakdown, peak_memory, write_summary
 from .models import PRESETS, build_model
 from .report import plot_loss
@@ -210,12 +215,12 @@ def _prepare_out_dir(out: pathlib.Path, c: TrainConfig) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _environment(device) -> dict:
+def _environment(device, world: int = 1) -> dict:
     import torch
     import transformers
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "device": str(device), "threads": torch.get_num_threads()}
+           "device": str(device), "threads": torch.get_num_threads(), "processes": world}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -230,40 +235,79 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict:
     Raises TrainError for problems the user can fix; the run directory then holds no summary.json.
     """
     c = resolve(config)
-    out = pathlib.Path(c.out)
-    _prepare_out_dir(out, c)
-    # data problems are found before torch is even imported
-    corpus = prepare_corpus(c.data, c.text_field, c.vocab_size, c.eval_fraction, c.tokenizer_train_bytes,
-                            c.cache_dir, log=log)
-    train_tokens, eval_tokens = split_for_training(corpus, c.seq_len)
-    device = pick_device(c.device)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("summary.json", "failure.json"):
-        (out / stale).unlink(missing_ok=True)
+    run = None
+    if under_launcher():  # one rank of torchrun / --nproc
+        world = int(os.environ["WORLD_SIZE"])
+        if c.nproc not in (1, world):
+            raise TrainError(f"--nproc {c.nproc}, but the launcher started {world} processes; leave --nproc out "
+                             f"under torchrun")
+        c = dataclasses.replace(c, nproc=world)
+        run = DistributedRun(c.device)
+        c = run.broadcast(c)  # rank 0's settings everywhere (e.g. its time-stamped default --out)
+        if not run.is_main:
+            log = _silent
+    elif c.nproc > 1:
+        # data problems are found (and the token cache built) once, before the workers start
+        prepare_corpus(c.data, c.text_field, c.vocab_size, c.eval_fraction, c.tokenizer_train_bytes, c.cache_dir,
+                       log=log)
+        return launch(c, log)
     try:
-        return _run(c, out, device, corpus, train_tokens, eval_tokens, log)
+        return _train(c, run, log)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _silent(*_args) -> None:
+    pass
+
+
+def _on_main(run, fn: Callable, others_too: bool = True):
+    """``fn()`` -- on rank 0 first when there are several processes (see DistributedRun.main_first)."""
+    return fn() if run is None else run.main_first(fn, others_too)
+
+
+def _train(c: TrainConfig, run, log) -> dict:
+    out = pathlib.Path(c.out)
+    main = run is None or run.is_main
+    _on_main(run, lambda: _prepare_out_dir(out, c), others_too=False)
+    # data problems are found before torch is even imported (single process)
+    corpus = _on_main(run, lambda: prepare_corpus(c.data, c.text_field, c.vocab_size, c.eval_fraction,
+                                                  c.tokenizer_train_bytes, c.cache_dir, log=log))
+    train_tokens, eval_tokens = split_for_training(corpus, c.seq_len)
+    device = run.device if run is not None else pick_device(c.device)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ("summary.json", "failure.json"):
+            (out / stale).unlink(missing_ok=True)
+    if run is not None:
+        run.barrier()
+    try:
+        return _run(c, out, device, corpus, train_tokens, eval_tokens, log, run)
     except BaseException as exc:
-        logged = MetricsLog(out / "metrics.jsonl").read()
-        step = logged[-1]["step"] if logged else 0
         message = str(exc) if isinstance(exc, TrainError) else f"{type(exc).__name__}: {exc}"
         if _is_oom(exc):
             message = _oom_message(c, device, "training")
-        failure = {"status": "interrupted" if isinstance(exc, Interrupted) else "failed", "error": message,
-                   "step": step}
-        if isinstance(exc, Diverged):
-            failure.update(diverged=True, diverged_at_step=exc.step)
-        ckpt.write_json_atomic(out / "failure.json", failure)
+        if main:
+            logged = MetricsLog(out / "metrics.jsonl").read()
+            step = logged[-1]["step"] if logged else 0
+            failure = {"status": "interrupted" if isinstance(exc, Interrupted) else "failed", "error": message,
+                       "step": step}
+            if isinstance(exc, Diverged):
+                failure.update(diverged=True, diverged_at_step=exc.step)
+            ckpt.write_json_atomic(out / "failure.json", failure)
         if _is_oom(exc):
             raise TrainError(message) from exc
         raise
 
 
-def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_tokens, log) -> dict:
+def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_tokens, log, run=None) -> dict:
     import torch
 
     started = time.perf_counter()
     use_autocast = device.type == "cuda"
-    seed_everything(c.seed)
+    main, rank, world = (True, 0, 1) if run is None else (run.is_main, run.rank, run.world)
+    seed_everything(c.seed)  # the same initial weights on every rank
     try:
         model = build_model(c.model, c.vocab_size, device)
     except BaseException as exc:
@@ -273,6 +317,19 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
     model = apply_recipe(model, simulated_recipe(c) or c.recipe)
     if c.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoints = out / "checkpoints"
+    latest = None
+    if c.resume:
+        latest = ckpt.latest_checkpoint(checkpoints)
+        if latest is None:
+            raise TrainError(f"--resume: no complete checkpoint in {checkpoints}; run without --resume")
+    if run is not None:
+        import fp8train.distributed as fd
+
+        if latest is not None and not ckpt.is_distributed_checkpoint(latest):
+            ckpt.load_checkpoint_model(latest, model, device)  # full weights, before they are sharded
+        # FSDP2: one unit per decoder layer; bf16 all-gathers on the GPU (autocast computes in bf16 anyway)
+        fd.shard_model(model, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.train()
     step_model = torch.compile(model) if c.compile else model
     optimizer = make_optimizer(model, c, device)
@@ -281,26 +338,34 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
     evals = eval_batches(eval_tokens, c.seq_len, c.batch_size, c.eval_batches)
     num_params = sum(p.numel() for p in model.parameters())
 
-    shutil.copyfile(corpus.tokenizer_path, out / "tokenizer.json")
-    ckpt.write_json_atomic(out / "config.json", {
-        "train": c.to_json(), "model": model.config.to_dict(), "parameters": num_params,
-        "corpus": corpus.meta, "eval_tokens_used": sum(b[:, 1:].numel() for b in evals),
-        "environment": _environment(device)})
+    if main:
+        shutil.copyfile(corpus.tokenizer_path, out / "tokenizer.json")
+        ckpt.write_json_atomic(out / "config.json", {
+            "train": c.to_json(), "model": model.config.to_dict(), "parameters": num_params,
+            "corpus": corpus.meta, "eval_tokens_used": sum(b[:, 1:].numel() for b in evals),
+            "environment": _environment(device, world)})
 
     metrics = MetricsLog(out / "metrics.jsonl")
-    checkpoints = out / "checkpoints"
     start_step, resumed_from = 0, None
-    if c.resume:
-        latest = ckpt.latest_checkpoint(checkpoints)
-        if latest is None:
-            raise TrainError(f"--resume: no complete checkpoint in {checkpoints}; run without --resume")
-        state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, device=device)
+    if latest is not None:
+        if ckpt.is_distributed_checkpoint(latest):  # saved by N processes; loads sharded or not
+            state = ckpt.load_distributed_checkpoint(latest, model, optimizer, scheduler)
+        elif run is not None:  # a single-process checkpoint; the weights were loaded before sharding
+            state = ckpt.load_checkpoint_rest(latest, optimizer, scheduler, device,
+                                              load_optimizer=load_optimizer_state_dict)
+        else:
+            state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, device=device)
         sampler.load_state_dict(state["sampler"])
         ckpt.restore_rng(state["rng"])
         start_step = resumed_from = int(state["step"])
-        metrics.truncate_after(start_step)
-        log(f"resumed from {latest} (step {start_step})")
-    else:
+        if main:
+            metrics.truncate_after(start_step)
+        saved_world = int(state.get("world_size", 1))
+        resharded = (f", saved by {saved_world} process{'es' if saved_world > 1 else ''}, now {world} with "
+                     f"--grad-accum {c.grad_accum}"
+                     if saved_world != world else "")
+        log(f"resumed from {latest} (step {start_step}{resharded})")
+    elif main:
         metrics.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -308,7 +373,7 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
     log(f"model {c.model}: {num_params / 1e6:.2f}M parameters, recipe {c.recipe}, optimizer {c.optimizer}, "
         f"{device}; {c.steps} steps x {c.tokens_per_step} tokens; data {corpus.meta['source']} "
         f"({corpus.meta['train_tokens']:,} train / {corpus.meta['eval_tokens']:,} eval tokens); run dir {out}")
-    progress = ProgressDisplay(c.steps, start_step, c.progress)
+    progress = ProgressDisplay(c.steps, start_step, c.progress and main)
     params = [p for p in model.parameters() if p.requires_grad]
     train_time, timed_tokens, steps_done = 0.0, 0, 0
     loss_value, eval_loss = float("nan"), None
@@ -320,20 +385,26 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                 t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]
                 total = torch.zeros((), device=device)
-                for _ in range(c.grad_accum):
+                # every rank draws the step's grad_accum x world micro-batches and trains on its own share
+                for i in range(c.grad_accum * world):
                     batch = sampler.next_batch(c.batch_size)
+                    if i // c.grad_accum != rank:
+                        continue
                     loss = causal_lm_loss(step_model, batch, device, use_autocast)
-                    (loss / c.grad_accum).backward()
+                    (loss / c.grad_accum).backward()  # FSDP2 then averages the gradients over the ranks
                     total += loss.detach()
-                loss_value = (total / c.grad_accum).item()
+                mean_loss = total / c.grad_accum
+                loss_value = (mean_loss if run is None else run.mean(mean_loss)).item()
                 step += 1
                 if not math.isfinite(loss_value):
                     raise Diverged(f"the loss became {loss_value} at step {step}; lower --lr (now {c.lr:g}) or "
                                    f"raise --warmup-steps; the last good checkpoint is in {checkpoints}", step)
                 if c.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip).item()
+                    norm = clip_grad_norm(params, c.grad_clip)
+                elif run is not None:
+                    norm = grad_norm(params)
                 else:
-                    grad_norm = torch.linalg.vector_norm(
+                    norm = torch.linalg.vector_norm(
                         torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])).item()
                 optimizer.step()
                 scheduler.step()
@@ -355,9 +426,11 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
 
                     sharpness = model_sharpness(step_model, evals[0], c.sharpness_eps, use_autocast, device)
                 peak, _ = peak_memory(device)
-                if (step % c.log_every == 0 or eval_loss is not None or step == c.steps
-                        or sharpness is not None):
-                    record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                if run is not None:
+                    peak = int(run.maximum(peak))  # the busiest rank
+                if main and (step % c.log_every == 0 or eval_loss is not None or step == c.steps
+                             or sharpness is not None):
+                    record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm,
                               "tokens": step * c.tokens_per_step, "tokens_per_s": tokens_per_s,
                               "peak_memory_bytes": peak}
                     if eval_loss is not None:
@@ -366,15 +439,22 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                         record["sharpness"] = sharpness
                     metrics.append(record)
                 progress.update(step, loss_value, tokens_per_s, peak, eval_loss)
-                if stop.signal_name:
-                    stop_reason = stop.signal_name
+                signal_name = stop.signal_name
+                if run is not None and run.any(signal_name is not None):  # all ranks stop at the same step
+                    signal_name = signal_name or "a signal to another process"
+                if signal_name:
+                    stop_reason = signal_name
                 elif c.stop_after is not None and steps_done >= c.stop_after and step < c.steps:
                     stop_reason = "stop-after"
                 periodic = c.checkpoint_every > 0 and step % c.checkpoint_every == 0
                 if periodic or (step == c.steps and c.checkpoint_every >= 0) or stop_reason:
-                    ckpt.save_checkpoint(checkpoints, step, model, optimizer, scheduler,
-                                         {"sampler": sampler.state_dict(), "num_parameters": num_params},
-                                         keep=c.keep_checkpoints)
+                    trainer_state = {"sampler": sampler.state_dict(), "num_parameters": num_params}
+                    if run is None:
+                        ckpt.save_checkpoint(checkpoints, step, model, optimizer, scheduler, trainer_state,
+                                             keep=c.keep_checkpoints)
+                    else:
+                        ckpt.save_distributed_checkpoint(checkpoints, step, model, optimizer, scheduler,
+                                                         trainer_state, c.keep_checkpoints, run)
                 if stop_reason:
                     break
     finally:
@@ -388,14 +468,22 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         raise Interrupted(f"interrupted by {stop_reason} at step {step}; a checkpoint was saved, continue with: "
                           f"fp8train train --out {out} --resume")
 
-    records = metrics.read()
+    records = metrics.read() if main else []
     final_eval = next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None)
-    if final_eval is None or records[-1]["step"] != c.steps:  # e.g. resuming a run that had already finished
+    need_eval = final_eval is None or records[-1]["step"] != c.steps  # e.g. resuming a finished run
+    if run is not None:
+        need_eval = run.broadcast(need_eval)  # evaluation runs FSDP collectives: every rank or none
+    if need_eval:
         final_eval = evaluate(step_model, evals, device, use_autocast)
     train_losses = [r["loss"] for r in records if "loss" in r]
     peak, peak_kind = peak_memory(device)
+    if run is not None:
+        peak = int(run.maximum(peak))
+    # per process under FSDP2: this rank's shards of weights, gradients and optimizer state
     breakdown = memory_breakdown(model, optimizer,
                                  lambda: causal_lm_loss(model, sampler_peek(train_tokens, c), device, use_autocast))
+    if not main:
+        return {"status": "complete", "rank": rank}
     plot_loss(records, out / "loss.png", f"{c.model} / {c.recipe}: {num_params / 1e6:.1f}M parameters")
     summary = {
         "status": "complete", "recipe": c.recipe, "optimizer": c.optimizer, "model": c.model,
@@ -404,7 +492,7 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         "final_eval_loss": final_eval, "eval_perplexity": math.exp(min(final_eval, 700.0)),
         "tokens_per_s": timed_tokens / train_time if train_time > 0 else None,
         "peak_memory_bytes": peak, "peak_memory_kind": peak_kind, "memory_breakdown": breakdown,
-        "wall_time_s": time.perf_counter() - started, "device": str(device), "seed": c.seed,
+        "wall_time_s": time.perf_counter() - started, "device": str(device), "processes": world, "seed": c.seed,
         "resumed_from_step": resumed_from, "out": str(out),
     }
     write_summary(out / "summary.json", summary)

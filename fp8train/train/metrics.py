@@ -60,6 +60,8 @@ def peak_memory(device) -> tuple[int, str]:
 def _tensor_bytes(tensors, seen: set) -> int:
     total = 0
     for t in tensors:
+        if hasattr(t, "device_mesh") and hasattr(t, "to_local"):  # a DTensor (FSDP2): this rank's shard
+            t = t.to_local()
         key = (t.device, t.untyped_storage().data_ptr())
         if key not in seen:
             seen.add(key)
@@ -95,7 +97,8 @@ def memory_breakdown(model, optimizer, loss_of_batch) -> dict:
     import torch
 
     params = [p for p in model.parameters()]
-    param_storages = {(p.device, p.untyped_storage().data_ptr()) for p in params}
+    local = [p.to_local() if hasattr(p, "device_mesh") else p for p in params]
+    param_storages = {(p.device, p.untyped_storage().data_ptr()) for p in local}
     weights = _tensor_bytes(params, set())
     saved: set = set(param_storages)
     activations = 0

@@ -1,0 +1,70 @@
+"""``fp8train train --nproc 2`` on CPU (gloo): FSDP2-sharded coat training with distributed checkpoints that
+resume in a single process, against a single-process run over the same micro-batches."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from fp8train.cli import main
+from fp8train.train.loop import train
+
+from train_fixtures import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _losses(run: pathlib.Path) -> list:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _flags(c) -> list:
+    return ["--model", c.model, "--vocab-size", str(c.vocab_size), "--steps", str(c.steps), "--batch-size",
+            str(c.batch_size), "--seq-len", str(c.seq_len), "--eval-batches", "2", "--eval-every", "2",
+            "--checkpoint-every", "2", "--data", c.data, "--cache-dir", c.cache_dir, "--tokenizer-train-bytes",
+            str(c.tokenizer_train_bytes), "--no-progress", "--device", "cpu", "--recipe", "coat"]
+
+
+def test_nproc_two_then_resume_in_one_process(tmp_path):
+    base = tiny_config(tmp_path, steps=4, recipe="coat", optimizer="fp8adamw")
+    # the reference: one process, two micro-batches per step = the same micro-batches as 2 processes x 1
+    reference = train(tiny_config(tmp_path, steps=4, recipe="coat", optimizer="fp8adamw", grad_accum=2,
+                                  out=str(tmp_path / "reference")))
+    assert reference["processes"] == 1
+
+    run = tmp_path / "sharded"
+    assert main(["train", *_flags(base), "--out", str(run), "--nproc", "2", "--stop-after", "2"]) == 0
+    step2 = run / "checkpoints" / "step_00000002"
+    info = json.loads((step2 / "fp8train.json").read_text())
+    assert info["world_size"] == 2 and info["extra"]["step"] == 2
+    assert sorted(p.name for p in step2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["nproc"] == 2 and config["environment"]["processes"] == 2
+    sharded = _losses(run)
+    # FP8 linears on all-gathered weights: the first step is the single-process one exactly
+    assert sharded[0] == _losses(tmp_path / "reference")[0]
+
+    # resume on ONE process (no FSDP): grad_accum becomes 2 so that a step keeps its micro-batches
+    assert main(["train", "--out", str(run), "--resume", "--nproc", "1"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["resumed_from_step"] == 2 and summary["processes"] == 1
+    assert json.loads((run / "config.json").read_text())["train"]["grad_accum"] == 2
+    losses = _losses(run)
+    assert len(losses) == 4 and losses[:2] == sharded[:2]
+    # the same micro-batches per step; only the norm weights' moments differ (float32 when sharded)
+    for got, want in zip(losses, _losses(tmp_path / "reference")):
+        assert got == pytest.approx(want, rel=1e-3)
+    # the run's last checkpoint is a single-process one again
+    assert (run / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+
+
+def test_nproc_must_match_the_launcher(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    c = tiny_config(tmp_path, nproc=3)
+    from fp8train.train.config import TrainError
+
+    with pytest.raises(TrainError, match="launcher started 2 processes"):
+        train(c)
