@@ -8,11 +8,16 @@ Checks:
   * lab/scaled-<fmt>-<scaling>: ``simulate_quantize`` on CUDA equals the CPU result for simulated formats
     (same arithmetic: bit-identical required) and, for E4M3/E5M2 (the Triton quantizers of quant.quantize on
     CUDA), agrees on >= 99.9 % of elements and elsewhere by at most one step of the format;
+  * lab/kernel-<fmt>-<scaling>-<dtype>: the one-pass Triton kernel (fp8train.kernels.simulate, what
+    simulate_quantize runs on CUDA) against the torch path on the same CUDA tensor (``force_reference``): bit-identical
+    without scaling; with a scale at most one format step apart (torch on CUDA divides by the scalar max as a
+    multiply by its reciprocal, the kernel divides), with the identical fraction reported;
   * lab/bf16-identity-cuda: a micro Llama (eager attention, so that backward has no atomics) trained 5 steps under
     bf16 autocast gives bit-identical losses with the bf16 recipe and with SimulatedFormats(BF16, scaling="none");
   * lab/sharpness-cuda: model_sharpness on CUDA matches last_token_sharpness of the CPU logits to 1e-4.
-Benchmarks: rounding throughput (GB/s read+write) next to a device copy; training-step time of the "small" preset
-(34M, batch 8 x 512, bf16 autocast) for the bf16 recipe and three simulated recipes.
+Benchmarks: rounding throughput (GB/s read+write) of the torch path and of the kernel (per-tensor scale; the
+kernel's time includes the torch amax) next to a device copy; training-step time of the "small" preset (34M,
+batch 8 x 512, bf16 autocast) for the bf16 recipe and three simulated recipes (kernel on, then off).
 
 Runs on CPU too (smaller sizes, no timing), which is how it was checked before reaching a GPU.
 """
@@ -77,6 +82,35 @@ def check_scaled(report, device, shape) -> None:
                     report.check(name, worst <= 1.0 + 1e-6, identical=frac, worst_steps=worst)
 
 
+def check_kernel(report, device, shape) -> None:
+    from fp8train.kernels import force_reference
+    from fp8train.lab.simulated_linear import parse_simulated_format, simulate_quantize
+    from fp8train.quant import Granularity, expand_to, group_amax
+
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(*shape, generator=g) * torch.exp(2 * torch.randn(*shape, generator=g))).to(device)
+    x.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), 0.0, -0.0])
+    for spec in ("e3m4", "e2m1", "e4m3", "e5m2", "e8m3", "bf16"):
+        fmt = parse_simulated_format(spec)
+        for scaling in ("none", "tensor", "1x16", "1x128"):
+            for dtype in (torch.float32, torch.bfloat16):
+                xd = x.to(dtype)
+                got = simulate_quantize(xd, fmt, scaling).float()
+                with force_reference():
+                    want = simulate_quantize(xd, fmt, scaling).float()
+                same = (got == want) | (got.isnan() & want.isnan())
+                name = f"lab/kernel-{spec}-{scaling}-{str(dtype)[6:]}"
+                if scaling == "none":
+                    report.check(name, bool(same.all()), mismatches=int((~same).sum()))
+                    continue
+                g_ = Granularity.parse(scaling)
+                finite = torch.where(want.isfinite(), want, torch.zeros_like(want))
+                scale = (expand_to(group_amax(finite, g_), g_, want.shape) / fmt.max).clamp_min(1e-30)
+                step = fmt.quantum(finite / scale).float() * scale
+                worst = float(torch.where(same, torch.zeros_like(step), (got - want).abs() / step).max())
+                report.check(name, worst <= 1.0 + 1e-6, identical=float(same.float().mean()), worst_steps=worst)
+
+
 def _micro_llama(device, seed=0):
     import transformers
 
@@ -138,6 +172,17 @@ def bench_rounding(report, device) -> None:
         ms = bench_ms(lambda: saturating_round(x, fmt))
         report.add_bench(f"lab/round-{spec}-64M-fp32", ms=round(ms, 3), gbps=round(8 * x.numel() / ms / 1e6, 1),
                          device_copy_gbps=round(copy * 1e3, 1))
+    from fp8train.kernels import force_reference
+    from fp8train.lab.simulated_linear import simulate_quantize
+
+    xb = x.bfloat16()
+    for spec in ("e3m4", "e2m1"):
+        for scaling in ("none", "tensor"):
+            ms = bench_ms(lambda: simulate_quantize(xb, spec, scaling))
+            with force_reference():
+                ms_ref = bench_ms(lambda: simulate_quantize(xb, spec, scaling))
+            report.add_bench(f"lab/simulate-{spec}-{scaling}-64M-bf16", kernel_ms=round(ms, 3),
+                             torch_ms=round(ms_ref, 3), kernel_gbps=round(4 * xb.numel() / ms / 1e6, 1))
 
 
 def bench_step(report, device) -> None:
@@ -148,8 +193,12 @@ def bench_step(report, device) -> None:
     recipes = {"bf16": "bf16", "sim-e4m3-tensor": fp8train.Recipe(simulate="e4m3"),
                "sim-e3m4-tensor": fp8train.Recipe(simulate="e3m4"),
                "sim-e2m1-1x16": fp8train.Recipe(simulate="a=e2m1,w=e2m1,g=e5m2,scaling=1x16")}
+    from fp8train.kernels import force_reference
+
     ids = torch.randint(0, 8192, (8, 513), device=device)
-    for name, recipe in recipes.items():
+    runs = [(name, recipe, False) for name, recipe in recipes.items()]
+    runs += [(f"{name}-torch-path", recipe, True) for name, recipe in recipes.items() if name != "bf16"]
+    for name, recipe, reference in runs:
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(PRESETS["small"].llama_config())
@@ -159,10 +208,11 @@ def bench_step(report, device) -> None:
         for _ in range(6):
             _sync(device)
             t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                logits = model(input_ids=ids[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-            loss.backward()
+            with (force_reference() if reference else _nothing()):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    logits = model(input_ids=ids[:, :-1]).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             _sync(device)
@@ -173,11 +223,19 @@ def bench_step(report, device) -> None:
         del model, opt
 
 
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def run(report) -> None:
     device = _device()
     start = time.time()
     check_rounding(report, device, 4_000_000 if device.type == "cuda" else 200_000)
     check_scaled(report, device, (4096, 4096) if device.type == "cuda" else (256, 512))
+    if device.type == "cuda":
+        check_kernel(report, device, (4096, 4096))
     check_bf16_identity(report, device)
     check_sharpness(report, device)
     if device.type == "cuda":

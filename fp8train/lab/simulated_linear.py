@@ -227,16 +227,38 @@ def _saturating_round_fast(x: torch.Tensor, fmt: Minifloat) -> torch.Tensor:
     return _round_float32(fmt.saturate(x), fmt)
 
 
+def _triton_simulate(x: torch.Tensor, fmt, scaling: str) -> Optional[torch.Tensor]:
+    """The one-pass CUDA kernel (fp8train.kernels.simulate) for scaling none / tensor / 1xG; None elsewhere."""
+    if not x.is_cuda or not _fits_float32(fmt):
+        return None
+    g = None if scaling == "none" else Granularity.parse(scaling)
+    if g is not None and g.kind not in ("tensor", "group"):
+        return None
+    from ..kernels import use_triton
+
+    if not use_triton("simulate", x, group=1):
+        return None
+    from ..kernels.simulate import simulate_round
+
+    amax = None if g is None else group_amax(x, g)
+    return simulate_round(x, fmt, amax, group=g.size if g is not None and g.kind == "group" else 0)
+
+
 def simulate_quantize(x: torch.Tensor, fmt, scaling: str = "tensor") -> torch.Tensor:
     """``x`` rounded through ``fmt`` with ``scaling`` (see the module docstring), in x's dtype and shape.
 
     Finite values saturate to +-max (of the format, times the scale); NaN and inf come back unchanged.  With a
     scale the result equals ``fp8train.quant.fake_quantize(x, fmt, scaling)`` (same amax, same scale
-    arithmetic); native float8 and integer formats go through :func:`fp8train.quant.quantize` itself.
+    arithmetic); native float8 and integer formats go through :func:`fp8train.quant.quantize` itself.  CUDA
+    tensors take the one-pass Triton kernel :mod:`fp8train.kernels.simulate` (same arithmetic) for minifloats
+    whose grid fits float32 with scaling none, tensor or 1xG.
     """
     fmt = parse_simulated_format(fmt)
     scaling = _canonical_scaling(scaling)
     with torch.autocast(x.device.type, enabled=False):
+        fast = _triton_simulate(x, fmt, scaling)
+        if fast is not None:
+            return fast
         if scaling == "none":
             if isinstance(fmt, IntFormat):
                 raise ValueError(f"{fmt.name} needs a scale: use scaling='tensor' or a group size")
