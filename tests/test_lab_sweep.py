@@ -165,6 +165,17 @@ def test_changed_settings_need_a_new_directory(tmp_path, fake):
     run_sweep(["bf16"], [0.01], 1, SweepSettings(steps=6), out, overwrite=True, launch=make(scenario),
               log=lambda m: None)
     assert len(calls) == 1
+    # a sweep.json written before a setting existed still matches (the new setting takes its default)
+    saved = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    del saved["settings"]["include_lm_head"]
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps(saved))
+    run_sweep(["bf16"], [0.01], 1, SweepSettings(steps=6), out, report_only=True, log=lambda m: None)
+    # --report-only keeps the command that trained the runs in the report
+    run_sweep(["bf16"], [0.01], 1, SweepSettings(steps=6), out, command="fp8train sweep --first", launch=make(scenario),
+              log=lambda m: None)
+    run_sweep(["bf16"], [0.01], 1, SweepSettings(steps=6), out, report_only=True, command="fp8train sweep --again",
+              log=lambda m: None)
+    assert "fp8train sweep --first" in (tmp_path / "sw" / "report.md").read_text()
     # a wider grid with the same settings only runs the new cells
     calls.clear()
     run_sweep(["bf16", "e4m3"], [0.01], 1, SweepSettings(steps=6), out, launch=make(scenario), log=lambda m: None)
@@ -189,7 +200,11 @@ def test_bad_grids_are_refused_before_running(tmp_path):
 def test_operands_and_gradient_format():
     s = SweepSettings(operands="activations,gradients", grad_format="e5m2", scaling="none")
     argv = cell_argv(Cell("e3m4", 0.01, 3), s, pathlib.Path("r"), resume=True)
-    assert argv[argv.index("--simulate-format") + 1] == "a=e3m4,w=none,g=e5m2"
+    assert argv[argv.index("--simulate-format") + 1] == "a=e3m4,w=none,g=e5m2" and "--simulate-lm-head" not in argv
+    assert "--simulate-lm-head" in cell_argv(Cell("e3m4", 0.01, 3), SweepSettings(include_lm_head=True),
+                                             pathlib.Path("r"), resume=False)
+    assert "--simulate-lm-head" not in cell_argv(Cell("bf16", 0.01, 3), SweepSettings(include_lm_head=True),
+                                                 pathlib.Path("r"), resume=False)
     assert argv[argv.index("--simulate-scaling") + 1] == "none" and argv[-1] == "--resume"
 
 

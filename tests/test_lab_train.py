@@ -39,6 +39,8 @@ def test_lab_flags_are_checked_up_front(tmp_path):
         train(tiny_config(tmp_path, simulate_format="e3m4q"), log=lambda m: None)
     with pytest.raises(TrainError, match="unknown scaling"):
         train(tiny_config(tmp_path, simulate_format="e3m4", simulate_scaling="per-row-ish"), log=lambda m: None)
+    with pytest.raises(TrainError, match="--simulate-lm-head needs --simulate-format"):
+        train(tiny_config(tmp_path, simulate_lm_head=True), log=lambda m: None)
     with pytest.raises(TrainError, match="--sharpness-every"):
         train(tiny_config(tmp_path, sharpness_every=-1), log=lambda m: None)
     assert not (tmp_path / "run").exists()
@@ -58,3 +60,19 @@ def test_nan_loss_is_recorded_as_divergence(tmp_path, monkeypatch):
         train(tiny_config(tmp_path, steps=6, eval_every=100), log=lambda m: None)
     failure = json.loads((tmp_path / "run" / "failure.json").read_text())
     assert failure["diverged"] is True and failure["diverged_at_step"] == 3 and failure["status"] == "failed"
+
+
+def test_simulated_recipe_keeps_or_includes_the_head(tmp_path):
+    from fp8train.lab.simulated_linear import SimulatedLinear
+    from fp8train.train.config import simulated_recipe
+    from fp8train.train.models import build_model
+
+    import fp8train
+    import torch
+
+    for include in (False, True):
+        c = tiny_config(tmp_path, simulate_format="a=e4m3,w=e4m3,g=e5m2", simulate_lm_head=include)
+        model = fp8train.convert(build_model("micro", 300, torch.device("cpu")), recipe=simulated_recipe(c))
+        assert isinstance(model.lm_head, SimulatedLinear) is include
+        assert sum(isinstance(m, SimulatedLinear) for m in model.modules()) == 14 + include
+        assert model.lm_head.weight.shape == (300, 64)

@@ -67,6 +67,7 @@ class SweepSettings:
     scaling: str = "tensor"
     operands: str = "activations,weights,gradients"
     grad_format: Optional[str] = None
+    include_lm_head: bool = False
     data: Optional[str] = None
     cache_dir: Optional[str] = None
     tokenizer_train_bytes: Optional[int] = None
@@ -137,6 +138,8 @@ def cell_argv(cell: Cell, settings: SweepSettings, run_dir: pathlib.Path, resume
         argv += ["--recipe", cell.format]
     else:
         argv += ["--recipe", "bf16", "--simulate-format", spec, "--simulate-scaling", s.scaling]
+        if s.include_lm_head:
+            argv += ["--simulate-lm-head"]
     argv += shlex.split(s.train_args)
     argv += ["--resume"] if resume else ["--overwrite"]
     return argv
@@ -311,9 +314,11 @@ def run_sweep(formats: list[str], lrs: list[float], seeds: int, settings: SweepS
     check_settings(formats, lrs, seeds, settings)
     root = pathlib.Path(out)
     saved = _read_json(root / "sweep.json")
-    if saved is not None and saved.get("settings") != dataclasses.asdict(settings):
+    # settings added in later versions take their defaults, so older sweeps stay resumable
+    saved_settings = {**dataclasses.asdict(SweepSettings()), **saved["settings"]} if saved else None
+    if saved is not None and saved_settings != dataclasses.asdict(settings):
         if not overwrite:
-            changed = sorted(k for k, v in dataclasses.asdict(settings).items() if saved["settings"].get(k) != v)
+            changed = sorted(k for k, v in dataclasses.asdict(settings).items() if saved_settings.get(k) != v)
             raise SweepError(f"{root} holds a sweep with other training settings ({', '.join(changed)}); rerun with "
                              "the same settings to continue it, choose another --out, or pass --overwrite")
     if overwrite and not report_only:
@@ -322,6 +327,8 @@ def run_sweep(formats: list[str], lrs: list[float], seeds: int, settings: SweepS
         for name in ("runs", "logs"):
             shutil.rmtree(root / name, ignore_errors=True)
     grid = make_grid(formats, lrs, seeds, first_seed)
+    if report_only and saved is not None and saved.get("command"):
+        command = saved["command"]  # the report shows the command that trained the runs
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "sweep.json", {"settings": dataclasses.asdict(settings), "formats": formats,
                                             "lrs": lrs, "seeds": seeds, "first_seed": first_seed,
@@ -361,6 +368,8 @@ def _run_cells(todo: list[Cell], run_dirs: dict, settings: SweepSettings, root: 
                thresholds: Thresholds, jobs: Optional[int], log, launch) -> bool:
     """Run ``todo`` with at most ``jobs`` processes at a time; True when interrupted."""
     cores = available_cores()
+    if jobs is None and settings.device != "cpu":
+        jobs = 1  # runs on one GPU would compete for its memory; --jobs N asks for more
     jobs = max(1, min(jobs or cores, len(todo)))
     env = _child_env(max(1, cores // jobs))
     log(f"sweep: {jobs} parallel run(s), {env['OMP_NUM_THREADS']} thread(s) each; logs in {root / 'logs'}")
@@ -470,12 +479,15 @@ def register(subparsers) -> None:
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ... (default 0)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per run (default {d.steps})")
     p.add_argument("--out", required=True, help="sweep directory")
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: min(CPU cores, cells to run))")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel runs (default: min(CPU cores, cells to run) on CPU, 1 with --device cuda/auto)")
     g = p.add_argument_group("what is simulated")
     g.add_argument("--scaling", default=d.scaling, help="none | tensor | row | 1x16 | 1x128 (default tensor)")
     g.add_argument("--operands", default=d.operands,
                    help="which GEMM inputs take the format (default activations,weights,gradients)")
     g.add_argument("--grad-format", default=None, help="gradients' format instead of the entry's (e.g. e5m2)")
+    g.add_argument("--include-lm-head", action="store_true", default=None,
+                   help="simulate the LM head too (default: it stays unrounded, as in the FP8 recipes)")
     g = p.add_argument_group("training (shared by every cell)")
     g.add_argument("--model", default=d.model, help=f"size preset (default {d.model})")
     g.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -74,6 +74,7 @@ class TrainConfig:
     # stability lab (fp8train.lab): simulated GEMM-input formats and last-token sharpness
     simulate_format: Optional[str] = None  # e.g. "e3m4" or "a=e3m4,w=e3m4,g=e5m2"; None: off
     simulate_scaling: str = "tensor"       # none | tensor | row | 1xG | BxB
+    simulate_lm_head: bool = False         # also simulate the output head (kept bf16 by default)
     sharpness_every: int = 0               # 0: off
     sharpness_eps: float = 1e-3
 
@@ -162,6 +163,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
 
 def _check_lab_settings(c: TrainConfig) -> None:
     """The stability-lab flags (--simulate-format, --sharpness-every); imports torch only when simulating."""
+    if c.simulate_lm_head and c.simulate_format is None:
+        raise TrainError("--simulate-lm-head needs --simulate-format")
     if c.simulate_format is not None:
         if c.recipe != "bf16":
             raise TrainError(f"--simulate-format replaces the linear layers with simulated ones; use it with "
@@ -186,7 +189,10 @@ def simulated_recipe(c: TrainConfig):
     from ..recipes import Recipe
 
     formats = SimulatedFormats.parse(c.simulate_format, c.simulate_scaling)
-    return Recipe(name=f"simulate[{formats.describe()}]", simulate=formats)
+    keep = Recipe().keep_bf16
+    if c.simulate_lm_head:
+        keep = tuple(name for name in keep if name != "lm_head")
+    return Recipe(name=f"simulate[{formats.describe()}]", simulate=formats, keep_bf16=keep)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,6 +267,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                         "e7m7b127 (bias 127); needs --recipe bf16")
     g.add_argument("--simulate-scaling", default=S, metavar="SCALING",
                    help="none | tensor | row | 1x16 | 1x128 | 128x128 (default tensor)")
+    g.add_argument("--simulate-lm-head", action="store_true", default=S,
+                   help="also round the LM head's GEMM inputs (kept in bf16 by default)")
     g.add_argument("--sharpness-every", type=int, default=S, metavar="K",
                    help="log the last-token epsilon-sharpness of a fixed eval batch every K steps (default 0 = off)")
     g.add_argument("--sharpness-eps", type=float, default=S, help="epsilon of the sharpness box (default 1e-3)")
@@ -270,7 +278,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
 _DECIDES_LOSSES = ("model", "recipe", "optimizer", "vocab_size", "steps", "batch_size", "seq_len", "grad_accum", "lr",
                    "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
-_DECIDES_LOSSES += ("simulate_format", "simulate_scaling")
+_DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head")
 
 
 def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:
