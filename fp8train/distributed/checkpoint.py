@@ -83,7 +83,7 @@ def _broadcast_error(message: Optional[str]) -> None:
         raise ValueError(message)
 
 
-# -- JSON with tensors on the side ----------------------------------------------------------------------------
+# -- files ---------------------------------------------------------------------------------------------------------
 
 def _fsync(path: pathlib.Path) -> None:
     fd = os.open(path, os.O_RDONLY)
