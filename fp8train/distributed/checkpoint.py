@@ -41,6 +41,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
+from ..train.checkpoint import decode_tree, encode_tree
+
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_info", "INFO_FILE", "FORMAT"]
 
 INFO_FILE = "fp8train.json"
@@ -81,51 +83,7 @@ def _broadcast_error(message: Optional[str]) -> None:
         raise ValueError(message)
 
 
-# -- JSON with tensors on the side ----------------------------------------------------------------------------
-
-def _encode(obj: Any, tensors: dict, path: str) -> Any:
-    """JSON structure of ``obj``; tensors are moved to ``tensors[path]`` and referenced by path."""
-    if isinstance(obj, torch.Tensor):
-        tensors[path] = obj
-        return {"__tensor__": path}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if type(obj).__module__ == "numpy":  # RNG states: numpy arrays and scalars, stored as lists
-        import numpy as np
-
-        if isinstance(obj, np.ndarray):
-            return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
-        return obj.item()
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__items__": [[_encode(k, tensors, f"{path}.key{i}"), _encode(v, tensors, f"{path}.{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
-    raise TypeError(f"cannot store a {type(obj).__name__} at {path!r} in a checkpoint: only tensors, numpy arrays "
-                    "and python scalars, strings, lists, tuples and dicts are allowed (nothing is pickled)")
-
-
-def _decode(obj: Any, tensors: dict) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__tuple__" in obj:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-        if "__ndarray__" in obj:
-            import numpy as np
-
-            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-        if "__items__" in obj:
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    return obj
-
+# -- files ---------------------------------------------------------------------------------------------------------
 
 def _fsync(path: pathlib.Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -160,12 +118,12 @@ def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
         model_sd, optim_sd = get_state_dict(model, optimizer)
     extra_tensors: dict = {}
     info = {"format": FORMAT, "world_size": dist.get_world_size() if _distributed() else 1,
-            "extra": _encode(extra or {}, extra_tensors, "extra")}
+            "extra": encode_tree(extra or {}, extra_tensors, "extra")}
     state = {"model": model_sd}
     if optim_sd is not None:
         state["optimizer"] = {"state": optim_sd["state"]}
         group_tensors: dict = {}
-        info["optimizer_param_groups"] = _encode(optim_sd["param_groups"], group_tensors, "param_groups")
+        info["optimizer_param_groups"] = encode_tree(optim_sd["param_groups"], group_tensors, "param_groups")
         extra_tensors.update(group_tensors)
     if extra_tensors:
         # plain tensors: DCP writes rank 0's copy once
@@ -268,13 +226,13 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
     tensors = state.get(_EXTRA, {})
-    extra = _decode(info["extra"], tensors)
+    extra = decode_tree(info["extra"], tensors)
     if optim_sd is None:
         set_model_state_dict(model, model_sd)
         return extra
     for fqn in conversions:
         optim_sd["state"][fqn] = _read_full(path, fqn, stored)
-    optim_sd["param_groups"] = _decode(info["optimizer_param_groups"], tensors)
+    optim_sd["param_groups"] = decode_tree(info["optimizer_param_groups"], tensors)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     return extra
 

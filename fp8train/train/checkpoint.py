@@ -45,7 +45,8 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # ----------------------------------------------------------------------------------------------------------
 # tagged JSON: tensors go to a safetensors file, everything else must be a plain python value
 
-def _encode(obj: Any, tensors: dict, path: str):
+def encode_tree(obj: Any, tensors: dict, path: str):
+    """JSON structure of ``obj``; tensors move to ``tensors[path]`` and are referenced by path (no pickling)."""
     import numpy as np
     import torch
 
@@ -59,33 +60,34 @@ def _encode(obj: Any, tensors: dict, path: str):
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+        return {"__tuple__": [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__items__": [[_encode(k, tensors, f"{path}.key{i}"), _encode(v, tensors, f"{path}.{i}")]
+            return {k: encode_tree(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[encode_tree(k, tensors, f"{path}.key{i}"), encode_tree(v, tensors, f"{path}.{i}")]
                               for i, (k, v) in enumerate(obj.items())]}
     raise TypeError(f"cannot store a {type(obj).__name__} at {path!r} in a checkpoint: only tensors, numpy "
                     f"arrays and python scalars/containers are allowed (no pickling)")
 
 
-def _decode(obj: Any, tensors: dict):
+def decode_tree(obj: Any, tensors: dict):
+    """Inverse of :func:`encode_tree`."""
     import numpy as np
 
     if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
+        return [decode_tree(v, tensors) for v in obj]
     if isinstance(obj, dict):
         if "__tensor__" in obj:
             return tensors[obj["__tensor__"]]
         if "__ndarray__" in obj:
             return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
         if "__tuple__" in obj:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+            return tuple(decode_tree(v, tensors) for v in obj["__tuple__"])
         if "__items__" in obj:
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
-        return {k: _decode(v, tensors) for k, v in obj.items()}
+            return {decode_tree(k, tensors): decode_tree(v, tensors) for k, v in obj["__items__"]}
+        return {k: decode_tree(v, tensors) for k, v in obj.items()}
     return obj
 
 
@@ -94,7 +96,7 @@ def save_tree(tree: Any, directory: pathlib.Path, name: str) -> list[str]:
     from safetensors.torch import save_file
 
     tensors: dict = {}
-    structure = _encode(tree, tensors, name)
+    structure = encode_tree(tree, tensors, name)
     files = [f"{name}.json"]
     if tensors:
         seen, flat = set(), {}
@@ -117,7 +119,7 @@ def load_tree(directory: pathlib.Path, name: str, device="cpu") -> Any:
     structure = json.loads((directory / f"{name}.json").read_text())
     tensor_file = directory / f"{name}.safetensors"
     tensors = load_file(str(tensor_file), device=str(device)) if tensor_file.exists() else {}
-    return _decode(structure, tensors)
+    return decode_tree(structure, tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
