@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--eval-windows", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export-quality-cpu"))
     parser.add_argument("--threads", type=int, default=2)
