@@ -320,3 +320,24 @@ def test_run_directory_corpus_gives_calibration_and_eval_tokens(tmp_path, capsys
         assert info["method"] == "gptq" and info["calibration"] == {"samples": 4, "tokens": 4 * 32}
         assert main(["eval", str(tmp_path / "w4"), "--max-windows", "4"]) == 0  # the run's eval split
     assert "checkpoint: perplexity" in capsys.readouterr().out
+
+
+def test_kl_against_a_reference_and_token_windows():
+    from fp8train.export.io import token_windows
+    from fp8train.export.quality import perplexity
+
+    model = tiny_llama()
+    tokens = token_batch(4, 16)
+    base = perplexity(model, tokens, batch_size=3, keep_log_probs=True)
+    same = perplexity(model, tokens, batch_size=3, reference=base["log_probs"])
+    assert same["kl_vs_reference"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    other = perplexity(model, tokens, batch_size=3, reference=base["log_probs"])
+    assert other["kl_vs_reference"] > 1e-4 and other["top1_agreement"] < 1.0
+    ids = torch.arange(100)
+    assert torch.equal(token_windows(ids, 10)[3], torch.arange(30, 40))
+    spread = token_windows(ids, 10, 3)
+    assert torch.equal(spread[:, 0], torch.tensor([0, 40, 90]))  # evenly spread (4.5 rounds to even)
+    random = token_windows(ids, 10, 5, seed=0)
+    assert random.shape == (5, 10) and torch.equal(random, token_windows(ids, 10, 5, seed=0))

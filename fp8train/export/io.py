@@ -206,14 +206,21 @@ def load_tokens(path, tokenizer=None, max_tokens: Optional[int] = None) -> torch
 
 def token_windows(ids: torch.Tensor, seq_len: int, count: Optional[int] = None, *, seed: Optional[int] = None
                   ) -> torch.Tensor:
-    """[n, seq_len] windows of a token stream: consecutive (seed None) or ``count`` random ones (seed given)."""
+    """[n, seq_len] windows of a token stream.
+
+    ``count`` None: every consecutive window.  ``count`` given: that many windows spread evenly over the whole
+    stream (``seed`` None; deterministic, like ``fp8train train``'s evaluation windows) or at random start
+    positions (``seed`` given; calibration samples).
+    """
     ids = ids.reshape(-1)
     n = ids.numel() // seq_len
     if n == 0:
         raise ValueError(f"the data holds {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if count is None:
+        return ids[: n * seq_len].reshape(n, seq_len)
     if seed is None:
-        windows = ids[: n * seq_len].reshape(n, seq_len)
-        return windows[:count] if count else windows
+        picks = torch.linspace(0, n - 1, min(count, n)).round().long()
+        return ids[: n * seq_len].reshape(n, seq_len)[picks]
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (count or n,), generator=gen)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (count,), generator=gen)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])

@@ -30,21 +30,38 @@ __all__ = ["perplexity", "evaluate", "Variant", "default_variants", "compare", "
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> dict:
-    """Mean next-token NLL and perplexity of ``model`` on ``tokens`` [n, seq_len] (first token not scored)."""
+def perplexity(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, *,
+               reference: Optional[list] = None, keep_log_probs: bool = False) -> dict:
+    """Mean next-token NLL and perplexity of ``model`` on ``tokens`` [n, seq_len] (first token not scored).
+
+    ``reference``: the ``log_probs`` of another model on the same tokens (from ``keep_log_probs=True``); adds
+    ``kl_vs_reference`` (mean KL(reference || model) per token, nats) and ``top1_agreement`` (fraction of
+    positions where both predict the same next token) -- far more sensitive than perplexity to small changes.
+    """
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [windows, seq_len >= 2], got shape {tuple(tokens.shape)}")
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, tokens.shape[0], batch_size):
+    total, count, kl, agree = 0.0, 0, 0.0, 0
+    kept = []
+    for n, i in enumerate(range(0, tokens.shape[0], batch_size)):
         batch = tokens[i:i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                              reduction="sum")
-        total += float(nll)
+        logits = model(input_ids=batch, use_cache=False).logits.float()[:, :-1]
+        log_probs = F.log_softmax(logits, dim=-1)
+        total -= float(log_probs.gather(-1, batch[:, 1:].unsqueeze(-1)).sum())
         count += batch[:, 1:].numel()
+        if reference is not None:
+            ref = reference[n].to(device)
+            kl += float((ref.exp() * (ref - log_probs)).sum())
+            agree += int((ref.argmax(-1) == log_probs.argmax(-1)).sum())
+        if keep_log_probs:
+            kept.append(log_probs.cpu())
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    result = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    if reference is not None:
+        result.update(kl_vs_reference=kl / count, top1_agreement=agree / count)
+    if keep_log_probs:
+        result["log_probs"] = kept
+    return result
 
 
 def _bf16_model(model: nn.Module) -> nn.Module:
@@ -176,10 +193,11 @@ def _weights_only(format: str):
 
 def compare(model: nn.Module, tokens: torch.Tensor, variants: Optional[Sequence[Variant]] = None, *,
             calibration=None, batch_size: int = 8, progress=print) -> list[dict]:
-    """Perplexity of every variant on ``tokens``; rows carry ``delta_vs_bf16`` (relative perplexity change)."""
+    """Perplexity of every variant on ``tokens``; rows carry ``delta_vs_bf16`` (relative perplexity change) and,
+    after the bf16 row, ``kl_vs_reference`` / ``top1_agreement`` against the bf16 model's predictions."""
     variants = list(variants) if variants is not None else default_variants()
     rows = []
-    baseline = None
+    baseline, reference = None, None
     for variant in variants:
         if variant.needs_calibration and calibration is None:
             progress(f"skip {variant.label}: needs calibration data")
@@ -198,15 +216,18 @@ def compare(model: nn.Module, tokens: torch.Tensor, variants: Optional[Sequence[
             sim, qmodel = _simulated(model, fmt, calibration, options)
             row["weight_rel_error"] = _mean_error(qmodel.info)
             row["method"] = qmodel.info["method"]
-        row.update(perplexity(sim, tokens, batch_size))
+        is_baseline = baseline is None and variant.format is None and not variant.activations_only
+        scores = perplexity(sim, tokens, batch_size, reference=reference, keep_log_probs=is_baseline)
         del sim
-        if baseline is None and variant.format is None and not variant.activations_only:
-            baseline = row["perplexity"]
+        if is_baseline:
+            baseline, reference = scores["perplexity"], scores.pop("log_probs")
+        row.update(scores)
         row["delta_vs_bf16"] = (row["perplexity"] / baseline - 1.0) if baseline else None
         row["seconds"] = round(time.time() - started, 1)
         rows.append(row)
         delta = f"{100 * row['delta_vs_bf16']:+.2f}%" if row["delta_vs_bf16"] is not None else ""
-        progress(f"{variant.label:48s} ppl {row['perplexity']:.4f} {delta} ({row['seconds']} s)")
+        kl = f"KL {row['kl_vs_reference']:.2e}" if "kl_vs_reference" in row else ""
+        progress(f"{variant.label:48s} ppl {row['perplexity']:.4f} {delta} {kl} ({row['seconds']} s)")
     return rows
 
 
@@ -268,12 +289,15 @@ def report_markdown(rows: list[dict], *, title: str = "Export quality", command:
         lines += ["Produced by:", "", "```", command, "```", ""]
     if setup:
         lines += [setup, ""]
-    lines += ["| variant | checkpoint | perplexity | vs bf16 | mean weight rel. error |", "|---|---|---|---|---|"]
+    lines += ["| variant | checkpoint | perplexity | vs bf16 | KL vs bf16 (nats/token) | top-1 agrees with bf16 "
+              "| mean weight rel. error |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = f"{100 * r['delta_vs_bf16']:+.2f}%" if r.get("delta_vs_bf16") is not None else ""
         err = f"{r['weight_rel_error']:.4f}" if "weight_rel_error" in r else ""
+        kl = f"{r['kl_vs_reference']:.2e}" if "kl_vs_reference" in r else ""
+        top1 = f"{100 * r['top1_agreement']:.2f}%" if "top1_agreement" in r else ""
         kind = "yes" if r.get("exported") and r.get("format") else ("-" if not r.get("format") else "simulation")
-        lines.append(f"| {r['label']} | {kind} | {r['perplexity']:.4f} | {delta} | {err} |")
+        lines.append(f"| {r['label']} | {kind} | {r['perplexity']:.4f} | {delta} | {kl} | {top1} | {err} |")
     lines.append("")
     if goals:
         lines += ["## Goals", "", "| goal | met | measured |", "|---|---|---|"]
