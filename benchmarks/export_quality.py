@@ -186,6 +186,7 @@ def main(argv=None) -> int:
         ("w4a16 GPTQ better than round-to-nearest: perplexity", delta("w4a16 (GPTQ)") < delta("w4a16 (RTN)"),
          f"GPTQ {100 * delta('w4a16 (GPTQ)'):+.2f}% vs RTN {100 * delta('w4a16 (RTN)'):+.2f}%"),
     ]
+    size_note = ", ".join(f"{c['format']} {c['safetensors_bytes'] / 1e6:.2f} MB" for c in checks)
     n_params = sum(p.numel() for p in model.parameters())
     setup = (f"Model: LlamaForCausalLM, {n_params / 1e6:.2f} M parameters (hidden {model.config.hidden_size}, "
              f"{model.config.num_hidden_layers} layers, intermediate {model.config.intermediate_size}, vocabulary "
