@@ -344,13 +344,9 @@ class SimulatedLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, formats: Union[SimulatedFormats, str]) -> "SimulatedLinear":
         """A SimulatedLinear sharing ``linear``'s weight and bias Parameters (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        new = cls(linear.in_features, linear.out_features, bias=False, device="meta", formats=formats)
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.train(linear.training)
-        return new
+        from ..nn.linear import linear_sharing_parameters
+
+        return linear_sharing_parameters(linear, cls, formats=formats)
 
     @torch.compiler.disable  # eager rounding ops (float64 reference); torch.compile compiles around them
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -361,8 +357,6 @@ class SimulatedLinear(nn.Linear):
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this layer's Parameters (to undo a conversion)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        linear.weight = self.weight
-        linear.bias = self.bias
-        linear.train(self.training)
-        return linear
+        from ..nn.linear import linear_sharing_parameters
+
+        return linear_sharing_parameters(self, nn.Linear)

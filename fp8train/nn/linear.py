@@ -60,6 +60,7 @@ __all__ = [
     "compute_dtype",
     "kept_by_attention",
     "fp8_gemm_supported",
+    "linear_sharing_parameters",
 ]
 
 
@@ -422,6 +423,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 # -- the module ------------------------------------------------------------------------------------------------
 
+def linear_sharing_parameters(linear: nn.Linear, cls: type, **kwargs) -> nn.Linear:
+    """A ``cls`` layer (an nn.Linear subclass, or nn.Linear itself) holding ``linear``'s weight and bias
+    Parameters -- no copy, so optimizers, checkpoints and FSDP keep seeing the same tensors."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+    new = cls(linear.in_features, linear.out_features, bias=False, device="meta", **kwargs)
+    new.weight = linear.weight
+    new.bias = linear.bias
+    new.train(linear.training)
+    return new
+
+
 class FP8Linear(nn.Linear):
     """``nn.Linear`` whose GEMMs run in FP8 and whose saved input is FP8.
 
@@ -447,13 +460,7 @@ class FP8Linear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Union[Recipe, str] = "fp8") -> "FP8Linear":
         """An FP8Linear sharing ``linear``'s weight and bias Parameters (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        new = cls(linear.in_features, linear.out_features, bias=False, device="meta", recipe=recipe)
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.train(linear.training)
-        return new
+        return linear_sharing_parameters(linear, cls, recipe=recipe)
 
     @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -465,8 +472,4 @@ class FP8Linear(nn.Linear):
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this layer's Parameters (to undo a conversion)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        linear.weight = self.weight
-        linear.bias = self.bias
-        linear.train(self.training)
-        return linear
+        return linear_sharing_parameters(self, nn.Linear)
