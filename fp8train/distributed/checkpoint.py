@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
-from ..train.checkpoint import decode_tree, encode_tree
+from ..train.checkpoint import decode_tree, encode_tree, fsync_path
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_info", "INFO_FILE", "FORMAT"]
 
@@ -81,16 +81,6 @@ def _broadcast_error(message: Optional[str]) -> None:
         message = next((m for m in messages if m), None)
     if message:
         raise ValueError(message)
-
-
-# -- files ---------------------------------------------------------------------------------------------------------
-
-def _fsync(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- save ---------------------------------------------------------------------------------------------------
@@ -136,14 +126,14 @@ def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
             json.dump(info, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         if final.exists():
             trash = final.with_name(f".tmp-trash-{final.name}")
             shutil.rmtree(trash, ignore_errors=True)
             os.rename(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
     _barrier()
     return final
 

@@ -155,7 +155,8 @@ def _fsync_file(path: pathlib.Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
+def fsync_path(path: pathlib.Path) -> None:
+    """fsync a directory (or file) by path, so a rename into it is durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -201,13 +202,13 @@ def save_checkpoint(root: pathlib.Path, step: int, model, optimizer, scheduler, 
     manifest = {"format": FORMAT, "step": step, "files": {n: (tmp / n).stat().st_size for n in files}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _fsync_file(tmp / "manifest.json")
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():  # re-saving a step (e.g. a resumed run that ends where it was stopped)
         trash = root / f".tmp-trash-{final.name}-{os.getpid()}"
         os.rename(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     for _, old in step_dirs(root)[:-keep]:
         trash = root / f".tmp-trash-{old.name}"
         os.rename(old, trash)
