@@ -102,9 +102,10 @@ def convert(model, recipe: str):
     return fp8train.convert(model, recipe=recipe)
 
 
-def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int,
-            master: str = "fp32", optimizer_options: dict | None = None) -> dict:
-    """Train ``steps`` timed steps of one configuration in this process; return its row."""
+def make_step(name: str, shape: str, batch: int, seq: int, master: str = "fp32",
+              optimizer_options: dict | None = None):
+    """Build configuration ``name`` on the GPU; return ``(step, row)``: a function running one training step
+    (forward, backward, optimizer) that returns the loss, and the row describing the configuration."""
     import torch
 
     graphed = name.endswith("_graphed")
@@ -113,15 +114,13 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
         raise ValueError(f"{name}: a configuration is either compiled or CUDA-graphed, not both")
     if name.startswith("fp8train_coat_lean"):
         master, optimizer_options = LEAN_OPTIONS["master"], {**LEAN_OPTIONS["optimizer"], **(optimizer_options or {})}
-    row = {"name": name, "model": shape, "batch": batch, "seq": seq}
+    row = {"name": name, "model": shape, "batch": batch, "seq": seq, "master": master}
     torch.manual_seed(0)
-    torch.cuda.reset_peak_memory_stats()
     model = build_model(shape, master_dtype=torch.bfloat16 if master == "bf16" else None)
     model = convert(model, recipe)
     opt = make_optimizer(optimizer_kind, model, **(optimizer_options or {}))
     forward = torch.compile(model) if compiled else model
-    vocab = model.config.vocab_size
-    tokens = torch.randint(0, vocab, (batch, seq), device="cuda")
+    tokens = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -141,6 +140,16 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
             opt.step()
             return loss
 
+    return step, row
+
+
+def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int,
+            master: str = "fp32", optimizer_options: dict | None = None) -> dict:
+    """Train ``steps`` timed steps of one configuration in this process; return its row."""
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    step, row = make_step(name, shape, batch, seq, master, optimizer_options)
     for _ in range(warmup):
         loss = step()
     torch.cuda.synchronize()
@@ -150,7 +159,7 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     row.update(tokens_per_s=batch * seq * steps / elapsed, peak_memory_bytes=torch.cuda.max_memory_allocated(),
-               step_ms=1000 * elapsed / steps, final_loss=float(loss), status="ok", master=master)
+               step_ms=1000 * elapsed / steps, final_loss=float(loss), status="ok")
     return row
 
 

@@ -183,13 +183,15 @@ def _fused_adamw_kernel(
     bias_correction2_sqrt = tl.load(s + 5)
     eps = tl.load(s + 6)
 
+    # Torch's roundings, operation by operation: each torch op is its own CUDA kernel, and nvcc contracts only
+    # inside one expression (lerp's `self + w * (end - self)`, addcmul's `a + alpha * (b * c)`, addcdiv's
+    # `a + alpha * (b / c)`).  Left to itself the compiler may fuse across them instead (e.g. p * decay into the
+    # final add), which drifts parameters by an ulp now and then -- so every fused multiply-add is spelled out.
     new_p = p * decay
-    new_m = tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * (1.0 - lerp_weight))
-    new_v = v * beta2 + one_minus_beta2 * (g * g)
-    # same roundings as torch: sqrt, divide by sqrt(bias correction), add eps (a reciprocal-multiply here
-    # drifts parameters by a systematic ulp per step)
+    new_m = tl.where(lerp_weight < 0.5, tl.fma(lerp_weight, g - m, m), tl.fma(m - g, 1.0 - lerp_weight, g))
+    new_v = tl.fma(one_minus_beta2, g * g, v * beta2)
     denom = tl.div_rn(tl.sqrt_rn(new_v), bias_correction2_sqrt) + eps
-    new_p = new_p + neg_step_size * tl.div_rn(new_m, denom)
+    new_p = tl.fma(neg_step_size, tl.div_rn(new_m, denom), new_p)
 
     # an element whose gradient is NaN/inf (or whose moments overflow) keeps its parameter and moments
     ok = (tl.abs(new_p) <= _FLOAT32_MAX) & (tl.abs(new_m) <= _OVERFLOW_LIMIT) & (new_v <= _OVERFLOW_LIMIT)
