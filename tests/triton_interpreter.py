@@ -156,6 +156,13 @@ def check_rmsnorm():
                     dres = _inputs(shape, dtype, seed=4)
                     dx2, _ = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style, residual_grad=dres)
                     close(dx2, ref.rmsnorm_backward(dy.to(yr.dtype), sr, w, residual_grad=dres)[0], dtype, scale=4)
+                    # two output gradients summed in the kernel (a norm feeding gate and up)
+                    dy_b = _inputs(shape, yr.dtype, seed=6)
+                    dx3, dw3 = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style, second_dy=dy_b)
+                    dx3r, dw3r = ref.rmsnorm_backward(dy.to(yr.dtype), sr, w, second_dy=dy_b)
+                    close(dx3, dx3r, dtype, scale=4)
+                    if w is not None:
+                        close(dw3, dw3r, dtype, scale=4)
                     if w is not None:
                         close(dw, dwr, dtype, scale=4)
 

@@ -5,16 +5,46 @@
 """
 
 import argparse
+import collections
 import sys
+import traceback
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fp8train import bench
 
-# ops whose Python call sites are printed (copies, elementwise math and concatenations are where eager time hides)
-TRACED_OPS = ("aten::copy_", "aten::mul", "aten::cat", "aten::add", "aten::add_", "aten::neg", "aten::to",
-              "aten::zeros", "aten::fill_", "aten::sum", "aten::clone")
+
+class OpCensus(TorchDispatchMode):
+    """Counts every aten op that touches a large tensor, by op and by where it was called from: the innermost
+    fp8train/transformers frames, or the autograd node that ran it during backward.  The profiler says how long
+    copies and elementwise kernels take; this says who asked for them."""
+
+    def __init__(self, min_elements=1 << 20):
+        super().__init__()
+        self.min_elements = min_elements
+        self.counts = collections.Counter()
+        self.bytes = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func.overloadpacket.__name__ in ("detach", "_unsafe_view"):
+            return out  # no data moves
+        tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        tensors += [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+        if not any(t.numel() >= self.min_elements for t in tensors):
+            return out
+        frames = [f for f in traceback.extract_stack()[:-2]
+                  if ("fp8train" in f.filename or "transformers" in f.filename) and "profile_step" not in f.filename]
+        site = " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in frames[-3:][::-1])
+        if not site:
+            node = torch._C._current_autograd_node()
+            site = f"autograd {type(node).__name__}" if node is not None else "?"
+        key = (str(func.overloadpacket.__name__), site)
+        self.counts[key] += 1
+        self.bytes[key] += sum(t.numel() * t.element_size() for t in tensors)
+        return out
 
 
 def main():
@@ -24,24 +54,25 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--rows", type=int, default=40)
-    p.add_argument("--stacks", action="store_true", help="also print the call sites of the small aten ops")
+    p.add_argument("--census", action="store_true", help="also count large-tensor aten ops by call site")
     a = p.parse_args()
     step, _ = bench.make_step(a.config, a.model, a.batch, a.seq)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=a.stacks) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     print(f"== {a.config} {a.model} batch {a.batch}")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows, max_name_column_width=70))
-    if a.stacks:
-        rows = [e for e in prof.key_averages(group_by_stack_n=6) if e.key in TRACED_OPS and e.self_device_time_total > 0]
-        rows.sort(key=lambda e: -e.self_device_time_total)
-        print("== call sites of small aten ops (self CUDA us, calls, op, stack)")
-        for e in rows[:40]:
-            stack = " <- ".join(s for s in e.stack if "torch/nn/modules/module.py" not in s)[:600]
-            print(f"{e.self_device_time_total:10.0f} {e.count:5d} {e.key:14} {stack}")
+    if a.census:
+        census = OpCensus()
+        with census:
+            step()
+        torch.cuda.synchronize()
+        print("== large-tensor aten ops by call site (calls, GB touched, op, site); GEMMs and attention included")
+        for key, calls in sorted(census.counts.items(), key=lambda kv: -census.bytes[kv[0]])[:60]:
+            print(f"{calls:5d} {census.bytes[key] / 1e9:8.2f} {key[0]:28} {key[1]}")
     return 0
 
 

@@ -55,6 +55,18 @@ def _log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _hash32(x):
+    """A bijective 32-bit integer hash (Wellons' "lowbias32"): pseudo-random bits for stochastic rounding from
+    two multiplies, where Philox (tl.randint) costs ten rounds per element -- the step was compute-bound on it.
+    Rounding only needs bits uncorrelated with the values; a fresh seed per step and tensor keeps them so."""
+    x = x ^ (x >> 16)
+    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
 def _decode(q, amax, k_code, MODE: tl.constexpr, FMAX: tl.constexpr, FAST: tl.constexpr):
     """FP8 values q [BLOCK_G, GROUP] (as float32) + per-group amax, k code [BLOCK_G] -> float32 moments.
 
@@ -93,7 +105,7 @@ def _encode(x, mask, MODE: tl.constexpr, FMAX: tl.constexpr, K_NUM: tl.constexpr
     return q, amax, code
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every step must not recompile
 def _fused_adamw_kernel(
     work_ptr, table_ptr, scalar_ptr, nonfinite_ptr, seed,
     MODE: tl.constexpr, M_E5M2: tl.constexpr, V_E5M2: tl.constexpr,
@@ -206,7 +218,8 @@ def _fused_adamw_kernel(
     if PARAM_BF16:
         if STOCHASTIC:
             # add 16 random bits below bfloat16's last mantissa bit, then truncate: unbiased rounding
-            noise = (tl.randint(seed, offs + (t << 40)) & 0xFFFF).to(tl.int32, bitcast=True)
+            noise = (_hash32(offs.to(tl.uint32) ^ _hash32(seed.to(tl.uint32) ^ t.to(tl.uint32))) >> 16
+                     ).to(tl.int32, bitcast=True)
             bits = (new_p.to(tl.int32, bitcast=True) + noise) & -65536
             tl.store(p_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
         else:

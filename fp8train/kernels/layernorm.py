@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
-                       partials_capacity, quantize_group_tile, store_tensorwise, tile_amax_bits)
+                       partials_capacity, quantize_group_tile, row_loop_programs, store_tensorwise, tile_amax_bits)
 from .rmsnorm import _row_plan
 
 __all__ = ["layernorm_forward", "layernorm_backward"]
@@ -186,7 +186,7 @@ def layernorm_backward(dy, centered: QuantizedTensor, rstd, weight, has_bias):
     dx = torch.empty(centered.shape, dtype=centered.dtype, device=dev)
     block_n, bm, warps = _row_plan(M, N)
     row_blocks = triton.cdiv(M, bm)
-    nprog = max(1, min(row_blocks, partials_capacity(dy) // 2))
+    nprog = row_loop_programs(dy, row_blocks)
     iters = triton.cdiv(row_blocks, nprog)
     dw_partial = torch.empty(nprog, N, dtype=torch.float32, device=dev) if weight is not None else rstd
     db_partial = torch.empty(nprog, N, dtype=torch.float32, device=dev) if has_bias else rstd

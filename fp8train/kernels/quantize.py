@@ -26,8 +26,8 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 
-__all__ = ["quantize_groups", "quantize_tensorwise", "as_rows", "partials_capacity", "tensorwise_amax",
-           "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise", "BLOCK_P"]
+__all__ = ["quantize_groups", "quantize_tensorwise", "as_rows", "partials_capacity", "row_loop_programs",
+           "tensorwise_amax", "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise", "BLOCK_P"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
 BLOCK_P = 1024  # most partial maxima a kernel reduces in its prologue (see partials_capacity)
@@ -191,6 +191,14 @@ def _sm_count(device_index: int) -> int:
         return torch.cuda.get_device_properties(device_index).multi_processor_count
     except Exception:  # noqa: BLE001 - the CPU interpreter has no device properties
         return 132
+
+
+def row_loop_programs(x: torch.Tensor, row_blocks: int) -> int:
+    """Programs for a backward kernel that loops over row blocks and sums per-program weight-gradient partials:
+    eight per SM keep enough loads in flight (two per SM ran the norm backward at a quarter of copy bandwidth);
+    the partials are summed by torch afterwards, so their number is not capped by BLOCK_P."""
+    index = x.device.index if x.is_cuda and x.device.index is not None else 0
+    return max(1, min(row_blocks, 8 * _sm_count(index)))
 
 
 def partials_capacity(x: torch.Tensor) -> int:

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
-                       partials_capacity, quantize_group_tile, store_tensorwise, tile_amax_bits)
+                       partials_capacity, quantize_group_tile, row_loop_programs, store_tensorwise, tile_amax_bits)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
@@ -110,10 +110,10 @@ def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partial
 
 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
-def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, rstd_ptr, w_ptr, dx_ptr, dw_partial_ptr,
-                        dres_ptr, stride_dres, M, num_programs, iters,
+def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, q_ptr, qamax_ptr, rstd_ptr, w_ptr, dx_ptr,
+                        dw_partial_ptr, dres_ptr, stride_dres, M, num_programs, iters,
                         N: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, STYLE: tl.constexpr,
-                        HAS_W: tl.constexpr, HAS_RES: tl.constexpr):
+                        HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_DY2: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -135,6 +135,8 @@ def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, rstd_ptr, w_ptr, dx
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
         n = x_hat * rstd[:, None]
         dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DY2:  # a second output gradient (the norm feeds two linears): summed in fp32, never rounded
+            dy += tl.load(dy2_ptr + rows64 * stride_dy2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_W:
             g = dy * w[None, :]
             if STYLE == 0:  # forward multiplied the weight with n rounded to x's dtype
@@ -222,21 +224,24 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     return (*lead, ((q, data_t) if output_transpose else q), rstd, copy)
 
 
-def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None):
-    """``(dx, dweight)`` from the E4M3 1x16 copy of x (bf16 group amax), rstd and dy (+ ``residual_grad``)."""
+def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None, second_dy=None):
+    """``(dx, dweight)`` from the E4M3 1x16 copy of x (bf16 group amax), rstd and dy (+ ``second_dy``, summed in
+    fp32) (+ ``residual_grad``, added to dx)."""
     dy2 = as_rows(dy)
     dres = as_rows(residual_grad) if residual_grad is not None else dy2
+    dsecond = as_rows(second_dy) if second_dy is not None else dy2
     M, N = dy2.shape
     dev = dy.device
     dx = torch.empty(x_copy.shape, dtype=x_copy.dtype, device=dev)
     block_n, bm, warps = _row_plan(M, N)
     row_blocks = triton.cdiv(M, bm)
-    nprog = max(1, min(row_blocks, partials_capacity(dy) // 2))
+    nprog = row_loop_programs(dy, row_blocks)
     iters = triton.cdiv(row_blocks, nprog)
     dw_partial = torch.empty(nprog, N, dtype=torch.float32, device=dev) if weight is not None else rstd
-    _rmsnorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), x_copy.data, x_copy.amax, rstd,
+    _rmsnorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), dsecond, dsecond.stride(0), x_copy.data, x_copy.amax, rstd,
                                   weight if weight is not None else rstd, dx, dw_partial, dres, dres.stride(0),
                                   M, nprog, iters, N=N, BLOCK_N=block_n, BM=bm, STYLE=_STYLE_CODE[style],
-                                  HAS_W=weight is not None, HAS_RES=residual_grad is not None, num_warps=warps)
+                                  HAS_W=weight is not None, HAS_RES=residual_grad is not None,
+                                  HAS_DY2=second_dy is not None, num_warps=warps)
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     return dx, dweight

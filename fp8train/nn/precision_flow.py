@@ -214,11 +214,13 @@ class _FlowMLPFunction(torch.autograd.Function):
                                                             has_bias=ctx.has_bias[0], needs_weight_grad=needs[2])
             dx_up, dw_up, db_up = fp8_linear_backward(dup, saved_up, w_up, recipe=recipe,
                                                       has_bias=ctx.has_bias[1], needs_weight_grad=needs[4])
-            dx = dx_gate.float() + dx_up.float()  # one rounding for the sum
             dnorm_weight = None
             if ctx.norm_meta is not None:
+                # the norm's backward sums the two input gradients in fp32 as it reads them (no fp32 copies)
                 norm_saved = RMSNormSaved(mg.unpack(ctx.norm_meta, n_data, n_amax), rstd, ctx.norm_style)
-                dx, dnorm_weight = rmsnorm_backward(dx, norm_saved, norm_weight)
+                dx, dnorm_weight = rmsnorm_backward(dx_gate, norm_saved, norm_weight, second_dy=dx_up)
+            else:
+                dx = dx_gate.float() + dx_up.float()  # one rounding for the sum
             dx = dx.to(ctx.src_dtype)
         return (dx, dnorm_weight, dw_gate, db_gate, dw_up, db_up, dw_down, db_down,
                 None, None, None, None, None, None)
