@@ -121,6 +121,12 @@ def check_rmsnorm(report, shapes):
         with force_reference():
             dxr, _ = op.rmsnorm_backward(dy, sr, w, residual_grad=dres)
         _check_close(report, f"ops: rmsnorm dx + residual grad {shape}", dx, dxr)
+        dy_b = bf16_input(shape, seed=6)
+        dx, dw = op.rmsnorm_backward(dy, sr, w, second_dy=dy_b)
+        with force_reference():
+            dxr, dwr = op.rmsnorm_backward(dy, sr, w, second_dy=dy_b)
+        _check_close(report, f"ops: rmsnorm dx with a second output grad {shape}", dx, dxr)
+        _check_close(report, f"ops: rmsnorm dweight with a second output grad {shape}", dw, dwr)
         # autograd path, no weight
         a = x.clone().requires_grad_(True)
         op.rms_norm(a, None, 1e-6).backward(dy)
@@ -410,6 +416,37 @@ def bench(report):
              note="two passes over dh and the copies (amax, then scale)")
 
 
+def check_cross_entropy(report):
+    """The fused loss + gradient kernel against the torch reference of the chunked linear cross-entropy, and
+    both timed (fwd + bwd of the lm_head and loss; 953M shapes: 8192 tokens, hidden 2048, vocabulary 32000)."""
+    from fp8train.kernels import force_reference
+    from fp8train.nn.chunked_cross_entropy import chunked_linear_cross_entropy
+
+    hidden = (bf16_input((8191, 2048)).float() * 0.05).to(torch.bfloat16)
+    weight = (bf16_input((32000, 2048), seed=1).float() * 0.02).to(torch.bfloat16)
+    labels = torch.randint(0, 32000, (8191,), device="cuda")
+    labels[::7] = -100
+
+    def loss_and_grads():
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = chunked_linear_cross_entropy(h, w, labels)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    got = loss_and_grads()
+    with force_reference():
+        ref = loss_and_grads()
+    loss_rel = abs(float(got[0]) - float(ref[0])) / abs(float(ref[0]))
+    report.check("ops: fused cross-entropy loss (8191x2048 @ 32000)", loss_rel <= 1e-5, rel_err=loss_rel)
+    _check_close(report, "ops: fused cross-entropy grad hidden", got[1], ref[1], tol=2**-6)
+    _check_close(report, "ops: fused cross-entropy grad weight", got[2], ref[2], tol=2**-6)
+    ms = bench_ms(loss_and_grads)
+    with force_reference():
+        ref_ms = bench_ms(loss_and_grads)
+    report.add_bench("ops: chunked lm_head + cross-entropy fwd+bwd 8191x2048 @ 32000", ms=round(ms, 3),
+                     torch_ref_ms=round(ref_ms, 3), speedup=round(ref_ms / ms, 2))
+
+
 def run(report) -> None:
     if not torch.cuda.is_available():
         report.check("ops: CUDA available", False, detail="no GPU")
@@ -422,4 +459,5 @@ def run(report) -> None:
     check_residual(report, [(4095, 4096), (2, 1023, 5120)])
     check_no_recompiles(report)
     check_cuda_graph(report)
+    check_cross_entropy(report)
     bench(report)

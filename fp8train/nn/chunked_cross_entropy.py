@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..kernels import use_triton
+
 IGNORE_INDEX = -100
 
 
@@ -34,9 +36,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) \
             if bias is not None and bias.requires_grad else None
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        wants_grad = grad_hidden is not None or grad_weight is not None
+        # one Triton pass per chunk for loss and gradient (no bias: its gradient needs the fp32 rows)
+        fused = acc_dtype == torch.float32 and grad_bias is None and use_triton("cross_entropy", hidden, weight)
+        if fused:
+            from ..kernels.cross_entropy import cross_entropy_rows
+
+            grad_scale = 1.0 / denominator.to(torch.float32) if wants_grad else None
         for start in range(0, n_rows, chunk_rows):
             h = hidden[start:start + chunk_rows]
             y = labels[start:start + chunk_rows]
+            if fused:
+                row_loss, grad_logits = cross_entropy_rows(F.linear(h, w, b), y, ignore_index, grad_scale)
+                total += row_loss.sum()
+                if grad_hidden is not None:
+                    torch.matmul(grad_logits, w, out=grad_hidden[start:start + chunk_rows])
+                if grad_weight is not None:
+                    grad_weight += grad_logits.t().matmul(h).to(acc_dtype)
+                continue
             logits = F.linear(h, w, b).to(acc_dtype)
             valid = y != ignore_index
             safe_y = torch.where(valid, y, 0)
@@ -119,8 +136,10 @@ def enable_chunked_loss(model, chunk_rows: int = 2048):
             return original_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         kwargs.pop("logits_to_keep", None)
         outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = outputs.last_hidden_state[:, :-1, :]
-        targets = labels[:, 1:]
+        # position t predicts token t + 1; the last position has nothing to predict and gets the ignore label
+        # (cheaper than slicing the hidden states, which would copy them and their gradient)
+        hidden = outputs.last_hidden_state
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         loss = chunked_linear_cross_entropy(hidden, head.weight, targets, head.bias, chunk_rows=chunk_rows,
                                             num_items_in_batch=num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
