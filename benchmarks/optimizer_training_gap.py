@@ -91,7 +91,11 @@ def main(argv=None) -> int:
             runs.setdefault(name, []).append({"seed": seed, "eval_loss": final_eval, "train_loss": final_train,
                                               "seconds": round(time.time() - t0, 1)})
             print(f"seed {seed} {name}: eval loss {final_eval:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        write_results(args, argv, runs, started)  # after every seed: a cut-short run keeps what it finished
+    return 0
 
+
+def write_results(args, argv, runs, started) -> None:
     gaps = {}
     for name in OPTIMIZERS:
         per_seed = [100 * (r["eval_loss"] - b["eval_loss"]) / b["eval_loss"] for r, b in zip(runs[name], runs["fp32"])]
@@ -102,7 +106,8 @@ def main(argv=None) -> int:
     result = {
         "command": "python benchmarks/optimizer_training_gap.py " + " ".join(argv or sys.argv[1:]),
         "device": device_name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-        "config": vars(args), "params": sum(p.numel() for p in make_model(argparse.Namespace(**vars(args), seed=0)).parameters()),
+        "config": vars(args),
+        "params": sum(p.numel() for p in make_model(argparse.Namespace(**vars(args), seed=0)).parameters()),
         "runs": runs, "gaps": gaps,
         "goals": {"dre_mean_gap_within_0.3_percent": abs(gaps["fp8-dre"]["mean_percent"]) <= 0.3,
                   "noise_floor_max_abs_percent": gaps["fp32-nudged"]["max_abs_percent"]},
@@ -113,8 +118,7 @@ def main(argv=None) -> int:
     stem = f"{result['date']}-{device_name.split()[-1].lower()}-optimizer-gap"
     write_atomically(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     write_atomically(out / f"{stem}.md", to_markdown(result))
-    print(to_markdown(result))
-    return 0
+    print(to_markdown(result), flush=True)
 
 
 def to_markdown(r: dict) -> str:
