@@ -146,3 +146,34 @@ def test_fp8_recipe_run_keeps_fp8train_convert_callable(tmp_path):
     summary = train(tiny_config(tmp_path, recipe="fp8", steps=2), log=lambda s: None)
     assert summary["recipe"] == "fp8" and summary["optimizer"] == "adamw"
     assert callable(fp8train.convert) and not isinstance(fp8train.convert, types.ModuleType)
+
+
+def test_lean_setup_bf16_parameters_chunked_loss_and_exact_resume(tmp_path):
+    """--recipe coat-lean --master-weights bf16: bf16 parameters updated with stochastic rounding, the loss from the
+    chunked head (the same loss as the logits path), and a resume that continues bit for bit (the rounding
+    stream is part of the optimizer state)."""
+    lean = tiny_config(tmp_path / "a", steps=6, checkpoint_every=2, eval_every=3, recipe="coat-lean",
+                       master_weights="bf16")
+    train(lean, log=lambda s: None)
+    interrupted = dataclasses.replace(lean, out=str(tmp_path / "b" / "run"))
+    train(dataclasses.replace(interrupted, stop_after=3), log=lambda s: None)
+    train(dataclasses.replace(interrupted, resume=True), log=lambda s: None)
+    a = MetricsLog(tmp_path / "a" / "run" / "metrics.jsonl").read()
+    b = MetricsLog(tmp_path / "b" / "run" / "metrics.jsonl").read()
+    assert [(r["loss"], r.get("eval_loss")) for r in a] == [(r["loss"], r.get("eval_loss")) for r in b]
+    from safetensors.torch import load_file
+
+    from fp8train.train.checkpoint import latest_checkpoint
+
+    weights = load_file(str(latest_checkpoint(tmp_path / "a" / "run" / "checkpoints") / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    # the first step's loss is the same quantity as with the logits path (coat, bf16 parameters)
+    logits_path = tiny_config(tmp_path / "c", steps=1, recipe="coat", master_weights="bf16")
+    train(logits_path, log=lambda s: None)
+    first = MetricsLog(tmp_path / "c" / "run" / "metrics.jsonl").read()[0]["loss"]
+    assert first == pytest.approx(a[0]["loss"], rel=1e-2)
+
+
+def test_bf16_master_weights_need_the_fp8_optimizer(tmp_path):
+    with pytest.raises(TrainError, match="fp8adamw"):
+        resolve(tiny_config(tmp_path, master_weights="bf16", optimizer="adamw"))

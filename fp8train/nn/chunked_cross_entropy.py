@@ -131,15 +131,19 @@ def enable_chunked_loss(model, chunk_rows: int = 2048):
         return model
     original_forward = model.forward
 
-    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, shift_labels=None,
+                **kwargs):
         if labels is None or kwargs.get("return_dict") is False:
             return original_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         kwargs.pop("logits_to_keep", None)
         outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        # position t predicts token t + 1; the last position has nothing to predict and gets the ignore label
-        # (cheaper than slicing the hidden states, which would copy them and their gradient)
         hidden = outputs.last_hidden_state
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        if shift_labels is not None:  # transformers' convention: the targets of every position, already shifted
+            targets = shift_labels
+        else:
+            # position t predicts token t + 1; the last position has nothing to predict and gets the ignore
+            # label (cheaper than slicing the hidden states, which would copy them and their gradient)
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         loss = chunked_linear_cross_entropy(hidden, head.weight, targets, head.bias, chunk_rows=chunk_rows,
                                             num_items_in_batch=num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)

@@ -77,6 +77,17 @@ def kernel_scalars(step: float, lr: float, beta1: float, beta2: float, eps: floa
     return (1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, -lr / bias_correction1, bias_correction2**0.5, eps)
 
 
+def rounding_seed(step: float, salt: int) -> int:
+    """The seed of stochastic rounding for one parameter (or one fused launch) at optimizer step ``step``.
+
+    A function of the step count, which the state dict restores, instead of a random stream whose position
+    would have to be checkpointed too: a resumed run rounds exactly like an uninterrupted one.  Data-parallel
+    replicas get the same seeds, so replicated parameters stay identical.  The global RNG is left alone.
+    """
+    mixed = (int(step) * 0x9E3779B1) ^ (salt * 0x85EBCA77) ^ _ROUNDING_SEED
+    return mixed & 0x7FFFFFFF
+
+
 def stochastic_round_to_bf16(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Round float32 ``x`` to bfloat16 up or down with probability proportional to the distance (unbiased).
 
@@ -233,10 +244,6 @@ class AdamW(torch.optim.Optimizer):
         self._steps_taken = 0
         self._nonfinite_total = 0
         self._nonfinite_pending: list = []  # (host count tensor, cuda event, step number) not read yet
-        self._generators: dict = {}
-        # stochastic rounding draws from its own fixed-seed stream: the global RNG is left alone, runs are
-        # reproducible, and data-parallel replicas round replicated parameters identically
-        self._seed_generator = torch.Generator().manual_seed(_ROUNDING_SEED)
         super().__init__(params, defaults)
 
     # -- options -----------------------------------------------------------------------------------------
@@ -337,7 +344,7 @@ class AdamW(torch.optim.Optimizer):
                            group["group_size"], group["master_weights"] == "bf16_stochastic", group["maximize"])
                     fused_work.setdefault(key, []).append((param, grad, group, local_state))
                 else:
-                    counts.append(self._reference_update(param, grad, group, local_state, mode))
+                    counts.append(self._reference_update(param, grad, group, local_state, mode, salt=len(counts)))
         for key, work in fused_work.items():
             counts.append(self._fused_update(key, work))
         if counts:
@@ -357,11 +364,6 @@ class AdamW(torch.optim.Optimizer):
                                "use fused=None to fall back to the torch reference")
         return eligible
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            seed = int(torch.randint(0, 2**62, (), generator=self._seed_generator).item())
-            self._generators[device] = torch.Generator(device=device).manual_seed(seed)
-        return self._generators[device]
 
     @staticmethod
     def _hyper(group: dict) -> dict:
@@ -370,7 +372,7 @@ class AdamW(torch.optim.Optimizer):
                     weight_decay=group["weight_decay"])
 
     def _reference_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict,
-                          mode: str) -> torch.Tensor:
+                          mode: str, salt: int = 0) -> torch.Tensor:
         """Plain-torch update of one (local) parameter; returns the number of skipped (non-finite) elements."""
         size = group["group_size"]
         grad = grad if not group["maximize"] else -grad
@@ -385,7 +387,8 @@ class AdamW(torch.optim.Optimizer):
         new_m = torch.where(ok, new_m, m)
         new_v = torch.where(ok, new_v, v)
         if group["master_weights"] == "bf16_stochastic":
-            p.copy_(stochastic_round_to_bf16(new_p, self._generator(p.device)))
+            generator = torch.Generator(device=p.device).manual_seed(rounding_seed(state["step"].item(), salt))
+            p.copy_(stochastic_round_to_bf16(new_p, generator))
         else:
             p.copy_(new_p)
         storage.encode_into(state, "exp_avg", new_m, mode, group["m_format"], size)
@@ -397,7 +400,7 @@ class AdamW(torch.optim.Optimizer):
 
         device, _, _, mode, m_format, v_format, group_size, stochastic, maximize = key
         scalars = [kernel_scalars(state["step"].item(), **self._hyper(group)) for _, _, group, state in work]
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seed_generator).item()) if stochastic else 0
+        seed = rounding_seed(work[0][3]["step"].item(), len(work)) if stochastic else 0
         return fused_adamw_step([w[0] for w in work], [w[1] for w in work], [w[3] for w in work],
                                 scalars, mode=mode, m_format=m_format, v_format=v_format, group_size=group_size,
                                 stochastic_rounding=stochastic, maximize=maximize, seed=seed)
@@ -513,11 +516,8 @@ class AdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for attr, default in (("_steps_taken", 0), ("_nonfinite_total", 0), ("_nonfinite_pending", []),
-                              ("_generators", {})):
+        for attr, default in (("_steps_taken", 0), ("_nonfinite_total", 0), ("_nonfinite_pending", [])):
             if not hasattr(self, attr):
                 setattr(self, attr, default)
-        if not hasattr(self, "_seed_generator"):
-            self._seed_generator = torch.Generator().manual_seed(_ROUNDING_SEED)
         if not hasattr(self, "fused"):
             self.fused = None

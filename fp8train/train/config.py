@@ -15,7 +15,8 @@ import pathlib
 import warnings
 from typing import Optional
 
-RECIPES = ("bf16", "fp8", "coat")
+RECIPES = ("bf16", "fp8", "coat", "coat-lean")
+MASTER_WEIGHTS = ("fp32", "bf16")
 OPTIMIZERS = ("auto", "adamw", "fp8adamw")
 SCHEDULES = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,7 +34,8 @@ class TrainConfig:
     # model and numerics
     model: str = "tiny"
     recipe: str = "bf16"
-    optimizer: str = "auto"          # auto: fp8adamw for coat, torch AdamW otherwise
+    optimizer: str = "auto"          # auto: fp8adamw for coat / coat-lean, torch AdamW otherwise
+    master_weights: str = "fp32"      # bf16: bf16 parameters, stochastic rounding (needs fp8adamw)
     vocab_size: Optional[int] = None  # None: the preset's vocabulary
     device: str = "auto"
     nproc: int = 1                    # processes (one per GPU); > 1: FSDP2 sharding, DCP checkpoints
@@ -115,8 +117,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.model not in PRESETS:
         raise TrainError(f"unknown model preset {c.model!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[c.model]
+    if c.master_weights not in MASTER_WEIGHTS:
+        raise TrainError(f"unknown --master-weights {c.master_weights!r}; choose one of {', '.join(MASTER_WEIGHTS)}")
     if c.optimizer == "auto":
-        c.optimizer = "fp8adamw" if c.recipe == "coat" else "adamw"
+        c.optimizer = "fp8adamw" if c.recipe in ("coat", "coat-lean") or c.master_weights == "bf16" else "adamw"
+    if c.master_weights == "bf16" and c.optimizer != "fp8adamw":
+        raise TrainError("--master-weights bf16 needs --optimizer fp8adamw: it rounds bf16 parameter updates "
+                         "stochastically, where torch.optim.AdamW would lose updates smaller than bf16's step")
     if c.vocab_size is None:
         c.vocab_size = preset.vocab_size
     if c.lr is None:
@@ -211,7 +218,11 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                        help=f"numerics: {' | '.join(RECIPES)} (default {d.recipe}); unknown names are refused")
     g.add_argument("--optimizer", default=S, choices=OPTIMIZERS,
                    help="adamw = torch.optim.AdamW, fp8adamw = fp8train.AdamW (FP8 states); "
-                        "auto = fp8adamw for coat, adamw otherwise")
+                        "auto = fp8adamw for coat / coat-lean, adamw otherwise")
+    g.add_argument("--master-weights", default=S, choices=MASTER_WEIGHTS,
+                   help="fp32 (default): fp32 parameters under bf16 autocast; bf16: bf16 parameters updated with "
+                        "stochastic rounding by fp8train.AdamW -- no fp32 copy, bf16 gradients (the lean set-up: "
+                        "with --recipe coat-lean)")
     g.add_argument("--vocab-size", type=int, default=S, help="BPE vocabulary (default: the preset's)")
     g.add_argument("--device", default=S, choices=DEVICES, help="default auto: cuda when available")
     g.add_argument("--nproc", type=int, default=S,
@@ -275,8 +286,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
 
 
 # settings whose change on --resume makes the continuation differ from an uninterrupted run
-_DECIDES_LOSSES = ("model", "recipe", "optimizer", "vocab_size", "steps", "batch_size", "seq_len", "grad_accum", "lr",
-                   "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
+_DECIDES_LOSSES = ("model", "recipe", "optimizer", "master_weights", "vocab_size", "steps", "batch_size", "seq_len",
+                   "grad_accum", "lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
 _DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head")
 

@@ -112,7 +112,8 @@ def make_optimizer(model, c: TrainConfig, device):
     except ImportError as exc:
         raise TrainError(f"--optimizer fp8adamw needs fp8train.AdamW, which this installation lacks ({exc}); "
                          f"use --optimizer adamw") from exc
-    return AdamW(groups, states="dre", **kwargs)
+    master = "bf16_stochastic" if c.master_weights == "bf16" else None
+    return AdamW(groups, states="dre", master_weights=master, **kwargs)
 
 
 def lr_lambda(c: TrainConfig) -> Callable[[int], float]:
@@ -143,6 +144,10 @@ def causal_lm_loss(model, batch, device, autocast: bool):
 
     inputs = batch[:, :-1].to(device, non_blocking=True)
     targets = batch[:, 1:].to(device, non_blocking=True)
+    if getattr(getattr(model, "_orig_mod", model), "_fp8train_chunked_loss", False):
+        # chunked fused head + loss (recipe coat-lean): the model computes the loss, logits never exist
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return model(input_ids=inputs, labels=targets, shift_labels=targets).loss.float()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = model(input_ids=inputs).logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -314,6 +319,8 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         if _is_oom(exc):
             raise TrainError(_oom_message(c, device, "building the model")) from exc
         raise
+    if c.master_weights == "bf16":  # bf16 parameters, updated with stochastic rounding by fp8train.AdamW
+        model = model.to(torch.bfloat16)
     model = apply_recipe(model, simulated_recipe(c) or c.recipe)
     if c.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
