@@ -6,7 +6,8 @@
 What it does (details and the saved-tensor accounting in docs/convert.md):
 
 1. **Fast path** (recipe "coat"): Llama-style decoder blocks -- recognized by structure, see
-   :mod:`fp8train.nn.adapters` -- get the precision flow of :mod:`fp8train.nn.precision_flow`.
+   :mod:`fp8train.nn.adapters` -- get the precision flow of :mod:`fp8train.nn.precision_flow`.  With any FP8
+   recipe their model family also gets the fused, bit-identical rotary embedding (``Recipe.fused_rotary``).
 2. **Generic path**, everything else: ``nn.Linear`` (and GPT-2's ``Conv1D``) -> FP8 linear; with compressed
    activations also RMSNorm-like modules -> ``FP8RMSNorm``, ``nn.LayerNorm`` -> ``FP8LayerNorm``,
    SiLU/GELU modules -> ``FP8Activation``, gated MLPs (gate_proj/up_proj/down_proj/act_fn) -> ``FlowMLP``,
@@ -49,6 +50,8 @@ class ConversionReport(dict):
             parts.append(f"bf16 fallback (shape): {len(self['fallback'])}")
         if self.get("excluded"):
             parts.append(f"excluded: {len(self['excluded'])}")
+        if self.get("fused_rotary"):
+            parts.append("fused rotary: " + ", ".join(m.rsplit(".", 1)[-1] for m in self["fused_rotary"]))
         return ", ".join(parts) or "nothing converted"
 
 
@@ -155,7 +158,7 @@ class _Converter:
         self.conv1d = _conv1d_class()
         self.fast_path = False
         self.report = ConversionReport(converted=collections.Counter(), fallback=[], excluded=[], tied=[],
-                                       unknown=collections.Counter(), fast_path_blocks=0)
+                                       unknown=collections.Counter(), fast_path_blocks=0, fused_rotary=[])
 
     # -- helpers for adapters ----------------------------------------------------------------------------
     def name_of(self, module: nn.Module) -> str:

@@ -18,7 +18,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize("op", ["quantize", "rmsnorm", "layernorm", "activation", "gated_product", "residual",
-                                "cross_entropy"])
+                                "cross_entropy", "rotary"])
 def test_kernel_matches_reference_under_interpreter(op):
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))

@@ -26,6 +26,27 @@ def patch_interpreter() -> None:
     interpreter._fp8train_patched = True
 
 
+def patch_bf16_rounding() -> None:
+    """Make the interpreter round float32 -> bfloat16 casts to nearest-even, as the GPU does (it truncates), so
+    kernels whose point is to round exactly like torch can be compared bit for bit."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_fp8train_bf16_patched", False):
+        return
+    original = interpreter._convert_float
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and "RTZ" not in str(rounding_mode).upper():
+            values = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32))
+            return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return original(input, input_dtype, output_dtype, rounding_mode)
+
+    interpreter._convert_float = convert
+    interpreter._fp8train_bf16_patched = True
+
+
 def fp8_mismatches(got: torch.Tensor, ref: torch.Tensor, fmt, steps: int = 1, floor: float = 0.0) -> int:
     """Elements where FP8 ``got`` differs from ``ref`` by more than ``steps`` steps, except the interpreter's broken
     carry: a value that should round up to a power of two comes out as half of it."""
@@ -293,6 +314,63 @@ def check_cross_entropy():
             close(grad, ref_grad, dtype, scale=2)
             loss_only, none = cross_entropy_rows(logits, labels, -100, None)
             assert none is None and torch.equal(loss_only, loss)
+
+
+def _same_bits(got, ref):
+    assert got.dtype == ref.dtype and got.shape == ref.shape, (got.dtype, ref.dtype, got.shape, ref.shape)
+    as_int = {4: torch.int32, 2: torch.int16}[got.element_size()]
+    bad = int((got.contiguous().view(as_int) != ref.contiguous().view(as_int)).sum())
+    assert bad == 0, f"{bad} elements differ in their bits"
+
+
+def check_rotary():
+    """Bit-exact against Hugging Face's math (the torch reference and its autograd), through the autograd Function
+    with the kernel path taken on CPU tensors."""
+    from fp8train.nn import rotary
+
+    patch_bf16_rounding()
+    from fp8train.kernels import rotary as kernel
+
+    rotary.kernel_supports = rotary._kernel_shapes  # take the kernel path on CPU tensors (the interpreter)
+    launches = []
+    launch = kernel.rotary_apply
+    kernel.rotary_apply = lambda *args, **kwargs: launches.append(kwargs["backward"]) or launch(*args, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    cases = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+             (torch.float16, torch.float16), (torch.float16, torch.float32)]
+    for (batch, seq, heads, kv_heads, dim), cos_batch in (((2, 5, 4, 2, 16), 2), ((1, 3, 3, 3, 6), 1),
+                                                         ((2, 7, 16, 4, 64), 1)):
+        for q_dtype, cos_dtype in cases:
+            for unsqueeze_dim in (1, 2):
+                # Hugging Face's views: projections (batch, seq, heads * dim) viewed and, for dim 1, transposed
+                x = torch.randn(batch, seq, heads * dim, generator=gen).to(q_dtype).requires_grad_(True)
+                xk = torch.randn(batch, seq, kv_heads * dim, generator=gen).to(q_dtype).requires_grad_(True)
+                q, k = x.view(batch, seq, heads, dim), xk.view(batch, seq, kv_heads, dim)
+                if unsqueeze_dim == 1:
+                    q, k = q.transpose(1, 2), k.transpose(1, 2)
+                # cos halves differ (not HF's cat(freqs, freqs)), zeros included: every term is exercised
+                cos = torch.randn(cos_batch, seq, dim, generator=gen).to(cos_dtype)
+                sin = torch.randn(cos_batch, seq, dim, generator=gen).to(cos_dtype)
+                sin[:, 0] = 0
+                layouts = []  # gradient strides reaching q/k: later reductions sum in this order
+                q.register_hook(lambda g: layouts.append(("q", g.stride())))
+                k.register_hook(lambda g: layouts.append(("k", g.stride())))
+                ref_q, ref_k = rotary.rotary_embedding_reference(q, k, cos, sin, unsqueeze_dim)
+                got_q, got_k = rotary.fused_rotary_embedding(q, k, cos, sin, unsqueeze_dim)
+                assert got_q.grad_fn is not None and "Rotary" in type(got_q.grad_fn).__name__
+                _same_bits(got_q, ref_q)
+                _same_bits(got_k, ref_k)
+                assert got_q.stride() == ref_q.stride(), (got_q.stride(), ref_q.stride())
+                dq = torch.randn(ref_q.shape, generator=gen).to(ref_q.dtype)
+                dk = torch.randn(ref_k.shape, generator=gen).to(ref_k.dtype)
+                dq[..., :2] = 0  # zero gradients: autograd's sums give +0
+                expected = torch.autograd.grad((ref_q, ref_k), (x, xk), (dq, dk))
+                got = torch.autograd.grad((got_q, got_k), (x, xk), (dq, dk))
+                for g, e in zip(got, expected):
+                    _same_bits(g, e)
+                assert sorted(layouts[:2]) == sorted(layouts[2:]), layouts
+                assert launches == [False, True], launches  # one launch for q and k, forward and backward
+                launches.clear()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ reference forward/backward, the dispatch to its Triton kernel, an autograd.Funct
 * :mod:`fp8train.nn.gated_mlp` -- ``gated_product`` (act(gate) * up), ``gated_product_forward`` / ``_backward``,
   ``FP8GatedMLP``
 * :mod:`fp8train.nn.residual` -- ``residual_add`` (optionally emitting the next norm's FP8 copy)
+* :mod:`fp8train.nn.rotary` -- ``fused_rotary_embedding`` (bit-identical to HF's ``apply_rotary_pos_emb``, one
+  Triton launch for q and k) and ``install_fused_rotary``, which convert uses for Llama-style families
 
 FP8 linear layer and the wiring between ops:
 
