@@ -16,8 +16,8 @@ import triton.language as tl
 
 __all__ = ["cross_entropy_rows"]
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit(do_not_specialize=["V", "ignore_index"])
