@@ -199,6 +199,15 @@ class QuantizedTensor:
         return self.data.numel() * self.data.element_size() + self.amax.numel() * self.amax.element_size()
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if (self.granularity.kind == "tensor" and self.data.is_cuda and self.amax.numel() == 1
+                and self.data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+                and (dtype or self.dtype) in (torch.float32, torch.bfloat16, torch.float16)):
+            from .kernels import kernels_enabled
+
+            if kernels_enabled():  # same values, one pass (see kernels.quantize.dequantize_tensorwise)
+                from .kernels.quantize import dequantize_tensorwise
+
+                return dequantize_tensorwise(self.data, self.amax, float(self.fmt.max), dtype or self.dtype)
         amax = expand_to(self.amax.float(), self.granularity, self.shape)
         values = self.data.float() / self.fmt.max * amax
         return values.to(dtype or self.dtype)

@@ -103,8 +103,15 @@ def _inputs(shape, dtype, seed=0, offset=0.0):
 
 def check_quantize():
     from fp8train.formats import E4M3, E5M2
-    from fp8train.kernels.quantize import quantize_groups, quantize_tensorwise
+    from fp8train.kernels.quantize import dequantize_tensorwise, quantize_groups, quantize_tensorwise
     from fp8train.quant import quantize
+
+    # one-pass per-tensor dequantization: the reference's values exactly (float32 out; the interpreter's
+    # float8 -> float32 upcast is exact)
+    for fmt in (E4M3, E5M2):
+        q = quantize(_inputs((33, 160), torch.float32), fmt, "tensor")
+        got = dequantize_tensorwise(q.data, q.amax, float(fmt.max), torch.float32)
+        assert torch.equal(got, q.data.float() / fmt.max * q.amax.float()), fmt.name
 
     for shape in SHAPES + ((1, 16),):
         for dtype in DTYPES:

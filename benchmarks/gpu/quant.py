@@ -88,6 +88,14 @@ def run(report) -> None:
         report.check("quant: CUDA available", False, detail="no GPU")
         return
     torch.manual_seed(0)
+    for fmt in (E4M3, E5M2):  # one-pass per-tensor dequantization == the torch reference, bit for bit
+        q = quantize(bf16_input((4095, 4096)), fmt, "tensor")
+        for dtype in (torch.bfloat16, torch.float32):
+            got = q.dequantize(dtype)
+            with force_reference():
+                ref = q.dequantize(dtype)
+            report.check(f"quant: per-tensor {fmt.name} dequantize -> {str(dtype)[6:]} kernel == reference",
+                         torch.equal(got, ref))
     for shape in SHAPES:
         x = bf16_input(shape)
         # 1x16 groups, bf16 rounded-up amax (what save_for_nonlinear stores)

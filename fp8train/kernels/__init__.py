@@ -13,7 +13,7 @@ import functools
 import os
 import warnings
 
-__all__ = ["triton_available", "use_triton", "warn_once", "force_reference"]
+__all__ = ["triton_available", "use_triton", "kernels_enabled", "warn_once", "force_reference"]
 
 _forced_reference = False
 
@@ -40,6 +40,11 @@ def triton_available() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means "no Triton"
         return False
     return bool(torch.cuda.is_available())
+
+
+def kernels_enabled() -> bool:
+    """Triton kernels may run (Triton present, a CUDA device, not inside :func:`force_reference`)."""
+    return not _forced_reference and triton_available()
 
 
 _warned: set[str] = set()
