@@ -106,12 +106,15 @@ def check_quantize():
     from fp8train.kernels.quantize import dequantize_tensorwise, quantize_groups, quantize_tensorwise
     from fp8train.quant import quantize
 
-    # one-pass per-tensor dequantization: the reference's values exactly (float32 out; the interpreter's
-    # float8 -> float32 upcast is exact)
+    # one-pass per-tensor dequantization: torch's CUDA arithmetic exactly (a product with the float32 reciprocal
+    # of fmax, then amax; float32 out; the interpreter's float8 -> float32 upcast is exact)
     for fmt in (E4M3, E5M2):
         q = quantize(_inputs((33, 160), torch.float32), fmt, "tensor")
         got = dequantize_tensorwise(q.data, q.amax, float(fmt.max), torch.float32)
-        assert torch.equal(got, q.data.float() / fmt.max * q.amax.float()), fmt.name
+        inverse = torch.tensor(1.0 / fmt.max, dtype=torch.float32)
+        assert torch.equal(got, q.data.float() * inverse * q.amax.float()), fmt.name
+        # and within one float32 ulp of the CPU reference, which divides
+        close(got, q.dequantize(torch.float32), torch.float32, scale=1)
 
     for shape in SHAPES + ((1, 16),):
         for dtype in DTYPES:

@@ -292,13 +292,14 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
 
 
 @triton.jit(do_not_specialize=["n"])
-def _dequantize_tensorwise_kernel(q_ptr, amax_ptr, out_ptr, n, FMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _dequantize_tensorwise_kernel(q_ptr, amax_ptr, out_ptr, n, INV_FMAX: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.load(amax_ptr).to(tl.float32)
-    # the reference's order and roundings: q / fmax (a true division), then * amax, then the output cast
-    y = tl.div_rn(q, tl.full(q.shape, FMAX, tl.float32)) * amax
+    # the torch reference's roundings on CUDA: torch divides by a scalar as a product with its float32
+    # reciprocal (on CPU it divides: up to one float32 ulp apart), then * amax, then the output cast
+    y = (q * INV_FMAX) * amax
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -310,6 +311,6 @@ def dequantize_tensorwise(data: torch.Tensor, amax: torch.Tensor, fmax: float, d
     n = data.numel()
     if n:
         block = 4096
-        _dequantize_tensorwise_kernel[(triton.cdiv(n, block),)](data, amax, out, n, FMAX=fmax, BLOCK=block,
-                                                                 num_warps=8)
+        _dequantize_tensorwise_kernel[(triton.cdiv(n, block),)](data, amax, out, n, INV_FMAX=1.0 / fmax,
+                                                                 BLOCK=block, num_warps=8)
     return out
