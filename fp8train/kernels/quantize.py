@@ -290,7 +290,6 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     return (q, data_t) if with_transpose else q
 
 
-
 @triton.jit(do_not_specialize=["n"])
 def _dequantize_tensorwise_kernel(q_ptr, amax_ptr, out_ptr, n, INV_FMAX: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
