@@ -122,6 +122,9 @@ def restore_rotary():
 
     modules = (modeling_llama, modeling_qwen3)
     originals = {m: m.apply_rotary_pos_emb for m in modules}
+    for m, fn in originals.items():  # start from HF's function even if an earlier test in this process converted
+        if rotary.is_fused_rotary(fn):
+            m.apply_rotary_pos_emb = fn.__wrapped__
     yield
     for m, fn in originals.items():
         m.apply_rotary_pos_emb = fn
