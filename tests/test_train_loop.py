@@ -177,3 +177,11 @@ def test_lean_setup_bf16_parameters_chunked_loss_and_exact_resume(tmp_path):
 def test_bf16_master_weights_need_the_fp8_optimizer(tmp_path):
     with pytest.raises(TrainError, match="fp8adamw"):
         resolve(tiny_config(tmp_path, master_weights="bf16", optimizer="adamw"))
+
+
+@pytest.mark.parametrize("flags, blocker", [(dict(grad_accum=2), "--grad-accum > 1"), (dict(compile=True), "--compile"),
+                                           (dict(nproc=2), "--nproc > 1"), (dict(device="cpu"), "--device cpu")])
+def test_cuda_graph_refuses_what_it_cannot_replay(tmp_path, flags, blocker):
+    with pytest.raises(TrainError, match="--cuda-graph cannot be combined with") as error:
+        resolve(tiny_config(tmp_path, cuda_graph=True, **{"device": "auto", **flags}))
+    assert str(error.value).split("with ")[1].split(":")[0] == blocker

@@ -40,6 +40,7 @@ class TrainConfig:
     device: str = "auto"
     nproc: int = 1                    # processes (one per GPU); > 1: FSDP2 sharding, DCP checkpoints
     compile: bool = False
+    cuda_graph: bool = False          # replay each micro-batch's forward + backward as one CUDA graph
     grad_checkpointing: bool = False
     # optimisation
     steps: int = 300
@@ -121,6 +122,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise TrainError(f"unknown --master-weights {c.master_weights!r}; choose one of {', '.join(MASTER_WEIGHTS)}")
     if c.optimizer == "auto":
         c.optimizer = "fp8adamw" if c.recipe in ("coat", "coat-lean") or c.master_weights == "bf16" else "adamw"
+    if c.cuda_graph:
+        blockers = [flag for flag, on in (("--compile", c.compile), ("--grad-checkpointing", c.grad_checkpointing),
+                                          ("--grad-accum > 1", c.grad_accum > 1), ("--nproc > 1", c.nproc > 1),
+                                          ("--device cpu", c.device == "cpu")) if on]
+        if blockers:
+            raise TrainError(f"--cuda-graph cannot be combined with {', '.join(blockers)}: it replays one captured "
+                             "forward + backward on one GPU (raise --batch-size instead of --grad-accum)")
     if c.master_weights == "bf16" and c.optimizer != "fp8adamw":
         raise TrainError("--master-weights bf16 needs --optimizer fp8adamw: it rounds bf16 parameter updates "
                          "stochastically, where torch.optim.AdamW would lose updates smaller than bf16's step")
@@ -230,6 +238,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                         "processes with --device cpu) and writes distributed checkpoints that resume on any N; "
                         "--batch-size and --grad-accum are per process.  Under torchrun the launcher sets N")
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    g.add_argument("--cuda-graph", action="store_true", default=S,
+                   help="capture forward + backward once and replay it as a CUDA graph (removes the Python cost "
+                        "of eager FP8 training; one GPU, --grad-accum 1, no --compile / --grad-checkpointing)")
     g.add_argument("--grad-checkpointing", action="store_true", default=S,
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g = parser.add_argument_group("optimisation")

@@ -339,6 +339,17 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         fd.shard_model(model, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.train()
     step_model = torch.compile(model) if c.compile else model
+    graphed = None
+    if c.cuda_graph:
+        if device.type != "cuda" or run is not None:
+            raise TrainError("--cuda-graph needs one CUDA GPU (no --nproc, not under torchrun)")
+        from ..cuda_graphs import GraphedStep
+
+        # captured on a peeked batch (the sampler's position is untouched); gradients are zeroed afterwards
+        graphed = GraphedStep(model, lambda m, b: causal_lm_loss(m, b["tokens"], device, True),
+                              {"tokens": sampler_peek(train_tokens, c).to(device)})
+        for p in model.parameters():
+            p.grad = None
     optimizer = make_optimizer(model, c, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c))
     sampler = WindowSampler(train_tokens, c.seq_len, c.seed)
@@ -397,8 +408,11 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                     batch = sampler.next_batch(c.batch_size)
                     if i // c.grad_accum != rank:
                         continue
-                    loss = causal_lm_loss(step_model, batch, device, use_autocast)
-                    (loss / c.grad_accum).backward()  # FSDP2 then averages the gradients over the ranks
+                    if graphed is not None:  # forward + backward replayed (grad_accum is 1)
+                        loss = graphed({"tokens": batch.to(device, non_blocking=True)})
+                    else:
+                        loss = causal_lm_loss(step_model, batch, device, use_autocast)
+                        (loss / c.grad_accum).backward()  # FSDP2 then averages the gradients over the ranks
                     total += loss.detach()
                 mean_loss = total / c.grad_accum
                 loss_value = (mean_loss if run is None else run.mean(mean_loss)).item()
