@@ -30,6 +30,7 @@ Out of range and non-finite inputs (documented behaviour of ``round``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -121,7 +122,7 @@ class Minifloat:
             top_code -= 1  # all-ones exponent is inf/NaN
         return top_code - self.bias
 
-    @property
+    @functools.cached_property  # read on every quantization and GEMM; the dataclass is frozen, so it never changes
     def max(self) -> float:
         """Largest finite value."""
         top_mantissa = 2**self.man_bits - 1
