@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
-                       partials_capacity, quantize_group_tile, store_tensorwise, tile_amax_bits)
+from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, grid_tile, loop_tile,
+                       partials_capacity, quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
 
 __all__ = ["activation_forward", "activation_backward", "act_value", "act_derivative", "ACT_CODE", "elementwise_tile"]
 
@@ -66,10 +66,8 @@ def _activation_fwd_kernel(x_ptr, stride_x, y_ptr, q_ptr, qamax_ptr, partials_pt
     acc = tl.full((), 0, tl.int32)
     for i in range(0, iters):
         t = pid + i * num_programs
-        rows = (t // tiles_n) * BM + tl.arange(0, BM)
-        cols = (t % tiles_n) * BN + tl.arange(0, BN)
+        rows, cols, mask = loop_tile(t, M, N, BM, BN)
         rmask = rows < M
-        mask = rmask[:, None] & (cols < N)[None, :]
         rows64 = rows[:, None].to(tl.int64)
         x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = act_value(x, ACT).to(x_ptr.dtype.element_ty)
@@ -90,14 +88,8 @@ def _activation_fwd_kernel(x_ptr, stride_x, y_ptr, q_ptr, qamax_ptr, partials_pt
 def _activation_apply_kernel(x_ptr, stride_x, partials_ptr, num_partials, amax_out_ptr, q_ptr, q_t_ptr, M, N,
                              BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr,
                              WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    amax = global_amax(partials_ptr, num_partials, BLOCK_P)
-    if (pid_m == 0) & (pid_n == 0):
-        tl.store(amax_out_ptr, amax)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P)
+    rows, cols, mask = grid_tile(M, N, BM, BN)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
     y = act_value(x.to(tl.float32), ACT).to(x_ptr.dtype.element_ty).to(tl.float32)
     store_tensorwise(y, encode_multiplier(amax, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr,

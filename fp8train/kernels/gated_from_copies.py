@@ -18,8 +18,8 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from .activation import ACT_CODE, act_value, elementwise_tile
-from .quantize import (BLOCK_P, E4M3_MAX, dequantize_group_tile, encode_multiplier, global_amax, partials_capacity,
-                       store_tensorwise, tile_amax_bits)
+from .quantize import (BLOCK_P, E4M3_MAX, dequantize_group_tile, encode_multiplier, grid_tile, loop_tile,
+                       partials_capacity, shared_amax, store_tensorwise, tile_amax_bits)
 
 __all__ = ["product_from_copies"]
 
@@ -51,8 +51,7 @@ def _product_amax_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, part
     acc = tl.full((), 0, tl.int32)
     for i in range(0, iters):
         t = pid + i * num_programs
-        rows = (t // tiles_n) * BM + tl.arange(0, BM)
-        cols = (t % tiles_n) * BN + tl.arange(0, BN)
+        rows, cols, _ = loop_tile(t, M, N, BM, BN)
         gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
         h = _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols, gcols, M, N, BM, BN, ACT)
         acc = tl.maximum(acc, tile_amax_bits(h))
@@ -63,14 +62,9 @@ def _product_amax_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, part
 def _product_apply_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, partials_ptr, num_partials,
                           amax_out_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
                           BLOCK_P: tl.constexpr, ACT: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    amax = global_amax(partials_ptr, num_partials, BLOCK_P)
-    if (pid_m == 0) & (pid_n == 0):
-        tl.store(amax_out_ptr, amax)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    gcols = pid_n * (BN // 16) + tl.arange(0, BN // 16)
+    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P)
+    rows, cols, _ = grid_tile(M, N, BM, BN)
+    gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
     h = _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols, gcols, M, N, BM, BN, ACT)
     store_tensorwise(h, encode_multiplier(amax, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr,
                      WRITE_ROW, WRITE_T, E4M3_MAX)

@@ -15,7 +15,8 @@ import triton.language as tl
 from ..quant import PER_TENSOR, QuantizedTensor
 from .activation import ACT_CODE, act_derivative, act_value, elementwise_tile
 from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
-                       partials_capacity, quantize_group_tile, store_tensorwise, tile_amax_bits)
+                       grid_tile, loop_tile, partials_capacity, quantize_group_tile, shared_amax, store_tensorwise,
+                       tile_amax_bits)
 
 __all__ = ["gated_product_forward", "gated_product_backward"]
 
@@ -39,8 +40,7 @@ def _gated_fwd_kernel(g_ptr, stride_g, u_ptr, stride_u, h_ptr, gq_ptr, gamax_ptr
     acc = tl.full((), 0, tl.int32)
     for i in range(0, iters):
         t = pid + i * num_programs
-        rows = (t // tiles_n) * BM + tl.arange(0, BM)
-        cols = (t % tiles_n) * BN + tl.arange(0, BN)
+        rows, cols, _ = loop_tile(t, M, N, BM, BN)
         gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
         rmask = rows < M
         mask = rmask[:, None] & (cols < N)[None, :]
@@ -62,14 +62,8 @@ def _gated_fwd_kernel(g_ptr, stride_g, u_ptr, stride_u, h_ptr, gq_ptr, gamax_ptr
 def _gated_apply_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
                         q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
                         ACT: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    amax = global_amax(partials_ptr, num_partials, BLOCK_P)
-    if (pid_m == 0) & (pid_n == 0):
-        tl.store(amax_out_ptr, amax)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P)
+    rows, cols, mask = grid_tile(M, N, BM, BN)
     rows64 = rows[:, None].to(tl.int64)
     g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -108,8 +102,7 @@ def _gated_bwd_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, d
     acc_u = tl.full((), 0, tl.int32)
     for i in range(0, iters):
         t = pid + i * num_programs
-        rows = (t // tiles_n) * BM + tl.arange(0, BM)
-        cols = (t % tiles_n) * BN + tl.arange(0, BN)
+        rows, cols, _ = loop_tile(t, M, N, BM, BN)
         gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
         dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols,
                                     M, N, BM, BN, ACT)

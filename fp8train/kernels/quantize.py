@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 
-__all__ = ["quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "as_rows", "partials_capacity", "row_loop_programs",
+__all__ = ["quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile", "as_rows", "partials_capacity", "row_loop_programs",
            "tensorwise_amax", "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise", "BLOCK_P"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
@@ -97,6 +97,33 @@ def global_amax(partials_ptr, num_partials, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P: tl.constexpr):
+    """Stage 2 of every per-tensor kernel: the global amax from stage 1's partials, stored once for the host."""
+    amax = global_amax(partials_ptr, num_partials, BLOCK_P)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(amax_out_ptr, amax)
+    return amax
+
+
+@triton.jit
+def grid_tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """``(rows, cols, mask)`` of this program's BM x BN tile on a 2-D grid over an (M, N) tensor."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    return rows, cols, (rows < M)[:, None] & (cols < N)[None, :]
+
+
+@triton.jit
+def loop_tile(t, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """``(rows, cols, mask)`` of tile ``t`` (tiles numbered row-major) for kernels whose programs loop over
+    tiles; tiles past the end are fully masked."""
+    tiles_n = tl.cdiv(N, BN)
+    rows = (t // tiles_n) * BM + tl.arange(0, BM)
+    cols = (t % tiles_n) * BN + tl.arange(0, BN)
+    return rows, cols, (rows < M)[:, None] & (cols < N)[None, :]
+
+
+@triton.jit
 def store_tensorwise(vals, inv, rows, cols, M, N, out_ptr, stride_out, out_t_ptr,
                      WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr, FMAX: tl.constexpr):
     """Scale a float32 tile by ``inv``, saturate, cast to the output's FP8 type and store it row-major
@@ -139,13 +166,9 @@ def _amax_partials_kernel(x_ptr, stride_x, partials_ptr, M, N, num_programs, ite
     """Stage 1 of group scaling: each program folds its share of tiles into one partial max (int32 bits).
     Tile t goes to program t % num_programs; tiles past the end are fully masked."""
     pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BN)
     acc = tl.full((), 0, tl.int32)
     for i in range(0, iters):
-        t = pid + i * num_programs
-        rows = (t // tiles_n) * BM + tl.arange(0, BM)
-        cols = (t % tiles_n) * BN + tl.arange(0, BN)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        rows, cols, mask = loop_tile(pid + i * num_programs, M, N, BM, BN)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
         acc = tl.maximum(acc, tile_amax_bits(x.to(tl.float32)))
     tl.store(partials_ptr + pid, acc)
@@ -156,15 +179,9 @@ def _quantize_tensorwise_kernel(x_ptr, stride_x, partials_ptr, num_partials, ama
                                 BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, FMAX: tl.constexpr,
                                 WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
     """Stage 2: global amax from the partials, then scale + cast one tile (row-major and/or transposed)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    amax = global_amax(partials_ptr, num_partials, BLOCK_P)
-    if (pid_m == 0) & (pid_n == 0):
-        tl.store(amax_out_ptr, amax)
+    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P)
     inv = encode_multiplier(amax, FMAX)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows, cols, mask = grid_tile(M, N, BM, BN)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
     store_tensorwise(x.to(tl.float32), inv, rows, cols, M, N, q_ptr, N, q_t_ptr, WRITE_ROW, WRITE_T, FMAX)
 

@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
-                       partials_capacity, quantize_group_tile, row_loop_programs, store_tensorwise, tile_amax_bits)
+from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, grid_tile,
+                       partials_capacity, quantize_group_tile, row_loop_programs, shared_amax, store_tensorwise,
+                       tile_amax_bits)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
@@ -89,14 +90,8 @@ def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_pt
 def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
                           q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
                           STYLE: tl.constexpr, HAS_W: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    amax = global_amax(partials_ptr, num_partials, BLOCK_P)
-    if (pid_m == 0) & (pid_n == 0):
-        tl.store(amax_out_ptr, amax)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P)
+    rows, cols, mask = grid_tile(M, N, BM, BN)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
     if HAS_W:
