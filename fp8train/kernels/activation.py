@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, grid_tile, loop_tile,
+from .quantize import (BLOCK_P, E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy, loop_tile,
                        partials_capacity, quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
 
 __all__ = ["activation_forward", "activation_backward", "act_value", "act_derivative", "ACT_CODE", "elementwise_tile"]
@@ -107,10 +107,7 @@ def _activation_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, dx_ptr, M, N, BM
     rmask = rows < M
     mask = rmask[:, None] & (cols < N)[None, :]
     rows64 = rows[:, None].to(tl.int64)
-    q = tl.load(q_ptr + rows64 * N + cols[None, :], mask=mask, other=0.0)
-    qamax = tl.load(qamax_ptr + rows64 * (N // 16) + gcols[None, :], mask=rmask[:, None] & (gcols < N // 16)[None, :],
-                    other=0.0)
-    x_hat = dequantize_group_tile(q, qamax, BM, BN, 16, 448.0)
+    x_hat = load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM, BN)
     dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dx = dy * act_derivative(x_hat, ACT)
     tl.store(dx_ptr + rows64 * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from .activation import ACT_CODE, act_value, elementwise_tile
-from .quantize import (BLOCK_P, E4M3_MAX, dequantize_group_tile, encode_multiplier, grid_tile, loop_tile,
+from .quantize import (BLOCK_P, E4M3_MAX, encode_multiplier, grid_tile, load_group_copy, loop_tile,
                        partials_capacity, shared_amax, store_tensorwise, tile_amax_bits)
 
 __all__ = ["product_from_copies"]
@@ -31,14 +31,8 @@ def _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols,
     """act(gate_hat) * up_hat for one [BM, BN] tile, rounded to the output dtype, as float32 (0 outside)."""
     rmask = rows < M
     mask = rmask[:, None] & (cols < N)[None, :]
-    gmask = rmask[:, None] & (gcols < N // 16)[None, :]
-    rows64 = rows[:, None].to(tl.int64)
-    g_hat = dequantize_group_tile(tl.load(gq_ptr + rows64 * N + cols[None, :], mask=mask, other=0.0),
-                                  tl.load(gamax_ptr + rows64 * (N // 16) + gcols[None, :], mask=gmask, other=0.0),
-                                  BM, BN, 16, 448.0)
-    u_hat = dequantize_group_tile(tl.load(uq_ptr + rows64 * N + cols[None, :], mask=mask, other=0.0),
-                                  tl.load(uamax_ptr + rows64 * (N // 16) + gcols[None, :], mask=gmask, other=0.0),
-                                  BM, BN, 16, 448.0)
+    g_hat = load_group_copy(gq_ptr, gamax_ptr, rows, cols, gcols, M, N, BM, BN)
+    u_hat = load_group_copy(uq_ptr, uamax_ptr, rows, cols, gcols, M, N, BM, BN)
     h = (act_value(g_hat, ACT) * u_hat).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
     return tl.where(mask, h, 0.0)
 

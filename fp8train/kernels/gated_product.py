@@ -14,8 +14,8 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from .activation import ACT_CODE, act_derivative, act_value, elementwise_tile
-from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, global_amax,
-                       grid_tile, loop_tile, partials_capacity, quantize_group_tile, shared_amax, store_tensorwise,
+from .quantize import (BLOCK_P, E4M3_MAX, as_rows, encode_multiplier, global_amax, grid_tile, load_group_copy,
+                       loop_tile, partials_capacity, quantize_group_tile, shared_amax, store_tensorwise,
                        tile_amax_bits)
 
 __all__ = ["gated_product_forward", "gated_product_backward"]
@@ -78,14 +78,9 @@ def _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, 
     """(dgate, dup, mask) of one tile in float32, from the FP8 copies of gate and up and dh."""
     rmask = rows < M
     mask = rmask[:, None] & (cols < N)[None, :]
-    gmask = rmask[:, None] & (gcols < N // 16)[None, :]
+    g_hat = load_group_copy(gq_ptr, gamax_ptr, rows, cols, gcols, M, N, BM, BN)
+    u_hat = load_group_copy(uq_ptr, uamax_ptr, rows, cols, gcols, M, N, BM, BN)
     rows64 = rows[:, None].to(tl.int64)
-    g_hat = dequantize_group_tile(tl.load(gq_ptr + rows64 * N + cols[None, :], mask=mask, other=0.0),
-                                  tl.load(gamax_ptr + rows64 * (N // 16) + gcols[None, :], mask=gmask, other=0.0),
-                                  BM, BN, 16, 448.0)
-    u_hat = dequantize_group_tile(tl.load(uq_ptr + rows64 * N + cols[None, :], mask=mask, other=0.0),
-                                  tl.load(uamax_ptr + rows64 * (N // 16) + gcols[None, :], mask=gmask, other=0.0),
-                                  BM, BN, 16, 448.0)
     dh = tl.load(dh_ptr + rows64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     return dh * u_hat * act_derivative(g_hat, ACT), dh * act_value(g_hat, ACT), mask
 

@@ -26,7 +26,8 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 
-__all__ = ["quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile", "as_rows", "partials_capacity", "row_loop_programs",
+__all__ = ["quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile",
+           "load_group_copy", "as_rows", "partials_capacity", "row_loop_programs",
            "tensorwise_amax", "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise", "BLOCK_P"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
@@ -94,6 +95,18 @@ def global_amax(partials_ptr, num_partials, BLOCK_P: tl.constexpr):
     offs = tl.arange(0, BLOCK_P)
     bits = tl.load(partials_ptr + offs, mask=offs < num_partials, other=0)
     return tl.max(bits, axis=0).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """The float32 values of one [BM, BN] tile (columns ``cols``, group columns ``gcols``) of an E4M3 copy with
+    1x16 group maxima, row stride N -- the copies non-linear ops save for backward; 0 outside the tensor."""
+    rmask = rows < M
+    rows64 = rows[:, None].to(tl.int64)
+    q = tl.load(q_ptr + rows64 * N + cols[None, :], mask=rmask[:, None] & (cols < N)[None, :], other=0.0)
+    qamax = tl.load(qamax_ptr + rows64 * (N // 16) + gcols[None, :], mask=rmask[:, None] & (gcols < N // 16)[None, :],
+                    other=0.0)
+    return dequantize_group_tile(q, qamax, BM, BN, 16, 448.0)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .quantize import (BLOCK_P, E4M3_MAX, as_rows, dequantize_group_tile, encode_multiplier, grid_tile,
+from .quantize import (BLOCK_P, E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy,
                        partials_capacity, quantize_group_tile, row_loop_programs, shared_amax, store_tensorwise,
                        tile_amax_bits)
 
@@ -123,10 +123,7 @@ def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, q_ptr, qamax_ptr
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
         rows64 = rows[:, None].to(tl.int64)
-        q = tl.load(q_ptr + rows64 * N + cols[None, :], mask=mask, other=0.0)
-        qamax = tl.load(qamax_ptr + rows64 * (N // 16) + gcols[None, :],
-                        mask=rmask[:, None] & (gcols < N // 16)[None, :], other=0.0)
-        x_hat = dequantize_group_tile(q, qamax, BM, BLOCK_N, 16, 448.0)
+        x_hat = load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM, BLOCK_N)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
         n = x_hat * rstd[:, None]
         dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
