@@ -158,7 +158,10 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
         loss = step()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    # peak_memory_reserved_bytes: what the allocator holds, graph pools included -- the cross-check for
+    # CUDA-graph rows, whose allocated peak has looked too low
     row.update(tokens_per_s=batch * seq * steps / elapsed, peak_memory_bytes=torch.cuda.max_memory_allocated(),
+               peak_memory_reserved_bytes=torch.cuda.max_memory_reserved(),
                step_ms=1000 * elapsed / steps, final_loss=float(loss), status="ok")
     return row
 

@@ -339,17 +339,8 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         fd.shard_model(model, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.train()
     step_model = torch.compile(model) if c.compile else model
-    graphed = None
-    if c.cuda_graph:
-        if device.type != "cuda" or run is not None:
-            raise TrainError("--cuda-graph needs one CUDA GPU (no --nproc, not under torchrun)")
-        from ..cuda_graphs import GraphedStep
-
-        # captured on a peeked batch (the sampler's position is untouched); gradients are zeroed afterwards
-        graphed = GraphedStep(model, lambda m, b: causal_lm_loss(m, b["tokens"], device, True),
-                              {"tokens": sampler_peek(train_tokens, c).to(device)})
-        for p in model.parameters():
-            p.grad = None
+    if c.cuda_graph and (device.type != "cuda" or run is not None):
+        raise TrainError("--cuda-graph needs one CUDA GPU (no --nproc, not under torchrun)")
     optimizer = make_optimizer(model, c, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c))
     sampler = WindowSampler(train_tokens, c.seq_len, c.seed)
@@ -387,6 +378,16 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         metrics.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    graphed = None
+    if c.cuda_graph:
+        from ..cuda_graphs import GraphedStep
+
+        # captured after the peak-memory reset, so the graph's activations count in the reported peak; on a
+        # peeked batch (the sampler's position is untouched); the capture's gradients are dropped
+        graphed = GraphedStep(model, lambda m, b: causal_lm_loss(m, b["tokens"], device, True),
+                              {"tokens": sampler_peek(train_tokens, c).to(device)})
+        for p in model.parameters():
+            p.grad = None
 
     log(f"model {c.model}: {num_params / 1e6:.2f}M parameters, recipe {c.recipe}, optimizer {c.optimizer}, "
         f"{device}; {c.steps} steps x {c.tokens_per_step} tokens; data {corpus.meta['source']} "
