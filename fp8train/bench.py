@@ -183,6 +183,35 @@ def run_isolated(name: str, args) -> dict:
             "peak_memory_bytes": 0, "status": status, "error": tail[-600:]}
 
 
+def largest_batch_rows(name: str, args, run=run_isolated, limit: int = 512) -> list[dict]:
+    """Rows of ``name`` at batch ``args.batch``, doubled until a run fails (out of memory), then one bisection
+    step between the last batch that ran and the first that did not.  The largest batch that ran is marked
+    ``max_batch: True``; a failure other than out-of-memory stops the search."""
+    def at(batch):
+        row = run(name, argparse.Namespace(**{**vars(args), "batch": batch}))
+        rows.append(row)
+        return row["status"] == "ok"
+
+    rows: list[dict] = []
+    batch, largest_ok, first_failed = args.batch, None, None
+    while batch <= limit:
+        if at(batch):
+            largest_ok, batch = batch, batch * 2
+            continue
+        first_failed = batch
+        break
+    if rows and rows[-1]["status"] not in ("ok", "oom"):
+        return rows
+    if largest_ok is not None and first_failed is not None and first_failed - largest_ok > 1:
+        middle = (largest_ok + first_failed) // 2
+        if at(middle):
+            largest_ok = middle
+    for row in rows:
+        if row["status"] == "ok" and row["batch"] == largest_ok:
+            row["max_batch"] = True
+    return rows
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="1b", choices=sorted(MODEL_SHAPES))
     parser.add_argument("--batch", type=int, default=4)
@@ -194,6 +223,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from: {', '.join(CONFIGS)}")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per configuration")
     parser.add_argument("--out", default=None, help="write <out>/bench-<model>.json")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="per configuration, double --batch until it runs out of memory (one bisection step "
+                             "after); rows at the largest batch get max_batch=true and a speed ratio against "
+                             "bf16_compiled at its own largest batch")
 
 
 def bench(args) -> list[dict]:
@@ -205,10 +238,16 @@ def bench(args) -> list[dict]:
     for name in [c for c in args.configs.split(",") if c]:
         if name.removesuffix("_graphed") not in CONFIGS:
             raise SystemExit(f"unknown bench configuration {name!r}; choose from {', '.join(CONFIGS)}")
-        row = run_isolated(name, args)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    baseline = next((r for r in rows if r["name"] == "bf16_compiled" and r["status"] == "ok"), None)
+        for row in largest_batch_rows(name, args) if args.max_batch else [run_isolated(name, args)]:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    at_max = {r["name"]: r for r in rows if r.get("max_batch")}
+    if "bf16_compiled" in at_max:
+        for r in at_max.values():
+            r["speed_vs_bf16_compiled_at_max_batch"] = round(
+                r["tokens_per_s"] / at_max["bf16_compiled"]["tokens_per_s"], 3)
+    baseline = next((r for r in rows if r["name"] == "bf16_compiled" and r["status"] == "ok"
+                     and r["batch"] == args.batch), None)
     if baseline:
         for r in rows:
             if r["status"] == "ok":

@@ -1,0 +1,48 @@
+"""fp8train bench's batch search (the GPU runs themselves are replaced by a fake that 'fits' up to a batch)."""
+
+import argparse
+
+from fp8train.bench import largest_batch_rows
+
+
+def fake_runner(fits_up_to: int, calls: list):
+    def run(name, args):
+        calls.append(args.batch)
+        status = "ok" if args.batch <= fits_up_to else "oom"
+        return {"name": name, "batch": args.batch, "status": status,
+                "tokens_per_s": 1000.0 * args.batch if status == "ok" else 0.0}
+    return run
+
+
+def args(batch=4):
+    return argparse.Namespace(batch=batch, model="1b", seq=2048, steps=8, warmup=3, master="fp32", timeout=400)
+
+
+def test_doubles_until_out_of_memory_then_bisects_once():
+    calls = []
+    rows = largest_batch_rows("x", args(4), run=fake_runner(24, calls))
+    assert calls == [4, 8, 16, 32, 24]
+    assert [r["batch"] for r in rows if r.get("max_batch")] == [24]
+
+
+def test_start_batch_already_too_large_marks_nothing():
+    calls = []
+    rows = largest_batch_rows("x", args(8), run=fake_runner(4, calls))
+    assert calls == [8] and not any(r.get("max_batch") for r in rows)
+
+
+def test_a_crash_that_is_not_out_of_memory_stops_the_search():
+    calls = []
+
+    def run(name, a):
+        calls.append(a.batch)
+        return {"name": name, "batch": a.batch, "status": "ok" if a.batch < 8 else "error", "tokens_per_s": 1.0}
+
+    rows = largest_batch_rows("x", args(4), run=run)
+    assert calls == [4, 8] and not any(r.get("max_batch") for r in rows)
+
+
+def test_stops_at_the_limit():
+    calls = []
+    rows = largest_batch_rows("x", args(4), run=fake_runner(10**6, calls), limit=32)
+    assert calls == [4, 8, 16, 32] and [r["batch"] for r in rows if r.get("max_batch")] == [32]
