@@ -345,8 +345,8 @@ class AdamW(torch.optim.Optimizer):
                     fused_work.setdefault(key, []).append((param, grad, group, local_state))
                 else:
                     counts.append(self._reference_update(param, grad, group, local_state, mode, salt=len(counts)))
-        for key, work in fused_work.items():
-            counts.append(self._fused_update(key, work))
+        for launch, (key, work) in enumerate(fused_work.items()):
+            counts.append(self._fused_update(key, work, launch))
         if counts:
             self._queue_nonfinite(counts)
         return loss
@@ -395,12 +395,13 @@ class AdamW(torch.optim.Optimizer):
         storage.encode_into(state, "exp_avg_sq", new_v, mode, group["v_format"], size)
         return n_bad
 
-    def _fused_update(self, key: tuple, work: list) -> torch.Tensor:
+    def _fused_update(self, key: tuple, work: list, launch: int = 0) -> torch.Tensor:
         from ..kernels.adamw import fused_adamw_step
 
         device, _, _, mode, m_format, v_format, group_size, stochastic, maximize = key
         scalars = [kernel_scalars(state["step"].item(), **self._hyper(group)) for _, _, group, state in work]
-        seed = rounding_seed(work[0][3]["step"].item(), len(work)) if stochastic else 0
+        # one seed per launch (the kernel mixes in each tensor's index and element offset)
+        seed = rounding_seed(work[0][3]["step"].item(), launch) if stochastic else 0
         return fused_adamw_step([w[0] for w in work], [w[1] for w in work], [w[3] for w in work],
                                 scalars, mode=mode, m_format=m_format, v_format=v_format, group_size=group_size,
                                 stochastic_rounding=stochastic, maximize=maximize, seed=seed)
