@@ -6,7 +6,6 @@ Eager FP8 training is host-bound (the CPU needs more time per step than the GPU)
 spend it, sorted by own time and by cumulative time.
 """
 
-import argparse
 import cProfile
 import io
 import pstats
@@ -15,22 +14,14 @@ import time
 
 import torch
 
-from fp8train import bench
+from profile_step import step_parser, warmed_step  # same folder
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--config", default="fp8train_coat_lean")
-    p.add_argument("--model", default="1b")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=2048)
+    p = step_parser(rows=45)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--rows", type=int, default=45)
     a = p.parse_args()
-    step, _ = bench.make_step(a.config, a.model, a.batch, a.seq)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    step = warmed_step(a)
     start = time.perf_counter()
     for _ in range(a.steps):
         step()

@@ -47,19 +47,31 @@ class OpCensus(TorchDispatchMode):
         return out
 
 
-def main():
+def step_parser(rows: int) -> argparse.ArgumentParser:
+    """The options of the profiling aids: which bench configuration, model shape and batch to profile."""
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="fp8train_coat_lean")
     p.add_argument("--model", default="1b")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--rows", type=int, default=40)
-    p.add_argument("--census", action="store_true", help="also count large-tensor aten ops by call site")
-    a = p.parse_args()
+    p.add_argument("--rows", type=int, default=rows)
+    return p
+
+
+def warmed_step(a):
+    """The configuration's training step, after three warm-up steps (Triton compiles, lazy optimizer state)."""
     step, _ = bench.make_step(a.config, a.model, a.batch, a.seq)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    return step
+
+
+def main():
+    p = step_parser(rows=40)
+    p.add_argument("--census", action="store_true", help="also count large-tensor aten ops by call site")
+    a = p.parse_args()
+    step = warmed_step(a)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()

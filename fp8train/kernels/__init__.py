@@ -58,7 +58,14 @@ def warn_once(key: str, message: str) -> None:
 
 
 _KERNEL_DTYPES = ("float32", "bfloat16", "float16")
-_KERNEL_TORCH_DTYPES: frozenset = frozenset()  # the same as torch dtypes, filled on first use (torch loads lazily)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_torch_dtypes() -> frozenset:
+    """_KERNEL_DTYPES as torch dtypes (torch is imported lazily, on first use)."""
+    import torch
+
+    return frozenset(getattr(torch, name) for name in _KERNEL_DTYPES)
 
 
 def use_triton(op: str, *tensors, group: int = 16) -> bool:
@@ -70,13 +77,8 @@ def use_triton(op: str, *tensors, group: int = 16) -> bool:
         return False
     if not triton_available():
         return False
-    global _KERNEL_TORCH_DTYPES
-    if not _KERNEL_TORCH_DTYPES:
-        import torch
-
-        _KERNEL_TORCH_DTYPES = frozenset(getattr(torch, name) for name in _KERNEL_DTYPES)
     for t in live:
-        if t.dtype not in _KERNEL_TORCH_DTYPES:
+        if t.dtype not in _kernel_torch_dtypes():
             warn_once(f"{op}-dtype-{t.dtype}", f"fp8train {op}: no Triton kernel for {t.dtype} inputs; "
                       "using the (slower) torch reference. Cast to bfloat16/float16/float32 to use the kernel.")
             return False

@@ -40,10 +40,9 @@ def _gated_fwd_kernel(g_ptr, stride_g, u_ptr, stride_u, h_ptr, gq_ptr, gamax_ptr
     acc = tl.full((), 0, tl.int32)
     for i in range(0, iters):
         t = pid + i * num_programs
-        rows, cols, _ = loop_tile(t, M, N, BM, BN)
+        rows, cols, mask = loop_tile(t, M, N, BM, BN)
         gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
         rmask = rows < M
-        mask = rmask[:, None] & (cols < N)[None, :]
         rows64 = rows[:, None].to(tl.int64)
         g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)

@@ -13,9 +13,8 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from .quantize import (BLOCK_P, E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy,
-                       partials_capacity, quantize_group_tile, row_loop_programs, shared_amax, store_tensorwise,
-                       tile_amax_bits)
-from .rmsnorm import _row_plan
+                       partials_capacity, quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
+from .rmsnorm import _backward_row_plan, _row_plan
 
 __all__ = ["layernorm_forward", "layernorm_backward"]
 
@@ -176,10 +175,7 @@ def layernorm_backward(dy, centered: QuantizedTensor, rstd, weight, has_bias):
     M, N = dy2.shape
     dev = dy.device
     dx = torch.empty(centered.shape, dtype=centered.dtype, device=dev)
-    block_n, bm, warps = _row_plan(M, N)
-    row_blocks = triton.cdiv(M, bm)
-    nprog = row_loop_programs(dy, row_blocks)
-    iters = triton.cdiv(row_blocks, nprog)
+    block_n, bm, warps, nprog, iters = _backward_row_plan(dy, M, N)
     dw_partial = torch.empty(nprog, N, dtype=torch.float32, device=dev) if weight is not None else rstd
     db_partial = torch.empty(nprog, N, dtype=torch.float32, device=dev) if has_bias else rstd
     _layernorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), centered.data, centered.amax, rstd,

@@ -154,6 +154,15 @@ def _row_plan(M: int, N: int, target: int = 4096) -> tuple[int, int, int]:
     return block_n, bm, warps
 
 
+def _backward_row_plan(dy: torch.Tensor, M: int, N: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BM, num_warps, programs, row blocks per program) of the norm backward kernels, whose programs
+    loop over row blocks and keep per-program weight-gradient partials."""
+    block_n, bm, warps = _row_plan(M, N)
+    row_blocks = triton.cdiv(M, bm)
+    nprog = row_loop_programs(dy, row_blocks)
+    return block_n, bm, warps, nprog, triton.cdiv(row_blocks, nprog)
+
+
 def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_transpose=False, write_copy=True,
                     residual=None):
     """Returns ``(y, rstd, x_copy)``: y as a tensor (promoted dtype for llama style), or the per-tensor E4M3
@@ -225,10 +234,7 @@ def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_
     M, N = dy2.shape
     dev = dy.device
     dx = torch.empty(x_copy.shape, dtype=x_copy.dtype, device=dev)
-    block_n, bm, warps = _row_plan(M, N)
-    row_blocks = triton.cdiv(M, bm)
-    nprog = row_loop_programs(dy, row_blocks)
-    iters = triton.cdiv(row_blocks, nprog)
+    block_n, bm, warps, nprog, iters = _backward_row_plan(dy, M, N)
     dw_partial = torch.empty(nprog, N, dtype=torch.float32, device=dev) if weight is not None else rstd
     _rmsnorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), dsecond, dsecond.stride(0), x_copy.data, x_copy.amax, rstd,
                                   weight if weight is not None else rstd, dx, dw_partial, dres, dres.stride(0),
