@@ -12,6 +12,11 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_coat_lean[_compiled]              ... "coat-lean" (chunked loss) on bf16 params + stochastic rounding
     <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
+Attention masks (``--masks``): ``plain-causal`` (default) runs every configuration's forward inside
+:func:`fp8train.causal_masks.plain_causal_batches`, so SDPA takes the causal kernel in eager, compiled and
+CUDA-graph runs alike; ``hf-default`` leaves transformers' choice, which builds a full mask under torch.compile
+and graph capture (~3x slower attention) -- how a plain bf16 ``torch.compile`` baseline runs out of the box.
+
 Rows: ``{name, batch, seq, tokens_per_s, peak_memory_bytes}`` (+ ``status`` and ``error`` when a
 configuration failed, e.g. ``"oom"``).
 """
@@ -102,11 +107,16 @@ def convert(model, recipe: str):
     return fp8train.convert(model, recipe=recipe)
 
 
+MASKS = ("plain-causal", "hf-default")
+
+
 def make_step(name: str, shape: str, batch: int, seq: int, master: str = "fp32",
-              optimizer_options: dict | None = None):
+              optimizer_options: dict | None = None, masks: str = "plain-causal"):
     """Build configuration ``name`` on the GPU; return ``(step, row)``: a function running one training step
     (forward, backward, optimizer) that returns the loss, and the row describing the configuration."""
     import torch
+
+    from .causal_masks import plain_causal_batches
 
     graphed = name.endswith("_graphed")
     recipe, optimizer_kind, compiled = CONFIGS[name.removesuffix("_graphed")]
@@ -114,7 +124,8 @@ def make_step(name: str, shape: str, batch: int, seq: int, master: str = "fp32",
         raise ValueError(f"{name}: a configuration is either compiled or CUDA-graphed, not both")
     if name.startswith("fp8train_coat_lean"):
         master, optimizer_options = LEAN_OPTIONS["master"], {**LEAN_OPTIONS["optimizer"], **(optimizer_options or {})}
-    row = {"name": name, "model": shape, "batch": batch, "seq": seq, "master": master}
+    row = {"name": name, "model": shape, "batch": batch, "seq": seq, "master": master, "masks": masks}
+    plain_causal = masks == "plain-causal"
     torch.manual_seed(0)
     model = build_model(shape, master_dtype=torch.bfloat16 if master == "bf16" else None)
     model = convert(model, recipe)
@@ -122,10 +133,14 @@ def make_step(name: str, shape: str, batch: int, seq: int, master: str = "fp32",
     forward = torch.compile(model) if compiled else model
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward(input_ids=tokens, labels=tokens).loss
+    def forward_backward():
+        with plain_causal_batches(plain_causal), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(input_ids=tokens, labels=tokens, use_cache=False).loss
         loss.backward()
+        return loss
+
+    def step():
+        loss = forward_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -133,23 +148,29 @@ def make_step(name: str, shape: str, batch: int, seq: int, master: str = "fp32",
     if graphed:
         from .cuda_graphs import GraphedStep
 
-        graph = GraphedStep(model, lambda m, b: m(**b).loss, {"input_ids": tokens, "labels": tokens})
+        graph = GraphedStep(model, lambda m, b: m(**b, use_cache=False).loss,
+                            {"input_ids": tokens, "labels": tokens}, plain_causal=plain_causal)
+
+        def forward_backward():  # noqa: F811 - the graphed variant
+            return graph({"input_ids": tokens, "labels": tokens})
 
         def step():  # noqa: F811 - the graphed variant of the same step
-            loss = graph({"input_ids": tokens, "labels": tokens})
+            loss = forward_backward()
             opt.step()
             return loss
 
+    # the two halves, for the profiling aids (benchmarks/debug/): timed apart they show where a step's time goes
+    step.forward_backward, step.optimizer = forward_backward, opt
     return step, row
 
 
 def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int,
-            master: str = "fp32", optimizer_options: dict | None = None) -> dict:
+            master: str = "fp32", optimizer_options: dict | None = None, masks: str = "plain-causal") -> dict:
     """Train ``steps`` timed steps of one configuration in this process; return its row."""
     import torch
 
     torch.cuda.reset_peak_memory_stats()
-    step, row = make_step(name, shape, batch, seq, master, optimizer_options)
+    step, row = make_step(name, shape, batch, seq, master, optimizer_options, masks)
     for _ in range(warmup):
         loss = step()
     torch.cuda.synchronize()
@@ -169,7 +190,8 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
 def run_isolated(name: str, args) -> dict:
     """Run one configuration in a fresh Python process; turn crashes and OOMs into a status row."""
     cmd = [sys.executable, "-m", "fp8train.bench", "--one", name, "--model", args.model, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--master", args.master]
+           "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--master", args.master,
+           "--masks", args.masks]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     for line in proc.stdout.splitlines():
@@ -221,6 +243,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    parser.add_argument("--masks", default="plain-causal", choices=MASKS,
+                        help="plain-causal: SDPA's causal kernel in every mode (default); hf-default: transformers' "
+                             "own choice (a full mask under torch.compile / CUDA graphs)")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per configuration")
     parser.add_argument("--out", default=None, help="write <out>/bench-<model>.json")
     parser.add_argument("--max-batch", action="store_true",
@@ -279,7 +304,8 @@ def _main() -> int:
     parser.add_argument("--one", default=None, help="run one configuration in this process (internal)")
     args = parser.parse_args()
     if args.one:
-        row = run_one(args.one, args.model, args.batch, args.seq, args.steps, args.warmup, master=args.master)
+        row = run_one(args.one, args.model, args.batch, args.seq, args.steps, args.warmup, master=args.master,
+                      masks=args.masks)
         print("BENCH_ROW " + json.dumps(row), flush=True)
         return 0
     print_table(bench(args))

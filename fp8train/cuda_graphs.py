@@ -14,18 +14,26 @@ whole pass is capturable.
 Gradients live in the graph's memory pool and are overwritten (not accumulated) by each replay, so call the
 optimizer after every replay; ``optimizer.zero_grad()`` is harmless (the gradients are re-attached).
 Shapes are fixed: a batch with another shape needs another GraphedStep.
+
+Attention masks: a batch without ``position_ids`` is captured inside
+:func:`fp8train.causal_masks.plain_causal_batches`, so transformers' SDPA path records the causal kernel
+(``is_causal=True``) instead of a full ``[batch, 1, seq, seq]`` mask -- it cannot inspect the position ids while
+capturing, and the masked kernel measured ~3x slower.  Pass ``plain_causal=False`` if ``loss_fn`` packs several
+sequences per row through position ids it makes itself.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+
+from .causal_masks import plain_causal_batches
 
 
 class GraphedStep:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, example_batch: dict, *, warmup: int = 3,
-                 autocast_dtype: torch.dtype = torch.bfloat16):
+                 autocast_dtype: torch.dtype = torch.bfloat16, plain_causal: Optional[bool] = None):
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedStep needs a CUDA GPU; run the eager training step on this machine instead")
         self.model = model
@@ -33,17 +41,20 @@ class GraphedStep:
         self.static_batch = {k: v.clone() for k, v in example_batch.items()}
         self.loss_fn = loss_fn
         self.autocast_dtype = autocast_dtype
+        if plain_causal is None:
+            plain_causal = "position_ids" not in example_batch
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS workspaces, lazy module state
-            for _ in range(warmup):
-                self._zero_to_none()
-                self._forward_backward()
-        torch.cuda.current_stream().wait_stream(side)
-        self._zero_to_none()  # backward in the capture creates the .grad tensors inside the graph's pool
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self._forward_backward()
+        with plain_causal_batches(plain_causal):
+            with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS workspaces, lazy module state
+                for _ in range(warmup):
+                    self._zero_to_none()
+                    self._forward_backward()
+            torch.cuda.current_stream().wait_stream(side)
+            self._zero_to_none()  # backward in the capture creates the .grad tensors inside the graph's pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_loss = self._forward_backward()
         self.grads = [p.grad for p in self.params]
 
     def _zero_to_none(self):

@@ -32,6 +32,7 @@ import time
 import types
 from typing import Callable, Optional
 
+from ..causal_masks import plain_causal_batches
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainError, resolve, simulated_recipe
 from .data import WindowSampler, eval_batches, prepare_corpus, split_for_training
@@ -144,12 +145,14 @@ def causal_lm_loss(model, batch, device, autocast: bool):
 
     inputs = batch[:, :-1].to(device, non_blocking=True)
     targets = batch[:, 1:].to(device, non_blocking=True)
+    # windows of one document stream, no position_ids passed: SDPA may take its causal kernel without
+    # transformers reading the ids on the host (a sync in eager mode; a full mask under compile / graphs)
     if getattr(getattr(model, "_orig_mod", model), "_fp8train_chunked_loss", False):
         # chunked fused head + loss (recipe coat-lean): the model computes the loss, logits never exist
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with plain_causal_batches(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return model(input_ids=inputs, labels=targets, shift_labels=targets).loss.float()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=inputs).logits
+    with plain_causal_batches(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=inputs, use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
