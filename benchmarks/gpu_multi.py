@@ -62,6 +62,8 @@ CONFIGS = {
     "coat-7b-2gpu": ("coat", "7b", 2, 2, 2048, "bf16", 110),
     "bf16-7b-1gpu": ("bf16", "7b", 1, 2, 2048, "bf16", 110),
     "bf16-7b-2gpu": ("bf16", "7b", 2, 2, 2048, "bf16", 110),
+    "coat-1b-1gpu-b8": ("coat", "1b", 1, 8, 2048, "fp32", 80),
+    "coat-1b-2gpu-b8": ("coat", "1b", 2, 8, 2048, "fp32", 80),
     "coat-1b-1gpu": ("coat", "1b", 1, 4, 2048, "fp32", 80),
     "coat-1b-2gpu": ("coat", "1b", 2, 4, 2048, "fp32", 80),
     "bf16-1b-1gpu": ("bf16", "1b", 1, 4, 2048, "fp32", 80),
@@ -123,6 +125,7 @@ def worker_bench(cfg: dict) -> dict:
 
     import fp8train
     import fp8train.distributed as fd
+    from fp8train.causal_masks import plain_causal_batches
 
     device = fd.init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -147,8 +150,9 @@ def worker_bench(cfg: dict) -> dict:
 
     def step(measure_grads=False):
         nonlocal grad_bytes
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=tokens, labels=tokens).loss
+        # no position_ids passed: SDPA's causal kernel without transformers' host sync per forward
+        with plain_causal_batches(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
         loss.backward()
         if measure_grads:
             grad_bytes = _local_bytes(p.grad for p in params)
@@ -169,6 +173,18 @@ def worker_bench(cfg: dict) -> dict:
         loss = step()
     sync()
     elapsed = time.perf_counter() - start
+    if cfg.get("profile_dir"):  # one more step under the profiler; rank 0 writes its kernel table
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            sync()
+        if rank == 0:
+            table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=45,
+                                              max_name_column_width=60)
+            folder = pathlib.Path(cfg["profile_dir"])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"profile-{cfg['name']}.txt").write_text(table)
     state_bytes = _local_bytes(t for s in opt.state.values() for k, t in s.items() if k != "step")
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     reserved = torch.cuda.max_memory_reserved() if cuda else 0
@@ -214,7 +230,7 @@ def _dcp_step(model, opt, step: int, device) -> float:
         g = torch.Generator().manual_seed(100 * step + rank * per_rank + i)
         tokens = torch.randint(0, model.config.vocab_size, (2, 256), generator=g).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids=tokens, labels=tokens).loss
+            loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
         (loss / per_rank).backward()
         total += loss.detach()
     opt.step()
@@ -327,8 +343,8 @@ def run_bench(name: str, spec: tuple, args) -> dict:
     recipe, model, gpus, batch, seq, master, timeout = spec
     if args.device == "cpu":  # smoke test of the script itself
         model, batch, seq, timeout = "smoke", 2, 64, 300
-    cfg = dict(kind="bench", recipe=recipe, model=model, batch=batch, seq=seq, master=master,
-               warmup=args.warmup, steps=args.steps)
+    cfg = dict(kind="bench", name=name, recipe=recipe, model=model, batch=batch, seq=seq, master=master,
+               warmup=args.warmup, steps=args.steps, profile_dir=args.profile)
     row = {"name": name, "recipe": recipe, "model": model, "gpus": gpus, "batch_per_gpu": batch, "seq": seq,
            "master": master, "optimizer": ("torch.optim.AdamW(fused), states in the master dtype" if recipe == "bf16"
                                            else "fp8train.AdamW(states='dre')")}
@@ -397,9 +413,9 @@ def scaling(rows: list) -> list:
         if two.get("gpus") != 2 or two.get("status") != "ok":
             continue
         one = next((r for r in rows if r.get("gpus") == 1 and r.get("status") == "ok" and
-                    r["recipe"] == two["recipe"] and r["model"] == two["model"]), None)
+                    all(r[k] == two[k] for k in ("recipe", "model", "batch_per_gpu", "master"))), None)
         if one:
-            out.append({"recipe": two["recipe"], "model": two["model"],
+            out.append({"recipe": two["recipe"], "model": two["model"], "batch_per_gpu": two["batch_per_gpu"],
                         "tokens_per_s_1gpu": round(one["tokens_per_s"]), "tokens_per_s_2gpu": round(two["tokens_per_s"]),
                         "efficiency": round(two["tokens_per_s"] / (2 * one["tokens_per_s"]), 3)})
     return out
@@ -437,8 +453,10 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {r['name']} | {r['gpus']} | {r['batch_per_gpu']} x {r['seq']} | {r['master']} | | | | | "
                          f"{r.get('status')} |")
     if result["scaling"]:
-        lines += ["", "| recipe | model | tokens/s 1 GPU | tokens/s 2 GPUs | scaling efficiency |", "|---|---|---|---|---|"]
-        lines += [f"| {s['recipe']} | {s['model']} | {s['tokens_per_s_1gpu']:,} | {s['tokens_per_s_2gpu']:,} | "
+        lines += ["", "| recipe | model | batch/GPU | tokens/s 1 GPU | tokens/s 2 GPUs | scaling efficiency |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {s['recipe']} | {s['model']} | {s['batch_per_gpu']} | {s['tokens_per_s_1gpu']:,} | "
+                  f"{s['tokens_per_s_2gpu']:,} | "
                   f"{s['efficiency']:.1%} |" for s in result["scaling"]]
     for c in result["checks"]:
         lines += ["", f"- check {c['name']}: {'ok' if c['ok'] else '**FAILED**'} "
@@ -451,6 +469,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     parser.add_argument("--only", default="", help=f"comma-separated, from: {', '.join(CONFIGS)}")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for everything")
+    parser.add_argument("--profile", default=None, help="folder: rank 0 of every benchmark row writes the kernel "
+                                                           "table of one profiled step there")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke-test this script")
