@@ -14,7 +14,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY_MODULES = {"formats", "quant", "dynamic_range_expansion", "optim", "nn", "recipes", "kernels", "train",
-                 "lab", "export", "distributed", "cli"}
+                 "lab", "export", "distributed", "cli", "causal_masks", "cuda_graphs", "bench"}
 _LAZY_ATTRS = {
     "convert": ("fp8train.convert", "convert"),
     "Recipe": ("fp8train.recipes", "Recipe"),
