@@ -10,6 +10,7 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_fp8[_compiled]                    fp8train.convert(recipe="fp8") + torch AdamW(fused)
     fp8train_coat[_compiled]                   fp8train.convert(recipe="coat") + fp8train.AdamW
     fp8train_coat_lean[_compiled]              ... "coat-lean" (chunked loss) on bf16 params + stochastic rounding
+    fp8train_coat_lean_step_in_backward        ... updating each parameter inside backward (no gradient buffer)
     <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
 Attention masks (``--masks``): ``plain-causal`` (default) runs every configuration's forward inside
@@ -52,6 +53,8 @@ CONFIGS = {
     # copy, bf16 gradients)
     "fp8train_coat_lean": ("coat-lean", "fp8train", False),
     "fp8train_coat_lean_compiled": ("coat-lean", "fp8train", True),
+    # ... with the optimizer step inside backward (fp8train.AdamW.step_in_backward: no gradient buffer)
+    "fp8train_coat_lean_step_in_backward": ("coat-lean", "fp8train", False),
 }
 LEAN_OPTIONS = {"master": "bf16", "optimizer": {"master_weights": "bf16_stochastic"}}
 DEFAULT_CONFIGS = ["bf16_eager", "bf16_compiled", "torchao_float8_compiled", "torchao_float8_adamwfp8_compiled",
@@ -130,6 +133,10 @@ def make_step(name: str, shape: str, batch: int, seq: int, master: str = "fp32",
     model = build_model(shape, master_dtype=torch.bfloat16 if master == "bf16" else None)
     model = convert(model, recipe)
     opt = make_optimizer(optimizer_kind, model, **(optimizer_options or {}))
+    if name.removesuffix("_graphed").endswith("_step_in_backward"):
+        if graphed:
+            raise ValueError(f"{name}: the update inside backward cannot be captured in a CUDA graph")
+        opt.step_in_backward()
     forward = torch.compile(model) if compiled else model
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 

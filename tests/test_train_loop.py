@@ -185,3 +185,16 @@ def test_cuda_graph_refuses_what_it_cannot_replay(tmp_path, flags, blocker):
     with pytest.raises(TrainError, match="--cuda-graph cannot be combined with") as error:
         resolve(tiny_config(tmp_path, cuda_graph=True, **{"device": "auto", **flags}))
     assert str(error.value).split("with ")[1].split(":")[0] == blocker
+
+
+def test_step_in_backward_trains_like_step_after_backward(tmp_path):
+    """--step-in-backward (fp32 parameters, no clipping): the same losses bit for bit as updating after backward;
+    the log says grad_norm null (the gradients were freed inside backward)."""
+    runs = {}
+    for name, flag in (("after", False), ("inside", True)):
+        config = tiny_config(tmp_path / name, steps=5, recipe="coat", grad_clip=0.0, step_in_backward=flag)
+        train(config, log=lambda s: None)
+        runs[name] = MetricsLog(tmp_path / name / "run" / "metrics.jsonl").read()
+    assert [r["loss"] for r in runs["after"]] == [r["loss"] for r in runs["inside"]]
+    assert all(r["grad_norm"] is None for r in runs["inside"])
+    assert all(r["grad_norm"] > 0 for r in runs["after"])

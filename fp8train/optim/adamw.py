@@ -244,6 +244,8 @@ class AdamW(torch.optim.Optimizer):
         self._steps_taken = 0
         self._nonfinite_total = 0
         self._nonfinite_pending: list = []  # (host count tensor, cuda event, step number) not read yet
+        self._backward_hooks: list = []  # handles while the update runs inside backward (step_in_backward)
+        self._backward_counts: list = []  # skipped-element counts of those updates, queued by the next step()
         super().__init__(params, defaults)
 
     # -- options -----------------------------------------------------------------------------------------
@@ -325,31 +327,84 @@ class AdamW(torch.optim.Optimizer):
                             "torch.optim.SparseAdam for them or nn.Embedding(sparse=False)")
         self._read_nonfinite(block=False)
         self._steps_taken += 1
-        fused_work: dict = {}
-        counts = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._init_state(p, group)
-                state["step"] += 1
-                # sharded parameters: update this rank's shard (local views share storage with the DTensors)
-                param, grad = local_view(p), local_view(p.grad)
-                local_state = {key: local_view(value) for key, value in state.items()}
-                mode = storage_mode(p, group["states"])
-                if param.numel() == 0:
-                    continue
-                if self._use_kernel(param, grad):
-                    key = (param.device, param.dtype, grad.dtype, mode, group["m_format"], group["v_format"],
-                           group["group_size"], group["master_weights"] == "bf16_stochastic", group["maximize"])
-                    fused_work.setdefault(key, []).append((param, grad, group, local_state))
-                else:
-                    counts.append(self._reference_update(param, grad, group, local_state, mode, salt=len(counts)))
-        for launch, (key, work) in enumerate(fused_work.items()):
-            counts.append(self._fused_update(key, work, launch))
+        counts = self._update([(p, group) for group in self.param_groups for p in group["params"]
+                               if p.grad is not None])
+        counts, self._backward_counts = self._backward_counts + counts, []
         if counts:
             self._queue_nonfinite(counts)
         return loss
+
+    def _update(self, work_items: list, salt: int = 0) -> list:
+        """Update each ``(parameter, group)`` from its ``.grad``; returns the skipped-element counts (tensors).
+
+        ``salt`` offsets the stochastic-rounding seeds (a parameter's index when parameters update one by one)."""
+        fused_work: dict = {}
+        counts = []
+        for p, group in work_items:
+            state = self._init_state(p, group)
+            state["step"] += 1
+            # sharded parameters: update this rank's shard (local views share storage with the DTensors)
+            param, grad = local_view(p), local_view(p.grad)
+            local_state = {key: local_view(value) for key, value in state.items()}
+            mode = storage_mode(p, group["states"])
+            if param.numel() == 0:
+                continue
+            if self._use_kernel(param, grad):
+                key = (param.device, param.dtype, grad.dtype, mode, group["m_format"], group["v_format"],
+                       group["group_size"], group["master_weights"] == "bf16_stochastic", group["maximize"])
+                fused_work.setdefault(key, []).append((param, grad, group, local_state))
+            else:
+                counts.append(self._reference_update(param, grad, group, local_state, mode, salt=salt + len(counts)))
+        for launch, (key, work) in enumerate(fused_work.items()):
+            counts.append(self._fused_update(key, work, salt + launch))
+        return counts
+
+    # -- the update inside backward --------------------------------------------------------------------------
+    def step_in_backward(self) -> "AdamW":
+        """Update every parameter as soon as backward has accumulated its gradient, then free the gradient.
+
+        The model then never holds a full set of gradients: at most the ones of the module backward is in (the
+        memory of one gradient buffer -- 2 bytes per parameter with bf16 gradients -- is saved).  Each backward
+        *is* an optimizer step, so gradient accumulation, gradient clipping (it needs every gradient first) and
+        ``GradScaler`` do not combine with it.  Keep calling ``step()`` after backward as usual: it then only
+        updates parameters whose gradient the hooks did not take and does the non-finite bookkeeping;
+        ``zero_grad()`` and the learning-rate schedule work as before.  Parameters update one at a time (one
+        kernel launch each on CUDA, instead of one for all).  Not under CUDA-graph capture (the host-side step
+        count would be frozen into the graph) nor for sharded (FSDP2) parameters, whose gradients arrive after
+        the reduce-scatter; both raise.  ``stop_step_in_backward()`` removes the hooks.
+        """
+        if self._backward_hooks:
+            return self
+        for group in self.param_groups:
+            for p in group["params"]:
+                if is_dtensor(p):
+                    raise ValueError("step_in_backward does not support sharded (FSDP2 / DTensor) parameters: "
+                                     "their gradients are reduce-scattered after the hook would fire; call step() "
+                                     "after backward instead")
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._backward_hooks.append(p.register_post_accumulate_grad_hook(
+                        functools.partial(self._update_in_backward, group=group, salt=index)))
+                index += 1
+        return self
+
+    def stop_step_in_backward(self) -> None:
+        for handle in self._backward_hooks:
+            handle.remove()
+        self._backward_hooks = []
+
+    @torch.no_grad()
+    def _update_in_backward(self, p: torch.Tensor, group: dict, salt: int) -> None:
+        if p.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("step_in_backward cannot run inside a CUDA-graph capture (the step count and "
+                               "learning rate would be frozen into the graph); call stop_step_in_backward() "
+                               "before capturing and step() after each replay")
+        if p.grad.is_sparse:
+            raise TypeError("fp8train.AdamW does not support sparse gradients")
+        self._backward_counts.extend(self._update([(p, group)], salt=salt))
+        p.grad = None
 
     def _use_kernel(self, p: torch.Tensor, grad: torch.Tensor) -> bool:
         if self.fused is False:

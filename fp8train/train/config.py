@@ -41,6 +41,7 @@ class TrainConfig:
     nproc: int = 1                    # processes (one per GPU); > 1: FSDP2 sharding, DCP checkpoints
     compile: bool = False
     cuda_graph: bool = False          # replay each micro-batch's forward + backward as one CUDA graph
+    step_in_backward: bool = False    # fp8train.AdamW updates each parameter inside backward (no gradient buffer)
     grad_checkpointing: bool = False
     # optimisation
     steps: int = 300
@@ -129,6 +130,15 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if blockers:
             raise TrainError(f"--cuda-graph cannot be combined with {', '.join(blockers)}: it replays one captured "
                              "forward + backward on one GPU (raise --batch-size instead of --grad-accum)")
+    if c.step_in_backward:
+        blockers = [flag for flag, on in (("--optimizer adamw", c.optimizer != "fp8adamw"),
+                                          ("--grad-accum > 1", c.grad_accum > 1), ("--nproc > 1", c.nproc > 1),
+                                          ("--cuda-graph", c.cuda_graph),
+                                          (f"--grad-clip {c.grad_clip:g} (use --grad-clip 0)", c.grad_clip > 0)) if on]
+        if blockers:
+            raise TrainError(f"--step-in-backward cannot be combined with {', '.join(blockers)}: each parameter is "
+                             "updated as soon as its gradient exists, so every backward is a whole optimizer step "
+                             "and no full set of gradients is ever there to clip, accumulate or reduce")
     if c.master_weights == "bf16" and c.optimizer != "fp8adamw":
         raise TrainError("--master-weights bf16 needs --optimizer fp8adamw: it rounds bf16 parameter updates "
                          "stochastically, where torch.optim.AdamW would lose updates smaller than bf16's step")
@@ -241,6 +251,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
     g.add_argument("--cuda-graph", action="store_true", default=S,
                    help="capture forward + backward once and replay it as a CUDA graph (removes the Python cost "
                         "of eager FP8 training; one GPU, --grad-accum 1, no --compile / --grad-checkpointing)")
+    g.add_argument("--step-in-backward", action="store_true", default=S,
+                   help="fp8train.AdamW updates each parameter as soon as backward produced its gradient and frees "
+                        "it: no full gradient buffer (needs --grad-clip 0, --grad-accum 1, one process, no "
+                        "--cuda-graph); the logged grad_norm is then null")
     g.add_argument("--grad-checkpointing", action="store_true", default=S,
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g = parser.add_argument_group("optimisation")
@@ -300,7 +314,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
 _DECIDES_LOSSES = ("model", "recipe", "optimizer", "master_weights", "vocab_size", "steps", "batch_size", "seq_len",
                    "grad_accum", "lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
-_DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head")
+_DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head", "step_in_backward")
 
 
 def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:

@@ -345,6 +345,8 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
     if c.cuda_graph and (device.type != "cuda" or run is not None):
         raise TrainError("--cuda-graph needs one CUDA GPU (no --nproc, not under torchrun)")
     optimizer = make_optimizer(model, c, device)
+    if c.step_in_backward:
+        optimizer.step_in_backward()  # after this, backward leaves no gradients: step() only does bookkeeping
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c))
     sampler = WindowSampler(train_tokens, c.seq_len, c.seed)
     evals = eval_batches(eval_tokens, c.seq_len, c.batch_size, c.eval_batches)
@@ -424,7 +426,9 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                 if not math.isfinite(loss_value):
                     raise Diverged(f"the loss became {loss_value} at step {step}; lower --lr (now {c.lr:g}) or "
                                    f"raise --warmup-steps; the last good checkpoint is in {checkpoints}", step)
-                if c.grad_clip > 0:
+                if c.step_in_backward:
+                    norm = None  # the gradients were used and freed inside backward
+                elif c.grad_clip > 0:
                     norm = clip_grad_norm(params, c.grad_clip)
                 elif run is not None:
                     norm = grad_norm(params)
