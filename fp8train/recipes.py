@@ -40,7 +40,10 @@ class Recipe:
       ``*_granularity`` -- their scale groups: ``"tensor"`` (the fast path, ``torch._scaled_mm``), or
       ``"1x128"`` / ``"128x128"`` (emulated: dequantize and matmul in fp32);
       ``fast_accumulation`` -- let the forward GEMM use the tensor cores' faster, less precise accumulation
-      (off: every GEMM accumulates in fp32, as COAT does).
+      (off: every GEMM accumulates in fp32, as COAT does);
+      ``cache_fp8_weights`` -- make each weight's FP8 copies (row-major for forward, transposed for backward)
+      once per optimizer step and reuse them in every micro-batch of the step (see
+      :mod:`fp8train.nn.linear`); costs 2 bytes per linear weight parameter, kept between steps.
 
     Activations (``compress_activations=True``): norms, activation functions and the gated product (act(gate)
     * up) save their inputs in FP8 E4M3 with 1x16 group scales.  ``precision_flow`` enables the Llama-style
@@ -74,6 +77,7 @@ class Recipe:
     weight_granularity: str = "tensor"
     grad_granularity: str = "tensor"
     fast_accumulation: bool = False
+    cache_fp8_weights: bool = False
     recompute_gated_product: bool = True
     keep_bf16: tuple = ("lm_head", "score", "classifier", "qa_outputs")
     chunked_loss: bool = False

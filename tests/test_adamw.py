@@ -345,13 +345,15 @@ for states, mf, vf, dtype, master in [("dre", "e4m3", "e4m3", torch.float32, Non
     ps, qs = make(), make()
     kw = dict(lr=1e-2, states=states, m_format=mf, v_format=vf, master_weights=master)
     a, b = fp8train.AdamW(ps, fused=True, **kw), fp8train.AdamW(qs, fused=False, **kw)
-    worst_param, worst_code, meta_equal = 0.0, 0.0, True
+    worst_param, worst_code, meta_equal, bumped = 0.0, 0.0, True, True
     for it in range(3):
         gen = torch.Generator().manual_seed(100 + it)
         for p, q in zip(ps, qs):
             g = torch.randn(p.shape, generator=gen) * 10.0 ** torch.randint(-3, 2, p.shape, generator=gen)
             p.grad, q.grad = g.to(dtype), g.to(dtype)
+        versions = [p._version for p in ps]
         a.step(); b.step()
+        bumped &= all(p._version > v for p, v in zip(ps, versions))  # caches keyed on versions see the write
         for p, q in zip(ps, qs):
             worst_param = max(worst_param, ((p.float() - q.float()).norm() / q.float().norm()).item())
             for key, value in b.state[q].items():
@@ -373,7 +375,8 @@ for states, mf, vf, dtype, master in [("dre", "e4m3", "e4m3", torch.float32, Non
             p.data.copy_(q.data)
             for key in a.state[p]:
                 a.state[p][key].copy_(b.state[q][key])
-    out[f"{states}-{mf}-{vf}-{dtype}"] = dict(param=worst_param, code_steps=worst_code, meta_equal=bool(meta_equal))
+    out[f"{states}-{mf}-{vf}-{dtype}"] = dict(param=worst_param, code_steps=worst_code, meta_equal=bool(meta_equal),
+                                             version_bumped=bool(bumped))
 print(json.dumps(out))
 """
 
@@ -393,6 +396,7 @@ def test_triton_kernel_indexing_in_interpreter():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, r in results.items():
         assert r["meta_equal"], name
+        assert r["version_bumped"], name
         assert r["code_steps"] <= 1.0 + 1e-6, (name, r)
         tol = 1e-6 if "float32" in name else 2.0**-7  # bf16: one ulp from the interpreter's truncating cast
         assert r["param"] <= tol, (name, r)

@@ -198,3 +198,15 @@ def test_step_in_backward_trains_like_step_after_backward(tmp_path):
     assert [r["loss"] for r in runs["after"]] == [r["loss"] for r in runs["inside"]]
     assert all(r["grad_norm"] is None for r in runs["inside"])
     assert all(r["grad_norm"] > 0 for r in runs["after"])
+
+
+def test_fp8_weight_cache_gives_the_same_losses(tmp_path):
+    """--fp8-weight-cache with --grad-accum 2: one FP8 copy per weight per step, the same losses bit for bit."""
+    runs = {}
+    for name, flag in (("plain", False), ("cached", True)):
+        config = tiny_config(tmp_path / name, steps=4, recipe="coat", grad_accum=2, fp8_weight_cache=flag)
+        train(config, log=lambda s: None)
+        runs[name] = [r["loss"] for r in MetricsLog(tmp_path / name / "run" / "metrics.jsonl").read()]
+    assert runs["plain"] == runs["cached"]
+    with pytest.raises(TrainError, match="fp8-weight-cache"):
+        resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fp8_weight_cache=True))

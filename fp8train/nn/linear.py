@@ -42,6 +42,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.weak
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import mixed_granularity as mg
 from ..quant import Granularity, QuantizedTensor, group_scaling_amax, quantize
@@ -62,6 +64,7 @@ __all__ = [
     "kept_by_attention",
     "fp8_gemm_supported",
     "linear_sharing_parameters",
+    "drop_cached_weights",
 ]
 
 
@@ -139,6 +142,49 @@ def _as_matrix(q: QuantizedTensor, data_t: Optional[torch.Tensor] = None) -> Qua
         amax = amax.reshape(m, 1)
     data = data_t.t() if data_t is not None else q.data.reshape(m, k)
     return QuantizedTensor(data, amax, q.fmt, q.granularity, torch.Size((m, k)), q.dtype)
+
+
+# -- FP8 weights made once per optimizer step (Recipe.cache_fp8_weights) ------------------------------------
+#
+# Without the cache every micro-batch quantizes each weight twice (forward: row-major; backward: transposed).
+# With it, the forward of the first micro-batch after an optimizer step writes both layouts in one pass and
+# every later use until the next step reuses them.  A copy is valid while three things are unchanged: the
+# weight's storage (data_ptr), its version counter (in-place writes: load_state_dict, torch optimizers;
+# fp8train.AdamW's kernel bumps it too) and the optimizer-step generation (every torch.optim optimizer's step
+# ends with a global hook; FSDP2 re-gathers weights into the same storage without a version bump, and the
+# generation covers that).  Under FSDP2 the cache would hold copies of every gathered (unsharded) weight, so
+# leave it off there; inside a CUDA-graph capture it is bypassed (the graph must record the quantization).
+
+_weight_cache = torch.utils.weak.WeakIdKeyDictionary()
+_step_generation = 0
+_step_hook = None
+
+
+def _next_generation(optimizer, args, kwargs) -> None:
+    global _step_generation
+    _step_generation += 1
+
+
+def _cached_weight(weight: torch.Tensor, recipe: Recipe, w_fmt, w_gran) -> LinearInput:
+    """The weight's FP8 copies (both layouts where the GEMM backend needs the transpose), made once per step."""
+    global _step_hook
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a graph must record the quantization itself: replays run after optimizer steps the host never sees
+        return _quantize(weight, w_fmt, w_gran, transpose=wants_transpose(weight.device, recipe))
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_next_generation)
+    key = (weight.data_ptr(), weight._version, _step_generation)
+    hit = _weight_cache.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = _quantize(weight, w_fmt, w_gran, transpose=wants_transpose(weight.device, recipe))
+    _weight_cache[weight] = (key, value)
+    return value
+
+
+def drop_cached_weights() -> None:
+    """Free every cached FP8 weight copy (they are rebuilt on the next forward)."""
+    _weight_cache.clear()
 
 
 # -- the GEMM ------------------------------------------------------------------------------------------------
@@ -261,7 +307,10 @@ def fp8_linear_forward(x: Union[torch.Tensor, QuantizedTensor, LinearInput], wei
     if weight.dim() != 2 or x_q.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8 linear: input of shape {tuple(x_q.shape)} does not match weight of shape "
                          f"{tuple(weight.shape)} (need input[..., {weight.shape[1] if weight.dim() == 2 else '?'}])")
-    w_q = _quantize(weight, w_fmt, w_gran).q
+    if recipe.cache_fp8_weights:
+        w_q = _cached_weight(weight, recipe, w_fmt, w_gran).q
+    else:
+        w_q = _quantize(weight, w_fmt, w_gran).q
     y = scaled_matmul(_as_matrix(x_q), w_q, torch.float32 if bias is not None else out_dtype, transpose_b=True,
                       fast_accumulation=recipe.fast_accumulation)
     if bias is not None:
@@ -294,8 +343,11 @@ def fp8_linear_backward(dy: Union[torch.Tensor, LinearInput], saved: LinearSaved
     dx = dweight = None
     if needs_input_grad:
         # dX = dY W: W is the second operand and must be column-major, i.e. the transposed FP8 weight
-        w_in = _quantize(weight, w_fmt, w_gran, amax=saved.weight_amax,
-                         transpose=wants_transpose(weight.device, recipe))
+        if recipe.cache_fp8_weights:
+            w_in = _cached_weight(weight, recipe, w_fmt, w_gran)
+        else:
+            w_in = _quantize(weight, w_fmt, w_gran, amax=saved.weight_amax,
+                             transpose=wants_transpose(weight.device, recipe))
         w_q = w_in.q if w_in.data_t is None else _as_matrix(w_in.q, w_in.data_t)
         dx = scaled_matmul(dy2, w_q, saved.input_dtype).reshape(saved.input_shape)
     if needs_weight_grad:

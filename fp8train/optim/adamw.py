@@ -457,9 +457,12 @@ class AdamW(torch.optim.Optimizer):
         scalars = [kernel_scalars(state["step"].item(), **self._hyper(group)) for _, _, group, state in work]
         # one seed per launch (the kernel mixes in each tensor's index and element offset)
         seed = rounding_seed(work[0][3]["step"].item(), launch) if stochastic else 0
-        return fused_adamw_step([w[0] for w in work], [w[1] for w in work], [w[3] for w in work],
-                                scalars, mode=mode, m_format=m_format, v_format=v_format, group_size=group_size,
-                                stochastic_rounding=stochastic, maximize=maximize, seed=seed)
+        count = fused_adamw_step([w[0] for w in work], [w[1] for w in work], [w[3] for w in work],
+                                 scalars, mode=mode, m_format=m_format, v_format=v_format, group_size=group_size,
+                                 stochastic_rounding=stochastic, maximize=maximize, seed=seed)
+        for param, *_ in work:  # the kernel wrote through raw pointers: tell version-keyed caches (FP8 weights)
+            torch.autograd.graph.increment_version(param)
+        return count
 
     # -- non-finite bookkeeping ------------------------------------------------------------------------------
     def _queue_nonfinite(self, counts: list) -> None:

@@ -42,6 +42,7 @@ class TrainConfig:
     compile: bool = False
     cuda_graph: bool = False          # replay each micro-batch's forward + backward as one CUDA graph
     step_in_backward: bool = False    # fp8train.AdamW updates each parameter inside backward (no gradient buffer)
+    fp8_weight_cache: bool = False    # FP8 weight copies made once per optimizer step (Recipe.cache_fp8_weights)
     grad_checkpointing: bool = False
     # optimisation
     steps: int = 300
@@ -130,6 +131,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if blockers:
             raise TrainError(f"--cuda-graph cannot be combined with {', '.join(blockers)}: it replays one captured "
                              "forward + backward on one GPU (raise --batch-size instead of --grad-accum)")
+    if c.fp8_weight_cache and (c.recipe == "bf16" or c.simulate_format is not None):
+        raise TrainError("--fp8-weight-cache keeps FP8 copies of the weights of FP8 linear layers: it needs an FP8 "
+                         "recipe (fp8, coat, coat-lean), not bf16 or --simulate-format")
+    if c.fp8_weight_cache and c.nproc > 1:
+        raise TrainError("--fp8-weight-cache with --nproc > 1 would keep FP8 copies of every gathered (unsharded) "
+                         "weight on each GPU, undoing FSDP's sharding; leave it off for multi-GPU runs")
     if c.step_in_backward:
         blockers = [flag for flag, on in (("--optimizer adamw", c.optimizer != "fp8adamw"),
                                           ("--grad-accum > 1", c.grad_accum > 1), ("--nproc > 1", c.nproc > 1),
@@ -255,6 +262,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                    help="fp8train.AdamW updates each parameter as soon as backward produced its gradient and frees "
                         "it: no full gradient buffer (needs --grad-clip 0, --grad-accum 1, one process, no "
                         "--cuda-graph); the logged grad_norm is then null")
+    g.add_argument("--fp8-weight-cache", action="store_true", default=S,
+                   help="quantize each weight once per optimizer step (both layouts) and reuse the FP8 copies in "
+                        "every micro-batch: fewer kernels with --grad-accum > 1, for 2 extra bytes per linear "
+                        "weight parameter; the same results bit for bit")
     g.add_argument("--grad-checkpointing", action="store_true", default=S,
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g = parser.add_argument_group("optimisation")

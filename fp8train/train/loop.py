@@ -324,7 +324,12 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         raise
     if c.master_weights == "bf16":  # bf16 parameters, updated with stochastic rounding by fp8train.AdamW
         model = model.to(torch.bfloat16)
-    model = apply_recipe(model, simulated_recipe(c) or c.recipe)
+    recipe = simulated_recipe(c) or c.recipe
+    if c.fp8_weight_cache:
+        from ..recipes import resolve_recipe
+
+        recipe = resolve_recipe(recipe).replace(cache_fp8_weights=True)
+    model = apply_recipe(model, recipe)
     if c.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpoints = out / "checkpoints"
