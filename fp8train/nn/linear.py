@@ -165,12 +165,13 @@ def _next_generation(optimizer, args, kwargs) -> None:
     _step_generation += 1
 
 
-def _cached_weight(weight: torch.Tensor, recipe: Recipe, w_fmt, w_gran) -> LinearInput:
-    """The weight's FP8 copies (both layouts where the GEMM backend needs the transpose), made once per step."""
+def _cached_weight(weight: torch.Tensor, recipe: Recipe, w_fmt, w_gran) -> Optional[LinearInput]:
+    """The weight's FP8 copies (both layouts where the GEMM backend needs the transpose), made once per step;
+    None where the cache does not apply (the caller then quantizes as without it)."""
     global _step_hook
-    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not recipe.cache_fp8_weights or (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
         # a graph must record the quantization itself: replays run after optimizer steps the host never sees
-        return _quantize(weight, w_fmt, w_gran, transpose=wants_transpose(weight.device, recipe))
+        return None
     if _step_hook is None:
         _step_hook = register_optimizer_step_post_hook(_next_generation)
     key = (weight.data_ptr(), weight._version, _step_generation)
@@ -307,10 +308,8 @@ def fp8_linear_forward(x: Union[torch.Tensor, QuantizedTensor, LinearInput], wei
     if weight.dim() != 2 or x_q.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8 linear: input of shape {tuple(x_q.shape)} does not match weight of shape "
                          f"{tuple(weight.shape)} (need input[..., {weight.shape[1] if weight.dim() == 2 else '?'}])")
-    if recipe.cache_fp8_weights:
-        w_q = _cached_weight(weight, recipe, w_fmt, w_gran).q
-    else:
-        w_q = _quantize(weight, w_fmt, w_gran).q
+    cached = _cached_weight(weight, recipe, w_fmt, w_gran)
+    w_q = cached.q if cached is not None else _quantize(weight, w_fmt, w_gran).q
     y = scaled_matmul(_as_matrix(x_q), w_q, torch.float32 if bias is not None else out_dtype, transpose_b=True,
                       fast_accumulation=recipe.fast_accumulation)
     if bias is not None:
@@ -343,9 +342,8 @@ def fp8_linear_backward(dy: Union[torch.Tensor, LinearInput], saved: LinearSaved
     dx = dweight = None
     if needs_input_grad:
         # dX = dY W: W is the second operand and must be column-major, i.e. the transposed FP8 weight
-        if recipe.cache_fp8_weights:
-            w_in = _cached_weight(weight, recipe, w_fmt, w_gran)
-        else:
+        w_in = _cached_weight(weight, recipe, w_fmt, w_gran)
+        if w_in is None:
             w_in = _quantize(weight, w_fmt, w_gran, amax=saved.weight_amax,
                              transpose=wants_transpose(weight.device, recipe))
         w_q = w_in.q if w_in.data_t is None else _as_matrix(w_in.q, w_in.data_t)
