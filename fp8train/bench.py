@@ -61,7 +61,8 @@ CONFIGS = {
 }
 LEAN_OPTIONS = {"master": "bf16", "optimizer": {"master_weights": "bf16_stochastic"}}
 DEFAULT_CONFIGS = ["bf16_eager", "bf16_compiled", "torchao_float8_compiled", "torchao_float8_adamwfp8_compiled",
-                   "fp8train_fp8", "fp8train_coat", "fp8train_coat_compiled", "fp8train_coat_lean"]
+                   "fp8train_fp8", "fp8train_coat", "fp8train_coat_compiled", "fp8train_coat_lean",
+                   "fp8train_coat_lean_graphed"]
 
 
 def build_model(shape: str, *, master_dtype=None):
