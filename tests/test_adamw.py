@@ -400,3 +400,44 @@ def test_triton_kernel_indexing_in_interpreter():
         assert r["code_steps"] <= 1.0 + 1e-6, (name, r)
         tol = 1e-6 if "float32" in name else 2.0**-7  # bf16: one ulp from the interpreter's truncating cast
         assert r["param"] <= tol, (name, r)
+
+
+TILE_SCRIPT = r"""
+import json, torch, fp8train
+shapes = [(3, 200), (300,), (2, 3, 130), (4, 256)]
+out = {}
+for master, dtype in ((None, torch.float32), ("bf16_stochastic", torch.bfloat16)):
+    runs = []
+    for tile in (None, (256, 4), (512, 2)):
+        ps = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dtype))
+              for i, s in enumerate(shapes)]
+        opt = fp8train.AdamW(ps, lr=1e-2, fused=True, master_weights=master)
+        opt.kernel_tile = tile
+        for it in range(2):
+            gen = torch.Generator().manual_seed(7 + it)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        runs.append((ps, opt))
+    (ref, ref_opt), *others = runs
+    same = True
+    for ps, opt in others:
+        for p, q in zip(ps, ref):
+            same &= torch.equal(p, q)
+            for key, value in ref_opt.state[q].items():
+                mine = opt.state[p][key]
+                same &= torch.equal(mine.view(torch.uint8) if mine.dtype.itemsize == 1 and mine.is_floating_point() else mine,
+                                    value.view(torch.uint8) if value.dtype.itemsize == 1 and value.is_floating_point() else value)
+    out[str(dtype)] = bool(same)
+print(json.dumps(out))
+"""
+
+
+def test_kernel_tile_does_not_change_results_in_interpreter():
+    """fp8train.AdamW.kernel_tile (elements per program, warps) only changes the launch: bit-identical results."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", TILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"torch.float32": True, "torch.bfloat16": True}
+

@@ -169,6 +169,11 @@ def check_rmsnorm():
                     dx, dw = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style)
                     dxr, dwr = ref.rmsnorm_backward(dy.to(yr.dtype), sr, w)
                     close(dx, dxr, dtype, scale=4)
+                    # a tuning plan (rows per block, warps, programs per SM) changes the launch, not dx
+                    dxp, dwp = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style, plan=(1, 4, 1))
+                    assert torch.equal(dxp, dx)
+                    if w is not None:
+                        close(dwp, dw, torch.float32, scale=4)
                     # fused residual add + norm (h = r + x is the norm's input)
                     r = _inputs(shape, dtype, seed=5)
                     h, y2, rstd2, copy2 = kernel.rmsnorm_forward(x, w, 1e-5, style, residual=r)

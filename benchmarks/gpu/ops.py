@@ -300,6 +300,40 @@ def check_cuda_graph(report):
                      error=repr(exc)[:300])
 
 
+NORM_BACKWARD_PLANS = ((1, 4, 8), (1, 8, 4), (2, 4, 8), (2, 8, 8), (4, 8, 4), (4, 16, 2), (8, 16, 2), (1, 4, 16))
+
+
+def _sweep_norm_backward(report, copy):
+    """The norm backward's launch plan (rows per block, warps, programs per SM) on the 953M model's case: hidden
+    2048, 8192 tokens, residual gradient and a second output gradient (the norm feeding gate and up).  In the
+    model it ran at ~4x its traffic time; dx must not change with the plan."""
+    from fp8train.kernels import rmsnorm as kernel
+    from fp8train.nn import rmsnorm as rms_op
+
+    x = bf16_input((8192, 2048))
+    w = torch.ones(2048, dtype=torch.bfloat16, device="cuda")
+    dy, dy2, dres = (bf16_input((8192, 2048), seed=s) for s in (2, 3, 4))
+    _, saved = rms_op.rmsnorm_forward(x, w, 1e-5)
+    n = x.numel()
+    nbytes = 4 * 2 * n + n + n // 16 * 2  # dy, dy2, dres read, dx written; FP8 copy + bf16 amax read
+
+    def run(plan):
+        return kernel.rmsnorm_backward(dy, saved.x, saved.rstd, w, saved.style, residual_grad=dres, second_dy=dy2,
+                                       plan=plan)
+
+    reference = run(None)[0]
+    for plan in (None, *NORM_BACKWARD_PLANS):
+        ms = bench_ms(lambda: run(plan))
+        dx = run(plan)[0]
+        # the row sums' order follows the warp layout: dx may move by a bf16 rounding, no more
+        err = max_rel(dx, reference)
+        _row(report, f"ops: rmsnorm bwd 8192x2048 + residual + second dy, plan {plan or 'default'}", ms, nbytes, copy,
+             same_dx=torch.equal(dx, reference), max_rel_dx=err)
+        if err > 2.0**-7:
+            report.check(f"ops: rmsnorm bwd plan {plan}: dx within a bf16 rounding of the default plan's", False,
+                         max_rel=err)
+
+
 def bench(report):
     import torch.nn.functional as F
 
@@ -351,6 +385,7 @@ def bench(report):
     _row(report, "ops: rmsnorm bwd (dx + dweight) 8192x4096", ms, 2 * n + copy_bytes + 2 * n, copy, ref)
     ms = bench_ms(lambda: rms_op.rmsnorm_backward(dy, saved, w, residual_grad=x))
     _row(report, "ops: rmsnorm bwd + residual grad add 8192x4096", ms, 4 * n + copy_bytes + 2 * n, copy)
+    _sweep_norm_backward(report, copy)
 
     plain = bench_ms(lambda: F.layer_norm(x, (4096,), w, b, 1e-5))
     ms = bench_ms(lambda: ln_op.layernorm_forward(x, w, b, 1e-5))

@@ -13,6 +13,8 @@ Checks (kernel ``fused=True`` against the torch reference ``fused=False``, both 
   * stochastic rounding: unbiased mean on a bf16 parameter that round-to-nearest could not move.
 Benchmark: optimizer step on the 953M Llama's parameters (fp32 params and grads) against
 torch.optim.AdamW(fused=True) with fp32 states: median ms, ratio, bytes/param of the state.
+Tile sweep (``AdamW.kernel_tile``: elements per program x warps) for DRE with fp32 and with bf16 + stochastic
+rounding parameters: ms per tile, and a check that every tile gives the default tile's bits.
 """
 
 from __future__ import annotations
@@ -231,6 +233,41 @@ def _bench(report):
                      ratio_vs_torch_fused=round(ms / baseline_ms, 3))
 
 
+TILES = ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16))
+
+
+def _bench_tiles(report):
+    """Which launch tile runs the step fastest -- the kernel is compute-bound (~3x its memory-traffic floor)."""
+    import triton.testing
+
+    shapes = llama_953m_shapes()
+    for label, dtype, master in (("fp32 params", torch.float32, None),
+                                 ("bf16 params + stochastic rounding", torch.bfloat16, "bf16_stochastic")):
+        start = [(torch.randn(s, device=DEVICE) * 0.02).to(dtype) for s in shapes]
+        grads = [(torch.randn(s, device=DEVICE) * 1e-3).to(dtype) for s in shapes]
+        reference = None
+        for tile in (None, *TILES):
+            params = [torch.nn.Parameter(p.clone()) for p in start]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt = AdamW(params, lr=1e-4, master_weights=master)
+            opt.kernel_tile = tile
+            opt.step()  # state, compile
+            torch.cuda.synchronize()
+            result = [p.detach().clone() for p in params[:3]]  # one step from the same start
+            ms = triton.testing.do_bench(opt.step, warmup=10, rep=100, return_mode="median")
+            if reference is None:
+                reference = result
+                report.add_bench(f"optim/tile default {label} (953M)", ms=round(ms, 3))
+            else:
+                same = all(torch.equal(a, b) for a, b in zip(result, reference))
+                report.add_bench(f"optim/tile {tile[0]}x{tile[1]}w {label} (953M)", ms=round(ms, 3), same_bits=same)
+                if not same:
+                    report.check(f"optim/tile {tile} gives the default tile's bits ({label})", False)
+            del opt, params
+            torch.cuda.empty_cache()
+
+
 def run(report):
     if not torch.cuda.is_available():
         raise RuntimeError("benchmarks/gpu/optim.py needs a CUDA device")
@@ -243,3 +280,4 @@ def run(report):
     _check_nonfinite(report)
     _check_stochastic_rounding(report)
     _bench(report)
+    _bench_tiles(report)

@@ -260,15 +260,21 @@ def _to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Te
     return table
 
 
+DEFAULT_TILE = (2048, 8)  # elements per program, warps
+
+
 def fused_adamw_step(params: list, grads: list, states: list, scalars: list, *, mode: str, m_format: str,
-                     v_format: str, group_size: int, stochastic_rounding: bool, maximize: bool, seed: int) -> torch.Tensor:
+                     v_format: str, group_size: int, stochastic_rounding: bool, maximize: bool, seed: int,
+                     tile: tuple = DEFAULT_TILE) -> torch.Tensor:
     """Update every (param, grad, state) in one launch; returns the device count of skipped (non-finite) elements.
 
     All params share dtype, device and storage options; params and grads must be contiguous.  ``scalars`` holds one
-    tuple per tensor (see ``fp8train.optim.adamw.kernel_scalars``).
+    tuple per tensor (see ``fp8train.optim.adamw.kernel_scalars``).  ``tile`` = (elements per program, warps):
+    whole scaling groups per program, so the results do not depend on it (benchmarks/gpu/optim.py sweeps it).
     """
     device = params[0].device
-    block_g = max(1, 2048 // group_size)
+    tile_elements, warps = tile
+    block_g = max(1, tile_elements // group_size)
     rows, groups, pointers, last_dims = [], [], [], []
     for p, g, st in zip(params, grads, states):
         cols = p.shape[-1] if p.dim() else 1
@@ -294,6 +300,6 @@ def fused_adamw_step(params: list, grads: list, states: list, scalars: list, *, 
         PARAM_BF16=params[0].dtype == torch.bfloat16, GRAD_KIND=_GRAD_KINDS[grads[0].dtype],
         STOCHASTIC=stochastic_rounding, MAXIMIZE=maximize, ALIGNED=aligned, FAST_MATH=device.type == "cuda",
         GROUP=group_size, BLOCK_G=block_g,
-        num_warps=8 if block_g * group_size >= 2048 else 4,
+        num_warps=warps,
     )
     return counter

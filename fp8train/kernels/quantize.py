@@ -27,7 +27,7 @@ import triton.language as tl
 from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 
 __all__ = ["quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile",
-           "load_group_copy", "as_rows", "partials_capacity", "row_loop_programs",
+           "load_group_copy", "as_rows", "partials_capacity", "row_loop_programs", "sm_count",
            "tensorwise_amax", "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise", "BLOCK_P"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
@@ -223,18 +223,21 @@ def _sm_count(device_index: int) -> int:
         return 132
 
 
+def sm_count(x: torch.Tensor) -> int:
+    """Streaming multiprocessors of the GPU holding ``x`` (132 under the CPU interpreter)."""
+    return _sm_count(x.device.index if x.is_cuda and x.device.index is not None else 0)
+
+
 def row_loop_programs(x: torch.Tensor, row_blocks: int) -> int:
     """Programs for a backward kernel that loops over row blocks and sums per-program weight-gradient partials:
     eight per SM keep enough loads in flight (two per SM ran the norm backward at a quarter of copy bandwidth);
     the partials are summed by torch afterwards, so their number is not capped by BLOCK_P."""
-    index = x.device.index if x.is_cuda and x.device.index is not None else 0
-    return max(1, min(row_blocks, 8 * _sm_count(index)))
+    return max(1, min(row_blocks, 8 * sm_count(x)))
 
 
 def partials_capacity(x: torch.Tensor) -> int:
     """How many programs a first (amax) pass may use: a few per SM, at most BLOCK_P."""
-    index = x.device.index if x.is_cuda and x.device.index is not None else 0
-    return min(BLOCK_P, 4 * _sm_count(index))
+    return min(BLOCK_P, 4 * sm_count(x))
 
 
 def _tile(N: int, G: int) -> tuple[int, int]:

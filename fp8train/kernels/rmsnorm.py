@@ -12,14 +12,16 @@ transposed, with the global amax -- the two-stage group-scaling amax without a b
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from .quantize import (BLOCK_P, E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy,
-                       partials_capacity, quantize_group_tile, row_loop_programs, shared_amax, store_tensorwise,
-                       tile_amax_bits)
+                       partials_capacity, quantize_group_tile, row_loop_programs, shared_amax, sm_count,
+                       store_tensorwise, tile_amax_bits)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
@@ -154,12 +156,22 @@ def _row_plan(M: int, N: int, target: int = 4096) -> tuple[int, int, int]:
     return block_n, bm, warps
 
 
-def _backward_row_plan(dy: torch.Tensor, M: int, N: int) -> tuple[int, int, int, int, int]:
+def _backward_row_plan(dy: torch.Tensor, M: int, N: int, plan: Optional[tuple] = None
+                       ) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BM, num_warps, programs, row blocks per program) of the norm backward kernels, whose programs
-    loop over row blocks and keep per-program weight-gradient partials."""
+    loop over row blocks and keep per-program weight-gradient partials.
+
+    ``plan`` = (rows per block, warps, programs per SM) overrides the defaults -- a tuning aid
+    (benchmarks/gpu/ops.py sweeps it); results change only through fp32 summation order (the row sums' warp
+    layout, the dweight partials)."""
     block_n, bm, warps = _row_plan(M, N)
-    row_blocks = triton.cdiv(M, bm)
-    nprog = row_loop_programs(dy, row_blocks)
+    if plan is None:
+        row_blocks = triton.cdiv(M, bm)
+        nprog = row_loop_programs(dy, row_blocks)
+    else:
+        bm, warps, per_sm = plan
+        row_blocks = triton.cdiv(M, bm)
+        nprog = max(1, min(row_blocks, per_sm * sm_count(dy)))
     return block_n, bm, warps, nprog, triton.cdiv(row_blocks, nprog)
 
 
@@ -225,7 +237,8 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     return (*lead, ((q, data_t) if output_transpose else q), rstd, copy)
 
 
-def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None, second_dy=None):
+def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None, second_dy=None,
+                     plan=None):
     """``(dx, dweight)`` from the E4M3 1x16 copy of x (bf16 group amax), rstd and dy (+ ``second_dy``, summed in
     fp32) (+ ``residual_grad``, added to dx)."""
     dy2 = as_rows(dy)
@@ -234,7 +247,7 @@ def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_
     M, N = dy2.shape
     dev = dy.device
     dx = torch.empty(x_copy.shape, dtype=x_copy.dtype, device=dev)
-    block_n, bm, warps, nprog, iters = _backward_row_plan(dy, M, N)
+    block_n, bm, warps, nprog, iters = _backward_row_plan(dy, M, N, plan)
     dw_partial = torch.empty(nprog, N, dtype=torch.float32, device=dev) if weight is not None else rstd
     _rmsnorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), dsecond, dsecond.stride(0), x_copy.data, x_copy.amax, rstd,
                                   weight if weight is not None else rstd, dx, dw_partial, dres, dres.stride(0),

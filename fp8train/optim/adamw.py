@@ -228,8 +228,11 @@ class AdamW(torch.optim.Optimizer):
         fused: ``None`` picks the Triton kernel for CUDA parameters when Triton imports, else the torch reference;
             ``True`` requires the kernel; ``False`` always uses the torch reference.
 
-    Every option except ``fused`` may differ between parameter groups.
+    Every option except ``fused`` may differ between parameter groups.  ``kernel_tile`` (elements per program,
+    warps) tunes the Triton kernel's launch; the results do not depend on it.
     """
+
+    kernel_tile: Optional[tuple] = None  # None: fp8train.kernels.adamw.DEFAULT_TILE
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, states: str = "dre", m_format: str = "e4m3", v_format: str = "e4m3", group_size: int = 128,
@@ -451,7 +454,7 @@ class AdamW(torch.optim.Optimizer):
         return n_bad
 
     def _fused_update(self, key: tuple, work: list, launch: int = 0) -> torch.Tensor:
-        from ..kernels.adamw import fused_adamw_step
+        from ..kernels.adamw import DEFAULT_TILE, fused_adamw_step
 
         device, _, _, mode, m_format, v_format, group_size, stochastic, maximize = key
         scalars = [kernel_scalars(state["step"].item(), **self._hyper(group)) for _, _, group, state in work]
@@ -459,7 +462,8 @@ class AdamW(torch.optim.Optimizer):
         seed = rounding_seed(work[0][3]["step"].item(), launch) if stochastic else 0
         count = fused_adamw_step([w[0] for w in work], [w[1] for w in work], [w[3] for w in work],
                                  scalars, mode=mode, m_format=m_format, v_format=v_format, group_size=group_size,
-                                 stochastic_rounding=stochastic, maximize=maximize, seed=seed)
+                                 stochastic_rounding=stochastic, maximize=maximize, seed=seed,
+                                 tile=self.kernel_tile or DEFAULT_TILE)
         for param, *_ in work:  # the kernel wrote through raw pointers: tell version-keyed caches (FP8 weights)
             torch.autograd.graph.increment_version(param)
         return count
