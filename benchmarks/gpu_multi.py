@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_multi.py --out $OUT                 # everything, within --budget seconds (default 540)
     python benchmarks/gpu_multi.py --only coat-7b-2gpu,dcp   # a subset
+    python benchmarks/gpu_multi.py --only coat-1b-1gpu-b8,coat-1b-2gpu-b8 --profile $OUT   # + rank-0 kernel tables
 
 Every configuration runs in its own ``torchrun --standalone --nproc-per-node N`` subprocess with a timeout, so an
 out-of-memory run (or a hang) becomes a status row and the next one starts on clean GPUs.  Each rank trains a
