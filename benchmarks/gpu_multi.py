@@ -300,9 +300,9 @@ def worker_main(cfg: dict) -> None:
 # driver side
 
 def run_group(cmd: list, timeout: float, env: dict) -> tuple:
-    """``(returncode, stdout, stderr)`` of ``cmd`` run in its own process group; on timeout the whole group
-    (torchrun and its workers, or the trainer and the processes it spawned) is killed, so no orphan keeps a
-    GPU.  Raises ``subprocess.TimeoutExpired`` after the kill."""
+    """``(returncode, stdout, stderr)`` of ``cmd`` run in its own process group; on timeout the group is stopped
+    so no orphan keeps a GPU: SIGTERM first -- torchrun starts its workers in sessions of their own, out of the
+    group's reach, and ends them itself on SIGTERM -- then SIGKILL.  Raises ``subprocess.TimeoutExpired``."""
     import signal
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -310,8 +310,15 @@ def run_group(cmd: list, timeout: float, env: dict) -> tuple:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.communicate(timeout=grace)  # the workers hold the pipes open until they are gone
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
         raise
     return proc.returncode, out, err
 

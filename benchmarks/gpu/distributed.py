@@ -86,19 +86,14 @@ def worker() -> dict:
 
 def launch(nproc: int, timeout: float = 240.0) -> dict:
     """Run the check on ``nproc`` GPUs (torchrun, own process group, killed whole on timeout)."""
-    import signal
+    from gpu_multi import NCCL_ENV, run_group  # benchmarks/ is on the path (gpu_suite.py, gpu_multi.py)
 
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, **NCCL_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
            "--worker"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        _, out, err = run_group(cmd, timeout, env)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
         return {"error": f"timeout after {timeout} s"}
     for line in out.splitlines():
         if line.startswith("SHARDED_CHECK "):
