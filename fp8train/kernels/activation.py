@@ -12,10 +12,11 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .quantize import (BLOCK_P, E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy, loop_tile,
-                       partials_capacity, quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
+from . import plans
+from .quantize import (E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy, loop_tile,
+                       quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
 
-__all__ = ["activation_forward", "activation_backward", "act_value", "act_derivative", "ACT_CODE", "elementwise_tile"]
+__all__ = ["activation_forward", "activation_backward", "act_value", "act_derivative", "ACT_CODE"]
 
 ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -47,14 +48,6 @@ def act_derivative(x, ACT: tl.constexpr):
     else:
         t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
-
-
-def elementwise_tile(N: int, transposed: bool = False) -> tuple[int, int]:
-    """(BM, BN) of the element-wise kernels: BN a power of two >= 16 (whole 1x16 groups), ~8K elements."""
-    if transposed:
-        return 64, 128
-    bn = max(16, min(512, triton.next_power_of_2(N)))
-    return max(1, 8192 // bn), bn
 
 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
@@ -98,7 +91,7 @@ def _activation_apply_kernel(x_ptr, stride_x, partials_ptr, num_partials, amax_o
 
 @triton.jit(do_not_specialize=["M"])
 def _activation_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, dx_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
-                           ACT: tl.constexpr):
+                           ACT: tl.constexpr, GATHER: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -107,7 +100,7 @@ def _activation_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, dx_ptr, M, N, BM
     rmask = rows < M
     mask = rmask[:, None] & (cols < N)[None, :]
     rows64 = rows[:, None].to(tl.int64)
-    x_hat = load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM, BN)
+    x_hat = load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM, BN, GATHER)
     dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dx = dy * act_derivative(x_hat, ACT)
     tl.store(dx_ptr + rows64 * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -122,10 +115,10 @@ def activation_forward(x, name, *, quantize_output=False, output_transpose=False
     dev = x.device
     copy_data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     copy_amax = torch.empty(*x.shape[:-1], N // 16, dtype=torch.bfloat16, device=dev)
-    bm, bn = elementwise_tile(N)
+    bm, bn = plans.elementwise_tile(N, "activation")
     num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if quantize_output:
-        nprog = max(1, min(num_tiles, partials_capacity(x)))
+        nprog = max(1, min(num_tiles, plans.partials_capacity(x, "activation")))
         partials = torch.empty(nprog, dtype=torch.int32, device=dev)
         y = copy_amax  # unused
     else:
@@ -135,7 +128,7 @@ def activation_forward(x, name, *, quantize_output=False, output_transpose=False
     iters = triton.cdiv(num_tiles, nprog)
     _activation_fwd_kernel[(nprog,)](x2, x2.stride(0), y, copy_data, copy_amax, partials, M, N, nprog, iters,
                                      BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_Y=not quantize_output,
-                                     WRITE_AMAX=quantize_output, num_warps=8)
+                                     WRITE_AMAX=quantize_output, num_warps=plans.warps("activation"))
     copy = QuantizedTensor(data=copy_data, amax=copy_amax, fmt=NONLINEAR_FORMAT, granularity=NONLINEAR_GRANULARITY,
                            shape=x.shape, dtype=x.dtype)
     if not quantize_output:
@@ -143,11 +136,11 @@ def activation_forward(x, name, *, quantize_output=False, output_transpose=False
     amax = torch.empty((), dtype=torch.float32, device=dev)
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
-    bm2, bn2 = elementwise_tile(N, output_transpose)
+    bm2, bn2 = plans.elementwise_tile(N, "activation", output_transpose)
     grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
     _activation_apply_kernel[grid](x2, x2.stride(0), partials, nprog, amax, data, data_t, M, N, BM=bm2, BN=bn2,
-                                   BLOCK_P=BLOCK_P, ACT=ACT_CODE[name], WRITE_ROW=True, WRITE_T=output_transpose,
-                                   num_warps=8)
+                                   BLOCK_P=plans.partials_block(x, "activation"), ACT=ACT_CODE[name], WRITE_ROW=True,
+                                   WRITE_T=output_transpose, num_warps=plans.warps("activation", output_transpose))
     q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype)
     return ((q, data_t) if output_transpose else q), copy
 
@@ -156,8 +149,9 @@ def activation_backward(dy, x_copy: QuantizedTensor, name):
     dy2 = as_rows(dy)
     M, N = dy2.shape
     dx = torch.empty(x_copy.shape, dtype=x_copy.dtype, device=dy.device)
-    bm, bn = elementwise_tile(N)
+    bm, bn = plans.elementwise_tile(N, "activation")
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _activation_bwd_kernel[grid](dy2, dy2.stride(0), x_copy.data, x_copy.amax, dx, M, N, BM=bm, BN=bn,
-                                 ACT=ACT_CODE[name], num_warps=8)
+                                 ACT=ACT_CODE[name], GATHER=plans.plan("activation").gather_scales,
+                                 num_warps=plans.warps("activation"))
     return dx

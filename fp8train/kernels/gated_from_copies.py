@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .activation import ACT_CODE, act_value, elementwise_tile
-from .quantize import (BLOCK_P, E4M3_MAX, encode_multiplier, grid_tile, load_group_copy, loop_tile,
-                       partials_capacity, shared_amax, store_tensorwise, tile_amax_bits)
+from . import plans
+from .activation import ACT_CODE, act_value
+from .quantize import (E4M3_MAX, encode_multiplier, grid_tile, load_group_copy, loop_tile, shared_amax,
+                       store_tensorwise, tile_amax_bits)
 
 __all__ = ["product_from_copies"]
 
@@ -27,19 +28,19 @@ __all__ = ["product_from_copies"]
 
 @triton.jit
 def _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols, gcols, M, N,
-                  BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr):
     """act(gate_hat) * up_hat for one [BM, BN] tile, rounded to the output dtype, as float32 (0 outside)."""
     rmask = rows < M
     mask = rmask[:, None] & (cols < N)[None, :]
-    g_hat = load_group_copy(gq_ptr, gamax_ptr, rows, cols, gcols, M, N, BM, BN)
-    u_hat = load_group_copy(uq_ptr, uamax_ptr, rows, cols, gcols, M, N, BM, BN)
+    g_hat = load_group_copy(gq_ptr, gamax_ptr, rows, cols, gcols, M, N, BM, BN, GATHER)
+    u_hat = load_group_copy(uq_ptr, uamax_ptr, rows, cols, gcols, M, N, BM, BN, GATHER)
     h = (act_value(g_hat, ACT) * u_hat).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
     return tl.where(mask, h, 0.0)
 
 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _product_amax_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, partials_ptr, M, N, num_programs,
-                         iters, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr):
+                         iters, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BN)
     acc = tl.full((), 0, tl.int32)
@@ -47,7 +48,8 @@ def _product_amax_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, part
         t = pid + i * num_programs
         rows, cols, _ = loop_tile(t, M, N, BM, BN)
         gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
-        h = _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols, gcols, M, N, BM, BN, ACT)
+        h = _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols, gcols, M, N, BM, BN, ACT,
+                          GATHER)
         acc = tl.maximum(acc, tile_amax_bits(h))
     tl.store(partials_ptr + pid, acc)
 
@@ -55,11 +57,13 @@ def _product_amax_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, part
 @triton.jit(do_not_specialize=["M"])
 def _product_apply_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, partials_ptr, num_partials,
                           amax_out_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
-                          BLOCK_P: tl.constexpr, ACT: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
+                          BLOCK_P: tl.constexpr, ACT: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr,
+                          GATHER: tl.constexpr):
     amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P)
     rows, cols, _ = grid_tile(M, N, BM, BN)
     gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
-    h = _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols, gcols, M, N, BM, BN, ACT)
+    h = _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols, gcols, M, N, BM, BN, ACT,
+                          GATHER)
     store_tensorwise(h, encode_multiplier(amax, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr,
                      WRITE_ROW, WRITE_T, E4M3_MAX)
 
@@ -77,24 +81,28 @@ def product_from_copies(gate: QuantizedTensor, up: QuantizedTensor, name: str, o
     M = gate.data.numel() // N if N else 0
     dev = gate.data.device
     h_dtype = torch.empty(1, dtype=out_dtype, device=dev)  # only its dtype is used
-    bm, bn = elementwise_tile(N)
+    family = "product_from_copies"
+    plan = plans.plan(family)
+    bm, bn = plans.elementwise_tile(N, family)
     num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    nprog = max(1, min(num_tiles, partials_capacity(gate.data)))
+    nprog = max(1, min(num_tiles, plans.partials_capacity(gate.data, family)))
     partials = torch.zeros(nprog, dtype=torch.int32, device=dev)
     iters = triton.cdiv(num_tiles, nprog)
     if M:
         _product_amax_kernel[(nprog,)](gate.data, gate.amax, up.data, up.amax, h_dtype, partials, M, N, nprog, iters,
-                                       BM=bm, BN=bn, ACT=ACT_CODE[name], num_warps=8)
+                                       BM=bm, BN=bn, ACT=ACT_CODE[name], GATHER=plan.gather_scales,
+                                       num_warps=plan.warps)
     amax = torch.zeros((), dtype=torch.float32, device=dev)
     data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if with_transpose else None
     if M:
-        bm2, bn2 = elementwise_tile(N, with_transpose)
+        bm2, bn2 = plans.elementwise_tile(N, family, with_transpose)
         grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
         _product_apply_kernel[grid](gate.data, gate.amax, up.data, up.amax, h_dtype, partials, nprog, amax,
                                     data if data is not None else amax, data_t if data_t is not None else amax,
-                                    M, N, BM=bm2, BN=bn2, BLOCK_P=BLOCK_P, ACT=ACT_CODE[name],
-                                    WRITE_ROW=write_rowmajor, WRITE_T=with_transpose, num_warps=8)
+                                    M, N, BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(gate.data, family),
+                                    ACT=ACT_CODE[name], WRITE_ROW=write_rowmajor, WRITE_T=with_transpose,
+                                    GATHER=plan.gather_scales, num_warps=plans.warps(family, with_transpose))
     q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=gate.shape,
                         dtype=out_dtype)
     return q, data_t

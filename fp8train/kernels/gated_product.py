@@ -13,10 +13,10 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .activation import ACT_CODE, act_derivative, act_value, elementwise_tile
-from .quantize import (BLOCK_P, E4M3_MAX, as_rows, encode_multiplier, global_amax, grid_tile, load_group_copy,
-                       loop_tile, partials_capacity, quantize_group_tile, shared_amax, store_tensorwise,
-                       tile_amax_bits)
+from . import plans
+from .activation import ACT_CODE, act_derivative, act_value
+from .quantize import (E4M3_MAX, as_rows, encode_multiplier, global_amax, grid_tile, load_group_copy, loop_tile,
+                       quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
 
 __all__ = ["gated_product_forward", "gated_product_backward"]
 
@@ -73,12 +73,12 @@ def _gated_apply_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, partials_
 
 @triton.jit
 def _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N,
-                 BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr):
     """(dgate, dup, mask) of one tile in float32, from the FP8 copies of gate and up and dh."""
     rmask = rows < M
     mask = rmask[:, None] & (cols < N)[None, :]
-    g_hat = load_group_copy(gq_ptr, gamax_ptr, rows, cols, gcols, M, N, BM, BN)
-    u_hat = load_group_copy(uq_ptr, uamax_ptr, rows, cols, gcols, M, N, BM, BN)
+    g_hat = load_group_copy(gq_ptr, gamax_ptr, rows, cols, gcols, M, N, BM, BN, GATHER)
+    u_hat = load_group_copy(uq_ptr, uamax_ptr, rows, cols, gcols, M, N, BM, BN, GATHER)
     rows64 = rows[:, None].to(tl.int64)
     dh = tl.load(dh_ptr + rows64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     return dh * u_hat * act_derivative(g_hat, ACT), dh * act_value(g_hat, ACT), mask
@@ -87,7 +87,7 @@ def _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _gated_bwd_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_ptr, du_ptr, partials_ptr,
                       M, N, num_programs, iters, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
-                      WRITE_GRADS: tl.constexpr, WRITE_AMAX: tl.constexpr):
+                      WRITE_GRADS: tl.constexpr, WRITE_AMAX: tl.constexpr, GATHER: tl.constexpr):
     """Writes dgate and dup (WRITE_GRADS), or folds their max |.| into two rows of partial maxima (WRITE_AMAX:
     pass 1 of the per-tensor E5M2 outputs; dg_ptr / du_ptr then only give the gradients' dtypes)."""
     pid = tl.program_id(0)
@@ -99,7 +99,7 @@ def _gated_bwd_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, d
         rows, cols, _ = loop_tile(t, M, N, BM, BN)
         gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
         dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols,
-                                    M, N, BM, BN, ACT)
+                                    M, N, BM, BN, ACT, GATHER)
         dg = dg.to(dg_ptr.dtype.element_ty)
         du = du.to(du_ptr.dtype.element_ty)
         if WRITE_GRADS:
@@ -118,7 +118,7 @@ def _gated_bwd_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, d
 def _gated_bwd_apply_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
                             partials_ptr, num_partials, amax_out_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N,
                             BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr,
-                            FMAX: tl.constexpr, WRITE_T: tl.constexpr):
+                            FMAX: tl.constexpr, WRITE_T: tl.constexpr, GATHER: tl.constexpr):
     """Pass 2: recompute dgate / dup and write them per-tensor FP8 (row-major and optionally transposed)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -131,7 +131,7 @@ def _gated_bwd_apply_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_
     cols = pid_n * BN + tl.arange(0, BN)
     gcols = pid_n * (BN // 16) + tl.arange(0, BN // 16)
     dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N,
-                                BM, BN, ACT)
+                                BM, BN, ACT, GATHER)
     dg = dg.to(dg_dtype_ptr.dtype.element_ty).to(tl.float32)
     du = du.to(du_dtype_ptr.dtype.element_ty).to(tl.float32)
     store_tensorwise(dg, encode_multiplier(amax_g, FMAX), rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, WRITE_T,
@@ -155,10 +155,11 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
     h_dtype = torch.promote_types(gate.dtype, up.dtype)
     gq, gamax = _copy_tensors(gate.shape, N, dev)
     uq, uamax = _copy_tensors(up.shape, N, dev)
-    bm, bn = elementwise_tile(N)
+    family = "gated_forward"
+    bm, bn = plans.elementwise_tile(N, family)
     num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if quantize_output:
-        nprog = max(1, min(num_tiles, partials_capacity(gate)))
+        nprog = max(1, min(num_tiles, plans.partials_capacity(gate, family)))
         partials = torch.empty(nprog, dtype=torch.int32, device=dev)
         h = torch.empty(1, dtype=h_dtype, device=dev)  # only its dtype is used
     else:
@@ -168,7 +169,7 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
     iters = triton.cdiv(num_tiles, nprog)
     _gated_fwd_kernel[(nprog,)](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax, partials,
                                 M, N, nprog, iters, BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_H=not quantize_output,
-                                WRITE_AMAX=quantize_output, num_warps=8)
+                                WRITE_AMAX=quantize_output, num_warps=plans.warps(family))
     copies = [QuantizedTensor(data=d, amax=a, fmt=NONLINEAR_FORMAT, granularity=NONLINEAR_GRANULARITY,
                               shape=t.shape, dtype=t.dtype) for d, a, t in ((gq, gamax, gate), (uq, uamax, up))]
     if not quantize_output:
@@ -176,11 +177,12 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
     amax = torch.empty((), dtype=torch.float32, device=dev)
     data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
-    bm2, bn2 = elementwise_tile(N, output_transpose)
+    bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
     grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
     _gated_apply_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, partials, nprog, amax, data, data_t, M, N,
-                              BM=bm2, BN=bn2, BLOCK_P=BLOCK_P, ACT=ACT_CODE[name], WRITE_ROW=True,
-                              WRITE_T=output_transpose, num_warps=8)
+                              BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(gate, family), ACT=ACT_CODE[name],
+                              WRITE_ROW=True, WRITE_T=output_transpose,
+                              num_warps=plans.warps(family, output_transpose))
     q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=gate.shape,
                         dtype=h_dtype)
     return ((q, data_t) if output_transpose else q), copies[0], copies[1]
@@ -195,34 +197,39 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
     dh2 = as_rows(dh)
     M, N = dh2.shape
     dev = dh.device
-    bm, bn = elementwise_tile(N)
+    family = "gated_backward"
+    plan = plans.plan(family)
+    bm, bn = plans.elementwise_tile(N, family)
     num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if not quantize_output:
         dgate = torch.empty(gate_copy.shape, dtype=gate_copy.dtype, device=dev)
         dup = torch.empty(up_copy.shape, dtype=up_copy.dtype, device=dev)
         _gated_bwd_kernel[(num_tiles,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
                                         up_copy.amax, dgate, dup, dgate, M, N, num_tiles, 1, BM=bm, BN=bn,
-                                        ACT=ACT_CODE[name], WRITE_GRADS=True, WRITE_AMAX=False, num_warps=8)
+                                        ACT=ACT_CODE[name], WRITE_GRADS=True, WRITE_AMAX=False,
+                                        GATHER=plan.gather_scales, num_warps=plan.warps)
         return dgate, dup
     dg_dtype = torch.empty(1, dtype=gate_copy.dtype, device=dev)
     du_dtype = torch.empty(1, dtype=up_copy.dtype, device=dev)
-    nprog = max(1, min(num_tiles, partials_capacity(dh)))
+    nprog = max(1, min(num_tiles, plans.partials_capacity(dh, family)))
     partials = torch.empty(2, nprog, dtype=torch.int32, device=dev)
     _gated_bwd_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
                                 dg_dtype, du_dtype, partials, M, N, nprog, triton.cdiv(num_tiles, nprog), BM=bm,
-                                BN=bn, ACT=ACT_CODE[name], WRITE_GRADS=False, WRITE_AMAX=True, num_warps=8)
+                                BN=bn, ACT=ACT_CODE[name], WRITE_GRADS=False, WRITE_AMAX=True,
+                                GATHER=plan.gather_scales, num_warps=plan.warps)
     fmt = GRAD_FORMAT
     amax = torch.empty(2, dtype=torch.float32, device=dev)
     qg = torch.empty(gate_copy.shape, dtype=fmt.torch_dtype, device=dev)
     qu = torch.empty(up_copy.shape, dtype=fmt.torch_dtype, device=dev)
     qg_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=dev) if output_transpose else qg
     qu_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=dev) if output_transpose else qu
-    bm2, bn2 = elementwise_tile(N, output_transpose)
+    bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
     grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
     _gated_bwd_apply_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
                                   dg_dtype, du_dtype, partials, nprog, amax, qg, qg_t, qu, qu_t, M, N, BM=bm2, BN=bn2,
-                                  BLOCK_P=BLOCK_P, ACT=ACT_CODE[name], FMAX=float(fmt.max), WRITE_T=output_transpose,
-                                  num_warps=8)
+                                  BLOCK_P=plans.partials_block(dh, family), ACT=ACT_CODE[name], FMAX=float(fmt.max),
+                                  WRITE_T=output_transpose, GATHER=plan.gather_scales,
+                                  num_warps=plans.warps(family, output_transpose))
     out = []
     for data, data_t, a, copy in ((qg, qg_t, amax[0], gate_copy), (qu, qu_t, amax[1], up_copy)):
         q = QuantizedTensor(data=data, amax=a, fmt=fmt, granularity=PER_TENSOR, shape=copy.shape, dtype=copy.dtype)

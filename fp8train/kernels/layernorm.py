@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .quantize import (BLOCK_P, E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy,
-                       partials_capacity, quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
+from . import plans
+from .quantize import (E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy,
+                       quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
 from .rmsnorm import _backward_row_plan, _row_plan
 
 __all__ = ["layernorm_forward", "layernorm_backward"]
@@ -92,7 +93,7 @@ def _layernorm_apply_kernel(x_ptr, stride_x, w_ptr, b_ptr, mean_ptr, rstd_ptr, p
 def _layernorm_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, rstd_ptr, w_ptr, dx_ptr, dw_partial_ptr,
                           db_partial_ptr, M, num_programs, iters,
                           N: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, HAS_W: tl.constexpr,
-                          HAS_B: tl.constexpr):
+                          HAS_B: tl.constexpr, GATHER: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -106,7 +107,7 @@ def _layernorm_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, rstd_ptr, w_ptr, 
         mask = rmask[:, None] & cmask[None, :]
         rows64 = rows[:, None].to(tl.int64)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        n = load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM, BLOCK_N) * rstd[:, None]
+        n = load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM, BLOCK_N, GATHER) * rstd[:, None]
         dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_W:
             g = dy * w[None, :]
@@ -141,7 +142,7 @@ def layernorm_forward(x, weight, bias, eps, *, quantize_output=False, output_tra
     w = weight if weight is not None else rstd
     b = bias if bias is not None else rstd
     if quantize_output:
-        nprog = max(1, min(row_blocks, partials_capacity(x)))
+        nprog = max(1, min(row_blocks, plans.partials_capacity(x, "norm")))
         partials = torch.empty(nprog, dtype=torch.int32, device=dev)
         mean = torch.empty(M, dtype=torch.float32, device=dev)
         y = torch.empty(1, dtype=x.dtype, device=dev)  # only its dtype is used
@@ -160,11 +161,12 @@ def layernorm_forward(x, weight, bias, eps, *, quantize_output=False, output_tra
     amax = torch.empty((), dtype=torch.float32, device=dev)
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
-    bm2, bn2 = (64, 128) if output_transpose else (16, min(512, triton.next_power_of_2(N)))
+    bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
     grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
     _layernorm_apply_kernel[grid](x2, x2.stride(0), w, b, mean, rstd, partials, nprog, amax, data, data_t, M, N,
-                                  BM=bm2, BN=bn2, BLOCK_P=BLOCK_P, HAS_W=weight is not None,
-                                  HAS_B=bias is not None, WRITE_ROW=True, WRITE_T=output_transpose, num_warps=8)
+                                  BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), HAS_W=weight is not None,
+                                  HAS_B=bias is not None, WRITE_ROW=True, WRITE_T=output_transpose,
+                                num_warps=plans.warps("norm", output_transpose))
     q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype)
     return ((q, data_t) if output_transpose else q), rstd, copy
 
@@ -181,7 +183,7 @@ def layernorm_backward(dy, centered: QuantizedTensor, rstd, weight, has_bias):
     _layernorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), centered.data, centered.amax, rstd,
                                     weight if weight is not None else rstd, dx, dw_partial, db_partial,
                                     M, nprog, iters, N=N, BLOCK_N=block_n, BM=bm, HAS_W=weight is not None,
-                                    HAS_B=has_bias, num_warps=warps)
+                                    HAS_B=has_bias, GATHER=plans.plan("norm").gather_scales, num_warps=warps)
     out_dtype = weight.dtype if weight is not None else centered.dtype
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     dbias = db_partial.sum(0).to(out_dtype) if has_bias else None

@@ -17,7 +17,6 @@ group size; leading dims are flattened into rows; the last dim must be contiguou
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -25,13 +24,14 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, Granularity, QuantizedTensor
+from . import plans
+from .plans import sm_count
 
 __all__ = ["quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile",
-           "load_group_copy", "as_rows", "partials_capacity", "row_loop_programs", "sm_count",
-           "tensorwise_amax", "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise", "BLOCK_P"]
+           "load_group_copy", "as_rows", "row_loop_programs", "tensorwise_amax", "quantize_group_tile",
+           "tile_amax_bits", "global_amax", "store_tensorwise"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
-BLOCK_P = 1024  # most partial maxima a kernel reduces in its prologue (see partials_capacity)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -98,12 +98,21 @@ def global_amax(partials_ptr, num_partials, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM: tl.constexpr, BN: tl.constexpr):
+def load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM: tl.constexpr, BN: tl.constexpr,
+                    GATHER: tl.constexpr):
     """The float32 values of one [BM, BN] tile (columns ``cols``, group columns ``gcols``) of an E4M3 copy with
-    1x16 group maxima, row stride N -- the copies non-linear ops save for backward; 0 outside the tensor."""
+    1x16 group maxima, row stride N -- the copies non-linear ops save for backward; 0 outside the tensor.
+
+    GATHER (a plan choice, same bits): load each element's group maximum with the element (16 lanes read one
+    address, served by the cache) instead of one per group broadcast through a [BM, BN // 16, 16] reshape."""
     rmask = rows < M
     rows64 = rows[:, None].to(tl.int64)
-    q = tl.load(q_ptr + rows64 * N + cols[None, :], mask=rmask[:, None] & (cols < N)[None, :], other=0.0)
+    mask = rmask[:, None] & (cols < N)[None, :]
+    q = tl.load(q_ptr + rows64 * N + cols[None, :], mask=mask, other=0.0)
+    if GATHER:
+        qamax = tl.load(qamax_ptr + rows64 * (N // 16) + (cols // 16)[None, :], mask=mask, other=0.0)
+        scale = tl.div_rn(qamax.to(tl.float32), tl.full((BM, BN), 448.0, tl.float32))
+        return q.to(tl.float32) * scale
     qamax = tl.load(qamax_ptr + rows64 * (N // 16) + gcols[None, :], mask=rmask[:, None] & (gcols < N // 16)[None, :],
                     other=0.0)
     return dequantize_group_tile(q, qamax, BM, BN, 16, 448.0)
@@ -215,35 +224,11 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous().view(-1, x.shape[-1])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    try:
-        return torch.cuda.get_device_properties(device_index).multi_processor_count
-    except Exception:  # noqa: BLE001 - the CPU interpreter has no device properties
-        return 132
-
-
-def sm_count(x: torch.Tensor) -> int:
-    """Streaming multiprocessors of the GPU holding ``x`` (132 under the CPU interpreter)."""
-    return _sm_count(x.device.index if x.is_cuda and x.device.index is not None else 0)
-
-
 def row_loop_programs(x: torch.Tensor, row_blocks: int) -> int:
     """Programs for a backward kernel that loops over row blocks and sums per-program weight-gradient partials:
     eight per SM keep enough loads in flight (two per SM ran the norm backward at a quarter of copy bandwidth);
-    the partials are summed by torch afterwards, so their number is not capped by BLOCK_P."""
+    the partials are summed by torch afterwards, so their number is not capped by a partials block."""
     return max(1, min(row_blocks, 8 * sm_count(x)))
-
-
-def partials_capacity(x: torch.Tensor) -> int:
-    """How many programs a first (amax) pass may use: a few per SM, at most BLOCK_P."""
-    return min(BLOCK_P, 4 * sm_count(x))
-
-
-def _tile(N: int, G: int) -> tuple[int, int]:
-    """(rows, cols) of an elementwise tile: cols a power of two >= G, about 8K elements per tile."""
-    bn = max(G, min(512, triton.next_power_of_2(N)))
-    return max(1, 8192 // bn), bn
 
 
 def _fmax(fmt) -> float:
@@ -263,10 +248,10 @@ def quantize_groups(x: torch.Tensor, fmt, group_size: int = 16, scale_dtype: tor
     data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device)
     amax = torch.empty(*x.shape[:-1], N // group_size, dtype=scale_dtype, device=x.device)
     if x2.numel():
-        bm, bn = _tile(N, group_size)
+        bm, bn = plans.elementwise_tile(N, "quantize", group=group_size)
         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
         _quantize_groups_kernel[grid](x2, x2.stride(0), data, amax, M, N, BM=bm, BN=bn, G=group_size, FMAX=fmax,
-                                      ROUND_BF16=scale_dtype == torch.bfloat16, num_warps=8)
+                                      ROUND_BF16=scale_dtype == torch.bfloat16, num_warps=plans.warps("quantize"))
     return QuantizedTensor(data=data, amax=amax, fmt=fmt, granularity=Granularity("group", group_size),
                            shape=x.shape, dtype=x.dtype)
 
@@ -274,11 +259,12 @@ def quantize_groups(x: torch.Tensor, fmt, group_size: int = 16, scale_dtype: tor
 def tensorwise_amax(x2: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Stage 1 alone: int32 partial maxima of a 2-D ``x2`` and how many there are."""
     M, N = x2.shape
-    bm, bn = _tile(N, 16)
-    num = max(1, min(triton.cdiv(M, bm) * triton.cdiv(N, bn), partials_capacity(x2)))
+    bm, bn = plans.elementwise_tile(N, "quantize")
+    num = max(1, min(triton.cdiv(M, bm) * triton.cdiv(N, bn), plans.partials_capacity(x2, "quantize")))
     iters = triton.cdiv(triton.cdiv(M, bm) * triton.cdiv(N, bn), num)
     partials = torch.empty(num, dtype=torch.int32, device=x2.device)
-    _amax_partials_kernel[(num,)](x2, x2.stride(0), partials, M, N, num, iters, BM=bm, BN=bn, num_warps=8)
+    _amax_partials_kernel[(num,)](x2, x2.stride(0), partials, M, N, num, iters, BM=bm, BN=bn,
+                                  num_warps=plans.warps("quantize"))
     return partials, num
 
 
@@ -307,13 +293,14 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     amax_out = torch.empty((), dtype=torch.float32, device=x.device)
     data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=x.device) if with_transpose else None
-    bm, bn = (64, 128) if with_transpose else _tile(N, 16)
+    bm, bn = plans.elementwise_tile(N, "quantize", with_transpose)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _quantize_tensorwise_kernel[grid](x2, x2.stride(0), partials, num, amax_out,
                                       data if data is not None else amax_out,
                                       data_t if data_t is not None else amax_out, M, N,
-                                      BM=bm, BN=bn, BLOCK_P=BLOCK_P, FMAX=fmax, WRITE_ROW=write_rowmajor,
-                                      WRITE_T=with_transpose, num_warps=8)
+                                      BM=bm, BN=bn, BLOCK_P=plans.partials_block(x2, "quantize"), FMAX=fmax,
+                                      WRITE_ROW=write_rowmajor, WRITE_T=with_transpose,
+                                      num_warps=plans.warps("quantize", with_transpose))
     if transpose_after:
         data_t = data.reshape(M, N).t().contiguous()
         q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax_out, fmt=fmt, granularity=PER_TENSOR,

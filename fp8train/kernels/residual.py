@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..quant import QuantizedTensor
-from .activation import elementwise_tile
+from . import plans
 from .quantize import as_rows, quantize_group_tile
 
 __all__ = ["residual_add"]
@@ -53,10 +53,10 @@ def residual_add(residual, x, *, emit_fp8_copy=False):
         amax = torch.empty(*x.shape[:-1], N // 16, dtype=torch.bfloat16, device=dev)
     else:
         data = amax = total  # unused
-    bm, bn = elementwise_tile(N)
+    bm, bn = plans.elementwise_tile(N, "residual")
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _residual_add_kernel[grid](r2, r2.stride(0), x2, x2.stride(0), total, data, amax, M, N, BM=bm, BN=bn,
-                               WRITE_COPY=emit_fp8_copy, num_warps=8)
+                               WRITE_COPY=emit_fp8_copy, num_warps=plans.warps("residual"))
     copy = None
     if emit_fp8_copy:
         copy = QuantizedTensor(data=data, amax=amax, fmt=NONLINEAR_FORMAT, granularity=NONLINEAR_GRANULARITY,

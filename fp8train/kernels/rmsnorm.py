@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
-from .quantize import (BLOCK_P, E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy,
-                       partials_capacity, quantize_group_tile, row_loop_programs, shared_amax, sm_count,
+from . import plans
+from .quantize import (E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy,
+                       quantize_group_tile, row_loop_programs, shared_amax,
                        store_tensorwise, tile_amax_bits)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
@@ -110,7 +111,7 @@ def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partial
 def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, q_ptr, qamax_ptr, rstd_ptr, w_ptr, dx_ptr,
                         dw_partial_ptr, dres_ptr, stride_dres, M, num_programs, iters,
                         N: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, STYLE: tl.constexpr,
-                        HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_DY2: tl.constexpr):
+                        HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_DY2: tl.constexpr, GATHER: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -125,7 +126,7 @@ def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, q_ptr, qamax_ptr
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
         rows64 = rows[:, None].to(tl.int64)
-        x_hat = load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM, BLOCK_N)
+        x_hat = load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM, BLOCK_N, GATHER)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
         n = x_hat * rstd[:, None]
         dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -171,7 +172,7 @@ def _backward_row_plan(dy: torch.Tensor, M: int, N: int, plan: Optional[tuple] =
     else:
         bm, warps, per_sm = plan
         row_blocks = triton.cdiv(M, bm)
-        nprog = max(1, min(row_blocks, per_sm * sm_count(dy)))
+        nprog = max(1, min(row_blocks, per_sm * plans.sm_count(dy)))
     return block_n, bm, warps, nprog, triton.cdiv(row_blocks, nprog)
 
 
@@ -202,7 +203,7 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     row_blocks = triton.cdiv(M, bm)
     w = weight if weight is not None else rstd
     if quantize_output:
-        nprog = max(1, min(row_blocks, partials_capacity(x)))
+        nprog = max(1, min(row_blocks, plans.partials_capacity(x, "norm")))
         partials = torch.empty(nprog, dtype=torch.int32, device=dev)
         y_dummy = torch.empty(1, dtype=y_dtype, device=dev)
         y_arg = y_dummy
@@ -227,11 +228,12 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     amax = torch.empty((), dtype=torch.float32, device=dev)
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
-    bm2, bn2 = (64, 128) if output_transpose else (16, min(512, triton.next_power_of_2(N)))
+    bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
     grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
     _rmsnorm_apply_kernel[grid](x2, x2.stride(0), w, rstd, y_dummy, partials, nprog, amax, data, data_t, M, N,
-                                BM=bm2, BN=bn2, BLOCK_P=BLOCK_P, STYLE=_STYLE_CODE[style],
-                                HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose, num_warps=8)
+                                BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), STYLE=_STYLE_CODE[style],
+                                HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose,
+                                num_warps=plans.warps("norm", output_transpose))
     q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
                         dtype=y_dtype)
     return (*lead, ((q, data_t) if output_transpose else q), rstd, copy)
@@ -253,6 +255,7 @@ def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_
                                   weight if weight is not None else rstd, dx, dw_partial, dres, dres.stride(0),
                                   M, nprog, iters, N=N, BLOCK_N=block_n, BM=bm, STYLE=_STYLE_CODE[style],
                                   HAS_W=weight is not None, HAS_RES=residual_grad is not None,
-                                  HAS_DY2=second_dy is not None, num_warps=warps)
+                                  HAS_DY2=second_dy is not None, GATHER=plans.plan("norm").gather_scales,
+                                  num_warps=warps)
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     return dx, dweight

@@ -1,0 +1,143 @@
+"""Launch plans of the element-wise Triton kernels: how a kernel family cuts its tensor into tiles, how many
+warps a program gets, how many programs its looping (amax) pass runs per SM, and how it reads 1x16 group
+scales.
+
+A plan changes speed only, never results: every element-wise kernel computes each output element from its own
+inputs, and the per-tensor amax is a max, which any order gives exactly -- so any plan is bit-identical
+(tests/test_kernel_plans.py checks that under the Triton interpreter).  ``benchmarks/gpu/plans.py`` times the
+candidates on the GPU; the defaults below are what it measured best.
+
+Families (one plan each; the optimizer and rotary kernels have plans of their own):
+
+* ``quantize`` -- 1x16 group quantizer, per-tensor amax pass and scale pass (:mod:`.quantize`);
+* ``activation`` -- act(x) forward / backward (:mod:`.activation`);
+* ``gated_forward`` -- act(gate) * up forward (:mod:`.gated_product`);
+* ``gated_backward`` -- its backward, incl. the fused E5M2 gradients (:mod:`.gated_product`);
+* ``product_from_copies`` -- down_proj's input rebuilt from the FP8 gate/up copies (:mod:`.gated_from_copies`);
+* ``residual`` -- residual add (+ FP8 copy) (:mod:`.residual`);
+* ``norm`` -- the norms' amax programs, per-tensor scale pass and how their backward reads the saved copy
+  (:mod:`.rmsnorm`, :mod:`.layernorm`; their row kernels keep their own row plans).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Iterator
+
+import torch
+import triton
+
+__all__ = ["Plan", "FAMILIES", "plan", "set_plan", "using_plan", "elementwise_tile", "sm_count", "partials_capacity",
+           "partials_block", "warps"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one element-wise kernel family launches.
+
+    ``tile_elements`` -- elements per program tile in row-major passes (columns: a power of two >= 16 and
+    <= ``max_cols``, rows fill the rest); ``warps`` -- warps per program there; ``programs_per_sm`` -- programs
+    of a pass that loops over tiles (the amax pre-passes; their partial maxima are reduced by every program of
+    the next pass); ``transposed_tile`` / ``transposed_warps`` -- (rows, cols) and warps of passes that also
+    write a transposed copy; ``gather_scales`` -- read 1x16 group scales once per element (cached loads, no
+    reshape of the tile) instead of once per group and broadcast through a [rows, groups, 16] reshape."""
+
+    tile_elements: int = 8192
+    max_cols: int = 512
+    warps: int = 8
+    programs_per_sm: int = 4
+    transposed_tile: tuple = (64, 128)
+    transposed_warps: int = 8
+    gather_scales: bool = False
+
+    def __post_init__(self):
+        for name in ("tile_elements", "max_cols"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"Plan.{name} must be a power of two >= 16, got {value}")
+        rows, cols = self.transposed_tile
+        if rows < 16 or cols < 16 or rows & (rows - 1) or cols & (cols - 1):
+            raise ValueError(f"Plan.transposed_tile must be two powers of two >= 16, got {self.transposed_tile}")
+        for name in ("warps", "transposed_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16, 32):
+                raise ValueError(f"Plan.{name} must be a power of two from 1 to 32, got {getattr(self, name)}")
+        if not 1 <= self.programs_per_sm <= 64:
+            raise ValueError(f"Plan.programs_per_sm must be in 1..64, got {self.programs_per_sm}")
+
+
+FAMILIES = ("quantize", "activation", "gated_forward", "gated_backward", "product_from_copies", "residual", "norm")
+
+DEFAULT = Plan()
+_plans: dict[str, Plan] = {}
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown kernel family {family!r}; one of {', '.join(FAMILIES)}")
+
+
+def plan(family: str) -> Plan:
+    """The plan kernels of ``family`` launch with."""
+    _check_family(family)
+    return _plans.get(family, DEFAULT)
+
+
+def set_plan(family: str, new: Plan | None) -> None:
+    """Make ``new`` the plan of ``family`` for this process (None: back to the default)."""
+    _check_family(family)
+    if new is None:
+        _plans.pop(family, None)
+    else:
+        _plans[family] = new
+
+
+@contextlib.contextmanager
+def using_plan(family: str, **changes) -> Iterator[Plan]:
+    """Run the block with ``family``'s plan changed by ``changes`` (Plan fields); restored afterwards."""
+    before = _plans.get(family)
+    new = dataclasses.replace(plan(family), **changes)
+    set_plan(family, new)
+    try:
+        yield new
+    finally:
+        set_plan(family, before)
+
+
+def elementwise_tile(N: int, family: str, transposed: bool = False, group: int = 16) -> tuple[int, int]:
+    """(rows, cols) of a program's tile over a tensor with N columns (cols: whole groups of ``group``)."""
+    p = plan(family)
+    if transposed:
+        return p.transposed_tile
+    cols = max(group, min(p.max_cols, triton.next_power_of_2(N)))
+    return max(1, p.tile_elements // cols), cols
+
+
+def warps(family: str, transposed: bool = False) -> int:
+    p = plan(family)
+    return p.transposed_warps if transposed else p.warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    try:
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
+    except Exception:  # noqa: BLE001 - the CPU interpreter has no device properties
+        return 132
+
+
+def sm_count(x: torch.Tensor) -> int:
+    """Streaming multiprocessors of the GPU holding ``x`` (132 under the CPU interpreter)."""
+    return _sm_count(x.device.index if x.is_cuda and x.device.index is not None else 0)
+
+
+def partials_capacity(x: torch.Tensor, family: str) -> int:
+    """How many programs an amax pass of ``family`` may use on ``x``'s GPU."""
+    return max(1, plan(family).programs_per_sm * sm_count(x))
+
+
+def partials_block(x: torch.Tensor, family: str) -> int:
+    """The block the next pass reduces the partial maxima in: a power of two >= the capacity, fixed per GPU
+    and plan (a constexpr, so it must not vary with the tensor's size: no recompiles for new shapes)."""
+    return triton.next_power_of_2(partials_capacity(x, family))

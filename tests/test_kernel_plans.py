@@ -1,0 +1,143 @@
+"""Launch plans (fp8train.kernels.plans) change speed only: every element-wise kernel gives the same bits under
+any plan.  Run by the Triton CPU interpreter on small shapes in a subprocess (TRITON_INTERPRET must be set before
+triton loads); the GPU sweep (benchmarks/gpu/plans.py) checks the same on the device.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+# two plans far from the default on every field
+OTHER_PLANS = (
+    dict(tile_elements=2048, max_cols=64, warps=4, programs_per_sm=1, transposed_tile=(32, 64), transposed_warps=4,
+         gather_scales=True),
+    dict(tile_elements=16384, max_cols=256, warps=16, programs_per_sm=16, transposed_tile=(128, 32),
+         transposed_warps=8, gather_scales=False),
+)
+
+
+def test_plan_validation():
+    pytest.importorskip("triton")
+    from fp8train.kernels import plans
+
+    with pytest.raises(ValueError, match="power of two"):
+        plans.Plan(tile_elements=1000)
+    with pytest.raises(ValueError, match="transposed_tile"):
+        plans.Plan(transposed_tile=(8, 128))
+    with pytest.raises(ValueError, match="warps"):
+        plans.Plan(warps=3)
+    with pytest.raises(ValueError, match="unknown kernel family"):
+        plans.plan("gated")
+    before = plans.plan("quantize")
+    with plans.using_plan("quantize", warps=4) as p:
+        assert plans.plan("quantize") is p and p.warps == 4 and plans.plan("residual") == plans.DEFAULT
+    assert plans.plan("quantize") == before
+    assert plans.elementwise_tile(5632, "quantize") == (16, 512)
+    assert plans.elementwise_tile(48, "quantize", group=128) == (64, 128)
+    assert plans.elementwise_tile(48, "quantize", transposed=True) == plans.DEFAULT.transposed_tile
+
+
+def test_plans_give_identical_bits_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "plans: ok" in proc.stdout
+
+
+def _flat(result):
+    """Every tensor in a kernel's result (QuantizedTensors opened up), in order."""
+    import torch
+
+    from fp8train.quant import QuantizedTensor
+
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, QuantizedTensor):
+        return [t for t in (result.data, result.amax) if t is not None]
+    if isinstance(result, (tuple, list)):
+        return [t for item in result for t in _flat(item)]
+    return []
+
+
+def _bits(t):
+    import torch
+
+    t = t.detach().contiguous()
+    return t.view(torch.uint8) if t.dtype.is_floating_point and t.element_size() == 1 else t.view(-1).clone()
+
+
+def calls():
+    """(name, family, zero-argument callable) for every element-wise kernel entry point."""
+    import torch
+
+    import triton_interpreter as ti
+    from fp8train.formats import E4M3, E5M2
+    from fp8train.kernels import activation, gated_from_copies, gated_product, layernorm, quantize, residual, rmsnorm
+    from fp8train.quant import quantize as quantize_ref
+
+    shape = (33, 160)
+    x = ti._inputs(shape, torch.bfloat16)
+    y = ti._inputs(shape, torch.bfloat16, seed=1)
+    dy = ti._inputs(shape, torch.bfloat16, seed=2)
+    w = ti._inputs((160,), torch.float32, seed=3) + 1.0
+    b = ti._inputs((160,), torch.float32, seed=4)
+    copy_x = quantize_ref(x, "e4m3", "1x16", scale_dtype=torch.bfloat16)
+    copy_y = quantize_ref(y, "e4m3", "1x16", scale_dtype=torch.bfloat16)
+    _, rstd, _ = rmsnorm.rmsnorm_forward(x, w, 1e-6, "llama")
+    _, ln_rstd, centred = layernorm.layernorm_forward(x, w, b, 1e-5)
+    return [
+        ("quantize_groups", "quantize", lambda: quantize.quantize_groups(x, E4M3)),
+        ("quantize_groups 1x32", "quantize", lambda: quantize.quantize_groups(x, E4M3, group_size=32)),
+        ("quantize_tensorwise + T", "quantize", lambda: quantize.quantize_tensorwise(x, E5M2, with_transpose=True)),
+        ("activation fwd", "activation", lambda: activation.activation_forward(x, "silu")),
+        ("activation fwd E4M3 + T", "activation",
+         lambda: activation.activation_forward(x, "gelu_tanh", quantize_output=True, output_transpose=True)),
+        ("activation bwd", "activation", lambda: activation.activation_backward(dy, copy_x, "silu")),
+        ("gated fwd", "gated_forward", lambda: gated_product.gated_product_forward(x, y, "silu")),
+        ("gated fwd E4M3 + T", "gated_forward",
+         lambda: gated_product.gated_product_forward(x, y, "silu", quantize_output=True, output_transpose=True)),
+        ("gated bwd", "gated_backward", lambda: gated_product.gated_product_backward(dy, copy_x, copy_y, "silu")),
+        ("gated bwd E5M2 + T", "gated_backward",
+         lambda: gated_product.gated_product_backward(dy, copy_x, copy_y, "silu", quantize_output=True,
+                                                      output_transpose=True)),
+        ("product from copies + T", "product_from_copies",
+         lambda: gated_from_copies.product_from_copies(copy_x, copy_y, "silu", torch.bfloat16, with_transpose=True)),
+        ("residual add + copy", "residual", lambda: residual.residual_add(x, y, emit_fp8_copy=True)),
+        ("rmsnorm fwd E4M3 + T", "norm",
+         lambda: rmsnorm.rmsnorm_forward(x, w, 1e-6, "llama", quantize_output=True, output_transpose=True)),
+        ("rmsnorm bwd", "norm", lambda: rmsnorm.rmsnorm_backward(dy, copy_x, rstd, w, "llama", second_dy=y)),
+        ("layernorm fwd E4M3 + T", "norm",
+         lambda: layernorm.layernorm_forward(x, w, b, 1e-5, quantize_output=True, output_transpose=True)),
+        ("layernorm bwd", "norm", lambda: layernorm.layernorm_backward(dy, centred, ln_rstd, w, True)),
+    ]
+
+
+def check():
+    import torch
+
+    import triton_interpreter as ti
+    from fp8train.kernels import plans
+
+    ti.patch_interpreter()
+    for name, family, call in calls():
+        reference = [_bits(t) for t in _flat(call())]
+        assert reference, name
+        for changes in OTHER_PLANS:
+            with plans.using_plan(family, **changes):
+                got = [_bits(t) for t in _flat(call())]
+            assert len(got) == len(reference), name
+            for i, (g, r) in enumerate(zip(got, reference)):
+                assert torch.equal(g, r), f"{name}: output {i} differs under plan {changes}"
+    print("plans: ok")
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    check()
