@@ -28,7 +28,7 @@ from . import plans
 from .plans import sm_count
 
 __all__ = ["quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile",
-           "load_group_copy", "as_rows", "row_loop_programs", "tensorwise_amax", "quantize_group_tile",
+           "load_group_copy", "as_rows", "tensorwise_amax", "quantize_group_tile",
            "tile_amax_bits", "global_amax", "store_tensorwise"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
@@ -222,13 +222,6 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
         return x.view(-1, x.shape[-1])
     except RuntimeError:
         return x.contiguous().view(-1, x.shape[-1])
-
-
-def row_loop_programs(x: torch.Tensor, row_blocks: int) -> int:
-    """Programs for a backward kernel that loops over row blocks and sums per-program weight-gradient partials:
-    eight per SM keep enough loads in flight (two per SM ran the norm backward at a quarter of copy bandwidth);
-    the partials are summed by torch afterwards, so their number is not capped by a partials block."""
-    return max(1, min(row_blocks, 8 * sm_count(x)))
 
 
 def _fmax(fmt) -> float:

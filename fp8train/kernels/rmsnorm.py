@@ -21,7 +21,7 @@ import triton.language as tl
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .quantize import (E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy,
-                       quantize_group_tile, row_loop_programs, shared_amax,
+                       quantize_group_tile, shared_amax,
                        store_tensorwise, tile_amax_bits)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
@@ -162,17 +162,16 @@ def _backward_row_plan(dy: torch.Tensor, M: int, N: int, plan: Optional[tuple] =
     """(BLOCK_N, BM, num_warps, programs, row blocks per program) of the norm backward kernels, whose programs
     loop over row blocks and keep per-program weight-gradient partials.
 
-    ``plan`` = (rows per block, warps, programs per SM) overrides the defaults -- a tuning aid
+    Default: one row per block, 4 warps (8 from 8K columns up), 16 programs per SM -- on the 953M model's
+    case (8192 x 2048, residual gradient, second dy) 2.6x faster than two rows, 8 warps and 8 programs per SM
+    (H200, benchmarks/results/2026-11-27-h200-session4-plans-sweep-suite.md); many small programs keep more
+    loads in flight.  ``plan`` = (rows per block, warps, programs per SM) overrides it -- a tuning aid
     (benchmarks/gpu/ops.py sweeps it); results change only through fp32 summation order (the row sums' warp
     layout, the dweight partials)."""
-    block_n, bm, warps = _row_plan(M, N)
-    if plan is None:
-        row_blocks = triton.cdiv(M, bm)
-        nprog = row_loop_programs(dy, row_blocks)
-    else:
-        bm, warps, per_sm = plan
-        row_blocks = triton.cdiv(M, bm)
-        nprog = max(1, min(row_blocks, per_sm * plans.sm_count(dy)))
+    block_n = triton.next_power_of_2(N)
+    bm, warps, per_sm = plan if plan is not None else (1, 4 if block_n <= 4096 else 8, 16)
+    row_blocks = triton.cdiv(M, bm)
+    nprog = max(1, min(row_blocks, per_sm * plans.sm_count(dy)))
     return block_n, bm, warps, nprog, triton.cdiv(row_blocks, nprog)
 
 
