@@ -14,6 +14,9 @@ What it does (details and the saved-tensor accounting in docs/convert.md):
    fused ones (gate_up_proj, as Phi-3) -> ``FP8GatedMLP``.
 3. Left in bf16: embeddings, output heads (``Recipe.keep_bf16``: lm_head, score, classifier, ...), linears
    whose weight is tied to an embedding, the attention core, anything matched by ``exclude``.
+4. ``Recipe.fp8_attention_saves``: Llama-style attention modules of Hugging Face models using ``"sdpa"`` switch
+   to the FP8-saving attention of :mod:`fp8train.nn.fp8_saved_attention` (through transformers' attention
+   registry: the config's ``_attn_implementation`` and a mark on each module; no forked classes).
 
 Every replacement reuses the original Parameters, so parameter names, state_dict keys, optimizer param
 groups and checkpoints are unchanged.  A linear whose in/out features are not multiples of 16 (what FP8
@@ -52,6 +55,8 @@ class ConversionReport(dict):
             parts.append(f"excluded: {len(self['excluded'])}")
         if self.get("fused_rotary"):
             parts.append("fused rotary: " + ", ".join(m.rsplit(".", 1)[-1] for m in self["fused_rotary"]))
+        if self.get("fp8_attention_saves"):
+            parts.append(f"FP8-saved attention: {len(self['fp8_attention_saves']['installed'])}")
         return ", ".join(parts) or "nothing converted"
 
 
@@ -84,9 +89,22 @@ def convert(model: nn.Module, recipe: Union[str, Recipe, None] = "coat", *,
         from .nn.chunked_cross_entropy import enable_chunked_loss
 
         enable_chunked_loss(model)
+    if recipe.fp8_attention_saves:
+        from .nn.fp8_saved_attention import install_on_model
+
+        rules = _compile_rules(exclude) + _compile_rules(list(recipe.keep_bf16))
+        if report is None:
+            report = _empty_report()
+        report["fp8_attention_saves"] = install_on_model(
+            model, lambda name, module: any(rule(name, module) for rule in rules))
     object.__setattr__(model, _MARK, recipe)
     object.__setattr__(model, _REPORT, report)
     return model
+
+
+def _empty_report() -> ConversionReport:
+    return ConversionReport(converted=collections.Counter(), fallback=[], excluded=[], tied=[],
+                            unknown=collections.Counter(), fast_path_blocks=0, fused_rotary=[])
 
 
 def _compile_rules(exclude) -> list[Callable[[str, nn.Module], bool]]:
@@ -157,8 +175,7 @@ class _Converter:
         self.fp8_types = _fp8_module_types()
         self.conv1d = _conv1d_class()
         self.fast_path = False
-        self.report = ConversionReport(converted=collections.Counter(), fallback=[], excluded=[], tied=[],
-                                       unknown=collections.Counter(), fast_path_blocks=0, fused_rotary=[])
+        self.report = _empty_report()
 
     # -- helpers for adapters ----------------------------------------------------------------------------
     def name_of(self, module: nn.Module) -> str:

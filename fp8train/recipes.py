@@ -62,6 +62,16 @@ class Recipe:
     rotary-embedding kernel (:mod:`fp8train.nn.rotary`; bit-identical to Hugging Face's eager op, one launch
     instead of ~10 element-wise kernels per layer).
 
+    Attention: ``fp8_attention_saves`` -- the attention core of Llama-style blocks (Hugging Face models using
+    ``"sdpa"``) runs the same fused causal kernel forward (same output bits) but keeps q, k and v for backward
+    as E4M3 copies (one scale per head and token, after subtracting their mean over the sequence) instead of bf16,
+    and backward reruns the attention forward on the dequantized copies before the fused backward
+    (:mod:`fp8train.nn.fp8_saved_attention`, mode ``"recompute"``).  Saves ~half of the attention core's bytes
+    for one extra attention forward per layer in backward; costs gradient fidelity (about 5 % relative error on
+    the attention's input gradients for unit-variance q/k, more for sharp attention; docs/convert.md).  A
+    padding mask, dropout, a KV cache or a backend other than cuDNN/flash falls back to HF's SDPA with a
+    one-time warning.  Works with every recipe, ``"bf16"`` included.
+
     Module selection: ``keep_bf16`` -- name patterns (globs, matched against the full module name and its
     last component) that are never converted; embeddings, the attention core and output heads stay bf16.
     """
@@ -82,6 +92,7 @@ class Recipe:
     keep_bf16: tuple = ("lm_head", "score", "classifier", "qa_outputs")
     chunked_loss: bool = False
     fused_rotary: bool = True
+    fp8_attention_saves: bool = False
     simulate: Optional[Any] = None  # fp8train.lab.SimulatedFormats (or its spec string)
 
     def __post_init__(self):
@@ -102,6 +113,8 @@ class Recipe:
             raise ValueError("inputs and weights cannot both be E5M2: FP8 GEMMs take E5M2 x E4M3 at most")
         if not isinstance(self.fused_rotary, bool):
             raise TypeError(f"Recipe.fused_rotary must be True or False, got {self.fused_rotary!r}")
+        if not isinstance(self.fp8_attention_saves, bool):
+            raise TypeError(f"Recipe.fp8_attention_saves must be True or False, got {self.fp8_attention_saves!r}")
         if not isinstance(self.keep_bf16, tuple):
             object.__setattr__(self, "keep_bf16", tuple(self.keep_bf16))
         if self.compress_activations and not self.fp8_linears:
@@ -123,7 +136,7 @@ class Recipe:
     @property
     def is_noop(self) -> bool:
         return (not self.fp8_linears and not self.compress_activations and not self.chunked_loss
-                and self.simulate is None)
+                and self.simulate is None and not self.fp8_attention_saves)
 
     @property
     def per_tensor(self) -> bool:

@@ -448,6 +448,8 @@ def kept_by_attention(x: torch.Tensor) -> bool:
         if node is None:
             return False
         name = type(node).__name__
+        if getattr(node, "keeps_attention_output", False):  # fp8train.nn.fp8_saved_attention, mode "saved_lse"
+            return True
         if "ScaledDotProduct" in name or "FlashAttn" in name:
             return hasattr(node, "_saved_output") or "FlashAttn" in name
         if name not in _VIEW_NODES:
