@@ -12,6 +12,8 @@ reference forward/backward, the dispatch to its Triton kernel, an autograd.Funct
 * :mod:`fp8train.nn.residual` -- ``residual_add`` (optionally emitting the next norm's FP8 copy)
 * :mod:`fp8train.nn.rotary` -- ``fused_rotary_embedding`` (bit-identical to HF's ``apply_rotary_pos_emb``, one
   Triton launch for q and k) and ``install_fused_rotary``, which convert uses for Llama-style families
+* :mod:`fp8train.nn.fp8_saved_attention` -- ``fp8_saved_attention`` (SDPA's causal forward, same bits, with q/k/v
+  saved as E4M3 copies) and ``install_fp8_saved_attention``, which convert uses for ``Recipe.fp8_attention_saves``
 
 FP8 linear layer and the wiring between ops:
 
