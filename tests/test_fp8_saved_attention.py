@@ -317,6 +317,29 @@ def test_converted_llama_trains_like_without(recipe):
         assert abs(a - b) < 0.02 * b, (losses[True], losses[False])
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_style_families(family):
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config, cls = {
+        "mistral": (lambda: transformers.MistralConfig(**common, sliding_window=None), transformers.MistralForCausalLM),
+        "qwen2": (lambda: transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM),
+        "qwen3": (lambda: transformers.Qwen3Config(**common, head_dim=32), transformers.Qwen3ForCausalLM),
+    }[family]
+    ids = batch(length=32)
+    losses = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = fp8train.convert(cls(config()), with_flag() if flag else "coat")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert len(model._fp8train_report["fp8_attention_saves"]["installed"]) == 2
+    assert torch.equal(losses[0], losses[1])
+
+
 def test_bf16_autocast_model_gradients_close():
     """Whole-model gradients under CPU bf16 autocast (RoPE hands SDPA fp32 q/k, autocast casts them): the switch
     changes only the attention backward, so parameter gradients stay close to the plain model's."""

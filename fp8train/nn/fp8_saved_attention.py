@@ -73,10 +73,10 @@ from torch import nn
 from ..formats import E4M3, INT8
 from ..quant import Granularity, QuantizedTensor, quantize
 
-__all__ = ["ATTENTION_NAME", "SAVED_FORMAT", "saved_group_size", "choose_backend", "FP8SavedAttentionFunction",
-           "fp8_saved_attention", "fp8_saved_sdpa_attention_forward", "register_attention_function",
-           "install_fp8_saved_attention", "remove_fp8_saved_attention", "uses_fp8_saved_attention",
-           "attention_saved_bytes"]
+__all__ = ["ATTENTION_NAME", "SAVED_FORMAT", "SAVED_FORMATS", "MODES", "saved_group_size", "choose_backend",
+           "FP8SavedAttentionFunction", "fp8_saved_attention", "fp8_saved_sdpa_attention_forward",
+           "register_attention_function", "install_fp8_saved_attention", "install_on_model",
+           "remove_fp8_saved_attention", "uses_fp8_saved_attention", "attention_saved_bytes"]
 
 ATTENTION_NAME = "fp8train_fp8_saved_sdpa"
 SAVED_FORMAT = E4M3
