@@ -188,10 +188,15 @@ class QuantizedTensor:
     granularity: Granularity
     shape: torch.Size
     dtype: torch.dtype
+    # amax / fmt.max as the producer already computed it (the Triton per-tensor quantizers store it beside the
+    # amax: no division kernel and no host round per GEMM operand); None: computed on demand
+    scale_hint: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def scale(self) -> torch.Tensor:
         """Per-group multiplier (amax / fmt.max, float32): x ~= data * scale."""
+        if self.scale_hint is not None:
+            return self.scale_hint
         return self.amax.float() / self.fmt.max
 
     @property

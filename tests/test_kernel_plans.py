@@ -119,6 +119,16 @@ def calls():
     ]
 
 
+def _quantized(result):
+    from fp8train.quant import QuantizedTensor
+
+    if isinstance(result, QuantizedTensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [q for item in result for q in _quantized(item)]
+    return []
+
+
 def check():
     import torch
 
@@ -126,8 +136,15 @@ def check():
     from fp8train.kernels import plans
 
     ti.patch_interpreter()
+    hinted = 0
     for name, family, call in calls():
-        reference = [_bits(t) for t in _flat(call())]
+        result = call()
+        for q in _quantized(result):
+            if q.scale_hint is not None:  # the per-tensor kernels store amax / fmax beside the amax
+                inverse = torch.tensor(1.0) / torch.tensor(q.fmt.max, dtype=torch.float32)
+                assert torch.equal(q.scale_hint, q.amax.float() * inverse), name
+                hinted += 1
+        reference = [_bits(t) for t in _flat(result)]
         assert reference, name
         for changes in OTHER_PLANS:
             with plans.using_plan(family, **changes):
@@ -135,6 +152,7 @@ def check():
             assert len(got) == len(reference), name
             for i, (g, r) in enumerate(zip(got, reference)):
                 assert torch.equal(g, r), f"{name}: output {i} differs under plan {changes}"
+    assert hinted >= 8, hinted
     print("plans: ok")
 
 

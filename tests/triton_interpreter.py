@@ -383,7 +383,9 @@ def check_rotary():
                 got = torch.autograd.grad((got_q, got_k), (x, xk), (dq, dk))
                 for g, e in zip(got, expected):
                     _same_bits(g, e)
-                assert sorted(layouts[:2]) == sorted(layouts[2:]), layouts
+                # the reference's gradients come contiguous (as autograd's of HF's ops); the kernel's in q's / k's
+                # own layout, so the transpose + view backward into the projections copies nothing
+                assert sorted(layouts[2:]) == sorted([("q", q.stride()), ("k", k.stride())]), layouts
                 assert launches == [False, True], launches  # one launch for q and k, forward and backward
                 launches.clear()
 

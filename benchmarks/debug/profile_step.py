@@ -21,9 +21,10 @@ class OpCensus(TorchDispatchMode):
     fp8train/transformers frames, or the autograd node that ran it during backward.  The profiler says how long
     copies and elementwise kernels take; this says who asked for them."""
 
-    def __init__(self, min_elements=1 << 20):
+    def __init__(self, min_elements=1 << 20, ops=()):
         super().__init__()
         self.min_elements = min_elements
+        self.ops = set(ops)  # these ops are counted whatever their tensors' sizes
         self.counts = collections.Counter()
         self.bytes = collections.Counter()
 
@@ -33,7 +34,8 @@ class OpCensus(TorchDispatchMode):
             return out  # no data moves
         tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
         tensors += [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
-        if not any(t.numel() >= self.min_elements for t in tensors):
+        if (func.overloadpacket.__name__ not in self.ops
+                and not any(t.numel() >= self.min_elements for t in tensors)):
             return out
         frames = [f for f in traceback.extract_stack()[:-2]
                   if ("fp8train" in f.filename or "transformers" in f.filename) and "profile_step" not in f.filename]
@@ -70,6 +72,8 @@ def warmed_step(a):
 def main():
     p = step_parser(rows=40)
     p.add_argument("--census", action="store_true", help="also count large-tensor aten ops by call site")
+    p.add_argument("--census-ops", default="", help="comma-separated aten ops the census counts at any size "
+                                                    "(e.g. add_,copy_: who launches the many small kernels)")
     a = p.parse_args()
     step = warmed_step(a)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -78,13 +82,18 @@ def main():
     print(f"== {a.config} {a.model} batch {a.batch}")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows, max_name_column_width=70))
     if a.census:
-        census = OpCensus()
+        census = OpCensus(ops=[o for o in a.census_ops.split(",") if o])
         with census:
             step()
         torch.cuda.synchronize()
         print("== large-tensor aten ops by call site (calls, GB touched, op, site); GEMMs and attention included")
         for key, calls in sorted(census.counts.items(), key=lambda kv: -census.bytes[kv[0]])[:60]:
             print(f"{calls:5d} {census.bytes[key] / 1e9:8.2f} {key[0]:28} {key[1]}")
+        if census.ops:
+            print("== the --census-ops by call count")
+            for key, calls in sorted(census.counts.items(), key=lambda kv: -kv[1]):
+                if key[0] in census.ops:
+                    print(f"{calls:5d} {census.bytes[key] / 1e9:8.2f} {key[0]:28} {key[1]}")
     return 0
 
 

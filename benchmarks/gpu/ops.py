@@ -47,8 +47,14 @@ def _check_tensorwise(report, name, got, ref):
     same, steps = fp8_steps(q.data, qr.data, E4M3)
     same_t, steps_t = fp8_steps(t, tr, E4M3)
     amax_rel = max_rel(q.amax, qr.amax)
-    report.check(name, amax_rel <= 2**-7 and steps <= 2 and steps_t <= 2, amax_rel=amax_rel,
-                 data_identical=round(same, 6), max_steps=steps, transposed_max_steps=steps_t)
+    hint_ok = _scale_hint_ok(q)
+    report.check(name, amax_rel <= 2**-7 and steps <= 2 and steps_t <= 2 and hint_ok, amax_rel=amax_rel,
+                 data_identical=round(same, 6), max_steps=steps, transposed_max_steps=steps_t, scale_hint_ok=hint_ok)
+
+
+def _scale_hint_ok(q) -> bool:
+    """A kernel-stored GEMM scale equals torch's amax / fmt.max bit for bit (or there is none)."""
+    return q.scale_hint is None or torch.equal(q.scale_hint, q.amax.float() / q.fmt.max)
 
 
 def _check_tensorwise_grads(report, name, got, ref):
@@ -59,6 +65,8 @@ def _check_tensorwise_grads(report, name, got, ref):
     worst, amax_rel = 0.0, 0.0
     for (q, t), (qr, tr) in zip(got, ref):
         amax_rel = max(amax_rel, max_rel(q.amax, qr.amax))
+        if not _scale_hint_ok(q):
+            amax_rel = float("inf")  # fails the check below
         for a, b in ((q.data, qr.data), (t, tr)):
             a, b = a.float(), b.float()
             excess = ((a - b).abs() - E5M2.max * 2**-18) / E5M2.quantum(b).float()

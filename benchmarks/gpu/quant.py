@@ -114,6 +114,9 @@ def run(report) -> None:
             r = quantize(x, fmt, "tensor")
             same, steps = fp8_steps(q.data, r.data, fmt)
             same_t, steps_t = fp8_steps(data_t, r.data.reshape(-1, shape[-1]).t(), fmt)
+            # the kernel's stored GEMM scale must be what torch computes from the amax, bit for bit
+            report.check(f"quant: per-tensor {fmt.name} scale_hint == amax / fmt.max {shape}",
+                         q.scale_hint is not None and torch.equal(q.scale_hint, q.amax.float() / fmt.max))
             report.check(f"quant: per-tensor {fmt.name} + transpose {shape}",
                          torch.equal(q.amax, r.amax) and steps <= 1 and steps_t <= 1,
                          amax_equal=torch.equal(q.amax, r.amax), data_identical=round(same, 6), max_steps=steps,

@@ -19,7 +19,7 @@ import triton.language as tl
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .activation import ACT_CODE, act_value
-from .quantize import (E4M3_MAX, encode_multiplier, grid_tile, load_group_copy, loop_tile, shared_amax,
+from .quantize import (E4M3_MAX, amax_and_scale, encode_multiplier, grid_tile, load_group_copy, loop_tile, shared_amax,
                        store_tensorwise, tile_amax_bits)
 
 __all__ = ["product_from_copies"]
@@ -59,7 +59,7 @@ def _product_apply_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, par
                           amax_out_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
                           BLOCK_P: tl.constexpr, ACT: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr,
                           GATHER: tl.constexpr):
-    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P)
+    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P, E4M3_MAX)
     rows, cols, _ = grid_tile(M, N, BM, BN)
     gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
     h = _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols, gcols, M, N, BM, BN, ACT,
@@ -86,13 +86,13 @@ def product_from_copies(gate: QuantizedTensor, up: QuantizedTensor, name: str, o
     bm, bn = plans.elementwise_tile(N, family)
     num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     nprog = max(1, min(num_tiles, plans.partials_capacity(gate.data, family)))
-    partials = torch.zeros(nprog, dtype=torch.int32, device=dev)
+    partials = torch.empty(nprog, dtype=torch.int32, device=dev)
     iters = triton.cdiv(num_tiles, nprog)
     if M:
         _product_amax_kernel[(nprog,)](gate.data, gate.amax, up.data, up.amax, h_dtype, partials, M, N, nprog, iters,
                                        BM=bm, BN=bn, ACT=ACT_CODE[name], GATHER=plan.gather_scales,
                                        num_warps=plan.warps)
-    amax = torch.zeros((), dtype=torch.float32, device=dev)
+    amax = amax_and_scale(dev)
     data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if with_transpose else None
     if M:
@@ -103,6 +103,8 @@ def product_from_copies(gate: QuantizedTensor, up: QuantizedTensor, name: str, o
                                     M, N, BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(gate.data, family),
                                     ACT=ACT_CODE[name], WRITE_ROW=write_rowmajor, WRITE_T=with_transpose,
                                     GATHER=plan.gather_scales, num_warps=plans.warps(family, with_transpose))
-    q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=gate.shape,
-                        dtype=out_dtype)
+    else:  # an empty tensor: amax 0 (no kernel runs)
+        amax.zero_()
+    q = QuantizedTensor(data=data, amax=amax[0], scale_hint=amax[1], fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
+                        shape=gate.shape, dtype=out_dtype)
     return q, data_t

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
-from .quantize import (E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy,
+from .quantize import (E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, grid_tile, load_group_copy,
                        quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
 from .rmsnorm import _backward_row_plan, _row_plan
 
@@ -74,7 +74,7 @@ def _layernorm_apply_kernel(x_ptr, stride_x, w_ptr, b_ptr, mean_ptr, rstd_ptr, p
                             amax_out_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
                             BLOCK_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                             WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
-    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P)
+    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P, E4M3_MAX)
     rows, cols, mask = grid_tile(M, N, BM, BN)
     rmask = rows < M
     cmask = cols < N
@@ -158,7 +158,7 @@ def layernorm_forward(x, weight, bias, eps, *, quantize_output=False, output_tra
                            shape=x.shape, dtype=x.dtype)
     if not quantize_output:
         return y, rstd, copy
-    amax = torch.empty((), dtype=torch.float32, device=dev)
+    amax = amax_and_scale(dev)
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
@@ -167,7 +167,8 @@ def layernorm_forward(x, weight, bias, eps, *, quantize_output=False, output_tra
                                   BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), HAS_W=weight is not None,
                                   HAS_B=bias is not None, WRITE_ROW=True, WRITE_T=output_transpose,
                                 num_warps=plans.warps("norm", output_transpose))
-    q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype)
+    q = QuantizedTensor(data=data, amax=amax[0], scale_hint=amax[1], fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
+                        shape=x.shape, dtype=x.dtype)
     return ((q, data_t) if output_transpose else q), rstd, copy
 
 

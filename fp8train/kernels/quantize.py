@@ -28,7 +28,7 @@ from . import plans
 from .plans import sm_count
 
 __all__ = ["quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile",
-           "load_group_copy", "as_rows", "tensorwise_amax", "quantize_group_tile",
+           "load_group_copy", "as_rows", "tensorwise_amax", "amax_and_scale", "dequant_scale", "quantize_group_tile",
            "tile_amax_bits", "global_amax", "store_tensorwise"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
@@ -119,11 +119,20 @@ def load_group_copy(q_ptr, qamax_ptr, rows, cols, gcols, M, N, BM: tl.constexpr,
 
 
 @triton.jit
-def shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P: tl.constexpr):
-    """Stage 2 of every per-tensor kernel: the global amax from stage 1's partials, stored once for the host."""
+def dequant_scale(amax, FMAX: tl.constexpr):
+    """amax / FMAX as torch computes ``amax / fmt.max`` on CUDA: times the float32 reciprocal of the scalar."""
+    inv = tl.div_rn(tl.full((), 1.0, tl.float32), tl.full((), FMAX, tl.float32))
+    return amax * inv
+
+
+@triton.jit
+def shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P: tl.constexpr, FMAX: tl.constexpr):
+    """Stage 2 of every per-tensor kernel: the global amax from stage 1's partials, stored once for the host
+    in ``amax_out[0]``, with the GEMM's dequantization scale amax / FMAX in ``amax_out[1]``."""
     amax = global_amax(partials_ptr, num_partials, BLOCK_P)
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(amax_out_ptr, amax)
+        tl.store(amax_out_ptr + 1, dequant_scale(amax, FMAX))
     return amax
 
 
@@ -201,7 +210,7 @@ def _quantize_tensorwise_kernel(x_ptr, stride_x, partials_ptr, num_partials, ama
                                 BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, FMAX: tl.constexpr,
                                 WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
     """Stage 2: global amax from the partials, then scale + cast one tile (row-major and/or transposed)."""
-    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P)
+    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P, FMAX)
     inv = encode_multiplier(amax, FMAX)
     rows, cols, mask = grid_tile(M, N, BM, BN)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
@@ -222,6 +231,11 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
         return x.view(-1, x.shape[-1])
     except RuntimeError:
         return x.contiguous().view(-1, x.shape[-1])
+
+
+def amax_and_scale(device, count: int = 1) -> torch.Tensor:
+    """The float32 buffer a per-tensor kernel writes: ``count`` amaxes, then their ``count`` scales."""
+    return torch.empty(2 * count, dtype=torch.float32, device=device)
 
 
 def _fmax(fmt) -> float:
@@ -283,7 +297,7 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     transpose_after = with_transpose and x2.dtype == torch.float32
     if transpose_after:
         with_transpose, write_rowmajor, keep_rowmajor = False, True, write_rowmajor
-    amax_out = torch.empty((), dtype=torch.float32, device=x.device)
+    amax_out = amax_and_scale(x.device)
     data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=x.device) if with_transpose else None
     bm, bn = plans.elementwise_tile(N, "quantize", with_transpose)
@@ -296,10 +310,11 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
                                       num_warps=plans.warps("quantize", with_transpose))
     if transpose_after:
         data_t = data.reshape(M, N).t().contiguous()
-        q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax_out, fmt=fmt, granularity=PER_TENSOR,
-                            shape=x.shape, dtype=x.dtype)
+        q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax_out[0], fmt=fmt, granularity=PER_TENSOR,
+                            shape=x.shape, dtype=x.dtype, scale_hint=amax_out[1])
         return q, data_t
-    q = QuantizedTensor(data=data, amax=amax_out, fmt=fmt, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype)
+    q = QuantizedTensor(data=data, amax=amax_out[0], fmt=fmt, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype,
+                        scale_hint=amax_out[1])
     return (q, data_t) if with_transpose else q
 
 

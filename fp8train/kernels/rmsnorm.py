@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
-from .quantize import (E4M3_MAX, as_rows, encode_multiplier, grid_tile, load_group_copy,
+from .quantize import (E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, grid_tile, load_group_copy,
                        quantize_group_tile, shared_amax,
                        store_tensorwise, tile_amax_bits)
 
@@ -93,7 +93,7 @@ def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_pt
 def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
                           q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
                           STYLE: tl.constexpr, HAS_W: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
-    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P)
+    amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P, E4M3_MAX)
     rows, cols, mask = grid_tile(M, N, BM, BN)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
@@ -224,7 +224,7 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     if not quantize_output:
         return (*lead, y, rstd, copy)
     x2 = h2  # pass 2 normalises the sum it just wrote
-    amax = torch.empty((), dtype=torch.float32, device=dev)
+    amax = amax_and_scale(dev)
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
@@ -233,8 +233,8 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
                                 BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), STYLE=_STYLE_CODE[style],
                                 HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose,
                                 num_warps=plans.warps("norm", output_transpose))
-    q = QuantizedTensor(data=data, amax=amax, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
-                        dtype=y_dtype)
+    q = QuantizedTensor(data=data, amax=amax[0], fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
+                        dtype=y_dtype, scale_hint=amax[1])
     return (*lead, ((q, data_t) if output_transpose else q), rstd, copy)
 
 

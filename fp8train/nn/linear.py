@@ -141,7 +141,8 @@ def _as_matrix(q: QuantizedTensor, data_t: Optional[torch.Tensor] = None) -> Qua
     elif q.granularity.kind == "row":
         amax = amax.reshape(m, 1)
     data = data_t.t() if data_t is not None else q.data.reshape(m, k)
-    return QuantizedTensor(data, amax, q.fmt, q.granularity, torch.Size((m, k)), q.dtype)
+    hint = q.scale_hint if q.granularity.kind == "tensor" else None
+    return QuantizedTensor(data, amax, q.fmt, q.granularity, torch.Size((m, k)), q.dtype, scale_hint=hint)
 
 
 # -- FP8 weights made once per optimizer step (Recipe.cache_fp8_weights) ------------------------------------
@@ -360,7 +361,8 @@ def _weight_grad(dy: LinearInput, x: QuantizedTensor, out_dtype: torch.dtype) ->
     q = dy.q
     if q.granularity.kind == "tensor" and x.granularity.kind == "tensor":
         dy_t = dy.data_t if dy.data_t is not None else q.data.reshape(-1, q.shape[-1]).t()
-        return scaled_matmul(QuantizedTensor(dy_t, q.amax, q.fmt, q.granularity, dy_t.shape, q.dtype), x, out_dtype)
+        dy_matrix = QuantizedTensor(dy_t, q.amax, q.fmt, q.granularity, dy_t.shape, q.dtype, scale_hint=q.scale_hint)
+        return scaled_matmul(dy_matrix, x, out_dtype)
     # block scales run along the last dim, not along tokens: dequantize both (emulation)
     return (_as_matrix(q).dequantize(torch.float32).t() @ x.dequantize(torch.float32)).to(out_dtype)
 
