@@ -143,6 +143,8 @@ def check():
             if q.scale_hint is not None:  # the per-tensor kernels store amax / fmax beside the amax
                 inverse = torch.tensor(1.0) / torch.tensor(q.fmt.max, dtype=torch.float32)
                 assert torch.equal(q.scale_hint, q.amax.float() * inverse), name
+                # 256-byte aligned: cuBLASLt refuses a scale pointer 4 bytes into an allocation
+                assert q.scale_hint.storage_offset() % 64 == 0 and q.amax.storage_offset() % 64 == 0, name
                 hinted += 1
         reference = [_bits(t) for t in _flat(result)]
         assert reference, name

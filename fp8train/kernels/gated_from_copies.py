@@ -92,7 +92,7 @@ def product_from_copies(gate: QuantizedTensor, up: QuantizedTensor, name: str, o
         _product_amax_kernel[(nprog,)](gate.data, gate.amax, up.data, up.amax, h_dtype, partials, M, N, nprog, iters,
                                        BM=bm, BN=bn, ACT=ACT_CODE[name], GATHER=plan.gather_scales,
                                        num_warps=plan.warps)
-    amax = amax_and_scale(dev)
+    amax, (amax_view,), (scale_view,) = amax_and_scale(dev)
     data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if with_transpose else None
     if M:
@@ -105,6 +105,6 @@ def product_from_copies(gate: QuantizedTensor, up: QuantizedTensor, name: str, o
                                     GATHER=plan.gather_scales, num_warps=plans.warps(family, with_transpose))
     else:  # an empty tensor: amax 0 (no kernel runs)
         amax.zero_()
-    q = QuantizedTensor(data=data, amax=amax[0], scale_hint=amax[1], fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
+    q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
                         shape=gate.shape, dtype=out_dtype)
     return q, data_t

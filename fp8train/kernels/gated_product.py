@@ -15,8 +15,9 @@ import triton.language as tl
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .activation import ACT_CODE, act_derivative, act_value
-from .quantize import (E4M3_MAX, amax_and_scale, as_rows, dequant_scale, encode_multiplier, global_amax, grid_tile,
-                       load_group_copy, loop_tile, quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
+from .quantize import (E4M3_MAX, SLOT, amax_and_scale, as_rows, dequant_scale, encode_multiplier, global_amax,
+                       grid_tile, load_group_copy, loop_tile, quantize_group_tile, shared_amax, store_tensorwise,
+                       tile_amax_bits)
 
 __all__ = ["gated_product_forward", "gated_product_backward"]
 
@@ -124,11 +125,11 @@ def _gated_bwd_apply_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_
     pid_n = tl.program_id(1)
     amax_g = global_amax(partials_ptr, num_partials, BLOCK_P)
     amax_u = global_amax(partials_ptr + num_partials, num_partials, BLOCK_P)
-    if (pid_m == 0) & (pid_n == 0):  # [amax_g, amax_u, scale_g, scale_u]
+    if (pid_m == 0) & (pid_n == 0):  # amax_g, amax_u, scale_g, scale_u, SLOT floats apart
         tl.store(amax_out_ptr, amax_g)
-        tl.store(amax_out_ptr + 1, amax_u)
-        tl.store(amax_out_ptr + 2, dequant_scale(amax_g, FMAX))
-        tl.store(amax_out_ptr + 3, dequant_scale(amax_u, FMAX))
+        tl.store(amax_out_ptr + SLOT, amax_u)
+        tl.store(amax_out_ptr + 2 * SLOT, dequant_scale(amax_g, FMAX))
+        tl.store(amax_out_ptr + 3 * SLOT, dequant_scale(amax_u, FMAX))
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     gcols = pid_n * (BN // 16) + tl.arange(0, BN // 16)
@@ -176,7 +177,7 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
                               shape=t.shape, dtype=t.dtype) for d, a, t in ((gq, gamax, gate), (uq, uamax, up))]
     if not quantize_output:
         return h, copies[0], copies[1]
-    amax = amax_and_scale(dev)
+    amax, (amax_view,), (scale_view,) = amax_and_scale(dev)
     data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
@@ -185,7 +186,7 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
                               BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(gate, family), ACT=ACT_CODE[name],
                               WRITE_ROW=True, WRITE_T=output_transpose,
                               num_warps=plans.warps(family, output_transpose))
-    q = QuantizedTensor(data=data, amax=amax[0], scale_hint=amax[1], fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
+    q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
                         shape=gate.shape, dtype=h_dtype)
     return ((q, data_t) if output_transpose else q), copies[0], copies[1]
 
@@ -220,7 +221,7 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
                                 BN=bn, ACT=ACT_CODE[name], WRITE_GRADS=False, WRITE_AMAX=True,
                                 GATHER=plan.gather_scales, num_warps=plan.warps)
     fmt = GRAD_FORMAT
-    amax = amax_and_scale(dev, 2)
+    amax, amaxes, scales = amax_and_scale(dev, 2)
     qg = torch.empty(gate_copy.shape, dtype=fmt.torch_dtype, device=dev)
     qu = torch.empty(up_copy.shape, dtype=fmt.torch_dtype, device=dev)
     qg_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=dev) if output_transpose else qg
@@ -233,7 +234,8 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
                                   WRITE_T=output_transpose, GATHER=plan.gather_scales,
                                   num_warps=plans.warps(family, output_transpose))
     out = []
-    for data, data_t, a, s, copy in ((qg, qg_t, amax[0], amax[2], gate_copy), (qu, qu_t, amax[1], amax[3], up_copy)):
+    for data, data_t, a, s, copy in ((qg, qg_t, amaxes[0], scales[0], gate_copy),
+                                     (qu, qu_t, amaxes[1], scales[1], up_copy)):
         q = QuantizedTensor(data=data, amax=a, fmt=fmt, granularity=PER_TENSOR, shape=copy.shape, dtype=copy.dtype,
                             scale_hint=s)
         out.append((q, data_t) if output_transpose else q)

@@ -158,7 +158,7 @@ def layernorm_forward(x, weight, bias, eps, *, quantize_output=False, output_tra
                            shape=x.shape, dtype=x.dtype)
     if not quantize_output:
         return y, rstd, copy
-    amax = amax_and_scale(dev)
+    amax, (amax_view,), (scale_view,) = amax_and_scale(dev)
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
@@ -167,7 +167,7 @@ def layernorm_forward(x, weight, bias, eps, *, quantize_output=False, output_tra
                                   BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), HAS_W=weight is not None,
                                   HAS_B=bias is not None, WRITE_ROW=True, WRITE_T=output_transpose,
                                 num_warps=plans.warps("norm", output_transpose))
-    q = QuantizedTensor(data=data, amax=amax[0], scale_hint=amax[1], fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
+    q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
                         shape=x.shape, dtype=x.dtype)
     return ((q, data_t) if output_transpose else q), rstd, copy
 

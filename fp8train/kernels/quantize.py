@@ -28,10 +28,13 @@ from . import plans
 from .plans import sm_count
 
 __all__ = ["quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile",
-           "load_group_copy", "as_rows", "tensorwise_amax", "amax_and_scale", "dequant_scale", "quantize_group_tile",
-           "tile_amax_bits", "global_amax", "store_tensorwise"]
+           "load_group_copy", "as_rows", "tensorwise_amax", "amax_and_scale", "dequant_scale", "SLOT",
+           "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
+# floats between the values a per-tensor kernel stores (amax, GEMM scale): 256 bytes, so each is an aligned
+# pointer -- cuBLASLt refuses a scale pointer 4 bytes into an allocation (CUBLAS_STATUS_NOT_SUPPORTED)
+SLOT = tl.constexpr(64)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,11 +131,11 @@ def dequant_scale(amax, FMAX: tl.constexpr):
 @triton.jit
 def shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P: tl.constexpr, FMAX: tl.constexpr):
     """Stage 2 of every per-tensor kernel: the global amax from stage 1's partials, stored once for the host
-    in ``amax_out[0]``, with the GEMM's dequantization scale amax / FMAX in ``amax_out[1]``."""
+    in ``amax_out[0]``, with the GEMM's dequantization scale amax / FMAX in ``amax_out[SLOT]``."""
     amax = global_amax(partials_ptr, num_partials, BLOCK_P)
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(amax_out_ptr, amax)
-        tl.store(amax_out_ptr + 1, dequant_scale(amax, FMAX))
+        tl.store(amax_out_ptr + SLOT, dequant_scale(amax, FMAX))
     return amax
 
 
@@ -233,9 +236,12 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous().view(-1, x.shape[-1])
 
 
-def amax_and_scale(device, count: int = 1) -> torch.Tensor:
-    """The float32 buffer a per-tensor kernel writes: ``count`` amaxes, then their ``count`` scales."""
-    return torch.empty(2 * count, dtype=torch.float32, device=device)
+def amax_and_scale(device, count: int = 1) -> tuple[torch.Tensor, list, list]:
+    """``(buffer, amaxes, scales)``: the float32 buffer a per-tensor kernel writes -- ``count`` amaxes, then their
+    ``count`` GEMM scales, ``SLOT`` floats apart -- and 0-d views of each value."""
+    slot = SLOT.value
+    buffer = torch.empty(2 * count * slot, dtype=torch.float32, device=device)
+    return buffer, [buffer[i * slot] for i in range(count)], [buffer[(count + i) * slot] for i in range(count)]
 
 
 def _fmax(fmt) -> float:
@@ -297,7 +303,7 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     transpose_after = with_transpose and x2.dtype == torch.float32
     if transpose_after:
         with_transpose, write_rowmajor, keep_rowmajor = False, True, write_rowmajor
-    amax_out = amax_and_scale(x.device)
+    amax_out, (amax,), (scale,) = amax_and_scale(x.device)
     data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=x.device) if with_transpose else None
     bm, bn = plans.elementwise_tile(N, "quantize", with_transpose)
@@ -310,11 +316,11 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
                                       num_warps=plans.warps("quantize", with_transpose))
     if transpose_after:
         data_t = data.reshape(M, N).t().contiguous()
-        q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax_out[0], fmt=fmt, granularity=PER_TENSOR,
-                            shape=x.shape, dtype=x.dtype, scale_hint=amax_out[1])
+        q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax, fmt=fmt, granularity=PER_TENSOR,
+                            shape=x.shape, dtype=x.dtype, scale_hint=scale)
         return q, data_t
-    q = QuantizedTensor(data=data, amax=amax_out[0], fmt=fmt, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype,
-                        scale_hint=amax_out[1])
+    q = QuantizedTensor(data=data, amax=amax, fmt=fmt, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype,
+                        scale_hint=scale)
     return (q, data_t) if with_transpose else q
 
 

@@ -224,7 +224,7 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     if not quantize_output:
         return (*lead, y, rstd, copy)
     x2 = h2  # pass 2 normalises the sum it just wrote
-    amax = amax_and_scale(dev)
+    amax, (amax_view,), (scale_view,) = amax_and_scale(dev)
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
@@ -233,8 +233,8 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
                                 BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), STYLE=_STYLE_CODE[style],
                                 HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose,
                                 num_warps=plans.warps("norm", output_transpose))
-    q = QuantizedTensor(data=data, amax=amax[0], fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
-                        dtype=y_dtype, scale_hint=amax[1])
+    q = QuantizedTensor(data=data, amax=amax_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
+                        dtype=y_dtype, scale_hint=scale_view)
     return (*lead, ((q, data_t) if output_transpose else q), rstd, copy)
 
 
