@@ -6,22 +6,14 @@ Checks indexing, masking, both output layouts and the amax; GPU float8 rounding 
 """
 
 import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-HERE = pathlib.Path(__file__).resolve().parent
-
+from triton_interpreter import run_under_interpreter
 
 def test_product_from_copies_under_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "product_from_copies: ok" in proc.stdout
+    run_under_interpreter(__file__, marker="product_from_copies: ok")
 
 
 def check():

@@ -4,13 +4,10 @@ triton loads); the GPU sweep (benchmarks/gpu/plans.py) checks the same on the de
 """
 
 import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-HERE = pathlib.Path(__file__).resolve().parent
+from triton_interpreter import run_under_interpreter
 
 # two plans far from the default on every field
 OTHER_PLANS = (
@@ -44,11 +41,7 @@ def test_plan_validation():
 
 def test_plans_give_identical_bits_under_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "plans: ok" in proc.stdout
+    run_under_interpreter(__file__, marker="plans: ok")
 
 
 def _flat(result):

@@ -8,22 +8,14 @@ step) and flushes subnormal inputs to zero on load (those elements are not compa
 from __future__ import annotations
 
 import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-HERE = pathlib.Path(__file__).resolve().parent
-
+from triton_interpreter import run_under_interpreter
 
 def test_simulate_kernel_matches_torch_path_under_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "simulate: ok" in proc.stdout
+    run_under_interpreter(__file__, marker="simulate: ok")
 
 
 def _check() -> None:

@@ -11,6 +11,23 @@ from __future__ import annotations
 import torch
 
 
+def run_under_interpreter(script: str, *args: str, marker: str, timeout: int = 900) -> None:
+    """Run ``script`` (with ``args``) in a fresh Python with TRITON_INTERPRET=1 -- it must be set before triton
+    loads -- and assert that it succeeded and printed ``marker``."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    here = pathlib.Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert marker in proc.stdout, proc.stdout[-3000:]
+
+
 def patch_interpreter() -> None:
     from triton.runtime import interpreter
 

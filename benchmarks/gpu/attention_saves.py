@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import fp8train
 from fp8train.mixed_granularity import quantization_disabled
 from fp8train.nn import fp8_saved_attention as fsa
+from gpu.quant import event_times_ms, tiny_llama
 
 SHAPE = dict(batch=4, seq=2048, heads=16, kv_heads=16, head_dim=128)
 VARIANTS = {"sdpa": None, "e4m3-recompute": ("recompute", "e4m3"), "e4m3-saved_lse": ("saved_lse", "e4m3"),
@@ -70,18 +71,7 @@ def _rel(got, ref):
 
 
 def _median_ms(step, iters=20, warmup=5):
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(event_times_ms(step, iters, warmup))
 
 
 def _memory(fn, tensors, grad):
@@ -150,15 +140,7 @@ def _check_backend(report, name, sdp_backend, tensors, grad, reference):
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        return LlamaForCausalLM(config)
+    return tiny_llama(kv_heads=2)
 
 
 def _motif_batch(step):

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from gpu.quant import event_times_ms
+
 HIDDEN, FFN, HEADS, BATCH, SEQ = 4096, 11008, 32, 8, 2048
 
 
@@ -68,17 +70,7 @@ def measure(variant: str, template, rotary, x, dy, position_embeddings, report) 
         out.backward(dy)
         return out, inp.grad
 
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(6):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    times = event_times_ms(step, iters=6, warmup=2)
 
     layer.zero_grad(set_to_none=True)
     gc.collect()

@@ -24,20 +24,13 @@ import torch
 import fp8train
 from fp8train import bench
 from fp8train.recipes import Recipe
+from gpu.quant import tiny_llama
 
 BENCH_CONFIGS = ("fp8train_coat_lean", "fp8train_coat_lean_step_in_backward", "fp8train_coat_lean_weight_cache")
 
 
 def _tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        return LlamaForCausalLM(config)
+    return tiny_llama(seed)
 
 
 def _ids(step, micro=0):

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from gpu.quant import event_times_ms
+
 TOKENS_7B = 8 * 2048
 SHAPES_7B = {  # name: (M, K, N) for y[M, N] = x[M, K] W[N, K]^T
     "7b_qkv": (TOKENS_7B, 4096, 3 * 4096),
@@ -30,18 +32,7 @@ SHAPES_7B = {  # name: (M, K, N) for y[M, N] = x[M, K] W[N, K]^T
 
 
 def _time_ms(fn, warmup=3, iters=10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(event_times_ms(fn, iters, warmup))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -27,6 +27,35 @@ def bench_ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
+def event_times_ms(step, iters: int, warmup: int) -> list[float]:
+    """CUDA-event times of ``iters`` calls of ``step`` (each synchronized), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def tiny_llama(seed: int = 0, kv_heads: int = 4):
+    """A 2-layer Llama (hidden 256, 4 heads) on the GPU with SDPA attention, for training checks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        return LlamaForCausalLM(config)
+
+
 def copy_tbps(x: torch.Tensor) -> float:
     ms = bench_ms(lambda: torch.empty_like(x).copy_(x))
     return 2 * x.numel() * x.element_size() / ms / 1e9
