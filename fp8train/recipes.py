@@ -67,7 +67,8 @@ class Recipe:
     as E4M3 copies (one scale per head and token, after subtracting their mean over the sequence) instead of bf16,
     and backward reruns the attention forward on the dequantized copies before the fused backward
     (:mod:`fp8train.nn.fp8_saved_attention`, mode ``"recompute"``).  Saves ~half of the attention core's bytes
-    for one extra attention forward per layer in backward; costs gradient fidelity (about 5 % relative error on
+    at 3.5x its time (measured on an H200: the rerun plus unfused quantize/dequantize passes) -- an experimental
+    memory lever, off by default; costs gradient fidelity (about 5 % relative error on
     the attention's input gradients for unit-variance q/k, more for sharp attention; docs/convert.md).  A
     padding mask, dropout, a KV cache or a backend other than cuDNN/flash falls back to HF's SDPA with a
     one-time warning.  Works with every recipe, ``"bf16"`` included.
