@@ -97,3 +97,17 @@ def test_recipe_option_enables_chunked_loss():
     assert out.logits is None
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
     assert fp8train.recipes.resolve_recipe("coat-lean").chunked_loss
+
+
+def test_accumulate_product_adds_the_product_into_fp32():
+    """The fused loss accumulates the head's weight gradient chunk by chunk; off CUDA the product is rounded to
+    the operands' dtype and added (on CUDA the GEMM adds its fp32 result itself: benchmarks/gpu/ops.py)."""
+    from fp8train.nn.chunked_cross_entropy import _accumulate_product
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 5, generator=gen).to(torch.bfloat16)
+    b = torch.randn(5, 4, generator=gen).to(torch.bfloat16)
+    acc = torch.randn(6, 4, generator=gen)
+    expected = acc + (a @ b).float()
+    _accumulate_product(acc, a, b)
+    assert torch.equal(acc, expected)

@@ -34,6 +34,13 @@ def test_plan_validation():
     with plans.using_plan("quantize", warps=4) as p:
         assert plans.plan("quantize") is p and p.warps == 4 and plans.plan("residual") == plans.DEFAULT
     assert plans.plan("quantize") == before
+    # set_plan(..., None) goes back to the shipped plan: the GPU-tuned one where there is one
+    tuned = plans.plan("gated_backward")
+    assert tuned == plans.TUNED["gated_backward"] != plans.DEFAULT
+    plans.set_plan("gated_backward", plans.DEFAULT)
+    assert plans.plan("gated_backward") == plans.DEFAULT
+    plans.set_plan("gated_backward", None)
+    assert plans.plan("gated_backward") == tuned
     assert plans.elementwise_tile(5632, "quantize") == (16, 512)
     assert plans.elementwise_tile(48, "quantize", group=128) == (64, 128)
     assert plans.elementwise_tile(48, "quantize", transposed=True) == plans.DEFAULT.transposed_tile

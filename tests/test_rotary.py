@@ -200,3 +200,17 @@ def test_a_different_rotary_function_is_left_alone():
         assert rotary.is_fused_rotary(family.apply_rotary_pos_emb)
     finally:
         del sys.modules[family.__name__]
+
+
+def test_kernel_gradients_take_the_inputs_layout_when_it_is_dense():
+    """The kernel path's backward writes q/k gradients in q/k's own layout (HF's transposed projection views:
+    the transpose + view backward then copies nothing); gapped or overlapping layouts get contiguous ones."""
+    x = torch.empty(2, 5, 4 * 8)
+    q = x.view(2, 5, 4, 8).transpose(1, 2)  # HF's layout: (batch, heads, seq, dim) over (batch, seq, heads, dim)
+    grad = rotary._empty_like_layout(q.shape, q.stride(), torch.float32, "cpu")
+    assert grad.stride() == q.stride()
+    assert grad.transpose(1, 2).is_contiguous()  # viewable as the projection's (batch, seq, heads * dim)
+    gapped = torch.empty(2, 5, 4, 16)[..., :8]
+    assert rotary._empty_like_layout(gapped.shape, gapped.stride(), torch.float32, "cpu").is_contiguous()
+    overlapping = torch.empty(2, 1, 5, 8).expand(2, 4, 5, 8)
+    assert rotary._empty_like_layout(overlapping.shape, overlapping.stride(), torch.float32, "cpu").is_contiguous()
