@@ -90,12 +90,15 @@ def calls():
     b = ti._inputs((160,), torch.float32, seed=4)
     copy_x = quantize_ref(x, "e4m3", "1x16", scale_dtype=torch.bfloat16)
     copy_y = quantize_ref(y, "e4m3", "1x16", scale_dtype=torch.bfloat16)
+    per_tensor = quantize_ref(x, "e4m3", "tensor")
     _, rstd, _ = rmsnorm.rmsnorm_forward(x, w, 1e-6, "llama")
     _, ln_rstd, centred = layernorm.layernorm_forward(x, w, b, 1e-5)
     return [
         ("quantize_groups", "quantize", lambda: quantize.quantize_groups(x, E4M3)),
         ("quantize_groups 1x32", "quantize", lambda: quantize.quantize_groups(x, E4M3, group_size=32)),
         ("quantize_tensorwise + T", "quantize", lambda: quantize.quantize_tensorwise(x, E5M2, with_transpose=True)),
+        ("dequantize_tensorwise", "dequantize",
+         lambda: quantize.dequantize_tensorwise(per_tensor.data, per_tensor.amax, 448.0, torch.bfloat16)),
         ("activation fwd", "activation", lambda: activation.activation_forward(x, "silu")),
         ("activation fwd E4M3 + T", "activation",
          lambda: activation.activation_forward(x, "gelu_tanh", quantize_output=True, output_transpose=True)),

@@ -2,9 +2,10 @@
 
 For each kernel family, the calls a coat / coat-lean training step makes (8192 tokens: hidden 2048, ffn 5632)
 are timed under the shipped plan, then one plan field at a time is varied, keeping the best value before the
-next field (coordinate descent; each candidate timed alternately with the current best).  Every candidate must give the default plan's exact bits (a check per family),
-so only speed is being chosen.  The best plan per family is printed as a ``plans.set_plan`` line and written
-with every timing to ``$OUT/plans-sweep.json`` after each family (a run cut short keeps what it measured).
+next field (coordinate descent; each candidate timed alternately with the current best).  Every candidate must
+give the shipped plan's exact bits (a check per family), so only speed is being chosen.  The best plan per
+family is printed as a ``plans.set_plan`` line and written with every timing to ``$OUT/plans-sweep.json`` after
+each family (a run cut short keeps what it measured).
 
     python benchmarks/gpu_suite.py --out $OUT --only plans
 """
@@ -22,7 +23,7 @@ import torch
 from gpu.quant import bench_ms, bf16_input, copy_tbps
 
 CANDIDATES = {
-    "tile_elements": (2048, 4096, 16384, 32768),
+    "tile_elements": (2048, 4096, 8192, 16384, 32768),
     "max_cols": (128, 256, 1024, 2048),
     "warps": (2, 4, 16),
     "programs_per_sm": (2, 8, 16, 32),
@@ -41,6 +42,7 @@ FIELDS = {
     "norm": ("gather_scales", "tile_elements", "max_cols", "programs_per_sm", "transposed_tile",
              "transposed_warps"),
     "residual": ("tile_elements", "max_cols", "warps"),
+    "dequantize": ("tile_elements", "warps"),
     "gated_forward": ("tile_elements", "max_cols", "warps", "programs_per_sm", "transposed_tile",
                       "transposed_warps"),
 }
@@ -58,6 +60,7 @@ def _cases(M=8192, H=2048, F=5632, device="cuda"):
     gate, up, dh = (bf16_input((M, F), seed=s, device=device) for s in (4, 5, 6))
     weight = torch.randn(F, H, device=device) * 0.02
     gcopy, ucopy = (quantize.quantize_groups(t, E4M3) for t in (gate, up))
+    y_q = quantize.quantize_tensorwise(x, E4M3)
     _, _, rstd, hcopy = rmsnorm.rmsnorm_forward(x, w, 1e-5, "llama", residual=r)
     nh, nf = M * H, M * F
     copy_h, copy_f = nh + nh // 8, nf + nf // 8  # an E4M3 1x16 copy: data + bf16 group maxima
@@ -89,6 +92,10 @@ def _cases(M=8192, H=2048, F=5632, device="cuda"):
                                              output_transpose=True)),
             (f"rmsnorm bwd + second dy + residual grad {M}x{H}", 8 * nh + copy_h,
              lambda: rmsnorm.rmsnorm_backward(dy, hcopy, rstd, w, "llama", residual_grad=r, second_dy=dy2)),
+        ],
+        "dequantize": [
+            (f"flow norm output E4M3 -> bf16 {M}x{H}", nh + 2 * nh,
+             lambda: quantize.dequantize_tensorwise(y_q.data, y_q.amax, 448.0, torch.bfloat16)),
         ],
         "residual": [
             (f"residual add + FP8 copy {M}x{H}", 6 * nh + copy_h,

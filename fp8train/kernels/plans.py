@@ -10,6 +10,8 @@ candidates on the GPU; ``TUNED`` below holds what it measured best, DEFAULT the 
 Families (one plan each; the optimizer and rotary kernels have plans of their own):
 
 * ``quantize`` -- 1x16 group quantizer, per-tensor amax pass and scale pass (:mod:`.quantize`);
+* ``dequantize`` -- per-tensor FP8 -> bf16/fp32 in one pass (the flow norm's output; 1-D blocks of
+  ``tile_elements``; measured at a quarter of copy bandwidth in the 953M step, so a sweep candidate);
 * ``activation`` -- act(x) forward / backward (:mod:`.activation`);
 * ``gated_forward`` -- act(gate) * up forward (:mod:`.gated_product`);
 * ``gated_backward`` -- its backward, incl. the fused E5M2 gradients (:mod:`.gated_product`);
@@ -67,7 +69,8 @@ class Plan:
             raise ValueError(f"Plan.programs_per_sm must be in 1..64, got {self.programs_per_sm}")
 
 
-FAMILIES = ("quantize", "activation", "gated_forward", "gated_backward", "product_from_copies", "residual", "norm")
+FAMILIES = ("quantize", "dequantize", "activation", "gated_forward", "gated_backward", "product_from_copies",
+            "residual", "norm")
 
 DEFAULT = Plan()
 
@@ -78,6 +81,7 @@ TUNED = {
     "gated_backward": Plan(tile_elements=2048, warps=4, transposed_tile=(32, 64)),
     "product_from_copies": Plan(transposed_tile=(32, 128), transposed_warps=4),
     "gated_forward": Plan(tile_elements=4096, transposed_tile=(64, 64)),
+    "dequantize": Plan(tile_elements=4096),  # the block it always had; not swept yet
 }
 _plans: dict[str, Plan] = dict(TUNED)
 

@@ -343,7 +343,7 @@ def dequantize_tensorwise(data: torch.Tensor, amax: torch.Tensor, fmax: float, d
     out = torch.empty(data.shape, dtype=dtype, device=data.device)
     n = data.numel()
     if n:
-        block = 4096
+        block = plans.plan("dequantize").tile_elements
         _dequantize_tensorwise_kernel[(triton.cdiv(n, block),)](data, amax, out, n, INV_FMAX=1.0 / fmax,
-                                                                 BLOCK=block, num_warps=8)
+                                                                 BLOCK=block, num_warps=plans.warps("dequantize"))
     return out
