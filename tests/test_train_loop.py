@@ -210,3 +210,17 @@ def test_fp8_weight_cache_gives_the_same_losses(tmp_path):
     assert runs["plain"] == runs["cached"]
     with pytest.raises(TrainError, match="fp8-weight-cache"):
         resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fp8_weight_cache=True))
+
+
+def test_fp8_attention_saves_flag(tmp_path):
+    """--fp8-attention-saves: the forward (first loss) is unchanged, later losses move (the backward sees the FP8
+    copies of q/k/v) but stay close; the saved-bytes lever itself is tested in tests/test_fp8_saved_attention.py."""
+    runs = {}
+    for name, flag in (("plain", False), ("fp8_saves", True)):
+        config = tiny_config(tmp_path / name, steps=4, recipe="coat", fp8_attention_saves=flag)
+        train(config, log=lambda s: None)
+        runs[name] = [r["loss"] for r in MetricsLog(tmp_path / name / "run" / "metrics.jsonl").read()]
+    plain, saves = runs["plain"], runs["fp8_saves"]
+    assert plain[0] == saves[0]
+    assert plain != saves
+    assert all(abs(a - b) <= 0.05 * a for a, b in zip(plain, saves))

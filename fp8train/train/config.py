@@ -43,6 +43,7 @@ class TrainConfig:
     cuda_graph: bool = False          # replay each micro-batch's forward + backward as one CUDA graph
     step_in_backward: bool = False    # fp8train.AdamW updates each parameter inside backward (no gradient buffer)
     fp8_weight_cache: bool = False    # FP8 weight copies made once per optimizer step (Recipe.cache_fp8_weights)
+    fp8_attention_saves: bool = False  # attention keeps q/k/v as FP8 copies for backward (Recipe.fp8_attention_saves)
     grad_checkpointing: bool = False
     # optimisation
     steps: int = 300
@@ -266,6 +267,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                    help="quantize each weight once per optimizer step (both layouts) and reuse the FP8 copies in "
                         "every micro-batch: fewer kernels with --grad-accum > 1, for 2 extra bytes per linear "
                         "weight parameter; the same results bit for bit")
+    g.add_argument("--fp8-attention-saves", action="store_true", default=S,
+                   help="experimental: the attention core keeps q/k/v for backward as E4M3 copies (about half its "
+                        "saved bytes) and reruns its forward in backward: slower attention, ~5 %% gradient error "
+                        "on its inputs (docs/convert.md)")
     g.add_argument("--grad-checkpointing", action="store_true", default=S,
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g = parser.add_argument_group("optimisation")
@@ -325,7 +330,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
 _DECIDES_LOSSES = ("model", "recipe", "optimizer", "master_weights", "vocab_size", "steps", "batch_size", "seq_len",
                    "grad_accum", "lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
-_DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head", "step_in_backward")
+_DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head", "step_in_backward",
+                    "fp8_attention_saves")
 
 
 def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:
