@@ -13,6 +13,7 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_coat_lean_step_in_backward        ... updating each parameter inside backward (no gradient buffer)
     fp8train_coat_lean_weight_cache            ... FP8 weight copies made once per step (Recipe.cache_fp8_weights)
     fp8train_coat_lean_attention_saves         ... q/k/v saved as FP8 for the attention backward (experimental)
+    fp8train_coat_lean_fused_qkv               ... q/k/v as one FP8 GEMM (Recipe.fused_qkv)
     <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
 Attention masks (``--masks``): ``plain-causal`` (default) runs every configuration's forward inside
@@ -61,7 +62,12 @@ CONFIGS = {
     "fp8train_coat_lean_weight_cache": ("coat-lean", "fp8train", False),
     # ... with q/k/v kept as FP8 copies for the attention backward (Recipe.fp8_attention_saves; experimental)
     "fp8train_coat_lean_attention_saves": ("coat-lean", "fp8train", False),
+    # ... with q/k/v as one FP8 GEMM (Recipe.fused_qkv)
+    "fp8train_coat_lean_fused_qkv": ("coat-lean", "fp8train", False),
 }
+# configuration name suffix -> the Recipe field it switches on
+RECIPE_LEVERS = {"_weight_cache": "cache_fp8_weights", "_attention_saves": "fp8_attention_saves",
+                 "_fused_qkv": "fused_qkv"}
 LEAN_OPTIONS = {"master": "bf16", "optimizer": {"master_weights": "bf16_stochastic"}}
 DEFAULT_CONFIGS = ["bf16_eager", "bf16_compiled", "torchao_float8_compiled", "torchao_float8_adamwfp8_compiled",
                    "fp8train_fp8", "fp8train_coat", "fp8train_coat_compiled", "fp8train_coat_lean",
@@ -138,12 +144,11 @@ def make_step(name: str, shape: str, batch: int, seq: int, master: str = "fp32",
     plain_causal = masks == "plain-causal"
     torch.manual_seed(0)
     model = build_model(shape, master_dtype=torch.bfloat16 if master == "bf16" else None)
-    if name.removesuffix("_graphed").endswith(("_weight_cache", "_attention_saves")):
+    levers = [field for suffix, field in RECIPE_LEVERS.items() if name.removesuffix("_graphed").endswith(suffix)]
+    if levers:
         from .recipes import resolve_recipe
 
-        base = name.removesuffix("_graphed")
-        lever = "cache_fp8_weights" if base.endswith("_weight_cache") else "fp8_attention_saves"
-        recipe = resolve_recipe(recipe).replace(**{lever: True})
+        recipe = resolve_recipe(recipe).replace(**{field: True for field in levers})
     model = convert(model, recipe)
     opt = make_optimizer(optimizer_kind, model, **(optimizer_options or {}))
     if name.removesuffix("_graphed").endswith("_step_in_backward"):

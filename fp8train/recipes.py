@@ -73,6 +73,10 @@ class Recipe:
     padding mask, dropout, a KV cache or a backend other than cuDNN/flash falls back to HF's SDPA with a
     one-time warning.  Works with every recipe, ``"bf16"`` included.
 
+    Fusion: ``fused_qkv`` -- the q/k/v projections of Llama-style attention blocks run as one FP8 GEMM against
+    their stacked weights (one scale for the stack and one for the three output gradients; not bit-identical to
+    separate layers).  Parameters and state_dict keys are unchanged (:mod:`fp8train.nn.fused_projections`).
+
     Module selection: ``keep_bf16`` -- name patterns (globs, matched against the full module name and its
     last component) that are never converted; embeddings, the attention core and output heads stay bf16.
     """
@@ -94,6 +98,7 @@ class Recipe:
     chunked_loss: bool = False
     fused_rotary: bool = True
     fp8_attention_saves: bool = False
+    fused_qkv: bool = False
     simulate: Optional[Any] = None  # fp8train.lab.SimulatedFormats (or its spec string)
 
     def __post_init__(self):
@@ -114,6 +119,8 @@ class Recipe:
             raise ValueError("inputs and weights cannot both be E5M2: FP8 GEMMs take E5M2 x E4M3 at most")
         if not isinstance(self.fused_rotary, bool):
             raise TypeError(f"Recipe.fused_rotary must be True or False, got {self.fused_rotary!r}")
+        if not isinstance(self.fused_qkv, bool):
+            raise TypeError(f"Recipe.fused_qkv must be True or False, got {self.fused_qkv!r}")
         if not isinstance(self.fp8_attention_saves, bool):
             raise TypeError(f"Recipe.fp8_attention_saves must be True or False, got {self.fp8_attention_saves!r}")
         if not isinstance(self.keep_bf16, tuple):

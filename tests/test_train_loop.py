@@ -224,3 +224,17 @@ def test_fp8_attention_saves_flag(tmp_path):
     assert plain[0] == saves[0]
     assert plain != saves
     assert all(abs(a - b) <= 0.05 * a for a, b in zip(plain, saves))
+
+
+def test_fused_qkv_flag(tmp_path):
+    """--fused-qkv: one FP8 GEMM for q/k/v (one scale for the stacked weights): close to separate projections,
+    not bit-identical; refused without an FP8 recipe."""
+    runs = {}
+    for name, flag in (("separate", False), ("fused", True)):
+        config = tiny_config(tmp_path / name, steps=4, recipe="coat", fused_qkv=flag)
+        train(config, log=lambda s: None)
+        runs[name] = [r["loss"] for r in MetricsLog(tmp_path / name / "run" / "metrics.jsonl").read()]
+    assert runs["separate"] != runs["fused"]
+    assert all(abs(a - b) <= 0.03 * a for a, b in zip(runs["separate"], runs["fused"]))
+    with pytest.raises(TrainError, match="fused-qkv"):
+        resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fused_qkv=True))

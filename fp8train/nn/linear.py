@@ -496,6 +496,10 @@ def linear_sharing_parameters(linear: nn.Linear, cls: type, **kwargs) -> nn.Line
     return new
 
 
+# set on the FP8Linear layers of a fused projection group (fp8train.nn.fused_projections)
+PROJECTION_GROUP_ATTR = "_fp8train_projection_group"
+
+
 class FP8Linear(nn.Linear):
     """``nn.Linear`` whose GEMMs run in FP8 and whose saved input is FP8.
 
@@ -525,6 +529,13 @@ class FP8Linear(nn.Linear):
 
     @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.__dict__.get(PROJECTION_GROUP_ATTR)  # Recipe.fused_qkv: one GEMM for q/k/v
+        if group is not None:
+            return group(self, x)
+        return self.forward_single(x)
+
+    def forward_single(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer on its own (what a fused projection group falls back to)."""
         return fp8_linear(x, self.weight, self.bias, recipe=self.recipe, save_input=self.save_input)
 
     def extra_repr(self) -> str:

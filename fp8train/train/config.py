@@ -44,6 +44,7 @@ class TrainConfig:
     step_in_backward: bool = False    # fp8train.AdamW updates each parameter inside backward (no gradient buffer)
     fp8_weight_cache: bool = False    # FP8 weight copies made once per optimizer step (Recipe.cache_fp8_weights)
     fp8_attention_saves: bool = False  # attention keeps q/k/v as FP8 copies for backward (Recipe.fp8_attention_saves)
+    fused_qkv: bool = False           # q/k/v projections as one FP8 GEMM (Recipe.fused_qkv)
     grad_checkpointing: bool = False
     # optimisation
     steps: int = 300
@@ -135,6 +136,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.fp8_weight_cache and (c.recipe == "bf16" or c.simulate_format is not None):
         raise TrainError("--fp8-weight-cache keeps FP8 copies of the weights of FP8 linear layers: it needs an FP8 "
                          "recipe (fp8, coat, coat-lean), not bf16 or --simulate-format")
+    if c.fused_qkv and (c.recipe == "bf16" or c.simulate_format is not None):
+        raise TrainError("--fused-qkv fuses FP8 linear layers: it needs an FP8 recipe (fp8, coat, coat-lean), not bf16 "
+                         "or --simulate-format")
     if c.fp8_weight_cache and c.nproc > 1:
         raise TrainError("--fp8-weight-cache with --nproc > 1 would keep FP8 copies of every gathered (unsharded) "
                          "weight on each GPU, undoing FSDP's sharding; leave it off for multi-GPU runs")
@@ -271,6 +275,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                    help="experimental: the attention core keeps q/k/v for backward as E4M3 copies (about half its "
                         "saved bytes) and reruns its forward in backward: slower attention, ~5 %% gradient error "
                         "on its inputs (docs/convert.md)")
+    g.add_argument("--fused-qkv", action="store_true", default=S,
+                   help="run the q/k/v projections of each attention block as one FP8 GEMM (one scale for the "
+                        "stacked weights and one for their gradients; needs an FP8 recipe)")
     g.add_argument("--grad-checkpointing", action="store_true", default=S,
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g = parser.add_argument_group("optimisation")
@@ -331,7 +338,7 @@ _DECIDES_LOSSES = ("model", "recipe", "optimizer", "master_weights", "vocab_size
                    "grad_accum", "lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
 _DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head", "step_in_backward",
-                    "fp8_attention_saves")
+                    "fp8_attention_saves", "fused_qkv")
 
 
 def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:

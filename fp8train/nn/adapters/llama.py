@@ -14,6 +14,7 @@ Norms and MLP are rewired only on the fast path (recipe "coat"); with FP8 linear
 adapter converts the projections, and everything else is left to the generic path.  (``o_proj`` keeps a
 reference to its input instead of an FP8 copy by itself when that input is a view of an SDPA/FlashAttention
 output: see ``FP8Linear.save_input``.)
+* with ``Recipe.fused_qkv``, q/k/v run as one FP8 GEMM (:mod:`fp8train.nn.fused_projections`).
 * with ``Recipe.fused_rotary`` (the default), the family's ``apply_rotary_pos_emb`` is swapped for the fused,
   bit-identical rotary kernel (:func:`fp8train.nn.rotary.install_fused_rotary`), on both paths.
 * anything else inside the block (Qwen3's q_norm/k_norm, the attention core) is left to the generic path: norms
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..fused_projections import fuse_projections
 from ..precision_flow import FlowMLP, FlowRMSNorm
 from ..rotary import install_fused_rotary
 from .common import is_activation, is_rmsnorm_like
@@ -55,6 +57,8 @@ class LlamaStyleBlock:
         prefix = converter.name_of(module)
         for name in ATTENTION_PROJECTIONS:
             converter.convert_linear(module.self_attn, name)
+        if recipe.fused_qkv and fuse_projections(module.self_attn, ATTENTION_PROJECTIONS[:3]) is not None:
+            converter.report["fused_qkv"] = converter.report.get("fused_qkv", 0) + 1
         if recipe.fused_rotary:
             patched = install_fused_rotary(module.self_attn)
             if patched is not None and patched not in converter.report["fused_rotary"]:
