@@ -39,13 +39,13 @@ def micro_batch(step: int, index: int):
     return (start + stride * torch.arange(SEQ + 1)) % VOCAB
 
 
-def build(world: int, recipe: str = "coat", shard: bool = True):
+def build(world: int, recipe: str = "coat", shard: bool = True, fused_qkv: bool = False):
     import torch
 
     import fp8train
     import fp8train.distributed as fd
 
-    model = fp8train.convert(tiny_llama(), recipe=recipe)
+    model = fp8train.convert(tiny_llama(), recipe=fp8train.Recipe.named(recipe).replace(fused_qkv=fused_qkv))
     if shard:
         fd.shard_model(model)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -106,7 +106,7 @@ def run_task(rank: int, world: int, task: dict) -> dict:
     import fp8train.distributed as fd
 
     result: dict = {}
-    model, opt, sched = build(world, shard=task.get("shard", True))
+    model, opt, sched = build(world, shard=task.get("shard", True), fused_qkv=task.get("fused_qkv", False))
     first = 0
     if task["kind"] == "load_continue":
         extra = fd.load_checkpoint(task["ckpt"], model, opt)
