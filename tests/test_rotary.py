@@ -204,13 +204,16 @@ def test_a_different_rotary_function_is_left_alone():
 
 def test_kernel_gradients_take_the_inputs_layout_when_it_is_dense():
     """The kernel path's backward writes q/k gradients in q/k's own layout (HF's transposed projection views:
-    the transpose + view backward then copies nothing); gapped or overlapping layouts get contiguous ones."""
+    the transpose + view backward then copies nothing); gapped layouts get dense strides in the same order,
+    overlapping ones contiguous strides."""
     x = torch.empty(2, 5, 4 * 8)
     q = x.view(2, 5, 4, 8).transpose(1, 2)  # HF's layout: (batch, heads, seq, dim) over (batch, seq, heads, dim)
     grad = rotary._empty_like_layout(q.shape, q.stride(), torch.float32, "cpu")
     assert grad.stride() == q.stride()
     assert grad.transpose(1, 2).is_contiguous()  # viewable as the projection's (batch, seq, heads * dim)
-    gapped = torch.empty(2, 5, 4, 16)[..., :8]
-    assert rotary._empty_like_layout(gapped.shape, gapped.stride(), torch.float32, "cpu").is_contiguous()
+    # a slice of a fused q/k/v projection: dense strides in the same (projection) order
+    fused = torch.empty(2, 5, 3 * 32)[..., :32].view(2, 5, 4, 8).transpose(1, 2)
+    grad = rotary._empty_like_layout(fused.shape, fused.stride(), torch.float32, "cpu")
+    assert grad.transpose(1, 2).is_contiguous()
     overlapping = torch.empty(2, 1, 5, 8).expand(2, 4, 5, 8)
     assert rotary._empty_like_layout(overlapping.shape, overlapping.stride(), torch.float32, "cpu").is_contiguous()

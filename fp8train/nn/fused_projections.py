@@ -29,13 +29,10 @@ import torch
 from torch import nn
 
 from ..recipes import Recipe
-from .linear import (PROJECTION_GROUP_ATTR, FP8Linear, compute_dtype, fp8_linear_backward, fp8_linear_forward,
+from .linear import (PROJECTIONPROJECTION_GROUP_ATTR, FP8Linear, compute_dtype, fp8_linear_backward, fp8_linear_forward,
                      load_linear, quantize_linear_input, save_linear)
 
 __all__ = ["ProjectionGroup", "fuse_projections", "fused_group"]
-
-_GROUP_ATTR = PROJECTION_GROUP_ATTR
-
 
 class _FusedProjectionFunction(torch.autograd.Function):
     """``x @ [W_0; W_1; ...]^T (+ [b_0; b_1; ...])`` with FP8 operands; one output, split by the caller."""
@@ -129,14 +126,14 @@ class ProjectionGroup:
 
 def fused_group(module: nn.Module) -> Optional[ProjectionGroup]:
     """The group ``module`` belongs to, if any."""
-    return module.__dict__.get(_GROUP_ATTR)
+    return module.__dict__.get(PROJECTION_GROUP_ATTR)
 
 
 def fuse_projections(parent: nn.Module, names: Sequence[str]) -> Optional[ProjectionGroup]:
     """Make ``parent``'s children ``names`` (FP8Linear layers reading the same input) one fused GEMM.
 
-    Returns the group, or None when they cannot be fused: not all FP8Linear with the same recipe and input
-    width, a per-tensor recipe, biases on some but not all, or already grouped.
+    Returns the group, or None when they cannot be fused: not all FP8Linear with the same per-tensor recipe
+    and input width, biases on some but not all, or already grouped.
     """
     members = [getattr(parent, n, None) for n in names]
     if not all(type(m) is FP8Linear for m in members):
@@ -150,5 +147,5 @@ def fuse_projections(parent: nn.Module, names: Sequence[str]) -> Optional[Projec
         return None
     group = ProjectionGroup(members)
     for m in members:
-        m.__dict__[_GROUP_ATTR] = group  # a plain attribute: not a submodule, not in state_dict
+        m.__dict__[PROJECTION_GROUP_ATTR] = group  # a plain attribute: not a submodule, not in state_dict
     return group

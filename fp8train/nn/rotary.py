@@ -141,16 +141,11 @@ def _empty_output(x, cos, unsqueeze_dim):
 
 
 def _empty_like_layout(shape, stride, dtype, device) -> torch.Tensor:
-    """An empty tensor with ``stride`` when that is a dense permutation of ``shape`` (no gaps, no overlap),
-    else contiguous."""
-    dims = sorted((st, n) for n, st in zip(shape, stride) if n != 1)
-    expected, dense = 1, True
-    for st, n in dims:
-        dense &= st == expected
-        expected *= n
-    if not dense:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    """An empty tensor laid out like one of ``shape`` / ``stride``: the same strides when those are dense, else
+    dense strides in the same dimension order (torch.empty_like's rule) -- for a q/k view with gaps (a slice of
+    a fused q/k/v projection) that is still the projection's order, so the view backward copies nothing."""
+    template = torch.empty_strided(shape, stride, device="meta")
+    return torch.empty_like(template, dtype=dtype, device=device)
 
 
 class RotaryEmbeddingFunction(torch.autograd.Function):
