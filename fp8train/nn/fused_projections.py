@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..recipes import Recipe
-from .linear import (PROJECTIONPROJECTION_GROUP_ATTR, FP8Linear, compute_dtype, fp8_linear_backward, fp8_linear_forward,
+from .linear import (PROJECTION_GROUP_ATTR, FP8Linear, compute_dtype, fp8_linear_backward, fp8_linear_forward,
                      load_linear, quantize_linear_input, save_linear)
 
 __all__ = ["ProjectionGroup", "fuse_projections", "fused_group"]
