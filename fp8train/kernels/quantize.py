@@ -303,7 +303,7 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     transpose_after = with_transpose and x2.dtype == torch.float32
     if transpose_after:
         with_transpose, write_rowmajor, keep_rowmajor = False, True, write_rowmajor
-    amax_out, (amax,), (scale,) = amax_and_scale(x.device)
+    amax_out, (amax_view,), (scale_view,) = amax_and_scale(x.device)  # the given amax is in partials now
     data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=x.device) if with_transpose else None
     bm, bn = plans.elementwise_tile(N, "quantize", with_transpose)
@@ -316,11 +316,11 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
                                       num_warps=plans.warps("quantize", with_transpose))
     if transpose_after:
         data_t = data.reshape(M, N).t().contiguous()
-        q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax, fmt=fmt, granularity=PER_TENSOR,
-                            shape=x.shape, dtype=x.dtype, scale_hint=scale)
+        q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax_view, fmt=fmt, granularity=PER_TENSOR,
+                            shape=x.shape, dtype=x.dtype, scale_hint=scale_view)
         return q, data_t
-    q = QuantizedTensor(data=data, amax=amax, fmt=fmt, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype,
-                        scale_hint=scale)
+    q = QuantizedTensor(data=data, amax=amax_view, fmt=fmt, granularity=PER_TENSOR, shape=x.shape, dtype=x.dtype,
+                        scale_hint=scale_view)
     return (q, data_t) if with_transpose else q
 
 
