@@ -234,7 +234,7 @@ def test_without_gradients_plain_sdpa_runs():
 
 
 def test_unsupported_backend_falls_back_with_one_warning():
-    fsa._warned.clear()
+    fp8train.kernels._warned.clear()  # the shared warn-once registry
     q, k, v = qkv(dtype=torch.float64)  # float64: SDPA's math backend
     backend, why = fsa.choose_backend(q, k, v)
     assert backend is None and "dtypes" in why
@@ -387,7 +387,7 @@ def test_saved_lse_mode_lets_o_proj_keep_a_reference():
 
 
 def test_padding_mask_falls_back_with_a_warning():
-    fsa._warned.clear()
+    fp8train.kernels._warned.clear()  # the shared warn-once registry
     ids = batch(length=32)
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
@@ -406,7 +406,7 @@ def test_padding_mask_falls_back_with_a_warning():
 
 
 def test_dropout_falls_back_with_a_warning():
-    fsa._warned.clear()
+    fp8train.kernels._warned.clear()  # the shared warn-once registry
     model = fp8train.convert(tiny_llama(attention_dropout=0.1), with_flag())
     model.train()
     ids = batch(length=32)

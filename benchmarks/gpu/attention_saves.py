@@ -139,10 +139,6 @@ def _check_backend(report, name, sdp_backend, tensors, grad, reference):
                              fwd_bwd_peak_mb=round(peak / 2**20, 2), shape=SHAPE)
 
 
-def _tiny_llama():
-    return tiny_llama(kv_heads=2)
-
-
 def _motif_batch(step):
     g = torch.Generator().manual_seed(step)
     motif = torch.randint(0, 512, (8, 17), generator=g)
@@ -153,7 +149,7 @@ def _check_tiny_llama(report):
     losses, caught = {}, []
     for flag in (False, True):
         recipe = fp8train.Recipe.named("coat").replace(fp8_attention_saves=flag)
-        model = fp8train.convert(_tiny_llama(), recipe)
+        model = fp8train.convert(tiny_llama(kv_heads=2), recipe)
         opt = fp8train.AdamW(model.parameters(), lr=3e-3)
         losses[flag] = []
         with warnings.catch_warnings(record=True) as record:

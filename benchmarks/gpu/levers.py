@@ -33,10 +33,6 @@ BENCH_CONFIGS = ("fp8train_coat_lean", "fp8train_coat_lean_step_in_backward", "f
                  "fp8train_coat_lean_graphed", "fp8train_coat_lean_fused_qkv_graphed")
 
 
-def _tiny_llama(seed=0):
-    return tiny_llama(seed)
-
-
 def _ids(step, micro=0):
     g = torch.Generator().manual_seed(1000 * step + micro)
     return torch.randint(0, 512, (4, 128), generator=g).cuda()
@@ -56,7 +52,7 @@ def _same(a, b) -> bool:
 def _check_step_in_backward(report):
     models, opts = [], []
     for in_backward in (False, True):
-        model = fp8train.convert(_tiny_llama(), recipe="coat")
+        model = fp8train.convert(tiny_llama(), recipe="coat")
         opt = fp8train.AdamW(model.parameters(), lr=1e-3)
         if in_backward:
             opt.step_in_backward()
@@ -74,7 +70,7 @@ def _check_step_in_backward(report):
 
 
 def _cached_run(cache: bool):
-    model = fp8train.convert(_tiny_llama(), recipe=Recipe.named("coat").replace(cache_fp8_weights=cache))
+    model = fp8train.convert(tiny_llama(), recipe=Recipe.named("coat").replace(cache_fp8_weights=cache))
     opt = fp8train.AdamW(model.parameters(), lr=1e-3)
     losses, grads = [], None
     for step in range(3):
@@ -102,7 +98,7 @@ def _check_weight_cache_graph(report):
 
     results = []
     for graphed in (False, True):
-        model = fp8train.convert(_tiny_llama(), recipe=Recipe.named("coat").replace(cache_fp8_weights=True))
+        model = fp8train.convert(tiny_llama(), recipe=Recipe.named("coat").replace(cache_fp8_weights=True))
         opt = fp8train.AdamW(model.parameters(), lr=1e-3)
         ids = _ids(0).clone()
         if graphed:
@@ -133,7 +129,7 @@ def _check_fused_qkv(report):
 
     runs = {}
     for fused in (False, True):
-        model = fp8train.convert(_tiny_llama(), recipe=Recipe.named("coat").replace(fused_qkv=fused))
+        model = fp8train.convert(tiny_llama(), recipe=Recipe.named("coat").replace(fused_qkv=fused))
         grouped = fused_group(model.model.layers[0].self_attn.q_proj) is not None
         opt = fp8train.AdamW(model.parameters(), lr=1e-3)
         losses = []

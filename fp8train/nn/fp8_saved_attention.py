@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import E4M3, INT8
+from ..kernels import warn_once
 from ..quant import Granularity, QuantizedTensor, quantize
 
 __all__ = ["ATTENTION_NAME", "SAVED_FORMAT", "SAVED_FORMATS", "MODES", "saved_group_size", "choose_backend",
@@ -96,15 +97,6 @@ def saved_group_size(head_dim: int) -> int:
 
 
 # -- warnings -------------------------------------------------------------------------------------------------------
-
-_warned: set = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(f"fp8train FP8-saved attention: {message}", stacklevel=3)
-
 
 # -- the aten ops, called by argument name ----------------------------------------------------------------------------
 
@@ -452,7 +444,8 @@ def fp8_saved_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         return _plain_sdpa(q, k, v, scale)
     backend, why = choose_backend(q, k, v, scale)
     if backend is None:
-        _warn_once(why, f"{why}; running plain SDPA (bf16 saves) for these inputs")
+        warn_once(f"fp8-saved-attention-{why}",
+                  f"fp8train FP8-saved attention: {why}; running plain SDPA (bf16 saves) for these inputs")
         return _plain_sdpa(q, k, v, scale)
     return _fp8_saved_core(q, k, v, scale, backend, mode, saved_format, reference)
 
@@ -500,7 +493,8 @@ def fp8_saved_sdpa_attention_forward(module: nn.Module, query: torch.Tensor, key
         q, k, v = _autocast_inputs(query, key, value)
         backend, why = choose_backend(q, k, v, scaling)
     if backend is None:
-        _warn_once(why, f"{why}; this call runs Hugging Face's SDPA (bf16 saves) instead")
+        warn_once(f"fp8-saved-attention-{why}",
+                  f"fp8train FP8-saved attention: {why}; this call runs Hugging Face's SDPA (bf16 saves) instead")
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                     **kwargs)
     out = _fp8_saved_core(q, k, v, scaling, backend, *setting, None)

@@ -140,12 +140,18 @@ def _empty_output(x, cos, unsqueeze_dim):
     return torch.empty_strided(x.shape, strides, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
 
 
+@functools.lru_cache(maxsize=256)
+def _dense_strides_like(shape, stride):
+    """torch.empty_like's layout for a tensor of ``shape`` / ``stride``: the same strides when those are dense,
+    else dense strides in the same dimension order (meta tensors: no allocation)."""
+    return torch.empty_like(torch.empty_strided(shape, stride, device="meta")).stride()
+
+
 def _empty_like_layout(shape, stride, dtype, device) -> torch.Tensor:
-    """An empty tensor laid out like one of ``shape`` / ``stride``: the same strides when those are dense, else
-    dense strides in the same dimension order (torch.empty_like's rule) -- for a q/k view with gaps (a slice of
-    a fused q/k/v projection) that is still the projection's order, so the view backward copies nothing."""
-    template = torch.empty_strided(shape, stride, device="meta")
-    return torch.empty_like(template, dtype=dtype, device=device)
+    """An empty tensor laid out like one of ``shape`` / ``stride`` (see :func:`_dense_strides_like`) -- for a
+    q/k view with gaps (a slice of a fused q/k/v projection) still the projection's order, so the view backward
+    copies nothing."""
+    return torch.empty_strided(shape, _dense_strides_like(tuple(shape), tuple(stride)), dtype=dtype, device=device)
 
 
 class RotaryEmbeddingFunction(torch.autograd.Function):
