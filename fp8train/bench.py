@@ -14,6 +14,8 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_coat_lean_weight_cache            ... FP8 weight copies made once per step (Recipe.cache_fp8_weights)
     fp8train_coat_lean_attention_saves         ... q/k/v saved as FP8 for the attention backward (experimental)
     fp8train_coat_lean_fused_qkv               ... q/k/v as one FP8 GEMM (Recipe.fused_qkv)
+    fp8train_coat_lean_saved_product           ... act(gate)*up saved as E4M3, not rebuilt in backward
+    <name>_<lever>_<lever>                     lever suffixes combine: fp8train_coat_lean_fused_qkv_saved_product
     <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
 Attention masks (``--masks``): ``plain-causal`` (default) runs every configuration's forward inside
@@ -64,10 +66,29 @@ CONFIGS = {
     "fp8train_coat_lean_attention_saves": ("coat-lean", "fp8train", False),
     # ... with q/k/v as one FP8 GEMM (Recipe.fused_qkv)
     "fp8train_coat_lean_fused_qkv": ("coat-lean", "fp8train", False),
+    # ... with act(gate) * up kept as E4M3 for backward instead of rebuilt (Recipe.recompute_gated_product=False)
+    "fp8train_coat_lean_saved_product": ("coat-lean", "fp8train", False),
 }
-# configuration name suffix -> the Recipe field it switches on
-RECIPE_LEVERS = {"_weight_cache": "cache_fp8_weights", "_attention_saves": "fp8_attention_saves",
-                 "_fused_qkv": "fused_qkv"}
+# configuration name suffix -> the Recipe field it sets and the value; suffixes combine in any order
+# (fp8train_coat_lean_fused_qkv_saved_product_graphed)
+RECIPE_LEVERS = {"_weight_cache": ("cache_fp8_weights", True), "_attention_saves": ("fp8_attention_saves", True),
+                 "_fused_qkv": ("fused_qkv", True), "_saved_product": ("recompute_gated_product", False)}
+
+
+def parse_config(name: str) -> tuple[str, dict, bool]:
+    """``(base configuration, {Recipe field: value}, graphed)`` of a configuration name, or ValueError."""
+    graphed = name.endswith("_graphed")
+    rest = name.removesuffix("_graphed")
+    levers: dict = {}
+    while rest not in CONFIGS or any(rest.endswith(suffix) for suffix in RECIPE_LEVERS):
+        suffix = next((s for s in RECIPE_LEVERS if rest.endswith(s)), None)
+        if suffix is None:
+            raise ValueError(f"unknown bench configuration {name!r}; choose from {', '.join(CONFIGS)}, "
+                             f"optionally with {', '.join(RECIPE_LEVERS)} and _graphed")
+        field, value = RECIPE_LEVERS[suffix]
+        levers[field] = value
+        rest = rest.removesuffix(suffix)
+    return rest, levers, graphed
 LEAN_OPTIONS = {"master": "bf16", "optimizer": {"master_weights": "bf16_stochastic"}}
 DEFAULT_CONFIGS = ["bf16_eager", "bf16_compiled", "torchao_float8_compiled", "torchao_float8_adamwfp8_compiled",
                    "fp8train_fp8", "fp8train_coat", "fp8train_coat_compiled", "fp8train_coat_lean",
@@ -134,8 +155,8 @@ def make_step(name: str, shape: str, batch: int, seq: int, master: str = "fp32",
 
     from .causal_masks import plain_causal_batches
 
-    graphed = name.endswith("_graphed")
-    recipe, optimizer_kind, compiled = CONFIGS[name.removesuffix("_graphed")]
+    base, levers, graphed = parse_config(name)
+    recipe, optimizer_kind, compiled = CONFIGS[base]
     if graphed and compiled:
         raise ValueError(f"{name}: a configuration is either compiled or CUDA-graphed, not both")
     if name.startswith("fp8train_coat_lean"):
@@ -144,14 +165,13 @@ def make_step(name: str, shape: str, batch: int, seq: int, master: str = "fp32",
     plain_causal = masks == "plain-causal"
     torch.manual_seed(0)
     model = build_model(shape, master_dtype=torch.bfloat16 if master == "bf16" else None)
-    levers = [field for suffix, field in RECIPE_LEVERS.items() if name.removesuffix("_graphed").endswith(suffix)]
     if levers:
         from .recipes import resolve_recipe
 
-        recipe = resolve_recipe(recipe).replace(**{field: True for field in levers})
+        recipe = resolve_recipe(recipe).replace(**levers)
     model = convert(model, recipe)
     opt = make_optimizer(optimizer_kind, model, **(optimizer_options or {}))
-    if name.removesuffix("_graphed").endswith("_step_in_backward"):
+    if base.endswith("_step_in_backward"):
         if graphed:
             raise ValueError(f"{name}: the update inside backward cannot be captured in a CUDA graph")
         opt.step_in_backward()
@@ -286,8 +306,10 @@ def bench(args) -> list[dict]:
         raise SystemExit("fp8train bench needs a CUDA GPU (it measures GPU throughput and memory); none is visible")
     rows = []
     for name in [c for c in args.configs.split(",") if c]:
-        if name.removesuffix("_graphed") not in CONFIGS:
-            raise SystemExit(f"unknown bench configuration {name!r}; choose from {', '.join(CONFIGS)}")
+        try:
+            parse_config(name)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         for row in largest_batch_rows(name, args) if args.max_batch else [run_isolated(name, args)]:
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -2,6 +2,8 @@
 
 import argparse
 
+import pytest
+
 from fp8train.bench import largest_batch_rows
 
 
@@ -46,3 +48,17 @@ def test_stops_at_the_limit():
     calls = []
     rows = largest_batch_rows("x", args(4), run=fake_runner(10**6, calls), limit=32)
     assert calls == [4, 8, 16, 32] and [r["batch"] for r in rows if r.get("max_batch")] == [32]
+
+
+def test_configuration_names_combine_recipe_levers_in_any_order():
+    from fp8train.bench import parse_config
+
+    assert parse_config("bf16_compiled") == ("bf16_compiled", {}, False)
+    base, levers, graphed = parse_config("fp8train_coat_lean_fused_qkv_saved_product_graphed")
+    assert (base, graphed) == ("fp8train_coat_lean", True)
+    assert levers == {"fused_qkv": True, "recompute_gated_product": False}
+    assert parse_config("fp8train_coat_lean_saved_product_fused_qkv")[1] == levers
+    # a configuration whose own name ends like a lever is still its own base
+    assert parse_config("fp8train_coat_lean_step_in_backward") == ("fp8train_coat_lean_step_in_backward", {}, False)
+    with pytest.raises(ValueError, match="unknown bench configuration 'fp8train_coat_lean_typo'"):
+        parse_config("fp8train_coat_lean_typo")
