@@ -9,12 +9,17 @@ program, so a group's new maximum/minimum -- and so its new metadata -- are redu
 write of every byte, no second pass.  A flat *work list* of ``(tensor index, first group)`` pairs (built once per
 set of shapes and cached) covers all tensors of a step; the program looks up its tensor's pointers and sizes in a
 small *tensor table* (int64: pointers of p, grad, m, v, m_amax, m_k, v_amax, v_k, then last-dim size, groups per
-row, groups) and its per-tensor AdamW scalars in a float32 table.  So one launch updates the whole model, whatever
+row, groups, then the tensor's published-amax slot or 0) and its per-tensor AdamW scalars in a float32 table.  So one launch updates the whole model, whatever
 the mix of shapes, and shapes never become compile-time constants (no recompiles).
 
 Traffic per parameter (fp32 params and grads, DRE moments): read 4 + 4 + 1 + 1, write 4 + 1 + 1 = 16 bytes, plus
 5 bytes of metadata (float32 amax, uint8 k) per 128-element group per moment -- against 28 bytes for fused fp32
 AdamW.
+
+Published weight amax (fp8train/nn/weight_amax.py): for a tensor with a slot, each program also reduces max |p| of
+the values it stored (after bf16 rounding, stochastic or not) and folds it into the slot with one 64-bit
+``atomic_max`` of ``(epoch << 32) | float32 bits``: the newer epoch wins over last step's value, so the slot needs
+no zeroing launch, and the forward's quantizer reads the amax instead of running its own amax pass.
 
 Vectorisation: pointers loaded from a table carry no alignment information, so when every tensor of the launch is
 16-byte aligned and its last dim a multiple of 16 (true for transformer weights), ``ALIGNED`` adds the hints that
@@ -24,6 +29,7 @@ let Triton emit 128-bit loads and stores; otherwise it falls back to element-wis
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -34,7 +40,8 @@ from ..dynamic_range_expansion import exponent_numerator
 
 __all__ = ["fused_adamw_step", "TABLE_COLUMNS", "SCALAR_COLUMNS"]
 
-TABLE_COLUMNS = 11  # p, grad, m, v, m_amax, m_k, v_amax, v_k pointers; last-dim size, groups per row, groups
+TABLE_COLUMNS = 12  # p, grad, m, v, m_amax, m_k, v_amax, v_k pointers; last-dim size, groups per row, groups;
+#                    published-amax slot pointer (0: none)
 SCALAR_COLUMNS = 7  # decay, lerp weight, beta2, 1 - beta2, -step size, sqrt(bias correction 2), eps
 _OVERFLOW_LIMIT = tl.constexpr(3.0e38)  # fp8train.optim.adamw.OVERFLOW_LIMIT
 _FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -105,18 +112,19 @@ def _encode(x, mask, MODE: tl.constexpr, FMAX: tl.constexpr, K_NUM: tl.constexpr
     return q, amax, code
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every step must not recompile
+@triton.jit(do_not_specialize=["seed", "amax_epoch"])  # new values every step must not recompile
 def _fused_adamw_kernel(
-    work_ptr, table_ptr, scalar_ptr, nonfinite_ptr, seed,
+    work_ptr, table_ptr, scalar_ptr, nonfinite_ptr, seed, amax_epoch,
     MODE: tl.constexpr, M_E5M2: tl.constexpr, V_E5M2: tl.constexpr,
     M_FMAX: tl.constexpr, V_FMAX: tl.constexpr, M_K_NUM: tl.constexpr, V_K_NUM: tl.constexpr,
     PARAM_BF16: tl.constexpr, GRAD_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, MAXIMIZE: tl.constexpr,
     ALIGNED: tl.constexpr, FAST_MATH: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+    PUBLISH_AMAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(work_ptr + 2 * pid).to(tl.int64)
     first_group = tl.load(work_ptr + 2 * pid + 1)
-    row = table_ptr + t * 11
+    row = table_ptr + t * 12
     cols = tl.load(row + 8)
     groups_per_row = tl.load(row + 9).to(tl.int32)
     n_groups = tl.load(row + 10).to(tl.int32)
@@ -221,11 +229,22 @@ def _fused_adamw_kernel(
             noise = (_hash32(offs.to(tl.uint32) ^ _hash32(seed.to(tl.uint32) ^ t.to(tl.uint32))) >> 16
                      ).to(tl.int32, bitcast=True)
             bits = (new_p.to(tl.int32, bitcast=True) + noise) & -65536
-            tl.store(p_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+            stored = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
         else:
-            tl.store(p_ptr + offs, new_p.to(tl.bfloat16), mask=mask)
+            stored = new_p.to(tl.bfloat16)
     else:
-        tl.store(p_ptr + offs, new_p, mask=mask)
+        stored = new_p
+    tl.store(p_ptr + offs, stored, mask=mask)
+
+    # -- published weight amax: max |p| of the stored values, folded into the tensor's slot ----------------------
+    if PUBLISH_AMAX:
+        slot = tl.load(row + 11)
+        if slot != 0:
+            # |x| as int32 bits orders like |x| (NaN above inf, as the quantizer's own amax pass has it)
+            amax_bits = tl.max(tl.max(tl.where(mask, tl.abs(stored.to(tl.float32)).to(tl.int32, bitcast=True), 0),
+                                      axis=1), axis=0)
+            tagged = (amax_epoch.to(tl.int64) << 32) | amax_bits.to(tl.int64)
+            tl.atomic_max(slot.to(tl.pointer_type(tl.int64)), tagged)
 
     # -- requantize m and v --------------------------------------------------------------------------------------
     if MODE == 0:
@@ -267,25 +286,33 @@ DEFAULT_TILE = (1024, 4)
 
 def fused_adamw_step(params: list, grads: list, states: list, scalars: list, *, mode: str, m_format: str,
                      v_format: str, group_size: int, stochastic_rounding: bool, maximize: bool, seed: int,
-                     tile: tuple = DEFAULT_TILE) -> torch.Tensor:
+                     tile: tuple = DEFAULT_TILE, amax_slots: Optional[list] = None,
+                     amax_epoch: int = 0) -> torch.Tensor:
     """Update every (param, grad, state) in one launch; returns the device count of skipped (non-finite) elements.
 
     All params share dtype, device and storage options; params and grads must be contiguous.  ``scalars`` holds one
     tuple per tensor (see ``fp8train.optim.adamw.kernel_scalars``).  ``tile`` = (elements per program, warps):
     whole scaling groups per program, so the results do not depend on it (benchmarks/gpu/optim.py sweeps it).
+    ``amax_slots``: per tensor a published-amax slot (:func:`fp8train.nn.weight_amax.new_slot`, on the params'
+    device) or None; each slot ends up holding max |new p| tagged with ``amax_epoch`` (0 < epoch < 2**31, larger
+    than the slot's current tag).
     """
     device = params[0].device
     tile_elements, warps = tile
     block_g = max(1, tile_elements // group_size)
     rows, groups, pointers, last_dims = [], [], [], []
-    for p, g, st in zip(params, grads, states):
+    amax_slots = amax_slots or [None] * len(params)
+    publish = any(slot is not None for slot in amax_slots)
+    if publish and not 0 < amax_epoch < 2**31:
+        raise ValueError(f"amax_epoch must be in (0, 2**31), got {amax_epoch}")
+    for p, g, st, slot in zip(params, grads, states, amax_slots):
         cols = p.shape[-1] if p.dim() else 1
         per_row = -(-cols // group_size)
         n_groups = (p.numel() // cols) * per_row
         ptrs = [p.data_ptr(), g.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr()]
         ptrs += [st[k].data_ptr() if k in st else 0
                  for k in ("exp_avg_amax", "exp_avg_k", "exp_avg_sq_amax", "exp_avg_sq_k")]
-        rows.append(ptrs + [cols, per_row, n_groups])
+        rows.append(ptrs + [cols, per_row, n_groups, slot.data_ptr() if slot is not None else 0])
         groups.append(n_groups)
         pointers += ptrs[:4]
         last_dims.append(cols)
@@ -295,13 +322,13 @@ def fused_adamw_step(params: list, grads: list, states: list, scalars: list, *, 
     work = _work_list(tuple(groups), block_g, device)
     counter = torch.zeros(1, dtype=torch.int32, device=device)
     _fused_adamw_kernel[(work.shape[0],)](
-        work, table, scalar_table, counter, seed,
+        work, table, scalar_table, counter, seed, amax_epoch,
         MODE=_MODES[mode], M_E5M2=m_format == "e5m2", V_E5M2=v_format == "e5m2",
         M_FMAX=_FORMAT_MAX[m_format], V_FMAX=_FORMAT_MAX[v_format],
         M_K_NUM=exponent_numerator(m_format), V_K_NUM=exponent_numerator(v_format),
         PARAM_BF16=params[0].dtype == torch.bfloat16, GRAD_KIND=_GRAD_KINDS[grads[0].dtype],
         STOCHASTIC=stochastic_rounding, MAXIMIZE=maximize, ALIGNED=aligned, FAST_MATH=device.type == "cuda",
-        GROUP=group_size, BLOCK_G=block_g,
+        GROUP=group_size, BLOCK_G=block_g, PUBLISH_AMAX=publish,
         num_warps=warps,
     )
     return counter

@@ -16,6 +16,10 @@ What backward keeps: the FP8 copy of ``x`` (1 byte/element instead of 2) and its
 ``W`` (a parameter, no extra memory) and W's amax scalar.  W is re-quantized in backward with that amax, so
 no FP8 weight copy lives longer than one GEMM.
 
+W's amax comes from ``fp8train.AdamW`` when it published one for the weight's current values
+(:mod:`fp8train.nn.weight_amax`: the optimizer's kernel reduces it while writing the weight); then the forward
+runs only the quantize pass.  Otherwise (another optimizer, a weight changed outside the step) it is computed here.
+
 When several linears read the same tensor (q/k/v; gate/up) the first one attaches its FP8 copy to the tensor
 (:mod:`fp8train.nn.handoff`) and the others reuse it: one quantization and one saved FP8 copy instead of three.
 A producer that already has the FP8 form (an FP8 norm) can attach it the same way.
@@ -48,7 +52,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .. import mixed_granularity as mg
 from ..quant import Granularity, QuantizedTensor, group_scaling_amax, quantize
 from ..recipes import Recipe, linear_formats, resolve_recipe
-from . import handoff
+from . import handoff, weight_amax
 
 __all__ = [
     "FP8Linear",
@@ -166,9 +170,11 @@ def _next_generation(optimizer, args, kwargs) -> None:
     _step_generation += 1
 
 
-def _cached_weight(weight: torch.Tensor, recipe: Recipe, w_fmt, w_gran) -> Optional[LinearInput]:
-    """The weight's FP8 copies (both layouts where the GEMM backend needs the transpose), made once per step;
-    None where the cache does not apply (the caller then quantizes as without it)."""
+def _cached_weight(weight: torch.Tensor, recipe: Recipe, w_fmt, w_gran,
+                   amax: Optional[torch.Tensor] = None) -> Optional[LinearInput]:
+    """The weight's FP8 copies (both layouts where the GEMM backend needs the transpose), made once per step
+    (with ``amax`` when given: the weight's published amax); None where the cache does not apply (the caller
+    then quantizes as without it)."""
     global _step_hook
     if not recipe.cache_fp8_weights or (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
         # a graph must record the quantization itself: replays run after optimizer steps the host never sees
@@ -179,7 +185,7 @@ def _cached_weight(weight: torch.Tensor, recipe: Recipe, w_fmt, w_gran) -> Optio
     hit = _weight_cache.get(weight)
     if hit is not None and hit[0] == key:
         return hit[1]
-    value = _quantize(weight, w_fmt, w_gran, transpose=wants_transpose(weight.device, recipe))
+    value = _quantize(weight, w_fmt, w_gran, amax=amax, transpose=wants_transpose(weight.device, recipe))
     _weight_cache[weight] = (key, value)
     return value
 
@@ -309,8 +315,10 @@ def fp8_linear_forward(x: Union[torch.Tensor, QuantizedTensor, LinearInput], wei
     if weight.dim() != 2 or x_q.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8 linear: input of shape {tuple(x_q.shape)} does not match weight of shape "
                          f"{tuple(weight.shape)} (need input[..., {weight.shape[1] if weight.dim() == 2 else '?'}])")
-    cached = _cached_weight(weight, recipe, w_fmt, w_gran)
-    w_q = cached.q if cached is not None else _quantize(weight, w_fmt, w_gran).q
+    # the amax the optimizer published for these weight values (a device tensor: a CUDA graph reads it at replay)
+    w_amax = weight_amax.published_amax(weight) if w_gran.kind == "tensor" else None
+    cached = _cached_weight(weight, recipe, w_fmt, w_gran, w_amax)
+    w_q = cached.q if cached is not None else _quantize(weight, w_fmt, w_gran, amax=w_amax).q
     y = scaled_matmul(_as_matrix(x_q), w_q, torch.float32 if bias is not None else out_dtype, transpose_b=True,
                       fast_accumulation=recipe.fast_accumulation)
     if bias is not None:
@@ -521,6 +529,12 @@ class FP8Linear(nn.Linear):
         self.recipe = resolve_recipe(recipe)
         if not self.recipe.fp8_linears:
             raise ValueError(f"recipe {self.recipe.name!r} has fp8_linears=False; use nn.Linear instead")
+
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        # every assignment of a Parameter lands here: mark the weight for fp8train.AdamW's published amax
+        super().register_parameter(name, param)
+        if name == "weight" and param is not None:
+            weight_amax.want(param)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Union[Recipe, str] = "fp8") -> "FP8Linear":

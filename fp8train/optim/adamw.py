@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from ..nn import weight_amax
 from . import moment_storage as storage
 
 __all__ = ["AdamW", "OVERFLOW_LIMIT"]
@@ -230,6 +231,16 @@ class AdamW(torch.optim.Optimizer):
 
     Every option except ``fused`` may differ between parameter groups.  ``kernel_tile`` (elements per program,
     warps) tunes the Triton kernel's launch; the results do not depend on it.
+
+    Published weight amaxes: for every parameter that an FP8 linear layer quantizes per tensor (its weight,
+    marked by :class:`fp8train.nn.linear.FP8Linear`), the step also computes max |w| of the values it wrote --
+    the rounded bf16 values with bf16 parameters -- into a slot of this optimizer (in the fused kernel: one
+    atomic max per program, no extra launch) and publishes it (:mod:`fp8train.nn.weight_amax`), so the next
+    forward quantizes that weight without an amax pass, with the same bits.  Slots are allocated once, so a
+    CUDA graph captured after the optimizer was built reads each step's values.  The amaxes are published at
+    construction too; after changing weights outside ``step()`` (``model.load_state_dict``) eager forwards
+    notice by the weight's version counter, but a captured CUDA graph does not: call
+    :meth:`publish_weight_amax` before replaying it.  Sharded (DTensor) parameters publish nothing.
     """
 
     kernel_tile: Optional[tuple] = None  # None: fp8train.kernels.adamw.DEFAULT_TILE
@@ -249,7 +260,11 @@ class AdamW(torch.optim.Optimizer):
         self._nonfinite_pending: list = []  # (host count tensor, cuda event, step number) not read yet
         self._backward_hooks: list = []  # handles while the update runs inside backward (step_in_backward)
         self._backward_counts: list = []  # skipped-element counts of those updates, queued by the next step()
+        self._amax_slots: dict = {}  # FP8-linear weight -> its published-amax slot (fp8train.nn.weight_amax)
+        self._amax_generation = None  # weight_amax.generation() when the slots were last matched to the params
+        self._amax_epoch = 0  # tag of the latest slot writes: each publishing round uses a larger one
         super().__init__(params, defaults)
+        self.publish_weight_amax()
 
     # -- options -----------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -260,6 +275,7 @@ class AdamW(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        self._amax_generation = None  # new parameters: look for FP8-linear weights among them
 
     @staticmethod
     def _validate_group(group: dict) -> None:
@@ -318,6 +334,37 @@ class AdamW(torch.optim.Optimizer):
         n = sum(local_view(p).numel() for g in self.param_groups for p in g["params"])
         return self.state_bytes() / n if n else 0.0
 
+    # -- published weight amaxes (fp8train.nn.weight_amax) ---------------------------------------------------
+    def _weight_amax_slot(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """The slot this optimizer publishes ``p``'s amax in, or None when ``p`` is not an FP8-linear weight, is
+        sharded, or publishing is off.  Slots are made once per parameter (again only if it moves device)."""
+        if not weight_amax.is_enabled():
+            return None
+        if self._amax_generation != weight_amax.generation():  # new FP8-linear weights were marked since
+            self._amax_generation = weight_amax.generation()
+            for group in self.param_groups:
+                for q in group["params"]:
+                    if q not in self._amax_slots and weight_amax.wants(q) and not is_dtensor(q):
+                        self._amax_slots[q] = weight_amax.new_slot(q.device)
+        slot = self._amax_slots.get(p)
+        if slot is not None and slot.device != p.device:
+            slot = self._amax_slots[p] = weight_amax.new_slot(p.device)
+        return slot
+
+    @torch.no_grad()
+    def publish_weight_amax(self) -> None:
+        """Compute and publish the amax of every FP8-linear weight from its current values (torch ops, no host
+        sync).  Done at construction and, for the weights it updates, by every ``step()``; call it after
+        changing weights outside the optimizer when a captured CUDA graph reads them (eager forwards notice the
+        change themselves and compute the amax until the next step)."""
+        self._amax_epoch += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                slot = self._weight_amax_slot(p)
+                if slot is not None and p.numel():
+                    weight_amax.write_slot(slot, p.abs().amax(), self._amax_epoch)
+                    weight_amax.publish(p, weight_amax.slot_amax(slot))
+
     # -- step ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -343,6 +390,7 @@ class AdamW(torch.optim.Optimizer):
         ``salt`` offsets the stochastic-rounding seeds (a parameter's index when parameters update one by one)."""
         fused_work: dict = {}
         counts = []
+        self._amax_epoch += 1  # the published-amax slots written by this update carry this tag
         for p, group in work_items:
             state = self._init_state(p, group)
             state["step"] += 1
@@ -352,12 +400,16 @@ class AdamW(torch.optim.Optimizer):
             mode = storage_mode(p, group["states"])
             if param.numel() == 0:
                 continue
+            slot = self._weight_amax_slot(p)  # None for sharded parameters: param is p otherwise
             if self._use_kernel(param, grad):
                 key = (param.device, param.dtype, grad.dtype, mode, group["m_format"], group["v_format"],
                        group["group_size"], group["master_weights"] == "bf16_stochastic", group["maximize"])
-                fused_work.setdefault(key, []).append((param, grad, group, local_state))
+                fused_work.setdefault(key, []).append((param, grad, group, local_state, slot))
             else:
                 counts.append(self._reference_update(param, grad, group, local_state, mode, salt=salt + len(counts)))
+                if slot is not None:
+                    weight_amax.write_slot(slot, param.abs().amax(), self._amax_epoch)
+                    weight_amax.publish(param, weight_amax.slot_amax(slot))
         for launch, (key, work) in enumerate(fused_work.items()):
             counts.append(self._fused_update(key, work, salt + launch))
         return counts
@@ -457,15 +509,20 @@ class AdamW(torch.optim.Optimizer):
         from ..kernels.adamw import DEFAULT_TILE, fused_adamw_step
 
         device, _, _, mode, m_format, v_format, group_size, stochastic, maximize = key
-        scalars = [kernel_scalars(state["step"].item(), **self._hyper(group)) for _, _, group, state in work]
+        scalars = [kernel_scalars(state["step"].item(), **self._hyper(group)) for _, _, group, state, _ in work]
         # one seed per launch (the kernel mixes in each tensor's index and element offset)
         seed = rounding_seed(work[0][3]["step"].item(), launch) if stochastic else 0
         count = fused_adamw_step([w[0] for w in work], [w[1] for w in work], [w[3] for w in work],
                                  scalars, mode=mode, m_format=m_format, v_format=v_format, group_size=group_size,
                                  stochastic_rounding=stochastic, maximize=maximize, seed=seed,
-                                 tile=self.kernel_tile or DEFAULT_TILE)
-        for param, *_ in work:  # the kernel wrote through raw pointers: tell version-keyed caches (FP8 weights)
+                                 tile=self.kernel_tile or DEFAULT_TILE, amax_slots=[w[4] for w in work],
+                                 amax_epoch=self._amax_epoch)
+        for param, _, _, _, slot in work:
+            # the kernel wrote through raw pointers: tell version-keyed caches (FP8 weights), then record the
+            # version the published amax belongs to
             torch.autograd.graph.increment_version(param)
+            if slot is not None:
+                weight_amax.publish(param, weight_amax.slot_amax(slot))
         return count
 
     # -- non-finite bookkeeping ------------------------------------------------------------------------------
@@ -579,7 +636,8 @@ class AdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for attr, default in (("_steps_taken", 0), ("_nonfinite_total", 0), ("_nonfinite_pending", [])):
+        for attr, default in (("_steps_taken", 0), ("_nonfinite_total", 0), ("_nonfinite_pending", []),
+                              ("_amax_slots", {}), ("_amax_generation", None), ("_amax_epoch", 0)):
             if not hasattr(self, attr):
                 setattr(self, attr, default)
         if not hasattr(self, "fused"):

@@ -1,0 +1,144 @@
+"""FP8-linear weight amaxes published by the optimizer step, so the forward skips its amax pass.
+
+An FP8 linear quantizes its weight per tensor with the weight's amax (max |w|).  Computed in the forward, that
+is a launch of its own per weight and micro-batch (112 per step of a 953M Llama).  But the weights change only
+in the optimizer step, and ``fp8train.AdamW``'s fused kernel reads and writes every weight anyway: it also
+reduces max |new w| of the values it wrote (atomically, per weight) and *publishes* the result here.  The
+forward (:func:`fp8train.nn.linear.fp8_linear_forward`) then passes the published amax to the quantizer and
+only the quantize pass runs.  Max is exact, so the FP8 weights -- and the whole training run -- are bit for
+bit those of the forward computing the amax itself.
+
+Who takes part:
+
+* :class:`~fp8train.nn.linear.FP8Linear` marks its ``weight`` Parameter as wanting an amax (:func:`want`)
+  whenever one is assigned (construction, ``from_linear``, ``convert``);
+* ``fp8train.AdamW`` gives each marked parameter a *slot* (:func:`new_slot`, one per parameter, allocated once
+  and reused every step: a CUDA graph captured once keeps reading the right memory), fills it after every
+  update -- in the fused kernel on CUDA, with ``p.abs().amax()`` on the torch path -- and at construction, and
+  calls :func:`publish`;
+* the forward asks :func:`published_amax`, which answers only while the weight's storage (``data_ptr``) and
+  version counter are those recorded at publishing.  A weight changed in any other way (``load_state_dict``,
+  ``with torch.no_grad(): w.mul_(2)``, another optimizer) falls back to computing its amax, as without this.
+
+Not published: sharded parameters (FSDP2 / DTensor: a shard's amax is not the tensor's, and the forward sees
+the all-gathered copy anyway), transposed-weight layers (``FP8Conv1D``) and fused q/k/v stacks (the stack is a
+new tensor each forward).  They compute their amax in the forward as before.
+
+CUDA graphs: a graph captured while a weight's published amax was valid reads the slot's memory on every
+replay, so it sees each later optimizer step.  A weight changed *outside* the optimizer after capture is not
+noticed by the replaying graph (the version check runs on the host, at capture) -- like any captured tensor.
+After such a change call ``optimizer.publish_weight_amax()`` before the next replay.
+
+Slot format: an int64 holding ``(epoch << 32) | float32 bits of the amax`` (little-endian, so the amax is the
+slot's first float32; :func:`slot_amax` is that 0-d view).  Non-negative float32 values order like their bits,
+and a newer epoch outranks any value of an older one, so the kernel's programs fold their tile maxima into the
+slot with one ``atomic_max`` each and nothing has to zero the slot first.
+
+Switch it off (for comparisons) with ``FP8TRAIN_PUBLISHED_AMAX=0`` in the environment, :func:`set_enabled`
+or ``with weight_amax.disabled(): ...``; the optimizer then skips the work too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import NamedTuple, Optional
+
+import torch
+import torch.utils.weak
+
+__all__ = ["want", "wants", "publish", "published_amax", "new_slot", "slot_amax", "write_slot", "is_enabled",
+           "set_enabled", "disabled", "generation"]
+
+if sys.byteorder != "little":  # the slot's first float32 is its low word only on little-endian machines
+    raise ImportError("fp8train.nn.weight_amax assumes a little-endian machine")
+
+
+class _Published(NamedTuple):
+    amax: torch.Tensor  # 0-d float32 view of the optimizer's slot
+    data_ptr: int
+    version: int
+
+
+# parameter -> its published amax, or None while it wants one but nothing was published yet
+_entries = torch.utils.weak.WeakIdKeyDictionary()
+_generation = 0  # bumped whenever a parameter is newly marked: optimizers rescan their parameters then
+_enabled = os.environ.get("FP8TRAIN_PUBLISHED_AMAX", "1") != "0"
+
+
+def want(param: torch.Tensor) -> None:
+    """Mark ``param`` (an FP8 linear's weight) as wanting its amax published by the optimizer."""
+    global _generation
+    if param not in _entries:
+        _entries[param] = None
+        _generation += 1
+
+
+def wants(param: torch.Tensor) -> bool:
+    return param in _entries
+
+
+def generation() -> int:
+    """A counter that changes whenever :func:`want` marks a new parameter."""
+    return _generation
+
+
+def publish(param: torch.Tensor, amax: torch.Tensor) -> None:
+    """Record that ``amax`` (a 0-d float32 tensor, usually :func:`slot_amax` of the optimizer's slot) holds
+    max |param| of ``param``'s current values.  Call it right after writing the values and the amax."""
+    _entries[param] = _Published(amax, param.data_ptr(), param._version)
+
+
+def published_amax(param: torch.Tensor) -> Optional[torch.Tensor]:
+    """The amax the optimizer published for ``param``, or None when there is none or ``param`` changed since
+    (storage or version counter differ) or publishing is switched off."""
+    if not _enabled:
+        return None
+    entry = _entries.get(param)
+    if entry is None or param._version != entry.version or param.data_ptr() != entry.data_ptr:
+        return None
+    return entry.amax
+
+
+# -- slots --------------------------------------------------------------------------------------------------
+
+def new_slot(device) -> torch.Tensor:
+    """A zeroed slot (one int64) on ``device``; see the module doc for its format."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def slot_amax(slot: torch.Tensor) -> torch.Tensor:
+    """The amax stored in ``slot``: a 0-d float32 view of its low word (no copy)."""
+    return slot.view(torch.float32)[0]
+
+
+def write_slot(slot: torch.Tensor, amax: torch.Tensor, epoch: int) -> None:
+    """Store ``amax`` (any float dtype, converted exactly to float32) in ``slot`` with tag ``epoch`` (torch ops,
+    no host sync)."""
+    words = slot.view(torch.int32)
+    words[0].copy_(amax.detach().reshape(()).to(torch.float32).view(torch.int32))
+    words[1].fill_(epoch)
+
+
+# -- switch -------------------------------------------------------------------------------------------------
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Switch publishing (optimizer side) and its use (forward side) on or off; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside this block weights compute their amax in the forward and optimizers publish nothing."""
+    previous = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
