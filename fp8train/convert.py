@@ -87,6 +87,11 @@ def convert(model: nn.Module, recipe: Union[str, Recipe, None] = "coat", *,
         converter = _Converter(model, recipe, exclude)
         converter.run()
         report = converter.report
+        if recipe.cache_fp8_weights:
+            from .nn.linear import FP8Linear
+            from .nn.weight_cache import group_weights
+
+            group_weights([m.weight for m in model.modules() if isinstance(m, FP8Linear)])
     if recipe.chunked_loss:
         from .nn.chunked_cross_entropy import enable_chunked_loss
 

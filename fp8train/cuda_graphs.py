@@ -15,6 +15,10 @@ Gradients live in the graph's memory pool and are overwritten (not accumulated) 
 optimizer after every replay; ``optimizer.zero_grad()`` is harmless (the gradients are re-attached).
 Shapes are fixed: a batch with another shape needs another GraphedStep.
 
+With ``Recipe(cache_fp8_weights=True)`` the graph reads each weight's FP8 copies from buffers that
+:func:`fp8train.nn.weight_cache.refresh_stale` rewrites before each replay (after the optimizer changed the
+weights), instead of quantizing every weight inside the graph.
+
 Attention masks: a batch without ``position_ids`` is captured inside
 :func:`fp8train.causal_masks.plain_causal_batches`, so transformers' SDPA path records the causal kernel
 (``is_causal=True``) instead of a full ``[batch, 1, seq, seq]`` mask -- it cannot inspect the position ids while
@@ -29,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from .causal_masks import plain_causal_batches
+from .nn import weight_cache
 
 
 class GraphedStep:
@@ -75,6 +80,7 @@ class GraphedStep:
                                  f"({static.dtype}); got {tuple(value.shape)} ({value.dtype}): pad batches to the "
                                  "captured shape or build another GraphedStep")
             static.copy_(value, non_blocking=True)
+        weight_cache.refresh_stale(self.params)  # Recipe(cache_fp8_weights): the graph reads copies made after the last step
         self.graph.replay()
         for p, g in zip(self.params, self.grads):
             p.grad = g

@@ -215,3 +215,41 @@ def run(report) -> None:
         report.add_bench(f"quant: per-tensor E4M3 given amax {shape}", ms=round(ms, 4),
                          tbps=round(tbps(3 * n, ms), 3), copy_tbps=round(copy, 3),
                          of_copy=round(tbps(3 * n, ms) / copy, 3))
+    _weight_copies(report)
+
+
+def _weight_copies(report) -> None:
+    """The batched weight quantizer (kernels/weight_copies.py) on the 953M model's 112 linear weights: same bits
+    as quantize_tensorwise per weight, and its time against the per-weight launches it replaces (per
+    micro-batch: amax + row-major pass in forward, transposed pass with the saved amax in backward)."""
+    from fp8train.formats import E4M3
+    from fp8train.kernels import quantize as kq
+    from fp8train.kernels.weight_copies import WeightBuffers, quantize_weights
+
+    hidden, ffn = 2048, 5632
+    shapes = [(hidden, hidden)] * 4 + [(ffn, hidden)] * 2 + [(hidden, ffn)]
+    weights = [bf16_input(s, seed=i) * 0.02 for i, s in enumerate(shapes * 16)]
+    buffers = [WeightBuffers(w.shape, w.device) for w in weights]
+    quantize_weights(weights, buffers)
+    bad = []
+    for i, (w, b) in enumerate(zip(weights, buffers)):
+        q, data_t = kq.quantize_tensorwise(w, E4M3, with_transpose=True)
+        same = (torch.equal(b.amax, q.amax) and torch.equal(b.scale, q.scale_hint)
+                and torch.equal(b.data.view(torch.uint8), q.data.view(torch.uint8))
+                and torch.equal(b.data_t.view(torch.uint8), data_t.view(torch.uint8)))
+        if not same:
+            bad.append(i)
+    report.check("quant: batched weight copies == per-weight quantize_tensorwise (112 weights of the 953M model)",
+                 not bad, mismatched=bad[:8])
+
+    def per_weight():
+        for w in weights:
+            q = kq.quantize_tensorwise(w, E4M3)
+            kq.quantize_tensorwise(w, E4M3, amax=q.amax, with_transpose=True, write_rowmajor=False)
+
+    batched_ms = bench_ms(lambda: quantize_weights(weights, buffers))
+    per_weight_ms = bench_ms(per_weight)
+    nbytes = sum(3 * w.numel() for w in weights) + sum(2 * w.numel() for w in weights)  # amax read + read + 2 writes
+    report.add_bench("quant: 112 weights of the 953M model, both FP8 layouts", batched_ms=round(batched_ms, 4),
+                     per_weight_ms=round(per_weight_ms, 4), speedup=round(per_weight_ms / batched_ms, 2),
+                     batched_tbps=round(tbps(nbytes, batched_ms), 3), copy_tbps=round(copy_tbps(weights[4]), 3))

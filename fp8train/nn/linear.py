@@ -46,13 +46,11 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.weak
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import mixed_granularity as mg
 from ..quant import Granularity, QuantizedTensor, group_scaling_amax, quantize
 from ..recipes import Recipe, linear_formats, resolve_recipe
-from . import handoff, weight_amax
+from . import handoff, weight_amax, weight_cache
 
 __all__ = [
     "FP8Linear",
@@ -149,50 +147,19 @@ def _as_matrix(q: QuantizedTensor, data_t: Optional[torch.Tensor] = None) -> Qua
     return QuantizedTensor(data, amax, q.fmt, q.granularity, torch.Size((m, k)), q.dtype, scale_hint=hint)
 
 
-# -- FP8 weights made once per optimizer step (Recipe.cache_fp8_weights) ------------------------------------
-#
-# Without the cache every micro-batch quantizes each weight twice (forward: row-major; backward: transposed).
-# With it, the forward of the first micro-batch after an optimizer step writes both layouts in one pass and
-# every later use until the next step reuses them.  A copy is valid while three things are unchanged: the
-# weight's storage (data_ptr), its version counter (in-place writes: load_state_dict, torch optimizers;
-# fp8train.AdamW's kernel bumps it too) and the optimizer-step generation (every torch.optim optimizer's step
-# ends with a global hook; FSDP2 re-gathers weights into the same storage without a version bump, and the
-# generation covers that).  Under FSDP2 the cache would hold copies of every gathered (unsharded) weight, so
-# leave it off there; inside a CUDA-graph capture it is bypassed (the graph must record the quantization).
-
-_weight_cache = torch.utils.weak.WeakIdKeyDictionary()
-_step_generation = 0
-_step_hook = None
-
-
-def _next_generation(optimizer, args, kwargs) -> None:
-    global _step_generation
-    _step_generation += 1
-
+# -- FP8 weights made once per optimizer step (Recipe.cache_fp8_weights; see fp8train.nn.weight_cache) ---------
 
 def _cached_weight(weight: torch.Tensor, recipe: Recipe, w_fmt, w_gran,
                    amax: Optional[torch.Tensor] = None) -> Optional[LinearInput]:
     """The weight's FP8 copies (both layouts where the GEMM backend needs the transpose), made once per step
     (with ``amax`` when given: the weight's published amax); None where the cache does not apply (the caller
     then quantizes as without it)."""
-    global _step_hook
-    if not recipe.cache_fp8_weights or (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # a graph must record the quantization itself: replays run after optimizer steps the host never sees
+    if not recipe.cache_fp8_weights:
         return None
-    if _step_hook is None:
-        _step_hook = register_optimizer_step_post_hook(_next_generation)
-    key = (weight.data_ptr(), weight._version, _step_generation)
-    hit = _weight_cache.get(weight)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    value = _quantize(weight, w_fmt, w_gran, amax=amax, transpose=wants_transpose(weight.device, recipe))
-    _weight_cache[weight] = (key, value)
-    return value
+    return weight_cache.cached_weight(weight, w_fmt, w_gran, wants_transpose(weight.device, recipe), amax)
 
 
-def drop_cached_weights() -> None:
-    """Free every cached FP8 weight copy (they are rebuilt on the next forward)."""
-    _weight_cache.clear()
+drop_cached_weights = weight_cache.drop_cached_weights
 
 
 # -- the GEMM ------------------------------------------------------------------------------------------------
