@@ -213,3 +213,16 @@ def test_fused_residual_add_and_norm():
     with mg.quantization_disabled():
         args = [torch.randn(3, 32, dtype=torch.float64, requires_grad=True) for _ in range(3)]
         assert torch.autograd.gradcheck(lambda p, q, s: add_rms_norm(p, q, s[0], 1e-5), (args[0], args[1], args[2]))
+
+
+def test_dequantized_output_is_the_fp8_values():
+    from fp8train.nn.rmsnorm import rmsnorm_forward
+
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    w = torch.rand(64, dtype=torch.bfloat16) + 0.5
+    (q, data_t), _, values = rmsnorm_forward(x, w, 1e-6, quantize_output=True, output_transpose=True,
+                                             dequantized_dtype=torch.float32)
+    assert values.dtype == torch.float32 and torch.equal(values, q.dequantize(torch.float32))
+    assert torch.equal(data_t.t().float(), q.data.float())
+    with pytest.raises(ValueError, match="needs quantize_output=True"):
+        rmsnorm_forward(x, w, 1e-6, dequantized_dtype=torch.float32)

@@ -164,6 +164,7 @@ def check_quantize():
 
 def check_rmsnorm():
     from fp8train.kernels import rmsnorm as kernel
+    from fp8train.kernels.quantize import dequantize_tensorwise
     from fp8train.nn import rmsnorm as ref
 
     for shape in SHAPES:
@@ -183,6 +184,13 @@ def check_rmsnorm():
                     (qr, tr), _ = ref.rmsnorm_forward(x, w, 1e-5, style=style, quantize_output=True,
                                                       output_transpose=True)
                     same_tensorwise(q, t, qr, tr, dtype)
+                    # the FP8 output's values, written by the same pass: dequantize_tensorwise's bits
+                    for out_dtype in (torch.bfloat16, torch.float32):
+                        (q2, _), _, _, values = kernel.rmsnorm_forward(x, w, 1e-5, style, quantize_output=True,
+                                                                      output_transpose=True,
+                                                                      dequantized_dtype=out_dtype)
+                        want = dequantize_tensorwise(q2.data, q2.amax, 448.0, out_dtype)
+                        assert values.dtype == out_dtype and torch.equal(values, want)
                     dx, dw = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style)
                     dxr, dwr = ref.rmsnorm_backward(dy.to(yr.dtype), sr, w)
                     close(dx, dxr, dtype, scale=4)

@@ -107,6 +107,13 @@ def check_rmsnorm(report, shapes):
             with force_reference():
                 ref = op.rmsnorm_forward(x, w, 1e-5, style=style, quantize_output=True, output_transpose=True)[0]
             _check_tensorwise(report, f"ops: rmsnorm[{style}] per-tensor E4M3 y {shape}", got, ref)
+            # the flow norm's output tensor: the FP8 y's values written by the same pass
+            (q, _), _, values = op.rmsnorm_forward(x, w, 1e-5, style=style, quantize_output=True,
+                                                   output_transpose=True, dequantized_dtype=torch.bfloat16)
+            with force_reference():
+                want = q.dequantize(torch.bfloat16)
+            report.check(f"ops: rmsnorm[{style}] dequantized output == q.dequantize (torch) {shape}",
+                         torch.equal(values, want) and torch.equal(values, q.dequantize(torch.bfloat16)))
             dx, dw = op.rmsnorm_backward(dy, sr, w)
             with force_reference():
                 dxr, dwr = op.rmsnorm_backward(dy, sr, w)

@@ -27,11 +27,12 @@ from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 from . import plans
 from .plans import sm_count
 
-__all__ = ["quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile",
+__all__ = ["INV_E4M3_MAX", "quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile",
            "load_group_copy", "as_rows", "tensorwise_amax", "amax_and_scale", "dequant_scale", "SLOT",
            "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
+INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # what dequantize_tensorwise multiplies by (its INV_FMAX for E4M3)
 # floats between the values a per-tensor kernel stores (amax, GEMM scale): 256 bytes, so each is an aligned
 # pointer -- cuBLASLt refuses a scale pointer 4 bytes into an allocation (CUBLAS_STATUS_NOT_SUPPORTED)
 SLOT = tl.constexpr(64)

@@ -20,9 +20,8 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
-from .quantize import (E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, grid_tile, load_group_copy,
-                       quantize_group_tile, shared_amax,
-                       store_tensorwise, tile_amax_bits)
+from .quantize import (E4M3_MAX, INV_E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, grid_tile,
+                       load_group_copy, quantize_group_tile, saturate, shared_amax, store_tensorwise, tile_amax_bits)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
@@ -91,8 +90,11 @@ def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_pt
 
 @triton.jit(do_not_specialize=["M", "num_partials"])
 def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
-                          q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
-                          STYLE: tl.constexpr, HAS_W: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
+                          q_ptr, q_t_ptr, deq_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
+                          STYLE: tl.constexpr, HAS_W: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr,
+                          WRITE_DEQ: tl.constexpr):
+    """WRITE_DEQ: also write the FP8 values back in ``deq_ptr``'s dtype, with dequantize_tensorwise's roundings
+    (the flow norm returns them as its output tensor: one more write here instead of a pass of its own)."""
     amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P, E4M3_MAX)
     rows, cols, mask = grid_tile(M, N, BM, BN)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
@@ -103,8 +105,12 @@ def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partial
         w = tl.zeros((BN,), tl.float32)
     y = _normed_output(x.to(tl.float32) * rstd[:, None], w, x_ptr.dtype.element_ty, y_dtype_ptr.dtype.element_ty,
                        STYLE, HAS_W)
-    store_tensorwise(y, encode_multiplier(amax, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr,
-                     WRITE_ROW, WRITE_T, E4M3_MAX)
+    inv = encode_multiplier(amax, E4M3_MAX)
+    store_tensorwise(y, inv, rows, cols, M, N, q_ptr, N, q_t_ptr, WRITE_ROW, WRITE_T, E4M3_MAX)
+    if WRITE_DEQ:
+        q = saturate(y * inv, E4M3_MAX).to(q_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(deq_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+                 ((q * INV_E4M3_MAX) * amax).to(deq_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
@@ -176,12 +182,14 @@ def _backward_row_plan(dy: torch.Tensor, M: int, N: int, plan: Optional[tuple] =
 
 
 def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_transpose=False, write_copy=True,
-                    residual=None):
+                    residual=None, dequantized_dtype=None):
     """Returns ``(y, rstd, x_copy)``: y as a tensor (promoted dtype for llama style), or the per-tensor E4M3
     QuantizedTensor (``(q, data_t)`` with ``output_transpose``); rstd float32 ``x.shape[:-1]``; x_copy the E4M3
     1x16 QuantizedTensor of x (None when ``write_copy`` is False).
 
-    With ``residual``, the norm's input is ``h = residual + x`` and the result is ``(h, y, rstd, h_copy)``."""
+    With ``residual``, the norm's input is ``h = residual + x`` and the result is ``(h, y, rstd, h_copy)``.
+    ``dequantized_dtype`` (with ``quantize_output``): also return the FP8 y's values in that dtype, last --
+    the bits of ``q.dequantize(dtype)``."""
     from ..mixed_granularity import NONLINEAR_FORMAT, NONLINEAR_GRANULARITY, LINEAR_FORMAT
 
     x2 = as_rows(x)
@@ -229,13 +237,15 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
     grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
-    _rmsnorm_apply_kernel[grid](x2, x2.stride(0), w, rstd, y_dummy, partials, nprog, amax, data, data_t, M, N,
+    deq = torch.empty(x.shape, dtype=dequantized_dtype, device=dev) if dequantized_dtype is not None else amax
+    _rmsnorm_apply_kernel[grid](x2, x2.stride(0), w, rstd, y_dummy, partials, nprog, amax, data, data_t, deq, M, N,
                                 BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), STYLE=_STYLE_CODE[style],
                                 HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose,
-                                num_warps=plans.warps("norm", output_transpose))
+                                WRITE_DEQ=dequantized_dtype is not None, num_warps=plans.warps("norm", output_transpose))
     q = QuantizedTensor(data=data, amax=amax_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
                         dtype=y_dtype, scale_hint=scale_view)
-    return (*lead, ((q, data_t) if output_transpose else q), rstd, copy)
+    tail = (deq,) if dequantized_dtype is not None else ()
+    return (*lead, ((q, data_t) if output_transpose else q), rstd, copy, *tail)
 
 
 def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None, second_dy=None,

@@ -76,10 +76,9 @@ class _FlowNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, style, transpose, out_dtype, box):
         with torch.autocast(x.device.type, enabled=False):
-            out, saved = rmsnorm_forward(x, weight, eps, style=style, quantize_output=True,
-                                         output_transpose=transpose)
+            out, saved, y = rmsnorm_forward(x, weight, eps, style=style, quantize_output=True,
+                                            output_transpose=transpose, dequantized_dtype=out_dtype)
             y_in = LinearInput(*out) if transpose else LinearInput(out)
-            y = y_in.q.dequantize(out_dtype)
         (data, amax), ctx.x_meta = mg.pack(saved.x)
         ctx.save_for_backward(data, amax, saved.rstd, weight)
         ctx.style = style

@@ -82,27 +82,36 @@ def _reference_forward(x, weight, eps, style):
 
 def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, style: str = "llama",
                     quantize_output: bool = False, output_transpose: bool = False,
-                    x_saved: Optional[QuantizedTensor] = None):
+                    x_saved: Optional[QuantizedTensor] = None, dequantized_dtype: Optional[torch.dtype] = None):
     """RMSNorm forward that returns ``(y, saved)``.
 
     ``quantize_output=True`` returns ``y`` as the per-tensor E4M3 QuantizedTensor that the next linear layer
     consumes (precision flow), and ``output_transpose=True`` then returns ``(y_q, y_data_t)`` with the
     transposed FP8 copy for the weight-gradient GEMM.  ``x_saved`` is the FP8 1x16 copy of ``x`` when the
     producer of ``x`` already wrote it (:func:`fp8train.nn.residual.residual_add` with ``emit_fp8_copy``).
+    ``dequantized_dtype`` (with ``quantize_output``): return ``(y, saved, y_values)`` where ``y_values`` is
+    ``y_q.dequantize(dequantized_dtype)`` -- on CUDA written by the same pass that writes the FP8 y.
     """
     _check(x, weight, style)
+    if dequantized_dtype is not None and not quantize_output:
+        raise ValueError("dequantized_dtype needs quantize_output=True (it is the FP8 output's values)")
     if mg.use_kernels("rmsnorm", x, weight) and (x_saved is None or mg.is_kernel_copy(x_saved)):
         from ..kernels import rmsnorm as kernel
 
-        y, rstd, copy = kernel.rmsnorm_forward(x, weight, eps, style, quantize_output=quantize_output,
-                                               output_transpose=output_transpose, write_copy=x_saved is None)
-        return y, RMSNormSaved(x=copy if x_saved is None else x_saved, rstd=rstd, style=style)
+        y, rstd, copy, *values = kernel.rmsnorm_forward(x, weight, eps, style, quantize_output=quantize_output,
+                                                        output_transpose=output_transpose,
+                                                        write_copy=x_saved is None,
+                                                        dequantized_dtype=dequantized_dtype)
+        saved = RMSNormSaved(x=copy if x_saved is None else x_saved, rstd=rstd, style=style)
+        return (y, saved, *values)
     y, rstd = _reference_forward(x, weight, eps, style)
     if x_saved is None:
         x_saved = mg.save_for_nonlinear(x)
     saved = RMSNormSaved(x=x_saved, rstd=rstd, style=style)
     if quantize_output:
         y = mg.quantize_for_linear(y, with_transpose=output_transpose)
+    if dequantized_dtype is not None:
+        return y, saved, (y[0] if output_transpose else y).dequantize(dequantized_dtype)
     return y, saved
 
 
