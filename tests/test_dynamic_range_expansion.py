@@ -197,7 +197,9 @@ def test_properties(values, fmt, amax_dtype):
     for gi, g0 in enumerate(range(0, x.numel(), 128)):
         xs = x[g0:g0 + 128].double()
         i = int(xs.abs().argmax())
-        if xs[i] != 0:
+        # below float32's (and bfloat16's) smallest normal the amax itself has fewer mantissa bits (a bf16
+        # subnormal amax is 2**-133 apart), so "one rounding" holds for normal group maxima only
+        if abs(xs[i]) >= torch.finfo(torch.float32).tiny:
             e = 2.0 ** -(fmt.man_bits + 1)
             bound = max((1 + e) ** (1 / k[gi].item()) - 1, 1 - (1 - e) ** (1 / k[gi].item()))
             assert abs(out[g0 + i].item() / xs[i].item() - 1) <= bound + 1e-5
