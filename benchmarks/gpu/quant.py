@@ -249,6 +249,13 @@ def _weight_copies(report) -> None:
 
     batched_ms = bench_ms(lambda: quantize_weights(weights, buffers))
     per_weight_ms = bench_ms(per_weight)
+    # tile candidates (rows, cols, warps): same bits whatever the tile; the best one goes into the quantize plan
+    for tile in ((64, 128, 8), (128, 128, 8), (128, 64, 4), (64, 64, 4), (32, 128, 4), (128, 256, 8), (32, 64, 4)):
+        quantize_weights(weights, buffers, tile=tile)
+        same = all(torch.equal(b.data_t.view(torch.uint8), kq.quantize_tensorwise(w, E4M3, with_transpose=True)[1]
+                               .view(torch.uint8)) for w, b in list(zip(weights, buffers))[:7])
+        ms = bench_ms(lambda: quantize_weights(weights, buffers, tile=tile))
+        report.add_bench(f"quant: 112 weights, both FP8 layouts, tile {tile}", ms=round(ms, 4), same_bits=same)
     nbytes = sum(3 * w.numel() for w in weights) + sum(2 * w.numel() for w in weights)  # amax read + read + 2 writes
     report.add_bench("quant: 112 weights of the 953M model, both FP8 layouts", batched_ms=round(batched_ms, 4),
                      per_weight_ms=round(per_weight_ms, 4), speedup=round(per_weight_ms / batched_ms, 2),

@@ -14,6 +14,7 @@ caller quantizes float32 weights one by one), contiguous, 2-D.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -28,7 +29,7 @@ _TABLE_COLUMNS = 6  # x, rows, cols, row-major out, transposed out, amax/scale b
 
 
 @triton.jit
-def _tile_of(work_ptr, table_ptr, BM: tl.constexpr, BN: tl.constexpr, X_BF16: tl.constexpr):
+def _tile_of(work_ptr, table_ptr, BM: tl.constexpr, BN: tl.constexpr, X_BF16: tl.constexpr, ALIGNED: tl.constexpr):
     """This program's weight index, its tile's (rows, cols, mask), the weight's shape and its tile's values."""
     pid = tl.program_id(0)
     t = tl.load(work_ptr + 2 * pid).to(tl.int64)
@@ -40,21 +41,26 @@ def _tile_of(work_ptr, table_ptr, BM: tl.constexpr, BN: tl.constexpr, X_BF16: tl
         x_ptr = tl.load(row).to(tl.pointer_type(tl.float16))
     M = tl.load(row + 1).to(tl.int32)
     N = tl.load(row + 2).to(tl.int32)
+    if ALIGNED:  # host checked: 16-byte aligned pointers, both dims multiples of 16 -- vector loads and stores
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        M = tl.multiple_of(M, 16)
+        N = tl.multiple_of(N, 16)
     rows, cols, mask = loop_tile(tile, M, N, BM, BN)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     return t, tile, row, rows, cols, M, N, x
 
 
 @triton.jit
-def _amax_many_kernel(work_ptr, table_ptr, slots_ptr, BM: tl.constexpr, BN: tl.constexpr, X_BF16: tl.constexpr):
-    t, tile, row, rows, cols, M, N, x = _tile_of(work_ptr, table_ptr, BM, BN, X_BF16)
+def _amax_many_kernel(work_ptr, table_ptr, slots_ptr, BM: tl.constexpr, BN: tl.constexpr, X_BF16: tl.constexpr,
+                      ALIGNED: tl.constexpr):
+    t, tile, row, rows, cols, M, N, x = _tile_of(work_ptr, table_ptr, BM, BN, X_BF16, ALIGNED)
     tl.atomic_max(slots_ptr + t, tile_amax_bits(x))  # |x| bits order like the values; NaN above inf
 
 
 @triton.jit
 def _quantize_many_kernel(work_ptr, table_ptr, slots_ptr, BM: tl.constexpr, BN: tl.constexpr,
-                          X_BF16: tl.constexpr, FMAX: tl.constexpr):
-    t, tile, row, rows, cols, M, N, x = _tile_of(work_ptr, table_ptr, BM, BN, X_BF16)
+                          X_BF16: tl.constexpr, FMAX: tl.constexpr, ALIGNED: tl.constexpr):
+    t, tile, row, rows, cols, M, N, x = _tile_of(work_ptr, table_ptr, BM, BN, X_BF16, ALIGNED)
     amax = tl.load(slots_ptr + t).to(tl.float32, bitcast=True)
     if tile == 0:  # the GEMM reads amax / FMAX beside the amax, like every per-tensor kernel stores it
         scales_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
@@ -62,6 +68,9 @@ def _quantize_many_kernel(work_ptr, table_ptr, slots_ptr, BM: tl.constexpr, BN: 
         tl.store(scales_ptr + SLOT, dequant_scale(amax, FMAX))
     q_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float8e4nv))
     q_t_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float8e4nv))
+    if ALIGNED:
+        q_ptr = tl.multiple_of(q_ptr, 16)
+        q_t_ptr = tl.multiple_of(q_t_ptr, 16)
     store_tensorwise(x, encode_multiplier(amax, FMAX), rows, cols, M, N, q_ptr, N, q_t_ptr, True, True, FMAX)
 
 
@@ -100,15 +109,20 @@ class _Launch:
         self.table = torch.tensor(rows, dtype=torch.int64).to(device)
         self.work = _work_list(tuple(tuple(w.shape) for w in weights), bm, bn, device)
         self.slots = torch.zeros(len(weights), dtype=torch.int32, device=device)
+        # vector loads and stores need 16-byte aligned rows in every weight and both outputs
+        self.aligned = all(w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0 and
+                           all(t.data_ptr() % 16 == 0 for t in (w, b.data, b.data_t)) for w, b in zip(weights, buffers))
 
 
 _launches: dict = {}  # insertion-ordered: the oldest table goes first
 _MAX_LAUNCHES = 32
 
 
-def quantize_weights(weights: list, buffers: list) -> None:
+def quantize_weights(weights: list, buffers: list, tile: Optional[tuple] = None) -> None:
     """Quantize every weight (2-D, contiguous, all bf16 or all fp16, one CUDA device) to E4M3 with its own
-    per-tensor scale, writing ``buffers[i]`` (:class:`WeightBuffers`) in place: three launches in all."""
+    per-tensor scale, writing ``buffers[i]`` (:class:`WeightBuffers`) in place: three launches in all.
+    ``tile``: (rows, cols, warps) of a program (default: the quantize plan's transposed tile); any tile gives
+    the same bits (benchmarks/gpu/quant.py times candidates)."""
     if not weights:
         return
     dtype = weights[0].dtype
@@ -116,7 +130,7 @@ def quantize_weights(weights: list, buffers: list) -> None:
         raise TypeError(f"quantize_weights takes bf16 or fp16 weights of one dtype, got {sorted({str(w.dtype) for w in weights})}")
     if any(w.dim() != 2 or not w.is_contiguous() for w in weights):
         raise ValueError("quantize_weights takes contiguous 2-D weights")
-    bm, bn = plans.plan("quantize").transposed_tile
+    bm, bn = tile[:2] if tile is not None else plans.plan("quantize").transposed_tile
     key = tuple((w.data_ptr(), tuple(w.shape), b.data.data_ptr(), b.data_t.data_ptr(), b.scales.data_ptr())
                 for w, b in zip(weights, buffers)) + ((bm, bn),)
     launch = _launches.get(key)
@@ -129,11 +143,12 @@ def quantize_weights(weights: list, buffers: list) -> None:
         launch = _launches[key] = _Launch(weights, buffers, bm, bn)
     launch.slots.zero_()
     grid = (launch.work.shape[0],)
-    warps = plans.warps("quantize", transposed=True)
+    warps = tile[2] if tile is not None else plans.warps("quantize", transposed=True)
     x_bf16 = dtype == torch.bfloat16
-    _amax_many_kernel[grid](launch.work, launch.table, launch.slots, BM=bm, BN=bn, X_BF16=x_bf16, num_warps=warps)
+    _amax_many_kernel[grid](launch.work, launch.table, launch.slots, BM=bm, BN=bn, X_BF16=x_bf16,
+                            ALIGNED=launch.aligned, num_warps=warps)
     _quantize_many_kernel[grid](launch.work, launch.table, launch.slots, BM=bm, BN=bn, X_BF16=x_bf16, FMAX=448.0,
-                                num_warps=warps)
+                                ALIGNED=launch.aligned, num_warps=warps)
 
 
 def forget_launches() -> None:
