@@ -291,8 +291,8 @@ def interpreter_check():
                     assert torch.equal(amax, p.detach().abs().amax().float()), (dtype, p.shape, amax)
                     assert not torch.equal(p, before[id(p)]) or p is params[0]
                     slot = opt._amax_slots[p]
-                    assert int(slot.view(torch.int32)[1]) == (opt._amax_epoch if p.grad is not None
-                                                                else opt._amax_epoch - 1)
+                    tag = int(slot.word.view(torch.int32)[1])
+                    assert tag == (opt._amax_epoch if p.grad is not None else opt._amax_epoch - 1)
                 else:
                     assert p not in opt._amax_slots and weight_amax.published_amax(p) is None
     print("weight amax: ok")

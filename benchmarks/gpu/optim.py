@@ -15,11 +15,17 @@ Benchmark: optimizer step on the 953M Llama's parameters (fp32 params and grads)
 torch.optim.AdamW(fused=True) with fp32 states: median ms, ratio, bytes/param of the state.
 Tile sweep (``AdamW.kernel_tile``: elements per program x warps) for DRE with fp32 and with bf16 + stochastic
 rounding parameters: ms per tile, and a check that every tile gives the default tile's bits.
+Published weight amax (fp8train/nn/weight_amax.py; checks ``optim/published-weight-amax ...``): the kernel's amax
+equals max |p| of the written parameters exactly (bf16 + stochastic rounding and fp32 parameters in one optimizer);
+a converted tiny Llama trains with the same losses, gradients and parameters with publishing on and off (eager and
+as a CUDA graph captured before the first step), and its forwards then run no weight amax pass; the 953M step is
+timed with publishing on and off (GPU ms with the host run ahead, and host us per step).
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -187,6 +193,160 @@ def llama_953m_shapes(hidden=2048, layers=16, ffn=5632, vocab=32000):
     return shapes
 
 
+# -- published weight amax ---------------------------------------------------------------------------------------
+
+def _check_published_amax_kernel(report):
+    """(a) one optimizer, bf16 params with stochastic rounding and fp32 params (two launches): after each step every
+    marked parameter's published amax is exactly max |p| of what the kernel wrote; unmarked ones publish nothing."""
+    from fp8train.nn import weight_amax
+
+    shapes = [(2048, 2048), (5632, 2048), (2048, 5632), (512, 2048), (3, 200), (2, 3, 130), (300,), (1,)]
+    bf16, fp32 = _params(shapes, torch.bfloat16, 11), _params(shapes, torch.float32, 12)
+    marked = bf16[:-1] + fp32[:-1]  # the last of each stays unmarked
+    for p in marked:
+        weight_amax.want(p)
+    opt = AdamW([{"params": bf16, "master_weights": "bf16_stochastic"}, {"params": fp32}], lr=1e-2, fused=True)
+    def exact(p):
+        got = weight_amax.published_amax(p)
+        return got is not None and torch.equal(got, p.detach().abs().amax().float())
+
+    at_construction = all(exact(p) for p in marked)
+    mismatches, missing = [], 0
+    for step in range(3):
+        gen = torch.Generator(device=DEVICE).manual_seed(50 + step)
+        for p in bf16 + fp32:
+            p.grad = (torch.randn(p.shape, generator=gen, device=DEVICE) * 10.0 ** (step - 2)).to(p.dtype)
+        opt.step()
+        for p in marked:
+            got = weight_amax.published_amax(p)
+            if got is None:
+                missing += 1
+            elif not exact(p):
+                mismatches.append((tuple(p.shape), str(p.dtype), float(got), float(p.detach().abs().amax())))
+    unmarked_quiet = weight_amax.published_amax(bf16[-1]) is None and weight_amax.published_amax(fp32[-1]) is None
+    report.check("optim/published-weight-amax kernel amax exact", at_construction and not mismatches and not missing
+                 and unmarked_quiet, at_construction=at_construction, mismatches=mismatches[:5], missing=missing,
+                 unmarked_quiet=unmarked_quiet)
+
+
+def _published_amax_run(enabled: bool, graphed: bool, master: bool):
+    """A converted (coat) tiny Llama, 3 optimizer steps: losses, gradients of each step, final parameters and how
+    many weight quantizations in forwards ran their own amax pass after the optimizer was built (eager: the 3
+    steps; graphed: the warm-up and the capture, the only Python forwards)."""
+    import fp8train
+    from fp8train.cuda_graphs import GraphedStep
+    from fp8train.nn import linear as linear_mod
+    from fp8train.nn import weight_amax
+    from gpu.quant import tiny_llama
+
+    previous = weight_amax.set_enabled(enabled)
+    own_amax = []
+    original = linear_mod._quantize
+
+    def spying(x, fmt, granularity, amax=None, transpose=False):
+        if isinstance(x, torch.nn.Parameter) and amax is None:
+            own_amax.append(1)
+        return original(x, fmt, granularity, amax=amax, transpose=transpose)
+
+    linear_mod._quantize = spying
+    try:
+        model = tiny_llama()
+        if master:
+            model = model.to(torch.bfloat16)
+        model = fp8train.convert(model, recipe="coat")
+        opt = AdamW(model.parameters(), lr=3e-3, master_weights="bf16_stochastic" if master else None)
+        gen = torch.Generator(device="cuda").manual_seed(5)
+        batches = [torch.randint(0, model.config.vocab_size, (2, 128), generator=gen, device="cuda") for _ in range(3)]
+        own_amax.clear()
+        if graphed:  # captured before the first step: the graph must read the published slots
+            step = GraphedStep(model, lambda m, b: m(**b, use_cache=False).loss,
+                               {"input_ids": batches[0], "labels": batches[0]})
+            for p in model.parameters():  # the capture's gradients are not a training step
+                p.grad = None
+        losses, grads = [], []
+        for ids in batches:
+            if graphed:
+                loss = step({"input_ids": ids, "labels": ids})
+            else:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+            losses.append(loss.detach().clone())
+            grads.append([p.grad.clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return losses, grads, [p.detach().clone() for p in model.parameters()], len(own_amax)
+    finally:
+        linear_mod._quantize = original
+        weight_amax.set_enabled(previous)
+
+
+def _check_published_amax_training(report):
+    """(b) same losses, gradients and parameters with publishing off and on; with it on, forwards compute no weight
+    amax (a graph captured before the first step neither: it reads the slots on every replay)."""
+    for graphed, master in ((False, False), (False, True), (True, True)):
+        off, on = _published_amax_run(False, graphed, master), _published_amax_run(True, graphed, master)
+        losses_equal = all(torch.equal(a, b) for a, b in zip(off[0], on[0]))
+        grads_equal = all(torch.equal(a, b) for ga, gb in zip(off[1], on[1]) for a, b in zip(ga, gb))
+        params_equal = all(torch.equal(a, b) for a, b in zip(off[2], on[2]))
+        amax_skipped = on[3] == 0 and off[3] > 0
+        label = ("graphed" if graphed else "eager") + (", bf16 params + stochastic rounding" if master else
+                                                       ", fp32 params")
+        report.check(f"optim/published-weight-amax tiny llama coat same bits ({label})",
+                     losses_equal and grads_equal and params_equal and amax_skipped, losses_equal=losses_equal,
+                     grads_equal=grads_equal, params_equal=params_equal, own_amax_passes_off=off[3],
+                     own_amax_passes_on=on[3], losses=[round(float(x), 6) for x in on[0]])
+
+
+def _gpu_step_ms(step, n: int = 10) -> tuple[float, float]:
+    """``(GPU ms, host us)`` per call of ``step``.  The host part of fp8train.AdamW's step (~6 ms on the H200
+    machine) exceeds its kernel time, so do_bench's events would time the host too: here a sleep kernel queued
+    first lets the host run ahead, and the events around ``n`` calls see only GPU work."""
+    host = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    host_s = sorted(host)[2]
+    torch.cuda._sleep(int((2 * n * host_s + 0.02) * torch.cuda.clock_rate() * 1e6))  # clock_rate: MHz
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(n):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / n, host_s * 1e6
+
+
+def _bench_published_amax(report, params, label):
+    """(c) the 953M step with publishing off and on for the FP8-linear weights (the 112 decoder-layer matrices):
+    GPU time and host time per ``step()`` call (the host's is noisy on shared machines)."""
+    from fp8train.nn import weight_amax
+
+    for p in params:
+        if p.dim() == 2 and p.shape[0] != 32000:  # not the embedding / lm_head
+            weight_amax.want(p)
+    master = "bf16_stochastic" if params[0].dtype == torch.bfloat16 else None
+    rows = {}
+    for enabled in (False, True, False, True):  # twice each, alternating: the second pair is reported
+        previous = weight_amax.set_enabled(enabled)
+        try:
+            opt = AdamW(params, lr=1e-4, master_weights=master)
+            opt.step()  # state, compile
+            rows[enabled] = (*_gpu_step_ms(opt.step), len(opt._amax_slots))
+            del opt
+            torch.cuda.empty_cache()
+        finally:
+            weight_amax.set_enabled(previous)
+    (ms_off, host_off, _), (ms_on, host_on, n_slots) = rows[False], rows[True]
+    report.add_bench(f"optim/fp8train AdamW dre {label} (953M), published weight amax off", gpu_ms=round(ms_off, 3),
+                     host_us_per_step=round(host_off, 1))
+    report.add_bench(f"optim/fp8train AdamW dre {label} (953M), published weight amax on", gpu_ms=round(ms_on, 3),
+                     host_us_per_step=round(host_on, 1), gpu_ms_vs_off=round(ms_on - ms_off, 3), published=n_slots)
+
+
 def _bench(report):
     import triton.testing
 
@@ -223,6 +383,7 @@ def _bench(report):
         torch.cuda.empty_cache()
     # bf16 parameters with stochastic rounding (no fp32 master copy)
     bf16 = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in params]
+    _bench_published_amax(report, params, "fp32 params")  # marks params' linear weights: after the rows above
     del params
     torch.cuda.empty_cache()
     for p in bf16:
@@ -231,6 +392,9 @@ def _bench(report):
     ms = timed(opt)
     report.add_bench("optim/fp8train AdamW dre bf16 params + stochastic rounding (953M)", ms=round(ms, 3),
                      ratio_vs_torch_fused=round(ms / baseline_ms, 3))
+    del opt
+    torch.cuda.empty_cache()
+    _bench_published_amax(report, bf16, "bf16 params + stochastic rounding")
 
 
 TILES = ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16))
@@ -279,5 +443,7 @@ def run(report):
         _check_config(report, states, m_format, v_format, dtype, master)
     _check_nonfinite(report)
     _check_stochastic_rounding(report)
+    _check_published_amax_kernel(report)
+    _check_published_amax_training(report)
     _bench(report)
     _bench_tiles(report)

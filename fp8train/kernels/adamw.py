@@ -9,8 +9,9 @@ program, so a group's new maximum/minimum -- and so its new metadata -- are redu
 write of every byte, no second pass.  A flat *work list* of ``(tensor index, first group)`` pairs (built once per
 set of shapes and cached) covers all tensors of a step; the program looks up its tensor's pointers and sizes in a
 small *tensor table* (int64: pointers of p, grad, m, v, m_amax, m_k, v_amax, v_k, then last-dim size, groups per
-row, groups, then the tensor's published-amax slot or 0) and its per-tensor AdamW scalars in a float32 table.  So one launch updates the whole model, whatever
-the mix of shapes, and shapes never become compile-time constants (no recompiles).
+row, groups, then the tensor's published-amax slot or 0) and its per-tensor AdamW scalars in a float32 table.  So
+one launch updates the whole model, whatever the mix of shapes, and shapes never become compile-time constants (no
+recompiles).
 
 Traffic per parameter (fp32 params and grads, DRE moments): read 4 + 4 + 1 + 1, write 4 + 1 + 1 = 16 bytes, plus
 5 bytes of metadata (float32 amax, uint8 k) per 128-element group per moment -- against 28 bytes for fused fp32
@@ -18,8 +19,9 @@ AdamW.
 
 Published weight amax (fp8train/nn/weight_amax.py): for a tensor with a slot, each program also reduces max |p| of
 the values it stored (after bf16 rounding, stochastic or not) and folds it into the slot with one 64-bit
-``atomic_max`` of ``(epoch << 32) | float32 bits``: the newer epoch wins over last step's value, so the slot needs
-no zeroing launch, and the forward's quantizer reads the amax instead of running its own amax pass.
+``atomic_max`` of ``(epoch << 32) | float32 bits`` (skipped when a read of the slot shows it holds as much already):
+the newer epoch wins over last step's value, so the slot needs no zeroing launch, and the forward's quantizer reads
+the amax instead of running its own amax pass.
 
 Vectorisation: pointers loaded from a table carry no alignment information, so when every tensor of the launch is
 16-byte aligned and its last dim a multiple of 16 (true for transformer weights), ``ALIGNED`` adds the hints that
@@ -236,15 +238,11 @@ def _fused_adamw_kernel(
         stored = new_p
     tl.store(p_ptr + offs, stored, mask=mask)
 
-    # -- published weight amax: max |p| of the stored values, folded into the tensor's slot ----------------------
+    # -- published weight amax: max |p| of the stored values (folded into the tensor's slot at the end) -----------
     if PUBLISH_AMAX:
-        slot = tl.load(row + 11)
-        if slot != 0:
-            # |x| as int32 bits orders like |x| (NaN above inf, as the quantizer's own amax pass has it)
-            amax_bits = tl.max(tl.max(tl.where(mask, tl.abs(stored.to(tl.float32)).to(tl.int32, bitcast=True), 0),
-                                      axis=1), axis=0)
-            tagged = (amax_epoch.to(tl.int64) << 32) | amax_bits.to(tl.int64)
-            tl.atomic_max(slot.to(tl.pointer_type(tl.int64)), tagged)
+        # |x| as int32 bits orders like |x| (NaN above inf, as the quantizer's own amax pass has it); masked-off
+        # lanes loaded p = g = m = v = 0 and stored 0, so they need no mask
+        amax_bits = tl.max(tl.max(stored.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0)
 
     # -- requantize m and v --------------------------------------------------------------------------------------
     if MODE == 0:
@@ -260,6 +258,16 @@ def _fused_adamw_kernel(
         if MODE == 2:
             tl.store(m_k_ptr + g_idx, m_k.to(tl.uint8), mask=valid_g)
             tl.store(v_k_ptr + g_idx, v_k.to(tl.uint8), mask=valid_g)
+
+    if PUBLISH_AMAX:
+        slot = tl.load(row + 11)
+        if slot != 0:
+            slot_ptr = slot.to(tl.pointer_type(tl.int64))
+            tagged = (amax_epoch.to(tl.int64) << 32) | amax_bits.to(tl.int64)
+            # a tensor's programs all fold into one address: read first and skip the atomic when the slot already
+            # holds as much (slots only grow, so a stale read costs at most a redundant atomic)
+            if tagged > tl.load(slot_ptr, cache_modifier=".cg"):
+                tl.atomic_max(slot_ptr, tagged)
 
 
 @functools.lru_cache(maxsize=16)
@@ -282,6 +290,14 @@ def _to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Te
 # elements per program, warps: (1024, 4) measured 1.34x faster than (2048, 8) for fp32 parameters and 1.23x for
 # bf16 + stochastic rounding on the 953M model (H200, benchmarks/results/2026-11-27-h200-session4-plans-sweep-suite.md)
 DEFAULT_TILE = (1024, 4)
+# ... launched with at most 80 registers per thread.  The compiler's own choice, 96 for bf16 parameters and for
+# fp32 parameters with the published-amax reduction, leaves room for 5 programs per SM instead of 6.  GPU time of the
+# 953M step, dre E4M3 (H200, kernels only -- the host ran ahead), capped / uncapped:
+#   fp32 params         5.59 / 5.50 ms,  with published weight amax 5.72 / 6.39 ms
+#   bf16 params + SR    5.51 / 6.10 ms,  with published weight amax 5.94 / 6.18 ms
+# (plain states: fp32 4.84 / 4.84, published 5.06 / 5.60; bf16 4.55 / 4.97, published 4.94 / 5.41); at most a few
+# registers spill.  Same bits either way.  Other tiles keep the compiler's choice (as the tile sweep measured them).
+DEFAULT_TILE_MAX_REGISTERS = 80
 
 
 def fused_adamw_step(params: list, grads: list, states: list, scalars: list, *, mode: str, m_format: str,
@@ -293,9 +309,9 @@ def fused_adamw_step(params: list, grads: list, states: list, scalars: list, *, 
     All params share dtype, device and storage options; params and grads must be contiguous.  ``scalars`` holds one
     tuple per tensor (see ``fp8train.optim.adamw.kernel_scalars``).  ``tile`` = (elements per program, warps):
     whole scaling groups per program, so the results do not depend on it (benchmarks/gpu/optim.py sweeps it).
-    ``amax_slots``: per tensor a published-amax slot (:func:`fp8train.nn.weight_amax.new_slot`, on the params'
-    device) or None; each slot ends up holding max |new p| tagged with ``amax_epoch`` (0 < epoch < 2**31, larger
-    than the slot's current tag).
+    ``amax_slots``: per tensor the int64 word of a published-amax slot (``fp8train.nn.weight_amax.Slot.word``, on
+    the params' device) or None; each ends up holding max |new p| tagged with ``amax_epoch`` (0 < epoch < 2**31,
+    larger than the slot's current tag).
     """
     device = params[0].device
     tile_elements, warps = tile
@@ -321,6 +337,8 @@ def fused_adamw_step(params: list, grads: list, states: list, scalars: list, *, 
     scalar_table = _to_device([list(s) for s in scalars], torch.float32, device)
     work = _work_list(tuple(groups), block_g, device)
     counter = torch.zeros(1, dtype=torch.int32, device=device)
+    launch_options = {"maxnreg": DEFAULT_TILE_MAX_REGISTERS} if (device.type == "cuda" and tile == DEFAULT_TILE
+                                                                  and DEFAULT_TILE_MAX_REGISTERS) else {}
     _fused_adamw_kernel[(work.shape[0],)](
         work, table, scalar_table, counter, seed, amax_epoch,
         MODE=_MODES[mode], M_E5M2=m_format == "e5m2", V_E5M2=v_format == "e5m2",
@@ -329,6 +347,6 @@ def fused_adamw_step(params: list, grads: list, states: list, scalars: list, *, 
         PARAM_BF16=params[0].dtype == torch.bfloat16, GRAD_KIND=_GRAD_KINDS[grads[0].dtype],
         STOCHASTIC=stochastic_rounding, MAXIMIZE=maximize, ALIGNED=aligned, FAST_MATH=device.type == "cuda",
         GROUP=group_size, BLOCK_G=block_g, PUBLISH_AMAX=publish,
-        num_warps=warps,
+        num_warps=warps, **launch_options,
     )
     return counter

@@ -12,12 +12,13 @@ Who takes part:
 
 * :class:`~fp8train.nn.linear.FP8Linear` marks its ``weight`` Parameter as wanting an amax (:func:`want`)
   whenever one is assigned (construction, ``from_linear``, ``convert``);
-* ``fp8train.AdamW`` gives each marked parameter a *slot* (:func:`new_slot`, one per parameter, allocated once
-  and reused every step: a CUDA graph captured once keeps reading the right memory), fills it after every
-  update -- in the fused kernel on CUDA, with ``p.abs().amax()`` on the torch path -- and at construction, and
-  calls :func:`publish`;
-* the forward asks :func:`published_amax`, which answers only while the weight's storage (``data_ptr``) and
-  version counter are those recorded at publishing.  A weight changed in any other way (``load_state_dict``,
+* ``fp8train.AdamW`` gives each marked parameter a :class:`Slot` (:func:`new_slot`, one per parameter,
+  allocated once and reused every step: a CUDA graph captured once keeps reading the right memory), fills it
+  after every update -- in the fused kernel on CUDA, with ``p.abs().amax()`` on the torch path -- and at
+  construction, and calls :func:`publish`, which records the weight's storage (``data_ptr``) and version
+  counter the value belongs to;
+* the forward asks :func:`published_amax`, which answers only while the weight's storage and version counter
+  are still the recorded ones.  A weight changed in any other way (``load_state_dict``,
   ``with torch.no_grad(): w.mul_(2)``, another optimizer) falls back to computing its amax, as without this.
 
 Not published: sharded parameters (FSDP2 / DTensor: a shard's amax is not the tensor's, and the forward sees
@@ -30,9 +31,9 @@ noticed by the replaying graph (the version check runs on the host, at capture) 
 After such a change call ``optimizer.publish_weight_amax()`` before the next replay.
 
 Slot format: an int64 holding ``(epoch << 32) | float32 bits of the amax`` (little-endian, so the amax is the
-slot's first float32; :func:`slot_amax` is that 0-d view).  Non-negative float32 values order like their bits,
+word's first float32; ``Slot.amax`` is that 0-d view).  Non-negative float32 values order like their bits,
 and a newer epoch outranks any value of an older one, so the kernel's programs fold their tile maxima into the
-slot with one ``atomic_max`` each and nothing has to zero the slot first.
+slot with an ``atomic_max`` each (skipped when the slot already holds as much) and nothing has to zero it first.
 
 Switch it off (for comparisons) with ``FP8TRAIN_PUBLISHED_AMAX=0`` in the environment, :func:`set_enabled`
 or ``with weight_amax.disabled(): ...``; the optimizer then skips the work too.
@@ -43,25 +44,32 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.utils.weak
 
-__all__ = ["want", "wants", "publish", "published_amax", "new_slot", "slot_amax", "write_slot", "is_enabled",
-           "set_enabled", "disabled", "generation"]
+__all__ = ["want", "wants", "generation", "Slot", "new_slot", "write_slot", "publish", "published_amax",
+           "is_enabled", "set_enabled", "disabled"]
 
 if sys.byteorder != "little":  # the slot's first float32 is its low word only on little-endian machines
     raise ImportError("fp8train.nn.weight_amax assumes a little-endian machine")
 
 
-class _Published(NamedTuple):
-    amax: torch.Tensor  # 0-d float32 view of the optimizer's slot
-    data_ptr: int
-    version: int
+class Slot:
+    """Where an optimizer publishes one parameter's amax: ``word`` (one int64, see the module doc), ``amax`` (its
+    0-d float32 view, what the forward reads) and the parameter's ``data_ptr`` / ``version`` the value belongs to
+    (-1 until :func:`publish`)."""
+
+    __slots__ = ("word", "amax", "data_ptr", "version")
+
+    def __init__(self, device):
+        self.word = torch.zeros(1, dtype=torch.int64, device=device)
+        self.amax = self.word.view(torch.float32)[0]  # the low word on a little-endian machine
+        self.data_ptr = self.version = -1
 
 
-# parameter -> its published amax, or None while it wants one but nothing was published yet
+# parameter -> the Slot its amax is published in, or None while it wants one and has none
 _entries = torch.utils.weak.WeakIdKeyDictionary()
 _generation = 0  # bumped whenever a parameter is newly marked: optimizers rescan their parameters then
 _enabled = os.environ.get("FP8TRAIN_PUBLISHED_AMAX", "1") != "0"
@@ -84,41 +92,38 @@ def generation() -> int:
     return _generation
 
 
-def publish(param: torch.Tensor, amax: torch.Tensor) -> None:
-    """Record that ``amax`` (a 0-d float32 tensor, usually :func:`slot_amax` of the optimizer's slot) holds
-    max |param| of ``param``'s current values.  Call it right after writing the values and the amax."""
-    _entries[param] = _Published(amax, param.data_ptr(), param._version)
+def new_slot(param: torch.Tensor) -> Slot:
+    """A zeroed slot on ``param``'s device, registered as where ``param``'s amax is published (replacing any
+    earlier one: the latest optimizer to ask wins)."""
+    slot = Slot(param.device)
+    _entries[param] = slot
+    return slot
+
+
+def write_slot(slot: Slot, amax: torch.Tensor, epoch: int) -> None:
+    """Store ``amax`` (any float dtype, converted exactly to float32) in ``slot`` with tag ``epoch`` (torch ops,
+    no host sync).  The fused kernel writes slots itself."""
+    words = slot.word.view(torch.int32)
+    words[0].copy_(amax.detach().reshape(()).to(torch.float32).view(torch.int32))
+    words[1].fill_(epoch)
+
+
+def publish(param: torch.Tensor, slot: Slot) -> None:
+    """Record that ``slot`` holds max |param| of ``param``'s current values.  Call it right after writing the
+    values and the slot.  (Two attribute writes: this runs for every weight in every optimizer step.)"""
+    slot.data_ptr = param.data_ptr()
+    slot.version = param._version
 
 
 def published_amax(param: torch.Tensor) -> Optional[torch.Tensor]:
-    """The amax the optimizer published for ``param``, or None when there is none or ``param`` changed since
-    (storage or version counter differ) or publishing is switched off."""
+    """The amax published for ``param`` (a 0-d float32 device tensor), or None when there is none, when
+    ``param`` changed since (storage or version counter differ) or when publishing is switched off."""
     if not _enabled:
         return None
-    entry = _entries.get(param)
-    if entry is None or param._version != entry.version or param.data_ptr() != entry.data_ptr:
+    slot = _entries.get(param)
+    if slot is None or param._version != slot.version or param.data_ptr() != slot.data_ptr:
         return None
-    return entry.amax
-
-
-# -- slots --------------------------------------------------------------------------------------------------
-
-def new_slot(device) -> torch.Tensor:
-    """A zeroed slot (one int64) on ``device``; see the module doc for its format."""
-    return torch.zeros(1, dtype=torch.int64, device=device)
-
-
-def slot_amax(slot: torch.Tensor) -> torch.Tensor:
-    """The amax stored in ``slot``: a 0-d float32 view of its low word (no copy)."""
-    return slot.view(torch.float32)[0]
-
-
-def write_slot(slot: torch.Tensor, amax: torch.Tensor, epoch: int) -> None:
-    """Store ``amax`` (any float dtype, converted exactly to float32) in ``slot`` with tag ``epoch`` (torch ops,
-    no host sync)."""
-    words = slot.view(torch.int32)
-    words[0].copy_(amax.detach().reshape(()).to(torch.float32).view(torch.int32))
-    words[1].fill_(epoch)
+    return slot.amax
 
 
 # -- switch -------------------------------------------------------------------------------------------------

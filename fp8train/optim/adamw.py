@@ -335,7 +335,7 @@ class AdamW(torch.optim.Optimizer):
         return self.state_bytes() / n if n else 0.0
 
     # -- published weight amaxes (fp8train.nn.weight_amax) ---------------------------------------------------
-    def _weight_amax_slot(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+    def _weight_amax_slot(self, p: torch.Tensor) -> Optional["weight_amax.Slot"]:
         """The slot this optimizer publishes ``p``'s amax in, or None when ``p`` is not an FP8-linear weight, is
         sharded, or publishing is off.  Slots are made once per parameter (again only if it moves device)."""
         if not weight_amax.is_enabled():
@@ -345,10 +345,11 @@ class AdamW(torch.optim.Optimizer):
             for group in self.param_groups:
                 for q in group["params"]:
                     if q not in self._amax_slots and weight_amax.wants(q) and not is_dtensor(q):
-                        self._amax_slots[q] = weight_amax.new_slot(q.device)
+                        self._amax_slots[q] = weight_amax.new_slot(q)
         slot = self._amax_slots.get(p)
-        if slot is not None and slot.device != p.device:
-            slot = self._amax_slots[p] = weight_amax.new_slot(p.device)
+        # the device is only asked when the storage moved since the last publish (host time: this runs per step)
+        if slot is not None and p.data_ptr() != slot.data_ptr and p.device != slot.word.device:
+            slot = self._amax_slots[p] = weight_amax.new_slot(p)
         return slot
 
     @torch.no_grad()
@@ -363,7 +364,7 @@ class AdamW(torch.optim.Optimizer):
                 slot = self._weight_amax_slot(p)
                 if slot is not None and p.numel():
                     weight_amax.write_slot(slot, p.abs().amax(), self._amax_epoch)
-                    weight_amax.publish(p, weight_amax.slot_amax(slot))
+                    weight_amax.publish(p, slot)
 
     # -- step ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -409,7 +410,7 @@ class AdamW(torch.optim.Optimizer):
                 counts.append(self._reference_update(param, grad, group, local_state, mode, salt=salt + len(counts)))
                 if slot is not None:
                     weight_amax.write_slot(slot, param.abs().amax(), self._amax_epoch)
-                    weight_amax.publish(param, weight_amax.slot_amax(slot))
+                    weight_amax.publish(param, slot)
         for launch, (key, work) in enumerate(fused_work.items()):
             counts.append(self._fused_update(key, work, salt + launch))
         return counts
@@ -515,14 +516,15 @@ class AdamW(torch.optim.Optimizer):
         count = fused_adamw_step([w[0] for w in work], [w[1] for w in work], [w[3] for w in work],
                                  scalars, mode=mode, m_format=m_format, v_format=v_format, group_size=group_size,
                                  stochastic_rounding=stochastic, maximize=maximize, seed=seed,
-                                 tile=self.kernel_tile or DEFAULT_TILE, amax_slots=[w[4] for w in work],
+                                 tile=self.kernel_tile or DEFAULT_TILE,
+                                 amax_slots=[w[4].word if w[4] is not None else None for w in work],
                                  amax_epoch=self._amax_epoch)
         for param, _, _, _, slot in work:
             # the kernel wrote through raw pointers: tell version-keyed caches (FP8 weights), then record the
             # version the published amax belongs to
             torch.autograd.graph.increment_version(param)
             if slot is not None:
-                weight_amax.publish(param, weight_amax.slot_amax(slot))
+                weight_amax.publish(param, slot)
         return count
 
     # -- non-finite bookkeeping ------------------------------------------------------------------------------
