@@ -38,6 +38,12 @@ def check():
                 assert torch.equal(b.scales[SLOT.value], q.scale_hint)
                 assert torch.equal(b.data.view(torch.uint8), q.data.view(torch.uint8))
                 assert torch.equal(b.data_t.view(torch.uint8), data_t.view(torch.uint8))
+            # with given amaxes (the optimizer's published ones): no amax pass, same bits
+            given = [w.float().abs().amax() for w in weights]
+            quantize_weights(weights, buffers, amaxes=given)
+            for w, b in zip(weights, buffers):
+                q, data_t = quantize_tensorwise(w, E4M3, with_transpose=True)
+                assert torch.equal(b.amax, q.amax) and torch.equal(b.data_t.view(torch.uint8), data_t.view(torch.uint8))
             weights[1].mul_(-2)  # new values, same storage: the next call must see them
     _check_cache_batched_path()
     with pytest.raises(TypeError, match="bf16 or fp16"):

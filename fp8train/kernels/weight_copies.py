@@ -20,12 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import plans
 from .quantize import SLOT, dequant_scale, encode_multiplier, loop_tile, store_tensorwise, tile_amax_bits
 
 __all__ = ["quantize_weights", "WeightBuffers"]
 
-_TABLE_COLUMNS = 6  # x, rows, cols, row-major out, transposed out, amax/scale buffer
+# x, rows, cols, row-major out, transposed out, amax/scale buffer, given amax (0: none)
+_TABLE_COLUMNS = 7
+# (rows, cols, warps) of a program's tile: 1.41 ms for the 953M model's 112 weights on an H200, the best of
+# seven candidates (benchmarks/results/2026-11-27-h200-session5-quant-ops.json; (64, 128, 8): 1.60 ms)
+DEFAULT_TILE = (128, 64, 4)
 
 
 @triton.jit
@@ -34,7 +37,7 @@ def _tile_of(work_ptr, table_ptr, BM: tl.constexpr, BN: tl.constexpr, X_BF16: tl
     pid = tl.program_id(0)
     t = tl.load(work_ptr + 2 * pid).to(tl.int64)
     tile = tl.load(work_ptr + 2 * pid + 1)
-    row = table_ptr + t * 6
+    row = table_ptr + t * 7
     if X_BF16:
         x_ptr = tl.load(row).to(tl.pointer_type(tl.bfloat16))
     else:
@@ -59,9 +62,12 @@ def _amax_many_kernel(work_ptr, table_ptr, slots_ptr, BM: tl.constexpr, BN: tl.c
 
 @triton.jit
 def _quantize_many_kernel(work_ptr, table_ptr, slots_ptr, BM: tl.constexpr, BN: tl.constexpr,
-                          X_BF16: tl.constexpr, FMAX: tl.constexpr, ALIGNED: tl.constexpr):
+                          X_BF16: tl.constexpr, FMAX: tl.constexpr, ALIGNED: tl.constexpr, GIVEN_AMAX: tl.constexpr):
     t, tile, row, rows, cols, M, N, x = _tile_of(work_ptr, table_ptr, BM, BN, X_BF16, ALIGNED)
-    amax = tl.load(slots_ptr + t).to(tl.float32, bitcast=True)
+    if GIVEN_AMAX:  # the optimizer published it (fp8train.nn.weight_amax): no amax pass
+        amax = tl.load(tl.load(row + 6).to(tl.pointer_type(tl.float32)))
+    else:
+        amax = tl.load(slots_ptr + t).to(tl.float32, bitcast=True)
     if tile == 0:  # the GEMM reads amax / FMAX beside the amax, like every per-tensor kernel stores it
         scales_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
         tl.store(scales_ptr, amax)
@@ -102,10 +108,11 @@ class _Launch:
     """Device tables of one set of weights, built once (the host-to-device copies cannot run inside a graph
     capture, and building them costs host time every step)."""
 
-    def __init__(self, weights: list, buffers: list, bm: int, bn: int):
+    def __init__(self, weights: list, buffers: list, amaxes: Optional[list], bm: int, bn: int):
         device = weights[0].device
-        rows = [[w.data_ptr(), w.shape[0], w.shape[1], b.data.data_ptr(), b.data_t.data_ptr(), b.scales.data_ptr()]
-                for w, b in zip(weights, buffers)]
+        amaxes = amaxes or [None] * len(weights)
+        rows = [[w.data_ptr(), w.shape[0], w.shape[1], b.data.data_ptr(), b.data_t.data_ptr(), b.scales.data_ptr(),
+                 a.data_ptr() if a is not None else 0] for w, b, a in zip(weights, buffers, amaxes)]
         self.table = torch.tensor(rows, dtype=torch.int64).to(device)
         self.work = _work_list(tuple(tuple(w.shape) for w in weights), bm, bn, device)
         self.slots = torch.zeros(len(weights), dtype=torch.int32, device=device)
@@ -118,11 +125,13 @@ _launches: dict = {}  # insertion-ordered: the oldest table goes first
 _MAX_LAUNCHES = 32
 
 
-def quantize_weights(weights: list, buffers: list, tile: Optional[tuple] = None) -> None:
+def quantize_weights(weights: list, buffers: list, tile: Optional[tuple] = None,
+                     amaxes: Optional[list] = None) -> None:
     """Quantize every weight (2-D, contiguous, all bf16 or all fp16, one CUDA device) to E4M3 with its own
-    per-tensor scale, writing ``buffers[i]`` (:class:`WeightBuffers`) in place: three launches in all.
-    ``tile``: (rows, cols, warps) of a program (default: the quantize plan's transposed tile); any tile gives
-    the same bits (benchmarks/gpu/quant.py times candidates)."""
+    per-tensor scale, writing ``buffers[i]`` (:class:`WeightBuffers`) in place: three launches in all, one
+    with ``amaxes`` (each weight's max |w| as a 0-d float32 device tensor, e.g. published by the optimizer).
+    ``tile``: (rows, cols, warps) of a program (default :data:`DEFAULT_TILE`); any tile gives the same bits
+    (benchmarks/gpu/quant.py times candidates)."""
     if not weights:
         return
     dtype = weights[0].dtype
@@ -130,9 +139,12 @@ def quantize_weights(weights: list, buffers: list, tile: Optional[tuple] = None)
         raise TypeError(f"quantize_weights takes bf16 or fp16 weights of one dtype, got {sorted({str(w.dtype) for w in weights})}")
     if any(w.dim() != 2 or not w.is_contiguous() for w in weights):
         raise ValueError("quantize_weights takes contiguous 2-D weights")
-    bm, bn = tile[:2] if tile is not None else plans.plan("quantize").transposed_tile
-    key = tuple((w.data_ptr(), tuple(w.shape), b.data.data_ptr(), b.data_t.data_ptr(), b.scales.data_ptr())
-                for w, b in zip(weights, buffers)) + ((bm, bn),)
+    if amaxes is not None and (len(amaxes) != len(weights) or any(a is None for a in amaxes)):
+        raise ValueError("quantize_weights: give an amax for every weight, or none")
+    bm, bn, warps = tile or DEFAULT_TILE
+    key = tuple((w.data_ptr(), tuple(w.shape), b.data.data_ptr(), b.data_t.data_ptr(), b.scales.data_ptr(),
+                 amaxes[i].data_ptr() if amaxes is not None else 0)
+                for i, (w, b) in enumerate(zip(weights, buffers))) + ((bm, bn),)
     launch = _launches.get(key)
     if launch is None:
         if weights[0].is_cuda and torch.cuda.is_current_stream_capturing():
@@ -140,15 +152,15 @@ def quantize_weights(weights: list, buffers: list, tile: Optional[tuple] = None)
                                "call it once before capturing")
         while len(_launches) >= _MAX_LAUNCHES:  # weights that moved to new storage leave stale tables behind
             _launches.pop(next(iter(_launches)))
-        launch = _launches[key] = _Launch(weights, buffers, bm, bn)
-    launch.slots.zero_()
+        launch = _launches[key] = _Launch(weights, buffers, amaxes, bm, bn)
     grid = (launch.work.shape[0],)
-    warps = tile[2] if tile is not None else plans.warps("quantize", transposed=True)
     x_bf16 = dtype == torch.bfloat16
-    _amax_many_kernel[grid](launch.work, launch.table, launch.slots, BM=bm, BN=bn, X_BF16=x_bf16,
-                            ALIGNED=launch.aligned, num_warps=warps)
-    _quantize_many_kernel[grid](launch.work, launch.table, launch.slots, BM=bm, BN=bn, X_BF16=x_bf16, FMAX=448.0,
+    if amaxes is None:
+        launch.slots.zero_()
+        _amax_many_kernel[grid](launch.work, launch.table, launch.slots, BM=bm, BN=bn, X_BF16=x_bf16,
                                 ALIGNED=launch.aligned, num_warps=warps)
+    _quantize_many_kernel[grid](launch.work, launch.table, launch.slots, BM=bm, BN=bn, X_BF16=x_bf16, FMAX=448.0,
+                                ALIGNED=launch.aligned, GIVEN_AMAX=amaxes is not None, num_warps=warps)
 
 
 def forget_launches() -> None:

@@ -149,14 +149,12 @@ def _as_matrix(q: QuantizedTensor, data_t: Optional[torch.Tensor] = None) -> Qua
 
 # -- FP8 weights made once per optimizer step (Recipe.cache_fp8_weights; see fp8train.nn.weight_cache) ---------
 
-def _cached_weight(weight: torch.Tensor, recipe: Recipe, w_fmt, w_gran,
-                   amax: Optional[torch.Tensor] = None) -> Optional[LinearInput]:
-    """The weight's FP8 copies (both layouts where the GEMM backend needs the transpose), made once per step
-    (with ``amax`` when given: the weight's published amax); None where the cache does not apply (the caller
-    then quantizes as without it)."""
+def _cached_weight(weight: torch.Tensor, recipe: Recipe, w_fmt, w_gran) -> Optional[LinearInput]:
+    """The weight's FP8 copies (both layouts where the GEMM backend needs the transpose), made once per step;
+    None where the cache does not apply (the caller then quantizes as without it)."""
     if not recipe.cache_fp8_weights:
         return None
-    return weight_cache.cached_weight(weight, w_fmt, w_gran, wants_transpose(weight.device, recipe), amax)
+    return weight_cache.cached_weight(weight, w_fmt, w_gran, wants_transpose(weight.device, recipe))
 
 
 drop_cached_weights = weight_cache.drop_cached_weights
@@ -284,7 +282,7 @@ def fp8_linear_forward(x: Union[torch.Tensor, QuantizedTensor, LinearInput], wei
                          f"{tuple(weight.shape)} (need input[..., {weight.shape[1] if weight.dim() == 2 else '?'}])")
     # the amax the optimizer published for these weight values (a device tensor: a CUDA graph reads it at replay)
     w_amax = weight_amax.published_amax(weight) if w_gran.kind == "tensor" else None
-    cached = _cached_weight(weight, recipe, w_fmt, w_gran, w_amax)
+    cached = _cached_weight(weight, recipe, w_fmt, w_gran)
     w_q = cached.q if cached is not None else _quantize(weight, w_fmt, w_gran, amax=w_amax).q
     y = scaled_matmul(_as_matrix(x_q), w_q, torch.float32 if bias is not None else out_dtype, transpose_b=True,
                       fast_accumulation=recipe.fast_accumulation)

@@ -30,6 +30,8 @@ import torch
 import torch.utils.weak
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import weight_amax
+
 __all__ = ["cached_weight", "refresh_stale", "group_weights", "drop_cached_weights"]
 
 
@@ -76,11 +78,14 @@ def _group_of(weight: torch.Tensor) -> list:
     return [w for w in (ref() for ref in members) if w is not None]
 
 
-def cached_weight(weight: torch.Tensor, fmt, granularity, transpose: bool, amax: Optional[torch.Tensor] = None):
+def cached_weight(weight: torch.Tensor, fmt, granularity, transpose: bool):
     """The weight's FP8 copies as a LinearInput (with the transposed copy when ``transpose``), refreshed if
-    stale; None when they cannot be had here (stale inside a CUDA-graph capture: the caller then quantizes
-    as without the cache, and the graph records that).  ``amax``: the weight's published amax, if any."""
+    stale; None where the cache does not apply: a weight no :func:`group_weights` call named (e.g. FSDP2's
+    gathered weights, new tensors every step), or a stale copy inside a CUDA-graph capture (the caller then
+    quantizes as without the cache, and the graph records that)."""
     global _hook
+    if weight not in _groups:
+        return None
     if _hook is None:
         _hook = register_optimizer_step_post_hook(_next_generation)
     entry = _entries.get(weight)
@@ -92,16 +97,14 @@ def cached_weight(weight: torch.Tensor, fmt, granularity, transpose: bool, amax:
         for member in _group_of(weight):  # members not used yet take the caller's formats
             if member is not weight and member not in _entries:
                 _entries[member] = _Entry(fmt, granularity, transpose)
-        refresh_stale(_group_of(weight), first=(weight, amax))
+        refresh_stale(_group_of(weight))
     return entry.value
 
 
-def refresh_stale(weights=None, first=None) -> int:
+def refresh_stale(weights=None) -> int:
     """Remake the stale cached copies of ``weights`` (default: every cached weight), all batched weights in
-    one pass; returns how many were remade.
-
-    ``first``: ``(weight, amax)`` of the caller, whose copy is stale (its published amax, when it has one,
-    saves the per-weight amax pass on the one-by-one path)."""
+    one pass; returns how many were remade.  Weights with an amax published by fp8train.AdamW skip the amax
+    pass (:mod:`fp8train.nn.weight_amax`)."""
     if weights is None:
         candidates = list(_entries.items())
     else:
@@ -114,7 +117,7 @@ def refresh_stale(weights=None, first=None) -> int:
         _refresh_batched(batched)
     for w, e in stale:
         if not _batchable(w, e):
-            _refresh_one(w, e, first[1] if first is not None and first[0] is w else None)
+            _refresh_one(w, e, weight_amax.published_amax(w))
     return len(stale)
 
 
@@ -141,7 +144,10 @@ def _refresh_batched(stale: list) -> None:
             e.value = LinearInput(q, b.data_t)
     for dtype in {w.dtype for w, _ in stale}:
         group = [(w, e) for w, e in stale if w.dtype == dtype]
-        quantize_weights([w for w, _ in group], [e.buffers for _, e in group])
+        # the amaxes fp8train.AdamW published with these very weight values, when every weight has one
+        amaxes = [weight_amax.published_amax(w) for w, _ in group]
+        quantize_weights([w for w, _ in group], [e.buffers for _, e in group],
+                         amaxes=amaxes if all(a is not None for a in amaxes) else None)
     for w, e in stale:
         e.key = _key(w)
 
