@@ -167,12 +167,13 @@ PRESETS = {
     "fp8": Recipe(name="fp8", fp8_linears=True, compress_activations=False),
     "coat": Recipe(name="coat", fp8_linears=True, compress_activations=True),
     # coat without the logits buffer; pair it with bf16 parameters and
-    # fp8train.AdamW(master_weights="bf16_stochastic") for a small footprint.  It keeps act(gate) * up as E4M3
-    # for backward (1 byte per MLP hidden element) rather than rebuilding it: 1.03x tokens/s for 0.74 GB on
-    # the 953M model at batch 4 x 2048 (benchmarks/results/2026-11-27-h200-session5-levers.md); add
-    # recompute_gated_product=True for the smallest footprint
+    # fp8train.AdamW(master_weights="bf16_stochastic") for a small footprint.  Two speed trades (953M model,
+    # batch 4 x 2048, H200, benchmarks/results/2026-11-27-h200-session5-levers.md): act(gate) * up is kept as
+    # E4M3 for backward instead of rebuilt (1.03x tokens/s for 0.74 GB), and every weight's FP8 copies are
+    # made once per optimizer step (1.01x under a CUDA graph, 1.41x in eager mode, for 2 bytes per linear
+    # weight: 1.7 GB).  recompute_gated_product=True, cache_fp8_weights=False give the smallest footprint.
     "coat-lean": Recipe(name="coat-lean", fp8_linears=True, compress_activations=True, chunked_loss=True,
-                        recompute_gated_product=False),
+                        recompute_gated_product=False, cache_fp8_weights=True),
     "fp8-block": Recipe(name="fp8-block", fp8_linears=True, compress_activations=False,
                         input_granularity="1x128", weight_granularity="128x128", grad_granularity="1x128",
                         grad_format="e4m3"),

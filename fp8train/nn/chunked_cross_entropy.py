@@ -98,7 +98,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         dh = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
-        dw = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
+        dw = None
+        if grad_weight is not None:  # scaled and rounded in one pass (the fp32 product is never stored)
+            dw = torch.mul(grad_weight, grad_output, out=torch.empty_like(grad_weight, dtype=ctx.weight_dtype))
         db = (grad_bias * grad_output).to(ctx.bias_dtype) if grad_bias is not None else None
         return dh, dw, db, None, None, None, None
 

@@ -140,8 +140,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise TrainError("--fused-qkv fuses FP8 linear layers: it needs an FP8 recipe (fp8, coat, coat-lean), not bf16 "
                          "or --simulate-format")
     if c.fp8_weight_cache and c.nproc > 1:
-        raise TrainError("--fp8-weight-cache with --nproc > 1 would keep FP8 copies of every gathered (unsharded) "
-                         "weight on each GPU, undoing FSDP's sharding; leave it off for multi-GPU runs")
+        raise TrainError("--fp8-weight-cache does nothing with --nproc > 1: FSDP2 gathers new unsharded weights "
+                         "every step, which the cache leaves alone (it would otherwise undo the sharding); "
+                         "leave it off for multi-GPU runs")
     if c.step_in_backward:
         blockers = [flag for flag, on in (("--optimizer adamw", c.optimizer != "fp8adamw"),
                                           ("--grad-accum > 1", c.grad_accum > 1), ("--nproc > 1", c.nproc > 1),

@@ -325,11 +325,14 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
     if c.master_weights == "bf16":  # bf16 parameters, updated with stochastic rounding by fp8train.AdamW
         model = model.to(torch.bfloat16)
     recipe = simulated_recipe(c) or c.recipe
-    if c.fp8_weight_cache or c.fp8_attention_saves or c.fused_qkv:
+    # the flags switch levers on; a preset's own defaults (coat-lean caches its FP8 weights) stay as they are
+    levers = {field: True for field, on in (("cache_fp8_weights", c.fp8_weight_cache),
+                                            ("fp8_attention_saves", c.fp8_attention_saves),
+                                            ("fused_qkv", c.fused_qkv)) if on}
+    if levers:
         from ..recipes import resolve_recipe
 
-        recipe = resolve_recipe(recipe).replace(cache_fp8_weights=c.fp8_weight_cache,
-                                                fp8_attention_saves=c.fp8_attention_saves, fused_qkv=c.fused_qkv)
+        recipe = resolve_recipe(recipe).replace(**levers)
     model = apply_recipe(model, recipe)
     if c.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
