@@ -144,3 +144,15 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, corpus):
         assert main(["train", "--out", str(out), "--resume", "--steps", str(stopped_at + 2), "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == stopped_at + 2
     assert not (out / "failure.json").exists()
+
+
+def test_fp8_weight_cache_flag_has_three_states():
+    import argparse
+
+    from fp8train.train.config import add_train_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    states = [config_from_args(parser.parse_args(argv)).fp8_weight_cache
+              for argv in ([], ["--fp8-weight-cache"], ["--no-fp8-weight-cache"])]
+    assert states == [None, True, False]

@@ -238,3 +238,21 @@ def test_fused_qkv_flag(tmp_path):
     assert all(abs(a - b) <= 0.03 * a for a, b in zip(runs["separate"], runs["fused"]))
     with pytest.raises(TrainError, match="fused-qkv"):
         resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fused_qkv=True))
+
+
+def test_coat_lean_caches_its_fp8_weights_unless_told_not_to(tmp_path, monkeypatch):
+    import fp8train.train.loop as loop_mod
+
+    seen = []
+    original = loop_mod.apply_recipe
+
+    def spy(model, recipe):
+        from fp8train.recipes import resolve_recipe
+
+        seen.append(resolve_recipe(recipe).cache_fp8_weights)
+        return original(model, recipe)
+
+    monkeypatch.setattr(loop_mod, "apply_recipe", spy)
+    for name, flag in (("default", None), ("off", False)):
+        train(resolve(tiny_config(tmp_path / name, steps=1, recipe="coat-lean", fp8_weight_cache=flag)))
+    assert seen == [True, False]

@@ -42,7 +42,7 @@ class TrainConfig:
     compile: bool = False
     cuda_graph: bool = False          # replay each micro-batch's forward + backward as one CUDA graph
     step_in_backward: bool = False    # fp8train.AdamW updates each parameter inside backward (no gradient buffer)
-    fp8_weight_cache: bool = False    # FP8 weight copies made once per optimizer step (Recipe.cache_fp8_weights)
+    fp8_weight_cache: Optional[bool] = None  # FP8 weight copies made once per step (Recipe.cache_fp8_weights); None: the recipe's
     fp8_attention_saves: bool = False  # attention keeps q/k/v as FP8 copies for backward (Recipe.fp8_attention_saves)
     fused_qkv: bool = False           # q/k/v projections as one FP8 GEMM (Recipe.fused_qkv)
     grad_checkpointing: bool = False
@@ -268,10 +268,11 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                    help="fp8train.AdamW updates each parameter as soon as backward produced its gradient and frees "
                         "it: no full gradient buffer (needs --grad-clip 0, --grad-accum 1, one process, no "
                         "--cuda-graph); the logged grad_norm is then null")
-    g.add_argument("--fp8-weight-cache", action="store_true", default=S,
-                   help="quantize each weight once per optimizer step (both layouts) and reuse the FP8 copies in "
-                        "every micro-batch: fewer kernels with --grad-accum > 1, for 2 extra bytes per linear "
-                        "weight parameter; the same results bit for bit")
+    g.add_argument("--fp8-weight-cache", action=argparse.BooleanOptionalAction, default=S,
+                   help="quantize every weight once per optimizer step (both layouts, one batched pass) and reuse "
+                        "the FP8 copies until the next step: far fewer kernels (eager 953M: 1.41x tokens/s), for 2 "
+                        "extra bytes per linear weight parameter (13 GB at 7B); the same results bit for bit.  "
+                        "coat-lean has it on; --no-fp8-weight-cache turns it off")
     g.add_argument("--fp8-attention-saves", action="store_true", default=S,
                    help="experimental: the attention core keeps q/k/v for backward as E4M3 copies (about half its "
                         "saved bytes) and reruns its forward in backward: slower attention, ~5 %% gradient error "

@@ -325,10 +325,12 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
     if c.master_weights == "bf16":  # bf16 parameters, updated with stochastic rounding by fp8train.AdamW
         model = model.to(torch.bfloat16)
     recipe = simulated_recipe(c) or c.recipe
-    # the flags switch levers on; a preset's own defaults (coat-lean caches its FP8 weights) stay as they are
-    levers = {field: True for field, on in (("cache_fp8_weights", c.fp8_weight_cache),
-                                            ("fp8_attention_saves", c.fp8_attention_saves),
+    # the flags switch levers on; a preset's own defaults (coat-lean caches its FP8 weights) stay unless a flag
+    # says otherwise (--no-fp8-weight-cache)
+    levers = {field: True for field, on in (("fp8_attention_saves", c.fp8_attention_saves),
                                             ("fused_qkv", c.fused_qkv)) if on}
+    if c.fp8_weight_cache is not None and c.recipe != "bf16" and c.simulate_format is None:
+        levers["cache_fp8_weights"] = bool(c.fp8_weight_cache)
     if levers:
         from ..recipes import resolve_recipe
 
