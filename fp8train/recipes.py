@@ -41,9 +41,10 @@ class Recipe:
       ``"1x128"`` / ``"128x128"`` (emulated: dequantize and matmul in fp32);
       ``fast_accumulation`` -- let the forward GEMM use the tensor cores' faster, less precise accumulation
       (off: every GEMM accumulates in fp32, as COAT does);
-      ``cache_fp8_weights`` -- make each weight's FP8 copies (row-major for forward, transposed for backward)
-      once per optimizer step and reuse them in every micro-batch of the step (see
-      :mod:`fp8train.nn.linear`); costs 2 bytes per linear weight parameter, kept between steps.
+      ``cache_fp8_weights`` -- make every weight's FP8 copies (row-major for forward, transposed for backward)
+      once per optimizer step, in one batched pass, and reuse them until the next step, CUDA-graph replays
+      included (see :mod:`fp8train.nn.weight_cache`); costs 2 bytes per linear weight parameter, kept between
+      steps.  On in the ``"coat-lean"`` preset.
 
     Activations (``compress_activations=True``): norms, activation functions and the gated product (act(gate)
     * up) save their inputs in FP8 E4M3 with 1x16 group scales.  ``precision_flow`` enables the Llama-style

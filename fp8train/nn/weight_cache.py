@@ -11,11 +11,12 @@ A copy is valid while three things are unchanged: the weight's storage (``data_p
 (in-place writes: ``load_state_dict``, torch optimizers; fp8train.AdamW's kernel bumps it too) and the
 optimizer-step generation (every torch.optim optimizer's step ends with a global hook; an optimizer writing
 through ``.data`` changes no version counter, and the generation covers that).  The first FP8 linear that
-finds its copy stale refreshes every stale copy of its model at once (:func:`fp8train.convert` groups a
-model's FP8 linear weights with :func:`group_weights`; a weight outside any group is refreshed alone); :class:`fp8train.cuda_graphs.GraphedStep` calls
-:func:`refresh_stale` before each replay (a graph replays no Python).  If you capture CUDA graphs yourself,
-call it before each replay too.  Under FSDP2 the cache would hold copies of every gathered (unsharded)
-weight: leave it off there.
+finds its copy stale refreshes every stale copy of its model at once: :func:`fp8train.convert` groups a
+model's FP8 linear weights with :func:`group_weights`, and only grouped weights are cached -- FSDP2's gathered
+(unsharded) weights are other tensors, so the cache never holds copies of them.
+:class:`fp8train.cuda_graphs.GraphedStep` calls :func:`refresh_stale` before each replay (a graph replays no
+Python); if you capture CUDA graphs yourself, call it before each replay too.  Weights with an amax published
+by fp8train.AdamW (:mod:`fp8train.nn.weight_amax`) skip the amax pass.
 
 Cost: 2 bytes per linear weight parameter, kept between steps.
 """
