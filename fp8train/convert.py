@@ -88,10 +88,12 @@ def convert(model: nn.Module, recipe: Union[str, Recipe, None] = "coat", *,
         converter.run()
         report = converter.report
         if recipe.cache_fp8_weights:
+            from .nn.fused_projections import fused_group
             from .nn.linear import FP8Linear
             from .nn.weight_cache import group_weights
 
-            group_weights([m.weight for m in model.modules() if isinstance(m, FP8Linear)])
+            # members of a fused q/k/v group quantize their stack each forward, not their own weights
+            group_weights([m.weight for m in model.modules() if isinstance(m, FP8Linear) and fused_group(m) is None])
     if recipe.chunked_loss:
         from .nn.chunked_cross_entropy import enable_chunked_loss
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import fp8train
 from fp8train.nn.fused_projections import fuse_projections, fused_group
+from fp8train.nn import weight_cache
 from fp8train.nn.linear import FP8Linear
 
 
@@ -135,8 +136,12 @@ def test_converted_llama_with_fused_qkv_trains_close_to_separate_projections():
 
     losses = {}
     for fused in (False, True):
-        m = fp8train.convert(model(), fp8train.Recipe.named("coat").replace(fused_qkv=fused))
-        assert (fused_group(m.model.layers[0].self_attn.q_proj) is not None) == fused
+        m = fp8train.convert(model(), fp8train.Recipe.named("coat").replace(fused_qkv=fused, cache_fp8_weights=True))
+        attn = m.model.layers[0].self_attn
+        assert (fused_group(attn.q_proj) is not None) == fused
+        # the weight cache covers the weights the layers quantize themselves, not the members of a fused stack
+        assert (attn.q_proj.weight in weight_cache._groups) == (not fused)
+        assert attn.o_proj.weight in weight_cache._groups
         assert m._fp8train_report.get("fused_qkv", 0) == (2 if fused else 0)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(1)

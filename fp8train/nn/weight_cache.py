@@ -173,6 +173,7 @@ def _refresh_one(weight: torch.Tensor, entry: _Entry, amax: Optional[torch.Tenso
 
 def _same_layout(old, new) -> bool:
     same = (old.q.data is not None and new.q.data is not None and old.q.data.shape == new.q.data.shape
+            and old.q.data.dtype == new.q.data.dtype and old.q.dtype == new.q.dtype
             and old.q.amax.shape == new.q.amax.shape and (old.data_t is None) == (new.data_t is None)
             and (old.q.scale_hint is None) == (new.q.scale_hint is None))
     return same and (old.data_t is None or old.data_t.shape == new.data_t.shape)
