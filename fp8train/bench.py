@@ -11,10 +11,11 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_coat[_compiled]                   fp8train.convert(recipe="coat") + fp8train.AdamW
     fp8train_coat_lean[_compiled]              ... "coat-lean" (chunked loss) on bf16 params + stochastic rounding
     fp8train_coat_lean_step_in_backward        ... updating each parameter inside backward (no gradient buffer)
-    fp8train_coat_lean_weight_cache            ... FP8 weight copies made once per step (Recipe.cache_fp8_weights)
+    fp8train_coat_lean_no_weight_cache         ... without its FP8 weight copies kept between steps (cache_fp8_weights)
+    fp8train_coat_lean_recomputed_product      ... rebuilding act(gate)*up in backward (recompute_gated_product)
     fp8train_coat_lean_attention_saves         ... q/k/v saved as FP8 for the attention backward (experimental)
     fp8train_coat_lean_fused_qkv               ... q/k/v as one FP8 GEMM (Recipe.fused_qkv)
-    fp8train_coat_lean_saved_product           ... act(gate)*up saved as E4M3, not rebuilt in backward
+    fp8train_coat_lean_saved_product           ... (coat-lean's default since session 5; also _weight_cache)
     <name>_<lever>_<lever>                     lever suffixes combine: fp8train_coat_lean_fused_qkv_saved_product
     <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
@@ -71,8 +72,12 @@ CONFIGS = {
 }
 # configuration name suffix -> the Recipe field it sets and the value; suffixes combine in any order
 # (fp8train_coat_lean_fused_qkv_saved_product_graphed)
-RECIPE_LEVERS = {"_weight_cache": ("cache_fp8_weights", True), "_attention_saves": ("fp8_attention_saves", True),
-                 "_fused_qkv": ("fused_qkv", True), "_saved_product": ("recompute_gated_product", False)}
+# (coat-lean has the weight cache and the saved product on by default; the "_no_..." / "_recomputed_..." suffixes
+# turn them off.  Longer suffixes first: "_no_weight_cache" also ends in "_weight_cache".)
+RECIPE_LEVERS = {"_no_weight_cache": ("cache_fp8_weights", False), "_weight_cache": ("cache_fp8_weights", True),
+                 "_recomputed_product": ("recompute_gated_product", True),
+                 "_saved_product": ("recompute_gated_product", False),
+                 "_attention_saves": ("fp8_attention_saves", True), "_fused_qkv": ("fused_qkv", True)}
 
 
 def parse_config(name: str) -> tuple[str, dict, bool]:

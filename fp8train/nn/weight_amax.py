@@ -52,8 +52,9 @@ import torch.utils.weak
 __all__ = ["want", "wants", "generation", "Slot", "new_slot", "write_slot", "publish", "published_amax",
            "is_enabled", "set_enabled", "disabled"]
 
-if sys.byteorder != "little":  # the slot's first float32 is its low word only on little-endian machines
-    raise ImportError("fp8train.nn.weight_amax assumes a little-endian machine")
+# the slot's first float32 is its low word only on little-endian machines; elsewhere nothing is published and
+# every forward computes its weight's amax itself (the rest of fp8train does not care about byte order)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 class Slot:
@@ -72,7 +73,7 @@ class Slot:
 # parameter -> the Slot its amax is published in, or None while it wants one and has none
 _entries = torch.utils.weak.WeakIdKeyDictionary()
 _generation = 0  # bumped whenever a parameter is newly marked: optimizers rescan their parameters then
-_enabled = os.environ.get("FP8TRAIN_PUBLISHED_AMAX", "1") != "0"
+_enabled = _LITTLE_ENDIAN and os.environ.get("FP8TRAIN_PUBLISHED_AMAX", "1") != "0"
 
 
 def want(param: torch.Tensor) -> None:
@@ -135,7 +136,7 @@ def is_enabled() -> bool:
 def set_enabled(enabled: bool) -> bool:
     """Switch publishing (optimizer side) and its use (forward side) on or off; returns the previous setting."""
     global _enabled
-    previous, _enabled = _enabled, bool(enabled)
+    previous, _enabled = _enabled, bool(enabled) and _LITTLE_ENDIAN
     return previous
 
 
