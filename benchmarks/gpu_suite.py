@@ -70,12 +70,16 @@ def main(argv=None) -> int:
     timings = {}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu_slug = env["gpu"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    stem = out / f"{env['date']}-{gpu_slug}"
+    from fp8train.bench import gpu_slug
+
+    stem = out / f"{env['date']}-{gpu_slug(env['gpu'])}"
+    # `fp8train bench --out` earlier in the same call writes end-to-end rows to the same file: keep them
+    earlier = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    earlier_rows = earlier.get("end_to_end", []) if isinstance(earlier, dict) else []
 
     def write_results():  # after every area, so a run cut short by its time limit still leaves its results
         result = {**env, "areas_seconds": timings, "checks": report.checks, "bench": report.bench,
-                  "end_to_end": report.end_to_end, "errors": report.errors}
+                  "end_to_end": earlier_rows + report.end_to_end, "errors": report.errors}
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
         stem.with_suffix(".md").write_text(to_markdown(result))
 

@@ -297,7 +297,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plain-causal: SDPA's causal kernel in every mode (default); hf-default: transformers' "
                              "own choice (a full mask under torch.compile / CUDA graphs)")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per configuration")
-    parser.add_argument("--out", default=None, help="write <out>/bench-<model>.json")
+    parser.add_argument("--out", default=None, help="write <out>/<date>-<gpu>.json (+ .md; rows are added when "
+                                                    "the file exists) and <out>/bench-<model>.json")
     parser.add_argument("--max-batch", action="store_true",
                         help="per configuration, double --batch until it runs out of memory (one bisection step "
                              "after); rows at the largest batch get max_batch=true and a speed ratio against "
@@ -331,10 +332,57 @@ def bench(args) -> list[dict]:
                 r["speed_vs_bf16_compiled"] = round(r["tokens_per_s"] / baseline["tokens_per_s"], 3)
                 r["memory_vs_bf16_compiled"] = round(r["peak_memory_bytes"] / baseline["peak_memory_bytes"], 3)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"bench-{args.model}.json"), "w") as f:
-            json.dump(rows, f, indent=2)
+        write_results(rows, args.out, args.model, torch.cuda.get_device_name())
     return rows
+
+
+def gpu_slug(name: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "h100" (the file-name form of a GPU)."""
+    words = name.split()
+    return (words[1] if len(words) > 1 and words[0].upper() == "NVIDIA" else "-".join(words)).lower()
+
+
+def _versions() -> dict:
+    import torch
+
+    found = {"torch": torch.__version__}
+    for module in ("triton", "transformers", "torchao"):
+        try:
+            found[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - not installed (or broken): leave it out
+            pass
+    return found
+
+
+def write_results(rows: list, out: str, model: str, gpu: str, date: str | None = None) -> str:
+    """Write ``<out>/<date>-<gpu>.json`` -- ``{gpu, torch, triton, transformers, date, end_to_end: rows}``; rows
+    are added to ``end_to_end`` when the file exists (another bench or gpu_suite run of the same call) -- with a
+    markdown table beside it, and ``<out>/bench-<model>.json`` (the rows alone).  Returns the JSON path."""
+    import datetime
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"bench-{model}.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    date = date or datetime.date.today().isoformat()
+    path = os.path.join(out, f"{date}-{gpu_slug(gpu)}.json")
+    result = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+    result.update({k: v for k, v in {"gpu": gpu, **_versions(), "date": date}.items() if k not in result})
+    result["end_to_end"] = list(result.get("end_to_end", [])) + rows
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    lines = [f"# fp8train bench, {gpu}, {date}", "",
+             ", ".join(f"{k} {result[k]}" for k in ("torch", "triton", "transformers", "torchao") if k in result),
+             "", "| name | model | batch | seq | tokens/s | peak GB | vs bf16 compiled | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["end_to_end"]:
+        lines.append(f"| {r['name']} | {r.get('model', '')} | {r['batch']} | {r['seq']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_memory_bytes'] / 1e9:.2f} | {r.get('speed_vs_bf16_compiled', '')} | {r['status']} |")
+    with open(path[:-5] + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def register(subparsers) -> None:

@@ -64,3 +64,21 @@ def test_configuration_names_combine_recipe_levers_in_any_order():
     assert parse_config("fp8train_coat_lean_step_in_backward") == ("fp8train_coat_lean_step_in_backward", {}, False)
     with pytest.raises(ValueError, match="unknown bench configuration 'fp8train_coat_lean_typo'"):
         parse_config("fp8train_coat_lean_typo")
+
+
+def test_results_file_is_an_object_with_versions_and_rows_that_accumulate(tmp_path):
+    import json
+
+    from fp8train.bench import write_results
+
+    row = {"name": "bf16_compiled", "model": "1b", "batch": 4, "seq": 2048, "tokens_per_s": 81135.0,
+           "peak_memory_bytes": 24.73e9, "status": "ok"}
+    path = write_results([row], str(tmp_path), "1b", "NVIDIA H100 80GB HBM3", date="2026-11-27")
+    assert path.endswith("2026-11-27-h100.json")
+    second = dict(row, name="fp8train_coat_lean_graphed", tokens_per_s=102796.0)
+    write_results([second], str(tmp_path), "1b", "NVIDIA H100 80GB HBM3", date="2026-11-27")
+    result = json.loads((tmp_path / "2026-11-27-h100.json").read_text())
+    assert result["gpu"] == "NVIDIA H100 80GB HBM3" and result["date"] == "2026-11-27" and "torch" in result
+    assert [r["name"] for r in result["end_to_end"]] == ["bf16_compiled", "fp8train_coat_lean_graphed"]
+    assert "102,796" in (tmp_path / "2026-11-27-h100.md").read_text()
+    assert json.loads((tmp_path / "bench-1b.json").read_text()) == [second]
