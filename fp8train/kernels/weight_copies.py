@@ -1,10 +1,11 @@
-"""Every FP8 linear weight of a step quantized in two launches: per-tensor E4M3, row-major and transposed.
+"""Every FP8 linear weight of a step quantized in one or two launches: per-tensor E4M3, row-major and transposed.
 
 The per-weight path runs an amax pass and a scale pass per weight in forward, and another scale pass in
 backward for the transposed copy: three launches per weight per micro-batch, each too small to fill the GPU
 (~12 us for a 2048 x 2048 weight, a third of copy bandwidth).  Here one launch folds every weight's amax
 (tiles of all weights side by side, ``atomic_max`` into one int32 slot per weight), and one launch writes
-every weight's two FP8 copies.  Same numbers as :func:`.quantize.quantize_tensorwise` bit for bit: the amax is
+every weight's two FP8 copies (the amax launch is skipped when the optimizer published the amaxes, see
+:mod:`fp8train.nn.weight_amax`).  Same numbers as :func:`.quantize.quantize_tensorwise` bit for bit: the amax is
 a max (any order), the scale and the saturating cast are the shared helpers.
 
 Inputs must be bf16 or fp16 (float32 tiles hit Triton's transposed-store bug noted in :mod:`.quantize`; the
@@ -24,8 +25,8 @@ from .quantize import SLOT, dequant_scale, encode_multiplier, loop_tile, store_t
 
 __all__ = ["quantize_weights", "WeightBuffers"]
 
-# x, rows, cols, row-major out, transposed out, amax/scale buffer, given amax (0: none)
-_TABLE_COLUMNS = 7
+# per weight: x, rows, cols, row-major out, transposed out, amax/scale buffer, given amax (0: none)
+_TABLE_COLUMNS = tl.constexpr(7)
 # (rows, cols, warps) of a program's tile: 1.41 ms for the 953M model's 112 weights on an H200, the best of
 # seven candidates (benchmarks/results/2026-11-27-h200-session5-quant-ops.json; (64, 128, 8): 1.60 ms)
 DEFAULT_TILE = (128, 64, 4)
@@ -37,7 +38,7 @@ def _tile_of(work_ptr, table_ptr, BM: tl.constexpr, BN: tl.constexpr, X_BF16: tl
     pid = tl.program_id(0)
     t = tl.load(work_ptr + 2 * pid).to(tl.int64)
     tile = tl.load(work_ptr + 2 * pid + 1)
-    row = table_ptr + t * 7
+    row = table_ptr + t * _TABLE_COLUMNS
     if X_BF16:
         x_ptr = tl.load(row).to(tl.pointer_type(tl.bfloat16))
     else:
