@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from fp8train.bench import gpu_slug  # the file stem's GPU name, as fp8train bench writes it
+
 SETUPS = {
     "bf16": ["--recipe", "bf16"],
     "coat": ["--recipe", "coat"],
@@ -35,12 +37,6 @@ SETUPS = {
 }
 TITLES = {"bf16": "bf16", "coat": "coat", "coat-lean": "coat-lean (bf16 master weights)",
           "coat-lean-graph": "coat-lean (bf16 master weights), CUDA graph"}
-
-
-def gpu_slug(device: str) -> str:
-    """"NVIDIA H100 80GB HBM3" -> "h100"; "cpu" -> "cpu"."""
-    words = device.split()
-    return (words[1] if len(words) > 1 and words[0].upper() == "NVIDIA" else words[-1]).lower()
 
 
 def paired_gaps(rows: list) -> dict:

@@ -95,10 +95,11 @@ def cached_weight(weight: torch.Tensor, fmt, granularity, transpose: bool):
     if entry.key != _key(weight):
         if _capturing(weight):
             return None
-        for member in _group_of(weight):  # members not used yet take the caller's formats
-            if member is not weight and member not in _entries:
+        group = _group_of(weight)
+        for member in group:  # members not used yet take the caller's formats
+            if member not in _entries:
                 _entries[member] = _Entry(fmt, granularity, transpose)
-        refresh_stale(_group_of(weight))
+        refresh_stale(group)
     return entry.value
 
 
@@ -113,11 +114,11 @@ def refresh_stale(weights=None) -> int:
     stale = [(w, e) for w, e in candidates if e.key != _key(w)]
     if not stale:
         return 0
-    batched = [(w, e) for w, e in stale if _batchable(w, e)]
-    if batched:
-        _refresh_batched(batched)
-    for w, e in stale:
-        if not _batchable(w, e):
+    batched = [_batchable(w, e) for w, e in stale]
+    if any(batched):
+        _refresh_batched([item for item, ok in zip(stale, batched) if ok])
+    for (w, e), ok in zip(stale, batched):
+        if not ok:
             _refresh_one(w, e, weight_amax.published_amax(w))
     return len(stale)
 
