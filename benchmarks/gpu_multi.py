@@ -54,7 +54,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 EXTRA_SHAPES = {"smoke": (64, 2, 4, 160, 512)}  # CPU smoke test of this script (--device cpu)
 
-# name: (recipe, model, gpus, batch per gpu, seq, master dtype, timeout s) -- in priority order
+# name: (recipe, model, gpus, batch per gpu, seq, master dtype, timeout s[, gradient reduce-scatter dtype,
+# float32 when absent]) -- in priority order
 CONFIGS = {
     "kernel": None,
     "dcp": None,
@@ -70,6 +71,9 @@ CONFIGS = {
     "bf16-1b-1gpu": ("bf16", "1b", 1, 4, 2048, "fp32", 80),
     "bf16-1b-2gpu": ("bf16", "1b", 2, 4, 2048, "fp32", 80),
     "bf16-13b-2gpu": ("bf16", "13b", 2, 1, 2048, "bf16", 150),
+    # bf16 master weights get bf16 gradients: summing them in bf16 halves the reduce-scatter (and its fp32 packing)
+    "coat-7b-1gpu-bf16-reduce": ("coat", "7b", 1, 2, 2048, "bf16", 110, "bf16"),
+    "coat-7b-2gpu-bf16-reduce": ("coat", "7b", 2, 2, 2048, "bf16", 110, "bf16"),
     "train": None,
     "coat-13b-2gpu-fp32master": ("coat", "13b", 2, 1, 2048, "fp32", 150),
 }
@@ -134,7 +138,8 @@ def worker_bench(cfg: dict) -> dict:
     model = build_model(cfg["model"], cfg["master"], device)
     if cfg["recipe"] != "bf16":
         fp8train.convert(model, recipe=cfg["recipe"])
-    fd.shard_model(model, param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
+    reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["reduce"]]
+    fd.shard_model(model, param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=reduce_dtype)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -348,13 +353,14 @@ def launch(cfg: dict, nproc: int, timeout: float, device: str) -> dict:
 
 
 def run_bench(name: str, spec: tuple, args) -> dict:
-    recipe, model, gpus, batch, seq, master, timeout = spec
+    recipe, model, gpus, batch, seq, master, timeout = spec[:7]
+    reduce = spec[7] if len(spec) > 7 else "fp32"
     if args.device == "cpu":  # smoke test of the script itself
         model, batch, seq, timeout = "smoke", 2, 64, 300
     cfg = dict(kind="bench", name=name, recipe=recipe, model=model, batch=batch, seq=seq, master=master,
-               warmup=args.warmup, steps=args.steps, profile_dir=args.profile)
+               reduce=reduce, warmup=args.warmup, steps=args.steps, profile_dir=args.profile)
     row = {"name": name, "recipe": recipe, "model": model, "gpus": gpus, "batch_per_gpu": batch, "seq": seq,
-           "master": master, "optimizer": ("torch.optim.AdamW(fused), states in the master dtype" if recipe == "bf16"
+           "master": master, "reduce_dtype": reduce, "optimizer": ("torch.optim.AdamW(fused), states in the master dtype" if recipe == "bf16"
                                            else "fp8train.AdamW(states='dre')")}
     row.update(launch(cfg, gpus, min(timeout, args.remaining()), args.device))
     return row
@@ -421,9 +427,11 @@ def scaling(rows: list) -> list:
         if two.get("gpus") != 2 or two.get("status") != "ok":
             continue
         one = next((r for r in rows if r.get("gpus") == 1 and r.get("status") == "ok" and
-                    all(r[k] == two[k] for k in ("recipe", "model", "batch_per_gpu", "master"))), None)
+                    all(r.get(k) == two.get(k) for k in ("recipe", "model", "batch_per_gpu", "master", "reduce_dtype"))),
+                   None)
         if one:
             out.append({"recipe": two["recipe"], "model": two["model"], "batch_per_gpu": two["batch_per_gpu"],
+                        "reduce_dtype": two.get("reduce_dtype", "fp32"),
                         "tokens_per_s_1gpu": round(one["tokens_per_s"]), "tokens_per_s_2gpu": round(two["tokens_per_s"]),
                         "efficiency": round(two["tokens_per_s"] / (2 * one["tokens_per_s"]), 3)})
     return out
@@ -461,9 +469,10 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {r['name']} | {r['gpus']} | {r['batch_per_gpu']} x {r['seq']} | {r['master']} | | | | | "
                          f"{r.get('status')} |")
     if result["scaling"]:
-        lines += ["", "| recipe | model | batch/GPU | tokens/s 1 GPU | tokens/s 2 GPUs | scaling efficiency |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {s['recipe']} | {s['model']} | {s['batch_per_gpu']} | {s['tokens_per_s_1gpu']:,} | "
+        lines += ["", "| recipe | model | batch/GPU | gradient reduce | tokens/s 1 GPU | tokens/s 2 GPUs | "
+                  "scaling efficiency |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {s['recipe']} | {s['model']} | {s['batch_per_gpu']} | {s.get('reduce_dtype', 'fp32')} | "
+                  f"{s['tokens_per_s_1gpu']:,} | "
                   f"{s['tokens_per_s_2gpu']:,} | "
                   f"{s['efficiency']:.1%} |" for s in result["scaling"]]
     for c in result["checks"]:
@@ -500,7 +509,7 @@ def main(argv=None) -> int:
             if CONFIGS[name] is None:
                 checks.append({"name": name, "ok": False, "detail": "skipped (time budget)"})
             else:
-                recipe, model, gpus, batch, seq, master, _ = CONFIGS[name]
+                recipe, model, gpus, batch, seq, master = CONFIGS[name][:6]
                 rows.append({"name": name, "recipe": recipe, "model": model, "gpus": gpus, "batch_per_gpu": batch,
                              "seq": seq, "master": master, "status": "skipped (time budget)"})
             continue
