@@ -201,3 +201,43 @@ def test_quantization_disabled_mode_keeps_exact_nonlinear_copies():
         out = mlp(norm(x))
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def _qkv(recipe, seed=0):
+    torch.manual_seed(seed)
+    norm = FlowRMSNorm.from_module(TinyRMSNorm(HIDDEN), recipe=recipe)
+    projections = [FP8Linear.from_linear(nn.Linear(HIDDEN, HIDDEN, bias=False), recipe=recipe) for _ in range(3)]
+    return norm, projections
+
+
+def _qkv_grads(norm, projections, x, dys, extra=None):
+    x = x.clone().requires_grad_()
+    y = norm(x)
+    outs = [p(y) for p in projections]
+    loss = sum((o * d).sum() for o, d in zip(outs, dys)) + (0 if extra is None else (y * extra).sum())
+    loss.backward()
+    return outs, [x.grad, norm.weight.grad] + [p.weight.grad for p in projections]
+
+
+@pytest.mark.parametrize("extra_consumer", [False, True])
+def test_qkv_gradients_reach_the_norm_separately_and_sum_like_autograd(monkeypatch, extra_consumer):
+    """q/k/v each hand autograd their own alias of the norm output: the norm's backward gets three gradients
+    (summed in its kernel, no bf16 adds of full activations) and the results equal autograd's own sum."""
+    import fp8train.nn.precision_flow as flow
+
+    recipe = Recipe.named("coat")
+    x, extra = heavy(2, 16, HIDDEN), (heavy(2, 16, HIDDEN, seed=9) if extra_consumer else None)
+    dys = [heavy(2, 16, HIDDEN, seed=s) for s in (2, 3, 4)]
+    norm, projections = _qkv(recipe)
+    y = norm(x.clone().requires_grad_())
+    nodes = [p(y).grad_fn.next_functions[0] for p in projections]
+    assert len({id(n) for n, _ in nodes}) == 1 and type(nodes[0][0]).__name__ == "_FlowNormFunctionBackward"
+    assert sorted(i for _, i in nodes) == [0, 1, 2]  # three separate outputs of the one norm node
+
+    outs, grads = _qkv_grads(*_qkv(recipe), x, dys, extra)
+    monkeypatch.setattr(flow, "SPARE_OUTPUTS", 0)  # every consumer reads y: autograd sums the gradients
+    ref_outs, ref_grads = _qkv_grads(*_qkv(recipe), x, dys, extra)
+    for a, b in zip(outs, ref_outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # same values in forward
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

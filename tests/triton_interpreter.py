@@ -224,6 +224,14 @@ def check_rmsnorm():
                     close(dx3, dx3r, dtype, scale=4)
                     if w is not None:
                         close(dw3, dw3r, dtype, scale=4)
+                    # three (q/k/v reading one norm output)
+                    dy_c = _inputs(shape, yr.dtype, seed=7)
+                    dx4, dw4 = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style, second_dy=dy_b,
+                                                       third_dy=dy_c)
+                    dx4r, dw4r = ref.rmsnorm_backward(dy.to(yr.dtype), sr, w, second_dy=dy_b, third_dy=dy_c)
+                    close(dx4, dx4r, dtype, scale=4)
+                    if w is not None:
+                        close(dw4, dw4r, dtype, scale=4)
                     if w is not None:
                         close(dw, dwr, dtype, scale=4)
 

@@ -142,6 +142,12 @@ def check_rmsnorm(report, shapes):
             dxr, dwr = op.rmsnorm_backward(dy, sr, w, second_dy=dy_b)
         _check_close(report, f"ops: rmsnorm dx with a second output grad {shape}", dx, dxr)
         _check_close(report, f"ops: rmsnorm dweight with a second output grad {shape}", dw, dwr)
+        dy_c = bf16_input(shape, seed=7)
+        dx, dw = op.rmsnorm_backward(dy, sr, w, second_dy=dy_b, third_dy=dy_c)
+        with force_reference():
+            dxr, dwr = op.rmsnorm_backward(dy, sr, w, second_dy=dy_b, third_dy=dy_c)
+        _check_close(report, f"ops: rmsnorm dx with three output grads (q/k/v) {shape}", dx, dxr)
+        _check_close(report, f"ops: rmsnorm dweight with three output grads (q/k/v) {shape}", dw, dwr)
         # autograd path, no weight
         a = x.clone().requires_grad_(True)
         op.rms_norm(a, None, 1e-6).backward(dy)

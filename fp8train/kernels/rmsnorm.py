@@ -114,10 +114,11 @@ def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partial
 
 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
-def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, q_ptr, qamax_ptr, rstd_ptr, w_ptr, dx_ptr,
-                        dw_partial_ptr, dres_ptr, stride_dres, M, num_programs, iters,
+def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, dy3_ptr, stride_dy3, q_ptr, qamax_ptr, rstd_ptr,
+                        w_ptr, dx_ptr, dw_partial_ptr, dres_ptr, stride_dres, M, num_programs, iters,
                         N: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, STYLE: tl.constexpr,
-                        HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_DY2: tl.constexpr, GATHER: tl.constexpr):
+                        HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_DY2: tl.constexpr, HAS_DY3: tl.constexpr,
+                        GATHER: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -138,6 +139,8 @@ def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, q_ptr, qamax_ptr
         dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DY2:  # a second output gradient (the norm feeds two linears): summed in fp32, never rounded
             dy += tl.load(dy2_ptr + rows64 * stride_dy2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DY3:  # a third (q/k/v read one norm output): the same fp32 sum
+            dy += tl.load(dy3_ptr + rows64 * stride_dy3 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_W:
             g = dy * w[None, :]
             if STYLE == 0:  # forward multiplied the weight with n rounded to x's dtype
@@ -249,22 +252,25 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
 
 
 def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None, second_dy=None,
-                     plan=None):
-    """``(dx, dweight)`` from the E4M3 1x16 copy of x (bf16 group amax), rstd and dy (+ ``second_dy``, summed in
-    fp32) (+ ``residual_grad``, added to dx)."""
+                     plan=None, third_dy=None):
+    """``(dx, dweight)`` from the E4M3 1x16 copy of x (bf16 group amax), rstd and dy (+ ``second_dy``
+    + ``third_dy``, summed in fp32) (+ ``residual_grad``, added to dx)."""
     dy2 = as_rows(dy)
     dres = as_rows(residual_grad) if residual_grad is not None else dy2
     dsecond = as_rows(second_dy) if second_dy is not None else dy2
+    dthird = as_rows(third_dy) if third_dy is not None else dy2
     M, N = dy2.shape
     dev = dy.device
     dx = torch.empty(x_copy.shape, dtype=x_copy.dtype, device=dev)
     block_n, bm, warps, nprog, iters = _backward_row_plan(dy, M, N, plan)
     dw_partial = torch.empty(nprog, N, dtype=torch.float32, device=dev) if weight is not None else rstd
-    _rmsnorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), dsecond, dsecond.stride(0), x_copy.data, x_copy.amax, rstd,
+    _rmsnorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), dsecond, dsecond.stride(0), dthird, dthird.stride(0),
+                                  x_copy.data, x_copy.amax, rstd,
                                   weight if weight is not None else rstd, dx, dw_partial, dres, dres.stride(0),
                                   M, nprog, iters, N=N, BLOCK_N=block_n, BM=bm, STYLE=_STYLE_CODE[style],
                                   HAS_W=weight is not None, HAS_RES=residual_grad is not None,
-                                  HAS_DY2=second_dy is not None, GATHER=plans.plan("norm").gather_scales,
+                                  HAS_DY2=second_dy is not None, HAS_DY3=third_dy is not None,
+                                  GATHER=plans.plan("norm").gather_scales,
                                   num_warps=warps)
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     return dx, dweight

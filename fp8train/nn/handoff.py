@@ -22,7 +22,7 @@ from typing import Any, Hashable, Optional
 
 import torch
 
-__all__ = ["attach", "attached", "detach_all"]
+__all__ = ["attach", "attached", "detach_all", "GRAD_FANOUT", "grad_input"]
 
 
 class _Table(threading.local):
@@ -57,6 +57,24 @@ def attached(tensor: torch.Tensor, kind: Hashable) -> Optional[Any]:
     if entry is None or entry[0]() is not tensor or entry[1] != tensor._version:
         return None
     return entry[2].get(kind)
+
+
+GRAD_FANOUT = "grad_fanout"
+
+
+def grad_input(tensor: torch.Tensor) -> torch.Tensor:
+    """What a consumer of ``tensor`` should hand to autograd as its input: one of the spare aliases its producer
+    attached under :data:`GRAD_FANOUT` (each a separate output of the producer's autograd Function, so its
+    gradient reaches the producer's backward on its own), else ``tensor`` itself.
+
+    A tensor read by several ops (q/k/v reading one norm output) otherwise gets its gradients summed by
+    autograd's engine -- one bf16 add per extra consumer; the producer's backward kernel sums them in fp32 as
+    it reads them instead.  The aliases hold the same values, so a consumer's result does not change.
+    """
+    spare = attached(tensor, GRAD_FANOUT)
+    if spare and torch.is_grad_enabled():
+        return spare.pop()
+    return tensor
 
 
 def detach_all() -> None:

@@ -452,7 +452,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     x_in = quantize_linear_input(x, recipe)
     reference = save_input == "reference" or (save_input == "auto" and torch.is_grad_enabled()
                                               and kept_by_attention(x))
-    return _FP8LinearFunction.apply(x, weight, bias, x_in, recipe, compute_dtype(x), reference)
+    return _FP8LinearFunction.apply(handoff.grad_input(x), weight, bias, x_in, recipe, compute_dtype(x), reference)
 
 
 # -- the module ------------------------------------------------------------------------------------------------

@@ -22,7 +22,10 @@ the norm *attaches* to its output the FP8 forms it computed in the same pass (:m
   quantizing (and saving) their own;
 * ``rmsnorm`` -- the norm's input, weight and saved state: :class:`FlowMLP` seeing this on its input runs
   the norm's backward itself, so the MLP Function connects straight to the residual stream and the norm's
-  own autograd node (and its saved tensors) is dropped as soon as the norm output goes out of scope.
+  own autograd node (and its saved tensors) is dropped as soon as the norm output goes out of scope;
+* ``grad_fanout`` -- spare aliases of the output, one per extra FP8 linear reading it (q/k/v): each linear hands
+  autograd its own, so the three input gradients arrive at the norm's backward separately and its kernel sums
+  them in fp32 (:func:`fp8train.nn.handoff.grad_input`) instead of autograd adding them in bf16 first.
 
 The norm still returns a real tensor (the dequantized FP8 values, in the compute dtype), so any other
 consumer -- a LoRA adapter, a hook, an unusual block -- gets correct values and a correct gradient.
@@ -35,6 +38,7 @@ back to calling its submodules, with the FP8 gated product in between.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -72,6 +76,13 @@ class NormOutput(NamedTuple):
 
 # -- the norm --------------------------------------------------------------------------------------------------
 
+# Spare outputs of the flow norm (views of its output): q/k/v each hand one to autograd (handoff.grad_input), so
+# their three input gradients reach the norm's backward separately and its kernel sums them in fp32 -- instead of
+# autograd's two bf16 adds of full activations before the norm's backward runs.  FP8TRAIN_NORM_GRAD_FANIN=0 in
+# the environment turns it off (for comparisons: the values differ only by the adds' bf16 rounding).
+SPARE_OUTPUTS = 0 if os.environ.get("FP8TRAIN_NORM_GRAD_FANIN", "1") == "0" else 2
+
+
 class _FlowNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, style, transpose, out_dtype, box):
@@ -82,15 +93,20 @@ class _FlowNormFunction(torch.autograd.Function):
         (data, amax), ctx.x_meta = mg.pack(saved.x)
         ctx.save_for_backward(data, amax, saved.rstd, weight)
         ctx.style = style
+        ctx.set_materialize_grads(False)  # an unused output gives None, not a buffer of zeros to add
         box.append((y_in, saved))  # non-tensor results travel in a box: Function outputs must be tensors
-        return y
+        return (y, *(y.view_as(y) for _ in range(SPARE_OUTPUTS)))
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *grads):
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return (None,) * 7
         data, amax, rstd, weight = ctx.saved_tensors
         saved = RMSNormSaved(mg.unpack(ctx.x_meta, data, amax), rstd, ctx.style)
-        with torch.autocast(dy.device.type, enabled=False):
-            dx, dweight = rmsnorm_backward(dy, saved, weight)
+        with torch.autocast(grads[0].device.type, enabled=False):
+            dx, dweight = rmsnorm_backward(grads[0], saved, weight, second_dy=grads[1] if len(grads) > 1 else None,
+                                           third_dy=grads[2] if len(grads) > 2 else None)
         return dx, dweight, None, None, None, None, None
 
 
@@ -124,11 +140,12 @@ class FlowRMSNorm(FP8RMSNorm):
         else:
             out_dtype = x.dtype
         box: list = []
-        y = _FlowNormFunction.apply(x, self.weight, eps, self.style, wants_transpose(x.device, recipe), out_dtype,
-                                    box)
+        y, *spares = _FlowNormFunction.apply(x, self.weight, eps, self.style, wants_transpose(x.device, recipe),
+                                             out_dtype, box)
         y_in, saved = box[0]
         attach_linear_input(y, recipe, y_in)
         handoff.attach(y, NORM_KEY, NormOutput(x, self.weight, saved, y_in))
+        handoff.attach(y, handoff.GRAD_FANOUT, spares)
         return y
 
     def extra_repr(self) -> str:

@@ -116,24 +116,30 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
 
 
 def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[torch.Tensor], *,
-                     residual_grad: Optional[torch.Tensor] = None, second_dy: Optional[torch.Tensor] = None):
+                     residual_grad: Optional[torch.Tensor] = None, second_dy: Optional[torch.Tensor] = None,
+                     third_dy: Optional[torch.Tensor] = None):
     """``(dx, dweight)`` from the output gradient and what forward saved (``dweight`` is None without weight).
 
     ``residual_grad``: the gradient that reaches the norm's input through the residual connection; when given,
     ``dx`` is ``residual_grad + dx_norm`` (rounded once), which the kernel adds in the same pass.
     ``second_dy``: a second gradient of the norm's output (a norm feeding two linears gets one from each);
-    the output gradient is ``dy + second_dy``, summed in fp32 and never rounded.
+    the output gradient is ``dy + second_dy``, summed in fp32 and never rounded.  ``third_dy``: a third one
+    (q/k/v projections reading one norm output), summed the same way.
     """
-    for name, extra in (("residual_grad", residual_grad), ("second_dy", second_dy)):
+    if third_dy is not None and second_dy is None:
+        second_dy, third_dy = third_dy, None
+    for name, extra in (("residual_grad", residual_grad), ("second_dy", second_dy), ("third_dy", third_dy)):
         if extra is not None and extra.shape != saved.x.shape:
             raise ValueError(f"{name} has shape {tuple(extra.shape)}, expected {tuple(saved.x.shape)}")
-    if mg.use_kernels("rmsnorm", dy, weight, residual_grad, second_dy) and mg.is_kernel_copy(saved.x):
+    if mg.use_kernels("rmsnorm", dy, weight, residual_grad, second_dy, third_dy) and mg.is_kernel_copy(saved.x):
         from ..kernels import rmsnorm as kernel
 
         return kernel.rmsnorm_backward(dy, saved.x, saved.rstd, weight, saved.style, residual_grad=residual_grad,
-                                       second_dy=second_dy)
+                                       second_dy=second_dy, third_dy=third_dy)
     if second_dy is not None:
         dy = dy.float() + second_dy.float()
+    if third_dy is not None:
+        dy = dy + third_dy.float()
     x_dtype = saved.x.dtype
     cdt = _compute_dtype(x_dtype)
     x_hat = saved.x.dequantize(cdt)
