@@ -17,12 +17,13 @@ Benchmark rows (953M Llama, batch 4 x 2048, each configuration in its own proces
 fp8train_coat_lean (weight cache and saved product on, its defaults), fp8train_coat_lean_step_in_backward,
 fp8train_coat_lean_no_weight_cache, and the CUDA-graph rows fp8train_coat_lean_graphed /
 fp8train_coat_lean_no_weight_cache_graphed / fp8train_coat_lean_recomputed_product_graphed -- tokens/s and
-peak memory, to decide whether the levers earn their place.
+peak memory, to decide whether the levers earn their place.  ``LEVERS_BENCH=0`` runs the checks only.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -164,6 +165,8 @@ def run(report) -> None:
         except Exception as exc:  # noqa: BLE001 - record and go on
             report.check(f"levers/{check.__name__.removeprefix('_check_')}", False, error=repr(exc)[:600])
         torch.cuda.empty_cache()
+    if os.environ.get("LEVERS_BENCH", "1") == "0":  # the checks only (a short device call)
+        return
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--configs", ",".join(BENCH_CONFIGS), "--steps", "6"])
