@@ -313,3 +313,39 @@ def test_attention_output_is_saved_by_reference_with_identical_gradients():
     for mode in ("reference", "auto"):
         for a, b in zip(grads[mode], grads["fp8"]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_backward_uses_a_gradient_amax_published_by_its_producer():
+    """A kernel that wrote dy may publish max|dy| (fp8train.nn.grad_amax): the backward then quantizes dy with it
+    instead of running its own amax pass -- found through views of dy, never for a part of it or after a change."""
+    from fp8train.nn import grad_amax
+
+    linear = make_layer()
+    x = torch.randn(12, 96)
+    dy = torch.randn(2, 6, 64) * 3
+    weight = linear.weight.detach()
+    _, saved = fp8_linear_forward(x, weight, None)
+    plain = fp8_linear_backward(dy, saved, weight)[:2]
+
+    def published(amax_value, grad):
+        slot = grad_amax.new_slot(grad.device)
+        slot.view(torch.float32).fill_(amax_value)
+        grad_amax.publish(dy, slot)
+        try:
+            return fp8_linear_backward(grad, saved, weight)[:2]
+        finally:
+            grad_amax.set_enabled(False)  # clears the table
+            grad_amax.set_enabled(True)
+
+    exact = published(float(dy.abs().max()), dy.reshape(12, 64))  # a view of the published tensor
+    for a, b in zip(exact, plain):
+        assert torch.equal(a, b)  # the true amax: the same bits as the amax pass
+    wrong = published(float(dy.abs().max()) * 3.7, dy.reshape(12, 64))  # not a power of two: another grid
+    assert not torch.equal(wrong[1], plain[1])  # a (deliberately) different amax is really what gets used
+    # a part of the tensor, or a tensor changed after publishing, does not match
+    assert grad_amax.lookup(dy[:1]) is None
+    slot = grad_amax.new_slot(dy.device)
+    grad_amax.publish(dy, slot)
+    assert grad_amax.lookup(dy.view(12, 64)) is not None
+    dy.mul_(2)
+    assert grad_amax.lookup(dy) is None

@@ -374,7 +374,7 @@ def _same_bits(got, ref):
 def check_rotary():
     """Bit-exact against Hugging Face's math (the torch reference and its autograd), through the autograd Function
     with the kernel path taken on CPU tensors."""
-    from fp8train.nn import rotary
+    from fp8train.nn import grad_amax, rotary
 
     patch_bf16_rounding()
     from fp8train.kernels import rotary as kernel
@@ -416,6 +416,10 @@ def check_rotary():
                 got = torch.autograd.grad((got_q, got_k), (x, xk), (dq, dk))
                 for g, e in zip(got, expected):
                     _same_bits(g, e)
+                    # the kernel published max|gradient| for the projections' quantizers (nn.grad_amax): found
+                    # through autograd's views of its output, and exactly the amax an amax pass would find
+                    amax = grad_amax.lookup(g)
+                    assert amax is not None and amax.item() == g.abs().max().float().item(), (amax, g.abs().max())
                 # the reference's gradients come contiguous (as autograd's of HF's ops); the kernel's in q's / k's
                 # own layout, so the transpose + view backward into the projections copies nothing
                 assert sorted(layouts[2:]) == sorted([("q", q.stride()), ("k", k.stride())]), layouts

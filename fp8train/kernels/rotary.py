@@ -13,6 +13,8 @@ Products and sums are fp32; the launches pass ``enable_fp_fusion=False`` so a mu
 one fma (torch rounds the product first).  One program handles all heads of q and k at one (batch, position),
 so cos/sin are read once per position; q/k are read once and written once (memory-bound).  Sequence length,
 batch and head counts are runtime values; only head_dim / 2 and the head block are compile-time constants.
+Backward can also fold max|gradient| of what it stored into a slot per tensor (fp8train.nn.grad_amax), so the
+q/k projections' E5M2 quantizers skip their amax pass.
 """
 
 from __future__ import annotations
@@ -20,16 +22,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .quantize import tile_amax_bits
+
 __all__ = ["rotary_apply"]
 
 
 @triton.jit
 def _rotate_heads(x_ptr, x_sb, x_ss, x_sh, x_sd, y_ptr, y_sb, y_ss, y_sh, y_sd, b, s, n_heads,
-                  c1, c2, s1, s2, offs, dmask, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
+                  c1, c2, s1, s2, offs, dmask, amax_ptr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BACKWARD: tl.constexpr, AMAX: tl.constexpr):
     x_base = x_ptr + b * x_sb + s * x_ss
     y_base = y_ptr + b * y_sb + s * y_ss
     in_dtype = x_ptr.dtype.element_ty
     out_dtype = y_ptr.dtype.element_ty
+    bits = tl.full((), 0, tl.int32)
     for h0 in range(0, n_heads, BLOCK_H):
         heads = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
         mask = (heads < n_heads)[:, None] & dmask[None, :]
@@ -49,16 +55,23 @@ def _rotate_heads(x_ptr, x_sb, x_ss, x_sh, x_sd, y_ptr, y_sb, y_ss, y_sh, y_sd, 
         else:
             y1 = (x1 * c1[None, :]).to(out_dtype).to(tl.float32) + (-x2 * s1[None, :]).to(out_dtype).to(tl.float32)
             y2 = (x2 * c2[None, :]).to(out_dtype).to(tl.float32) + (x1 * s2[None, :]).to(out_dtype).to(tl.float32)
-        tl.store(y1_ptrs, y1.to(out_dtype), mask=mask)
-        tl.store(y1_ptrs + HALF * y_sd, y2.to(out_dtype), mask=mask)
+        y1 = y1.to(out_dtype)
+        y2 = y2.to(out_dtype)
+        tl.store(y1_ptrs, y1, mask=mask)
+        tl.store(y1_ptrs + HALF * y_sd, y2, mask=mask)
+        if AMAX:  # max |stored value| for the projection's E5M2 quantizer (masked lanes hold +0)
+            bits = tl.maximum(bits, tl.maximum(tile_amax_bits(y1.to(tl.float32)), tile_amax_bits(y2.to(tl.float32))))
+    if AMAX:  # one atomic per program, skipped when the slot already holds as much
+        tl.atomic_max(amax_ptr, bits, mask=bits > tl.load(amax_ptr))
 
 
 @triton.jit(do_not_specialize=["S"])
 def _rotary_kernel(q_ptr, q_sb, q_ss, q_sh, q_sd, k_ptr, k_sb, k_ss, k_sh, k_sd,
                    qo_ptr, qo_sb, qo_ss, qo_sh, qo_sd, ko_ptr, ko_sb, ko_ss, ko_sh, ko_sd,
                    cos_ptr, cos_sb, cos_ss, cos_sd, sin_ptr, sin_sb, sin_ss, sin_sd, S, n_q_heads, n_k_heads,
+                   q_amax_ptr, k_amax_ptr,
                    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                   BACKWARD: tl.constexpr):
+                   BACKWARD: tl.constexpr, AMAX: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // S
     s = pid % S
@@ -71,9 +84,9 @@ def _rotary_kernel(q_ptr, q_sb, q_ss, q_sh, q_sd, k_ptr, k_sb, k_ss, k_sh, k_sd,
     s1 = tl.load(sin_row + offs * sin_sd, mask=dmask, other=0.0).to(tl.float32)
     s2 = tl.load(sin_row + (offs + HALF) * sin_sd, mask=dmask, other=0.0).to(tl.float32)
     _rotate_heads(q_ptr, q_sb, q_ss, q_sh, q_sd, qo_ptr, qo_sb, qo_ss, qo_sh, qo_sd, b, s, n_q_heads,
-                  c1, c2, s1, s2, offs, dmask, HALF, BLOCK_HQ, BACKWARD)
+                  c1, c2, s1, s2, offs, dmask, q_amax_ptr, HALF, BLOCK_HQ, BACKWARD, AMAX)
     _rotate_heads(k_ptr, k_sb, k_ss, k_sh, k_sd, ko_ptr, ko_sb, ko_ss, ko_sh, ko_sd, b, s, n_k_heads,
-                  c1, c2, s1, s2, offs, dmask, HALF, BLOCK_HK, BACKWARD)
+                  c1, c2, s1, s2, offs, dmask, k_amax_ptr, HALF, BLOCK_HK, BACKWARD, AMAX)
 
 
 def _head_block(n_heads: int, block_half: int) -> int:
@@ -81,9 +94,10 @@ def _head_block(n_heads: int, block_half: int) -> int:
     return max(1, min(triton.next_power_of_2(n_heads), 2048 // block_half))
 
 
-def rotary_apply(q, k, q_out, k_out, cos, sin, *, backward: bool = False) -> None:
+def rotary_apply(q, k, q_out, k_out, cos, sin, *, backward: bool = False, amax_slots=None) -> None:
     """Write the rotated q/k (or, with ``backward``, the q/k gradients from the outputs' gradients in ``q``/``k``)
-    into ``q_out``/``k_out``.
+    into ``q_out``/``k_out``.  ``amax_slots`` (backward only): two zeroed int32 slots
+    (:func:`fp8train.nn.grad_amax.new_slot`) that receive the float32 bits of max|q_out| and max|k_out|.
 
     Every tensor is indexed as (batch, position, head, dim): ``q``/``k``/``q_out``/``k_out`` are 4-D views in that
     order (any strides; callers permute Hugging Face's (batch, head, position, dim) views), ``cos``/``sin`` are
@@ -96,7 +110,9 @@ def rotary_apply(q, k, q_out, k_out, cos, sin, *, backward: bool = False) -> Non
     grid = (B * S,)
     _rotary_kernel[grid](q, *q.stride(), k, *k.stride(), q_out, *q_out.stride(), k_out, *k_out.stride(),
                          cos, *cos.stride(), sin, *sin.stride(), S, n_q_heads, n_k_heads,
+                         *(amax_slots if amax_slots is not None else (cos, cos)),
                          HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=_head_block(n_q_heads, block_half),
-                         BLOCK_HK=_head_block(n_k_heads, block_half), BACKWARD=backward, num_warps=4,
+                         BLOCK_HK=_head_block(n_k_heads, block_half), BACKWARD=backward,
+                         AMAX=backward and amax_slots is not None, num_warps=4,
                          enable_fp_fusion=False)
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from .. import mixed_granularity as mg
 from ..quant import Granularity, QuantizedTensor, group_scaling_amax, quantize
 from ..recipes import Recipe, linear_formats, resolve_recipe
-from . import handoff, weight_amax, weight_cache
+from . import grad_amax, handoff, weight_amax, weight_cache
 
 __all__ = [
     "FP8Linear",
@@ -309,7 +309,10 @@ def fp8_linear_backward(dy: Union[torch.Tensor, LinearInput], saved: LinearSaved
     dy_in = _as_linear_input(dy)
     if dy_in is None:
         dbias = dy.reshape(-1, n).float().sum(0) if has_bias else None
-        dy_in = _quantize(dy, g_fmt, g_gran, transpose=needs_weight_grad and wants_transpose(dy.device, recipe))
+        # the kernel that wrote dy may have published its amax (fp8train.nn.grad_amax): no amax pass then
+        amax = grad_amax.lookup(dy) if g_gran.kind == "tensor" else None
+        dy_in = _quantize(dy, g_fmt, g_gran, amax=amax,
+                          transpose=needs_weight_grad and wants_transpose(dy.device, recipe))
     else:
         dbias = dy_in.q.dequantize(torch.float32).reshape(-1, n).sum(0) if has_bias else None
     dy2 = _as_matrix(dy_in.q)

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import grad_amax
+
 __all__ = ["rotary_embedding_reference", "rotary_embedding_backward_reference", "fused_rotary_embedding",
            "RotaryEmbeddingFunction", "kernel_supports", "install_fused_rotary", "remove_fused_rotary",
            "is_fused_rotary"]
@@ -116,13 +118,14 @@ def _as_bshd(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t if axis == 2 else t.transpose(1, 2)
 
 
-def _run_kernel(q, k, q_out, k_out, cos, sin, axis: int, backward: bool) -> None:
+def _run_kernel(q, k, q_out, k_out, cos, sin, axis: int, backward: bool, amax_slots=None) -> None:
     from ..kernels.rotary import rotary_apply
 
     q4 = _as_bshd(q, axis)
     batch, seq, _, dim = q4.shape
     rotary_apply(q4, _as_bshd(k, axis), _as_bshd(q_out, axis), _as_bshd(k_out, axis),
-                 cos.expand(batch, seq, dim), sin.expand(batch, seq, dim), backward=backward)
+                 cos.expand(batch, seq, dim), sin.expand(batch, seq, dim), backward=backward,
+                 amax_slots=amax_slots)
 
 
 @functools.lru_cache(maxsize=256)
@@ -183,8 +186,13 @@ class RotaryEmbeddingFunction(torch.autograd.Function):
             # a later reduction over them (a q_norm's weight gradient) may sum in another order than HF's.
             grad_q, grad_k = (_empty_like_layout(shape, stride, dtype, cos.device)
                               for shape, stride, dtype in ctx.inputs)
+            # the kernel also finds max|grad| of q and k for the projections' E5M2 quantizers (grad_amax)
+            slots = (grad_amax.new_slot(cos.device), grad_amax.new_slot(cos.device)) if grad_amax.enabled() else None
             _run_kernel(grad_q_out, grad_k_out, grad_q, grad_k, cos, sin, _head_axis(ctx.unsqueeze_dim),
-                        backward=True)
+                        backward=True, amax_slots=slots)
+            if slots is not None:
+                grad_amax.publish(grad_q, slots[0])
+                grad_amax.publish(grad_k, slots[1])
         else:
             (_, _, q_dtype), (_, _, k_dtype) = ctx.inputs
             grad_q = grad_k = None
