@@ -15,6 +15,7 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_coat_lean_recomputed_product      ... rebuilding act(gate)*up in backward (recompute_gated_product)
     fp8train_coat_lean_attention_saves         ... q/k/v saved as FP8 for the attention backward (experimental)
     fp8train_coat_lean_fused_qkv               ... q/k/v as one FP8 GEMM (Recipe.fused_qkv)
+    fp8train_coat_lean_no_fused_residual       ... with autograd's residual-gradient adds (Recipe.fused_residual off)
     fp8train_coat_lean_saved_product           ... (coat-lean's default since session 5; also _weight_cache)
     <name>_<lever>_<lever>                     lever suffixes combine: fp8train_coat_lean_fused_qkv_saved_product
     <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
@@ -77,7 +78,8 @@ CONFIGS = {
 RECIPE_LEVERS = {"_no_weight_cache": ("cache_fp8_weights", False), "_weight_cache": ("cache_fp8_weights", True),
                  "_recomputed_product": ("recompute_gated_product", True),
                  "_saved_product": ("recompute_gated_product", False),
-                 "_attention_saves": ("fp8_attention_saves", True), "_fused_qkv": ("fused_qkv", True)}
+                 "_attention_saves": ("fp8_attention_saves", True), "_fused_qkv": ("fused_qkv", True),
+                 "_no_fused_residual": ("fused_residual", False)}
 
 
 def parse_config(name: str) -> tuple[str, dict, bool]:

@@ -57,6 +57,8 @@ class ConversionReport(dict):
             parts.append("fused rotary: " + ", ".join(m.rsplit(".", 1)[-1] for m in self["fused_rotary"]))
         if self.get("fused_qkv"):
             parts.append(f"fused q/k/v: {self['fused_qkv']} blocks")
+        if self.get("fused_residual"):
+            parts.append(f"fused residual stream: {self['fused_residual']} blocks")
         if self.get("fp8_attention_saves"):
             parts.append(f"FP8-saved attention: {len(self['fp8_attention_saves']['installed'])}")
         return ", ".join(parts) or "nothing converted"

@@ -77,6 +77,10 @@ class Recipe:
     Fusion: ``fused_qkv`` -- the q/k/v projections of Llama-style attention blocks run as one FP8 GEMM against
     their stacked weights (one scale for the stack and one for the three output gradients; not bit-identical to
     separate layers).  Parameters and state_dict keys are unchanged (:mod:`fp8train.nn.fused_projections`).
+    ``fused_residual`` (on by default; fast path only) -- Llama-style decoder layers run their two residual adds
+    so that the residual gradients are summed by the norms' backward kernels instead of autograd's bf16 adds, and
+    those kernels publish the summed gradient's amax for the next FP8 linear (:mod:`fp8train.nn.residual_stream`;
+    same forward values, gradients differ only by the sums' rounding).
 
     Module selection: ``keep_bf16`` -- name patterns (globs, matched against the full module name and its
     last component) that are never converted; embeddings, the attention core and output heads stay bf16.
@@ -100,6 +104,7 @@ class Recipe:
     fused_rotary: bool = True
     fp8_attention_saves: bool = False
     fused_qkv: bool = False
+    fused_residual: bool = True
     simulate: Optional[Any] = None  # fp8train.lab.SimulatedFormats (or its spec string)
 
     def __post_init__(self):
@@ -122,6 +127,8 @@ class Recipe:
             raise TypeError(f"Recipe.fused_rotary must be True or False, got {self.fused_rotary!r}")
         if not isinstance(self.fused_qkv, bool):
             raise TypeError(f"Recipe.fused_qkv must be True or False, got {self.fused_qkv!r}")
+        if not isinstance(self.fused_residual, bool):
+            raise TypeError(f"Recipe.fused_residual must be True or False, got {self.fused_residual!r}")
         if not isinstance(self.fp8_attention_saves, bool):
             raise TypeError(f"Recipe.fp8_attention_saves must be True or False, got {self.fp8_attention_saves!r}")
         if not isinstance(self.keep_bf16, tuple):

@@ -215,8 +215,12 @@ def check_rmsnorm():
                     close(h, hr, dtype)
                     same_tensorwise(q, t, qr, tr, dtype)
                     dres = _inputs(shape, dtype, seed=4)
-                    dx2, _ = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style, residual_grad=dres)
+                    slot = torch.zeros(1, dtype=torch.int32)
+                    dx2, _ = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style, residual_grad=dres,
+                                                     amax_slot=slot)
                     close(dx2, ref.rmsnorm_backward(dy.to(yr.dtype), sr, w, residual_grad=dres)[0], dtype, scale=4)
+                    # max|dx| of the stored values, for the next FP8 linear's quantizer (fp8train.nn.grad_amax)
+                    assert slot.view(torch.float32).item() == dx2.abs().max().float().item()
                     # two output gradients summed in the kernel (a norm feeding gate and up)
                     dy_b = _inputs(shape, yr.dtype, seed=6)
                     dx3, dw3 = kernel.rmsnorm_backward(dy.to(yr.dtype), sr.x, sr.rstd, w, style, second_dy=dy_b)

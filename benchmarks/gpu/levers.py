@@ -13,6 +13,10 @@ Checks (tiny Llama on CUDA, the Triton kernels on):
     refreshes before each replay).
   * levers/fused-qkv-losses: Recipe(fused_qkv=True) trains the tiny Llama with losses within 2 % of separate
     q/k/v projections.
+  * levers/grad-amax-handoff-same-bits: the gradient amaxes the rotary / norm backward kernels publish
+    (fp8train.nn.grad_amax) give the q/k/o/down projections the same bits as their own amax passes;
+  * levers/fused-residual-stream: Recipe.fused_residual (+ the q/k/v gradients summed in the norm kernel) gives
+    the same loss and gradients no further from an fp32-master run than autograd's bf16 sums (ratio < 1.1).
 Benchmark rows (953M Llama, batch 4 x 2048, each configuration in its own process through fp8train.bench):
 fp8train_coat_lean (weight cache and saved product on, its defaults), fp8train_coat_lean_step_in_backward,
 fp8train_coat_lean_no_weight_cache, and the CUDA-graph rows fp8train_coat_lean_graphed /
@@ -135,6 +139,41 @@ def _check_weight_cache_graph(report):
                      worst_rel=worst)
 
 
+def _grads(recipe, bf16=True, amax_handoff=True, autocast=True):
+    from fp8train.nn import grad_amax
+
+    model = tiny_llama()
+    if bf16:
+        model = model.to(torch.bfloat16)
+    model = fp8train.convert(model, recipe=recipe)
+    grad_amax.set_enabled(amax_handoff)
+    try:
+        ids = _ids(0)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    finally:
+        grad_amax.set_enabled(True)
+    return loss.detach(), [p.grad.float() for p in model.parameters()]
+
+
+def _check_residual_stream(report):
+    """coat-lean on bf16 weights with the Triton kernels: (1) the gradient amaxes handed from the rotary and norm
+    backward kernels to the q/k/o/down projections give the same bits as their amax passes; (2) the owned residual
+    stream + q/k/v gradients summed in the norm kernel give the same loss and gradients no further from an
+    fp32-master run than autograd's bf16 adds do."""
+    lean = Recipe.named("coat-lean")
+    loss_a, grads_a = _grads(lean)
+    loss_b, grads_b = _grads(lean, amax_handoff=False)
+    same = torch.equal(loss_a, loss_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    report.check("levers/grad-amax-handoff-same-bits", same, loss=float(loss_a))
+    loss_c, grads_c = _grads(lean.replace(fused_residual=False), amax_handoff=False)
+    _, grads_t = _grads(lean.replace(fused_residual=False), bf16=False)
+    ratios = [float((a - t).norm() / ((c - t).norm() + 1e-3 * t.norm())) for a, c, t in zip(grads_a, grads_c, grads_t)]
+    report.check("levers/fused-residual-stream", torch.equal(loss_a, loss_c) and max(ratios) < 1.1,
+                 same_loss=bool(torch.equal(loss_a, loss_c)), worst_error_ratio=max(ratios))
+
+
 def _check_fused_qkv(report):
     """Recipe(fused_qkv=True): the converted tiny Llama trains 8 steps with losses within 2 % of separate q/k/v
     projections (one E4M3 scale for the stacked weights: close, not bit-identical) and the group is in place."""
@@ -159,7 +198,8 @@ def _check_fused_qkv(report):
 
 
 def run(report) -> None:
-    for check in (_check_step_in_backward, _check_weight_cache, _check_weight_cache_graph, _check_fused_qkv):
+    for check in (_check_residual_stream, _check_step_in_backward, _check_weight_cache, _check_weight_cache_graph,
+                  _check_fused_qkv):
         try:
             check(report)
         except Exception as exc:  # noqa: BLE001 - record and go on

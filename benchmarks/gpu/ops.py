@@ -132,10 +132,14 @@ def check_rmsnorm(report, shapes):
             ref = op.add_rmsnorm_forward(r, x, w, 1e-5, quantize_output=True, output_transpose=True)[1]
         _check_tensorwise(report, f"ops: add_rmsnorm per-tensor E4M3 y {shape}", got, ref)
         dres = bf16_input(shape, seed=4)
-        dx, _ = op.rmsnorm_backward(dy, sr, w, residual_grad=dres)
+        slot = torch.zeros(1, dtype=torch.int32, device="cuda")
+        dx, _ = op.rmsnorm_backward(dy, sr, w, residual_grad=dres, amax_slot=slot)
         with force_reference():
             dxr, _ = op.rmsnorm_backward(dy, sr, w, residual_grad=dres)
         _check_close(report, f"ops: rmsnorm dx + residual grad {shape}", dx, dxr)
+        amax = slot.view(torch.float32)
+        report.check(f"ops: rmsnorm backward publishes max|dx| {shape}", bool(amax.eq(dx.abs().max().float()).all()),
+                     published=float(amax), actual=float(dx.abs().max()))
         dy_b = bf16_input(shape, seed=6)
         dx, dw = op.rmsnorm_backward(dy, sr, w, second_dy=dy_b)
         with force_reference():

@@ -115,10 +115,10 @@ def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partial
 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, dy3_ptr, stride_dy3, q_ptr, qamax_ptr, rstd_ptr,
-                        w_ptr, dx_ptr, dw_partial_ptr, dres_ptr, stride_dres, M, num_programs, iters,
+                        w_ptr, dx_ptr, dw_partial_ptr, dres_ptr, stride_dres, amax_ptr, M, num_programs, iters,
                         N: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, STYLE: tl.constexpr,
                         HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_DY2: tl.constexpr, HAS_DY3: tl.constexpr,
-                        GATHER: tl.constexpr):
+                        GATHER: tl.constexpr, AMAX: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -128,6 +128,7 @@ def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, dy3_ptr, stride_
         if STYLE == 2:
             w = w + 1.0
     dw_acc = tl.zeros((BLOCK_N,), tl.float32)
+    bits = tl.full((), 0, tl.int32)
     for i in range(0, iters):
         rows = (pid + i * num_programs) * BM + tl.arange(0, BM)
         rmask = rows < M
@@ -153,9 +154,14 @@ def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, dy3_ptr, stride_
         dx = rstd[:, None] * (g - n * mean_gn[:, None])
         if HAS_RES:  # gradient arriving through the residual connection, added before the one rounding
             dx += tl.load(dres_ptr + rows64 * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + rows64 * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dx = dx.to(dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + rows64 * N + cols[None, :], dx, mask=mask)
+        if AMAX:  # max |dx| as stored, for the FP8 linear that quantizes this gradient next (masked lanes: +0)
+            bits = tl.maximum(bits, tile_amax_bits(tl.where(mask, dx.to(tl.float32), 0.0)))
     if HAS_W:
         tl.store(dw_partial_ptr + pid * N + cols, dw_acc, mask=cmask)
+    if AMAX:  # one atomic per program, skipped when the slot already holds as much
+        tl.atomic_max(amax_ptr, bits, mask=bits > tl.load(amax_ptr))
 
 
 def _row_plan(M: int, N: int, target: int = 4096) -> tuple[int, int, int]:
@@ -252,9 +258,10 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
 
 
 def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None, second_dy=None,
-                     plan=None, third_dy=None):
+                     plan=None, third_dy=None, amax_slot=None):
     """``(dx, dweight)`` from the E4M3 1x16 copy of x (bf16 group amax), rstd and dy (+ ``second_dy``
-    + ``third_dy``, summed in fp32) (+ ``residual_grad``, added to dx)."""
+    + ``third_dy``, summed in fp32) (+ ``residual_grad``, added to dx).  ``amax_slot``: a zeroed int32 slot
+    (fp8train.nn.grad_amax.new_slot) that receives the float32 bits of max|dx|."""
     dy2 = as_rows(dy)
     dres = as_rows(residual_grad) if residual_grad is not None else dy2
     dsecond = as_rows(second_dy) if second_dy is not None else dy2
@@ -267,10 +274,11 @@ def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_
     _rmsnorm_bwd_kernel[(nprog,)](dy2, dy2.stride(0), dsecond, dsecond.stride(0), dthird, dthird.stride(0),
                                   x_copy.data, x_copy.amax, rstd,
                                   weight if weight is not None else rstd, dx, dw_partial, dres, dres.stride(0),
+                                  amax_slot if amax_slot is not None else rstd,
                                   M, nprog, iters, N=N, BLOCK_N=block_n, BM=bm, STYLE=_STYLE_CODE[style],
                                   HAS_W=weight is not None, HAS_RES=residual_grad is not None,
                                   HAS_DY2=second_dy is not None, HAS_DY3=third_dy is not None,
-                                  GATHER=plans.plan("norm").gather_scales,
+                                  GATHER=plans.plan("norm").gather_scales, AMAX=amax_slot is not None,
                                   num_warps=warps)
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     return dx, dweight

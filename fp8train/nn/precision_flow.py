@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from .. import mixed_granularity as mg
 from ..recipes import Recipe, linear_formats, resolve_recipe
-from . import handoff
+from . import grad_amax, handoff
 from .activation import act_fn, activation_name
 from .gated_mlp import GatedSaved, gated_product, gated_product_backward, gated_product_forward
 from .linear import (FP8Linear, LinearInput, LinearSaved, _as_matrix, _quantize, attach_linear_input,
@@ -85,29 +85,38 @@ SPARE_OUTPUTS = 0 if os.environ.get("FP8TRAIN_NORM_GRAD_FANIN", "1") == "0" else
 
 class _FlowNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, style, transpose, out_dtype, box):
+    def forward(ctx, x, weight, eps, style, transpose, out_dtype, box, residual):
         with torch.autocast(x.device.type, enabled=False):
             out, saved, y = rmsnorm_forward(x, weight, eps, style=style, quantize_output=True,
                                             output_transpose=transpose, dequantized_dtype=out_dtype)
             y_in = LinearInput(*out) if transpose else LinearInput(out)
         (data, amax), ctx.x_meta = mg.pack(saved.x)
         ctx.save_for_backward(data, amax, saved.rstd, weight)
-        ctx.style = style
+        ctx.style, ctx.residual = style, residual
         ctx.set_materialize_grads(False)  # an unused output gives None, not a buffer of zeros to add
         box.append((y_in, saved))  # non-tensor results travel in a box: Function outputs must be tensors
-        return (y, *(y.view_as(y) for _ in range(SPARE_OUTPUTS)))
+        spares = tuple(y.view_as(y) for _ in range(SPARE_OUTPUTS))
+        # with ``residual``, x itself comes back (as a view) for the block's residual add: its gradient then
+        # reaches this backward too, which adds it to dx in the same kernel pass instead of autograd adding later
+        return (y, *spares, x.view_as(x)) if residual else (y, *spares)
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = [g for g in grads if g is not None]
-        if not grads:
-            return (None,) * 7
+        dres = grads[-1] if ctx.residual else None
+        dys = [g for g in (grads[:-1] if ctx.residual else grads) if g is not None]
+        if not dys:
+            return (dres, *(None,) * 7)
         data, amax, rstd, weight = ctx.saved_tensors
         saved = RMSNormSaved(mg.unpack(ctx.x_meta, data, amax), rstd, ctx.style)
-        with torch.autocast(grads[0].device.type, enabled=False):
-            dx, dweight = rmsnorm_backward(grads[0], saved, weight, second_dy=grads[1] if len(grads) > 1 else None,
-                                           third_dy=grads[2] if len(grads) > 2 else None)
-        return dx, dweight, None, None, None, None, None
+        # x's whole gradient when the residual one is in: publish its amax for the FP8 linear quantizing it next
+        slot = grad_amax.new_slot(dys[0].device) if dres is not None and grad_amax.enabled() else None
+        with torch.autocast(dys[0].device.type, enabled=False):
+            dx, dweight = rmsnorm_backward(dys[0], saved, weight, residual_grad=dres,
+                                           second_dy=dys[1] if len(dys) > 1 else None,
+                                           third_dy=dys[2] if len(dys) > 2 else None, amax_slot=slot)
+        if slot is not None:
+            grad_amax.publish(dx, slot)
+        return dx, dweight, None, None, None, None, None, None
 
 
 class FlowRMSNorm(FP8RMSNorm):
@@ -132,6 +141,19 @@ class FlowRMSNorm(FP8RMSNorm):
         recipe = getattr(self, "recipe", None)
         if x_saved is not None or recipe is None or not flow_supported(recipe):
             return super().forward(x, x_saved)
+        return self._flow(x, recipe, residual=False)[0]
+
+    @torch.compiler.disable
+    def forward_with_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x), x')`` where ``x'`` is x for the block's residual add: a view of x whose gradient comes back
+        through this norm's backward, which adds it to the norm's input gradient in the same kernel pass (and
+        publishes that sum's amax, :mod:`fp8train.nn.grad_amax`).  Used by :mod:`fp8train.nn.residual_stream`."""
+        recipe = getattr(self, "recipe", None)
+        if recipe is None or not flow_supported(recipe):
+            return self.forward(x), x
+        return self._flow(x, recipe, residual=True)
+
+    def _flow(self, x: torch.Tensor, recipe: Recipe, residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         if torch.is_autocast_enabled(x.device.type):
             out_dtype = torch.get_autocast_dtype(x.device.type)
@@ -141,12 +163,13 @@ class FlowRMSNorm(FP8RMSNorm):
             out_dtype = x.dtype
         box: list = []
         y, *spares = _FlowNormFunction.apply(x, self.weight, eps, self.style, wants_transpose(x.device, recipe),
-                                             out_dtype, box)
+                                             out_dtype, box, residual)
+        x_residual = spares.pop() if residual else x
         y_in, saved = box[0]
         attach_linear_input(y, recipe, y_in)
         handoff.attach(y, NORM_KEY, NormOutput(x, self.weight, saved, y_in))
         handoff.attach(y, handoff.GRAD_FANOUT, spares)
-        return y
+        return y, x_residual
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", hands E4M3 per-tensor output to FP8 linears"
@@ -159,7 +182,7 @@ class _FlowMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, src, norm_weight, w_gate, b_gate, w_up, b_up, w_down, b_down,
-                norm, x_in, recipe, activation, out_dtype, recompute):
+                norm, x_in, recipe, activation, out_dtype, recompute, add_residual):
         transpose = wants_transpose(src.device, recipe)
         with torch.autocast(src.device.type, enabled=False):
             if norm is not None:
@@ -196,8 +219,10 @@ class _FlowMLPFunction(torch.autograd.Function):
                               *norm_tensors, norm_weight, w_gate, w_up, w_down)
         ctx.recipe, ctx.activation, ctx.recompute = recipe, activation, recompute
         ctx.has_bias = (b_gate is not None, b_up is not None, b_down is not None)
-        ctx.src_dtype = src.dtype
-        return out
+        ctx.src_dtype, ctx.out_dtype, ctx.add_residual = src.dtype, out.dtype, add_residual
+        # with add_residual the block's residual add happens here (src + out, as HF's ``residual + hidden``), so
+        # its gradient arrives in this backward, whose norm kernel adds it to dx in the same pass
+        return src + out if add_residual else out
 
     @staticmethod
     def backward(ctx, dout):
@@ -205,6 +230,9 @@ class _FlowMLPFunction(torch.autograd.Function):
          n_data, n_amax, rstd, norm_weight, w_gate, w_up, w_down) = ctx.saved_tensors
         recipe = ctx.recipe
         needs = ctx.needs_input_grad
+        dres = None
+        if ctx.add_residual:  # d(src + out): the same gradient for both, cast like autograd casts it
+            dres, dout = dout, dout.to(ctx.out_dtype)
         with torch.autocast(dout.device.type, enabled=False):
             gated = GatedSaved(mg.unpack(ctx.gate_meta, g_data, g_amax), mg.unpack(ctx.up_meta, u_data, u_amax),
                                ctx.activation)
@@ -232,14 +260,21 @@ class _FlowMLPFunction(torch.autograd.Function):
                                                       has_bias=ctx.has_bias[1], needs_weight_grad=needs[4])
             dnorm_weight = None
             if ctx.norm_meta is not None:
-                # the norm's backward sums the two input gradients in fp32 as it reads them (no fp32 copies)
+                # the norm's backward sums the two input gradients in fp32 as it reads them (no fp32 copies),
+                # plus the residual gradient; that sum is src's whole gradient: publish its amax (grad_amax)
                 norm_saved = RMSNormSaved(mg.unpack(ctx.norm_meta, n_data, n_amax), rstd, ctx.norm_style)
-                dx, dnorm_weight = rmsnorm_backward(dx_gate, norm_saved, norm_weight, second_dy=dx_up)
+                slot = grad_amax.new_slot(dout.device) if dres is not None and grad_amax.enabled() else None
+                dx, dnorm_weight = rmsnorm_backward(dx_gate, norm_saved, norm_weight, second_dy=dx_up,
+                                                    residual_grad=dres, amax_slot=slot)
+                if slot is not None and dx.dtype == ctx.src_dtype:
+                    grad_amax.publish(dx, slot)
             else:
                 dx = dx_gate.float() + dx_up.float()  # one rounding for the sum
+                if dres is not None:
+                    dx = dx + dres.float()
             dx = dx.to(ctx.src_dtype)
         return (dx, dnorm_weight, dw_gate, db_gate, dw_up, db_up, dw_down, db_down,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _product_from_fp8(gated: GatedSaved, dtype: torch.dtype, recipe: Recipe, transpose: bool,
@@ -310,7 +345,19 @@ class FlowMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable():
             return self.down_proj(gated_product(self.gate_proj(x), self.up_proj(x), self.activation))
-        norm = handoff.attached(x, NORM_KEY)
+        return self._run_fused(x, handoff.attached(x, NORM_KEY), add_residual=False)
+
+    @torch.compiler.disable
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``: when ``x`` is the flow norm's output of ``residual`` (the Llama block's second
+        half), the add runs inside this Function, so the residual gradient joins the norm's backward kernel
+        instead of an autograd add (:mod:`fp8train.nn.residual_stream`)."""
+        norm = handoff.attached(x, NORM_KEY) if self._fusable() else None
+        if norm is None or norm.x is not residual:
+            return residual + self.forward(x)
+        return self._run_fused(x, norm, add_residual=True)
+
+    def _run_fused(self, x: torch.Tensor, norm: Optional[NormOutput], add_residual: bool) -> torch.Tensor:
         out_dtype = compute_dtype(x)
         if norm is not None:
             src, norm_weight, x_in = norm.x, norm.weight, None
@@ -319,7 +366,7 @@ class FlowMLP(nn.Module):
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
         return _FlowMLPFunction.apply(src, norm_weight, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias,
                                       norm, x_in, self.recipe, self.activation, out_dtype,
-                                      self.recipe.recompute_gated_product)
+                                      self.recipe.recompute_gated_product, add_residual)
 
     def extra_repr(self) -> str:
         saves = "gate/up E4M3 1x16" + ("" if self.recipe.recompute_gated_product else ", act*up E4M3")

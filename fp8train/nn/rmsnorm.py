@@ -117,14 +117,16 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
 
 def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[torch.Tensor], *,
                      residual_grad: Optional[torch.Tensor] = None, second_dy: Optional[torch.Tensor] = None,
-                     third_dy: Optional[torch.Tensor] = None):
+                     third_dy: Optional[torch.Tensor] = None, amax_slot: Optional[torch.Tensor] = None):
     """``(dx, dweight)`` from the output gradient and what forward saved (``dweight`` is None without weight).
 
     ``residual_grad``: the gradient that reaches the norm's input through the residual connection; when given,
     ``dx`` is ``residual_grad + dx_norm`` (rounded once), which the kernel adds in the same pass.
     ``second_dy``: a second gradient of the norm's output (a norm feeding two linears gets one from each);
     the output gradient is ``dy + second_dy``, summed in fp32 and never rounded.  ``third_dy``: a third one
-    (q/k/v projections reading one norm output), summed the same way.
+    (q/k/v projections reading one norm output), summed the same way.  ``amax_slot``: a zeroed int32 slot
+    (:func:`fp8train.nn.grad_amax.new_slot`) that receives the float32 bits of max|dx| (the kernel finds it as it
+    stores dx).
     """
     if third_dy is not None and second_dy is None:
         second_dy, third_dy = third_dy, None
@@ -135,7 +137,7 @@ def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[tor
         from ..kernels import rmsnorm as kernel
 
         return kernel.rmsnorm_backward(dy, saved.x, saved.rstd, weight, saved.style, residual_grad=residual_grad,
-                                       second_dy=second_dy, third_dy=third_dy)
+                                       second_dy=second_dy, third_dy=third_dy, amax_slot=amax_slot)
     if second_dy is not None:
         dy = dy.float() + second_dy.float()
     if third_dy is not None:
@@ -159,7 +161,10 @@ def rmsnorm_backward(dy: torch.Tensor, saved: RMSNormSaved, weight: Optional[tor
     dx = rstd * (g - n * (g * n).mean(-1, keepdim=True))
     if residual_grad is not None:
         dx = dx + residual_grad.to(cdt)
-    return dx.to(x_dtype), dweight
+    dx = dx.to(x_dtype)
+    if amax_slot is not None and dx.numel():
+        amax_slot.view(torch.float32).copy_(dx.abs().amax().float())
+    return dx, dweight
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -15,6 +15,9 @@ adapter converts the projections, and everything else is left to the generic pat
 reference to its input instead of an FP8 copy by itself when that input is a view of an SDPA/FlashAttention
 output: see ``FP8Linear.save_input``.)
 * with ``Recipe.fused_qkv``, q/k/v run as one FP8 GEMM (:mod:`fp8train.nn.fused_projections`).
+* with ``Recipe.fused_residual`` (the default, fast path), the block's forward owns its two residual adds so the
+  norms' backward kernels sum the residual gradients (:mod:`fp8train.nn.residual_stream`; only when the block's
+  forward source is Hugging Face's plain Llama listing).
 * with ``Recipe.fused_rotary`` (the default), the family's ``apply_rotary_pos_emb`` is swapped for the fused,
   bit-identical rotary kernel (:func:`fp8train.nn.rotary.install_fused_rotary`), on both paths.
 * anything else inside the block (Qwen3's q_norm/k_norm, the attention core) is left to the generic path: norms
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import residual_stream
 from ..fused_projections import fuse_projections
 from ..precision_flow import FlowMLP, FlowRMSNorm
 from ..rotary import install_fused_rotary
@@ -72,3 +76,5 @@ class LlamaStyleBlock:
             converter.convert_linear(module.mlp, name)
         if not converter.is_excluded(f"{prefix}mlp", module.mlp):
             converter.replace(module, "mlp", FlowMLP.from_module(module.mlp, recipe=recipe))
+        if recipe.fused_residual and residual_stream.install(module):
+            converter.report["fused_residual"] = converter.report.get("fused_residual", 0) + 1
