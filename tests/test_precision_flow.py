@@ -241,3 +241,25 @@ def test_qkv_gradients_reach_the_norm_separately_and_sum_like_autograd(monkeypat
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # same values in forward
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_norm_outputs_die_when_dropped_even_with_unused_spares():
+    """The spare aliases wait in the norm output's handoff entry; they must not keep the output (and the norm's
+    saved FP8 tensors) alive once the model drops it -- as for the post-attention norm, whose spares the fused MLP
+    never takes."""
+    import gc
+    import weakref
+
+    from fp8train.nn import handoff
+
+    recipe = Recipe.named("coat")
+    norm, mlp = build(recipe, fused_norm=True)
+    x = heavy(2, 16, HIDDEN).requires_grad_()
+    y = norm(x)
+    out = mlp(y)  # takes the norm attachment, not the spares
+    ref = weakref.ref(y)
+    out.sum().backward()
+    del y, out
+    gc.collect()
+    assert ref() is None
+    assert not handoff._table.entries

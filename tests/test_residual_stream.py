@@ -125,3 +125,20 @@ def test_summed_gradients_hand_their_amax_to_the_linears(monkeypatch):
     assert torch.equal(loss_a, loss_b)
     for name in grads_a:
         assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def test_a_training_step_leaves_no_attachments_alive():
+    """Nothing fp8train hands between ops (norm outputs' FP8 copies and spare aliases, published gradient amaxes)
+    outlives the step: steps do not accumulate memory."""
+    import gc
+
+    from fp8train.nn import handoff
+
+    model = _model("coat").to(torch.bfloat16)
+    tokens = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(3))
+    for _ in range(2):
+        _step(model, tokens)
+        model.zero_grad(set_to_none=True)
+    gc.collect()
+    assert not handoff._table.entries
+    assert not grad_amax._entries

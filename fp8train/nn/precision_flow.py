@@ -95,7 +95,9 @@ class _FlowNormFunction(torch.autograd.Function):
         ctx.style, ctx.residual = style, residual
         ctx.set_materialize_grads(False)  # an unused output gives None, not a buffer of zeros to add
         box.append((y_in, saved))  # non-tensor results travel in a box: Function outputs must be tensors
-        spares = tuple(y.view_as(y) for _ in range(SPARE_OUTPUTS))
+        # aliases of y's memory, not views: a view would hold y itself (its _base), and the spares wait in y's
+        # handoff entry, which lives until y dies -- a norm whose spares nobody takes would then never die
+        spares = tuple(y.detach() for _ in range(SPARE_OUTPUTS))
         # with ``residual``, x itself comes back (as a view) for the block's residual add: its gradient then
         # reaches this backward too, which adds it to dx in the same kernel pass instead of autograd adding later
         return (y, *spares, x.view_as(x)) if residual else (y, *spares)
