@@ -156,3 +156,6 @@ def test_fp8_weight_cache_flag_has_three_states():
     states = [config_from_args(parser.parse_args(argv)).fp8_weight_cache
               for argv in ([], ["--fp8-weight-cache"], ["--no-fp8-weight-cache"])]
     assert states == [None, True, False]
+    states = [config_from_args(parser.parse_args(argv)).fused_residual
+              for argv in ([], ["--fused-residual"], ["--no-fused-residual"])]
+    assert states == [None, True, False]

@@ -256,3 +256,22 @@ def test_coat_lean_caches_its_fp8_weights_unless_told_not_to(tmp_path, monkeypat
     for name, flag in (("default", None), ("off", False)):
         train(resolve(tiny_config(tmp_path / name, steps=1, recipe="coat-lean", fp8_weight_cache=flag)))
     assert seen == [True, False]
+
+
+def test_fused_residual_is_on_unless_told_not_to(tmp_path, monkeypatch):
+    """--no-fused-residual reaches the recipe; by default the fast path owns the residual stream."""
+    import fp8train.train.loop as loop_mod
+    from fp8train.nn import residual_stream
+
+    seen = []
+    original = loop_mod.apply_recipe
+
+    def spy(model, recipe):
+        out = original(model, recipe)
+        seen.append(any(residual_stream.is_installed(m) for m in out.modules()))
+        return out
+
+    monkeypatch.setattr(loop_mod, "apply_recipe", spy)
+    for name, flag in (("default", None), ("off", False)):
+        train(resolve(tiny_config(tmp_path / name, steps=1, recipe="coat", fused_residual=flag)))
+    assert seen == [True, False]

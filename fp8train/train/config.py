@@ -45,6 +45,7 @@ class TrainConfig:
     fp8_weight_cache: Optional[bool] = None  # FP8 weight copies made once per step (Recipe.cache_fp8_weights); None: the recipe's
     fp8_attention_saves: bool = False  # attention keeps q/k/v as FP8 copies for backward (Recipe.fp8_attention_saves)
     fused_qkv: bool = False           # q/k/v projections as one FP8 GEMM (Recipe.fused_qkv)
+    fused_residual: Optional[bool] = None  # residual gradients summed in the norm kernels (Recipe.fused_residual)
     grad_checkpointing: bool = False
     # optimisation
     steps: int = 300
@@ -280,6 +281,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
     g.add_argument("--fused-qkv", action="store_true", default=S,
                    help="run the q/k/v projections of each attention block as one FP8 GEMM (one scale for the "
                         "stacked weights and one for their gradients; needs an FP8 recipe)")
+    g.add_argument("--fused-residual", action=argparse.BooleanOptionalAction, default=S,
+                   help="Llama-style layers sum their residual gradients in the norms' backward kernels instead of "
+                        "autograd's bf16 adds (same forward, gradients rounded once); on by default with the FP8 "
+                        "recipes' fast path, --no-fused-residual turns it off")
     g.add_argument("--grad-checkpointing", action="store_true", default=S,
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g = parser.add_argument_group("optimisation")
@@ -340,7 +345,7 @@ _DECIDES_LOSSES = ("model", "recipe", "optimizer", "master_weights", "vocab_size
                    "grad_accum", "lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
 _DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head", "step_in_backward",
-                    "fp8_attention_saves", "fused_qkv")
+                    "fp8_attention_saves", "fused_qkv", "fused_residual")
 
 
 def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:
