@@ -31,6 +31,12 @@ The norm still returns a real tensor (the dequantized FP8 values, in the compute
 consumer -- a LoRA adapter, a hook, an unusual block -- gets correct values and a correct gradient.
 Attachments are checked against the tensor's version counter and die with it.
 
+With ``Recipe.fused_residual`` the block's two residual adds also move next to these Functions
+(:mod:`fp8train.nn.residual_stream`): the input norm hands back a pass-through of h for the first add
+(:meth:`FlowRMSNorm.forward_with_residual`) and the MLP Function does the second (:meth:`FlowMLP.forward_residual`),
+so both residual gradients are added by the norm backward kernels, which publish the sum's amax
+(:mod:`fp8train.nn.grad_amax`) for o_proj and the previous block's down_proj.
+
 Requirements of the fused MLP: the three projections are :class:`~fp8train.nn.linear.FP8Linear` with a
 per-tensor E4M3 recipe; otherwise (a projection excluded or wrapped by PEFT after conversion) the MLP falls
 back to calling its submodules, with the FP8 gated product in between.
