@@ -82,7 +82,7 @@ class NormOutput(NamedTuple):
 
 # -- the norm --------------------------------------------------------------------------------------------------
 
-# Spare outputs of the flow norm (views of its output): q/k/v each hand one to autograd (handoff.grad_input), so
+# Spare outputs of the flow norm (aliases of its output): q/k/v each hand one to autograd (handoff.grad_input), so
 # their three input gradients reach the norm's backward separately and its kernel sums them in fp32 -- instead of
 # autograd's two bf16 adds of full activations before the norm's backward runs.  FP8TRAIN_NORM_GRAD_FANIN=0 in
 # the environment turns it off (for comparisons: the values differ only by the adds' bf16 rounding).
