@@ -46,6 +46,7 @@ from torch import nn
 __all__ = ["install", "uninstall", "is_installed", "layer_plan"]
 
 _MARK = "_fp8train_residual_stream"
+_PLAN = "_fp8train_residual_plan"
 
 # HF's body with the attention call's keywords elided (checked separately)
 _TEMPLATE = [
@@ -123,7 +124,11 @@ def layer_plan(cls: type) -> Optional[_Plan]:
     var_param = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     if var_kwargs and var_kwargs != var_param:
         return None
-    return _Plan(signature=signature, passed=tuple(passed), var_kwargs=var_kwargs or None)
+    named = {p.name: p.default for p in params[2:] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                                  inspect.Parameter.KEYWORD_ONLY)}
+    if any(named[n] is inspect.Parameter.empty for n in passed):
+        return None  # a required argument: callers must name it, keep HF's forward
+    return _Plan(signature=signature, passed=tuple(passed), var_kwargs=var_kwargs or None, named=named)
 
 
 def _supported(layer: nn.Module) -> bool:
@@ -137,15 +142,14 @@ def _supported(layer: nn.Module) -> bool:
 
 
 def _forward(layer: nn.Module, hidden_states, *args, **kwargs):
-    plan = layer_plan(type(layer))
-    try:
-        bound = plan.signature.bind(layer, hidden_states, *args, **kwargs)
-    except TypeError:  # arguments the class's own forward renames or rejects: let it deal with them
+    plan = layer.__dict__[_PLAN]  # found at install: no source parsing per call (nor under torch.compile)
+    unknown = [k for k in kwargs if k not in plan.named]
+    if args or (unknown and not plan.var_kwargs):
+        # positional or unexpected arguments (Hugging Face passes keywords): the class's own forward
         return type(layer).forward(layer, hidden_states, *args, **kwargs)
-    bound.apply_defaults()
-    attention_kwargs = {name: bound.arguments[name] for name in plan.passed}
+    attention_kwargs = {name: kwargs.get(name, plan.named[name]) for name in plan.passed}
     if plan.var_kwargs:
-        attention_kwargs.update(bound.arguments.get(plan.var_kwargs, {}))
+        attention_kwargs.update({k: kwargs[k] for k in unknown})
     normed, residual = layer.input_layernorm.forward_with_residual(hidden_states)
     hidden_states, _ = layer.self_attn(hidden_states=normed, **attention_kwargs)
     hidden_states = residual + hidden_states
@@ -159,6 +163,7 @@ def install(layer: nn.Module) -> bool:
         return True
     if not _supported(layer):
         return False
+    object.__setattr__(layer, _PLAN, layer_plan(type(layer)))
     layer.forward = types.MethodType(_forward, layer)
     object.__setattr__(layer, _MARK, True)
     return True
@@ -169,6 +174,7 @@ def uninstall(layer: nn.Module) -> None:
     if is_installed(layer):
         del layer.forward
         object.__delattr__(layer, _MARK)
+        object.__delattr__(layer, _PLAN)
 
 
 def is_installed(layer: nn.Module) -> bool:
