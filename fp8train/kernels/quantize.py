@@ -94,6 +94,13 @@ def tile_amax_bits(x):
 
 
 @triton.jit
+def fold_amax_bits(slot_ptr, bits):
+    """Fold one program's amax bits into an int32 slot (fp8train.nn.grad_amax): one atomic max, skipped when the
+    slot already holds as much."""
+    tl.atomic_max(slot_ptr, bits, mask=bits > tl.load(slot_ptr))
+
+
+@triton.jit
 def global_amax(partials_ptr, num_partials, BLOCK_P: tl.constexpr):
     """Finish the two-stage amax: max over the int32 partial maxima written by a first pass."""
     offs = tl.arange(0, BLOCK_P)

@@ -20,8 +20,9 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
-from .quantize import (E4M3_MAX, INV_E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, grid_tile,
-                       load_group_copy, quantize_group_tile, saturate, shared_amax, store_tensorwise, tile_amax_bits)
+from .quantize import (E4M3_MAX, INV_E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, fold_amax_bits,
+                       grid_tile, load_group_copy, quantize_group_tile, saturate, shared_amax, store_tensorwise,
+                       tile_amax_bits)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
@@ -160,8 +161,8 @@ def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, dy3_ptr, stride_
             bits = tl.maximum(bits, tile_amax_bits(tl.where(mask, dx.to(tl.float32), 0.0)))
     if HAS_W:
         tl.store(dw_partial_ptr + pid * N + cols, dw_acc, mask=cmask)
-    if AMAX:  # one atomic per program, skipped when the slot already holds as much
-        tl.atomic_max(amax_ptr, bits, mask=bits > tl.load(amax_ptr))
+    if AMAX:
+        fold_amax_bits(amax_ptr, bits)
 
 
 def _row_plan(M: int, N: int, target: int = 4096) -> tuple[int, int, int]:

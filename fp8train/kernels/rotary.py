@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quantize import tile_amax_bits
+from .quantize import fold_amax_bits, tile_amax_bits
 
 __all__ = ["rotary_apply"]
 
@@ -61,8 +61,8 @@ def _rotate_heads(x_ptr, x_sb, x_ss, x_sh, x_sd, y_ptr, y_sb, y_ss, y_sh, y_sd, 
         tl.store(y1_ptrs + HALF * y_sd, y2, mask=mask)
         if AMAX:  # max |stored value| for the projection's E5M2 quantizer (masked lanes hold +0)
             bits = tl.maximum(bits, tl.maximum(tile_amax_bits(y1.to(tl.float32)), tile_amax_bits(y2.to(tl.float32))))
-    if AMAX:  # one atomic per program, skipped when the slot already holds as much
-        tl.atomic_max(amax_ptr, bits, mask=bits > tl.load(amax_ptr))
+    if AMAX:
+        fold_amax_bits(amax_ptr, bits)
 
 
 @triton.jit(do_not_specialize=["S"])

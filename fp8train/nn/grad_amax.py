@@ -45,10 +45,11 @@ def set_enabled(on: bool) -> None:
         _entries.clear()
 
 
-def new_slot(device: torch.device) -> torch.Tensor:
+def new_slot(device: torch.device, count: int = 1):
     """A zeroed int32 slot: kernels fold the float32 bits of max|value| into it with ``atomic_max`` (non-negative
-    floats order like their bit patterns)."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
+    floats order like their bit patterns).  ``count > 1``: a tuple of that many slots zeroed by one launch."""
+    block = torch.zeros(count, dtype=torch.int32, device=device)
+    return block if count == 1 else tuple(block[i:i + 1] for i in range(count))
 
 
 def _forget(key: int, ref: weakref.ref) -> None:

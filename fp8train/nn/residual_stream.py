@@ -63,7 +63,7 @@ _TEMPLATE = [
 
 
 class _Plan(types.SimpleNamespace):
-    """What a layer class's forward looks like: its signature and the names its attention call passes on."""
+    """What a layer class's forward looks like: the arguments its attention call passes on, by name."""
 
 
 def _dump(statement: ast.stmt) -> str:
@@ -113,8 +113,7 @@ def layer_plan(cls: type) -> Optional[_Plan]:
         return None
     if any(_dump(s) != t for i, (s, t) in enumerate(zip(body, _template())) if i != 2):
         return None
-    signature = inspect.signature(forward)
-    params = list(signature.parameters.values())
+    params = list(inspect.signature(forward).parameters.values())
     if len(params) < 2 or params[0].name != "self" or params[1].name != "hidden_states":
         return None
     names = {p.name for p in params}
@@ -128,7 +127,7 @@ def layer_plan(cls: type) -> Optional[_Plan]:
                                                                   inspect.Parameter.KEYWORD_ONLY)}
     if any(named[n] is inspect.Parameter.empty for n in passed):
         return None  # a required argument: callers must name it, keep HF's forward
-    return _Plan(signature=signature, passed=tuple(passed), var_kwargs=var_kwargs or None, named=named)
+    return _Plan(passed=tuple(passed), var_kwargs=var_kwargs or None, named=named)
 
 
 def _supported(layer: nn.Module) -> bool:

@@ -187,7 +187,7 @@ class RotaryEmbeddingFunction(torch.autograd.Function):
             grad_q, grad_k = (_empty_like_layout(shape, stride, dtype, cos.device)
                               for shape, stride, dtype in ctx.inputs)
             # the kernel also finds max|grad| of q and k for the projections' E5M2 quantizers (grad_amax)
-            slots = (grad_amax.new_slot(cos.device), grad_amax.new_slot(cos.device)) if grad_amax.enabled() else None
+            slots = grad_amax.new_slot(cos.device, count=2) if grad_amax.enabled() else None
             _run_kernel(grad_q_out, grad_k_out, grad_q, grad_k, cos, sin, _head_axis(ctx.unsqueeze_dim),
                         backward=True, amax_slots=slots)
             if slots is not None:
