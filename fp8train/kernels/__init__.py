@@ -58,31 +58,36 @@ def warn_once(key: str, message: str) -> None:
 
 
 _KERNEL_DTYPES = ("float32", "bfloat16", "float16")
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel_torch_dtypes() -> frozenset:
-    """_KERNEL_DTYPES as torch dtypes (torch is imported lazily, on first use)."""
-    import torch
-
-    return frozenset(getattr(torch, name) for name in _KERNEL_DTYPES)
+_kernel_dtypes: frozenset = frozenset()  # _KERNEL_DTYPES as torch dtypes, filled on first use (torch is lazy)
 
 
 def use_triton(op: str, *tensors, group: int = 16) -> bool:
     """Whether ``op`` should run its Triton kernel on ``tensors`` (all CUDA, float32/bf16/fp16, last dim a
     multiple of ``group``).  CUDA inputs that the kernels do not cover fall back to the torch reference with
     a one-time warning that says why."""
-    live = [t for t in tensors if t is not None]
-    if _forced_reference or not live or not all(t.is_cuda for t in live) or any(t.numel() == 0 for t in live):
+    # asked for every op on the hot path: plain loops, no generator expressions
+    global _kernel_dtypes
+    if _forced_reference:
         return False
-    if not triton_available():
+    first = None
+    for t in tensors:
+        if t is not None:
+            if not t.is_cuda or t.numel() == 0:
+                return False
+            if first is None:
+                first = t
+    if first is None or not triton_available():
         return False
-    for t in live:
-        if t.dtype not in _kernel_torch_dtypes():
+    if not _kernel_dtypes:
+        import torch
+
+        _kernel_dtypes = frozenset(getattr(torch, name) for name in _KERNEL_DTYPES)
+    for t in tensors:
+        if t is not None and t.dtype not in _kernel_dtypes:
             warn_once(f"{op}-dtype-{t.dtype}", f"fp8train {op}: no Triton kernel for {t.dtype} inputs; "
                       "using the (slower) torch reference. Cast to bfloat16/float16/float32 to use the kernel.")
             return False
-    hidden = live[0].shape[-1] if live[0].dim() else 1
+    hidden = first.shape[-1] if first.dim() else 1
     if hidden % group != 0:
         warn_once(f"{op}-hidden-{hidden}", f"fp8train {op}: last dimension {hidden} is not a multiple of {group}; "
                   "using the (slower) torch reference. Pad the hidden size to a multiple of 16 to use the kernel.")

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
+from .launch import cdiv, fast_launch
 from .quantize import (E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, grid_tile, load_group_copy, loop_tile,
                        quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
 
@@ -50,6 +51,7 @@ def act_derivative(x, ACT: tl.constexpr):
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _activation_fwd_kernel(x_ptr, stride_x, y_ptr, q_ptr, qamax_ptr, partials_ptr, M, N, num_programs, iters,
                            BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr, WRITE_Y: tl.constexpr,
@@ -77,6 +79,7 @@ def _activation_fwd_kernel(x_ptr, stride_x, y_ptr, q_ptr, qamax_ptr, partials_pt
         tl.store(partials_ptr + pid, acc)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_partials"])
 def _activation_apply_kernel(x_ptr, stride_x, partials_ptr, num_partials, amax_out_ptr, q_ptr, q_t_ptr, M, N,
                              BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr,
@@ -89,6 +92,7 @@ def _activation_apply_kernel(x_ptr, stride_x, partials_ptr, num_partials, amax_o
                      WRITE_ROW, WRITE_T, E4M3_MAX)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M"])
 def _activation_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, dx_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
                            ACT: tl.constexpr, GATHER: tl.constexpr):
@@ -116,7 +120,7 @@ def activation_forward(x, name, *, quantize_output=False, output_transpose=False
     copy_data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     copy_amax = torch.empty(*x.shape[:-1], N // 16, dtype=torch.bfloat16, device=dev)
     bm, bn = plans.elementwise_tile(N, "activation")
-    num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    num_tiles = cdiv(M, bm) * cdiv(N, bn)
     if quantize_output:
         nprog = max(1, min(num_tiles, plans.partials_capacity(x, "activation")))
         partials = torch.empty(nprog, dtype=torch.int32, device=dev)
@@ -125,7 +129,7 @@ def activation_forward(x, name, *, quantize_output=False, output_transpose=False
         nprog = num_tiles
         partials = copy_amax  # unused
         y = torch.empty(x.shape, dtype=x.dtype, device=dev)
-    iters = triton.cdiv(num_tiles, nprog)
+    iters = cdiv(num_tiles, nprog)
     _activation_fwd_kernel[(nprog,)](x2, x2.stride(0), y, copy_data, copy_amax, partials, M, N, nprog, iters,
                                      BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_Y=not quantize_output,
                                      WRITE_AMAX=quantize_output, num_warps=plans.warps("activation"))
@@ -137,7 +141,7 @@ def activation_forward(x, name, *, quantize_output=False, output_transpose=False
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "activation", output_transpose)
-    grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
+    grid = (cdiv(M, bm2), cdiv(N, bn2))
     _activation_apply_kernel[grid](x2, x2.stride(0), partials, nprog, amax, data, data_t, M, N, BM=bm2, BN=bn2,
                                    BLOCK_P=plans.partials_block(x, "activation"), ACT=ACT_CODE[name], WRITE_ROW=True,
                                    WRITE_T=output_transpose, num_warps=plans.warps("activation", output_transpose))
@@ -151,7 +155,7 @@ def activation_backward(dy, x_copy: QuantizedTensor, name):
     M, N = dy2.shape
     dx = torch.empty(x_copy.shape, dtype=x_copy.dtype, device=dy.device)
     bm, bn = plans.elementwise_tile(N, "activation")
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = (cdiv(M, bm), cdiv(N, bn))
     _activation_bwd_kernel[grid](dy2, dy2.stride(0), x_copy.data, x_copy.amax, dx, M, N, BM=bm, BN=bn,
                                  ACT=ACT_CODE[name], GATHER=plans.plan("activation").gather_scales,
                                  num_warps=plans.warps("activation"))

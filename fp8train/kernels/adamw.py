@@ -39,6 +39,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..dynamic_range_expansion import exponent_numerator
+from .launch import fast_launch
 
 __all__ = ["fused_adamw_step", "TABLE_COLUMNS", "SCALAR_COLUMNS"]
 
@@ -114,6 +115,7 @@ def _encode(x, mask, MODE: tl.constexpr, FMAX: tl.constexpr, K_NUM: tl.constexpr
     return q, amax, code
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["seed", "amax_epoch"])  # new values every step must not recompile
 def _fused_adamw_kernel(
     work_ptr, table_ptr, scalar_ptr, nonfinite_ptr, seed, amax_epoch,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from .launch import fast_launch, next_power_of_2
 
 __all__ = ["cross_entropy_rows"]
 
@@ -20,6 +21,7 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["V", "ignore_index"])
 def _cross_entropy_rows_kernel(logits_ptr, stride_logits, labels_ptr, scale_ptr, loss_ptr, grad_ptr, stride_grad,
                                V, ignore_index, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
@@ -73,7 +75,7 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index:
     grad = torch.empty_like(logits) if grad_scale is not None else None
     if rows == 0:
         return loss, grad
-    block_v = min(4096, triton.next_power_of_2(vocab))
+    block_v = min(4096, next_power_of_2(vocab))
     _cross_entropy_rows_kernel[(rows,)](
         logits, logits.stride(0), labels, grad_scale if grad_scale is not None else loss, loss,
         grad if grad is not None else logits, grad.stride(0) if grad is not None else 0, vocab, ignore_index,

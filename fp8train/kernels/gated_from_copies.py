@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
+from .launch import cdiv, fast_launch
 from .activation import ACT_CODE, act_value
 from .quantize import (E4M3_MAX, amax_and_scale, encode_multiplier, grid_tile, load_group_copy, loop_tile, shared_amax,
                        store_tensorwise, tile_amax_bits)
@@ -38,6 +39,7 @@ def _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols,
     return tl.where(mask, h, 0.0)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _product_amax_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, partials_ptr, M, N, num_programs,
                          iters, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr):
@@ -54,6 +56,7 @@ def _product_amax_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, part
     tl.store(partials_ptr + pid, acc)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M"])
 def _product_apply_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, partials_ptr, num_partials,
                           amax_out_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
@@ -84,10 +87,10 @@ def product_from_copies(gate: QuantizedTensor, up: QuantizedTensor, name: str, o
     family = "product_from_copies"
     plan = plans.plan(family)
     bm, bn = plans.elementwise_tile(N, family)
-    num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    num_tiles = cdiv(M, bm) * cdiv(N, bn)
     nprog = max(1, min(num_tiles, plans.partials_capacity(gate.data, family)))
     partials = torch.empty(nprog, dtype=torch.int32, device=dev)
-    iters = triton.cdiv(num_tiles, nprog)
+    iters = cdiv(num_tiles, nprog)
     if M:
         _product_amax_kernel[(nprog,)](gate.data, gate.amax, up.data, up.amax, h_dtype, partials, M, N, nprog, iters,
                                        BM=bm, BN=bn, ACT=ACT_CODE[name], GATHER=plan.gather_scales,
@@ -97,7 +100,7 @@ def product_from_copies(gate: QuantizedTensor, up: QuantizedTensor, name: str, o
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if with_transpose else None
     if M:
         bm2, bn2 = plans.elementwise_tile(N, family, with_transpose)
-        grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
+        grid = (cdiv(M, bm2), cdiv(N, bn2))
         _product_apply_kernel[grid](gate.data, gate.amax, up.data, up.amax, h_dtype, partials, nprog, amax,
                                     data if data is not None else amax, data_t if data_t is not None else amax,
                                     M, N, BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(gate.data, family),

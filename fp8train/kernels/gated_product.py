@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
+from .launch import cdiv, fast_launch
 from .activation import ACT_CODE, act_derivative, act_value
 from .quantize import (E4M3_MAX, SLOT, amax_and_scale, as_rows, dequant_scale, encode_multiplier, global_amax,
                        grid_tile, load_group_copy, loop_tile, quantize_group_tile, shared_amax, store_tensorwise,
@@ -32,6 +33,7 @@ def _store_group_copy(vals, rows64, rmask, cols, gcols, mask, N, q_ptr, qamax_pt
              mask=rmask[:, None] & (gcols < N // 16)[None, :])
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _gated_fwd_kernel(g_ptr, stride_g, u_ptr, stride_u, h_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, partials_ptr,
                       M, N, num_programs, iters, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
@@ -58,6 +60,7 @@ def _gated_fwd_kernel(g_ptr, stride_g, u_ptr, stride_u, h_ptr, gq_ptr, gamax_ptr
         tl.store(partials_ptr + pid, acc)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_partials"])
 def _gated_apply_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
                         q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -85,6 +88,7 @@ def _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, 
     return dh * u_hat * act_derivative(g_hat, ACT), dh * act_value(g_hat, ACT), mask
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _gated_bwd_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_ptr, du_ptr, partials_ptr,
                       M, N, num_programs, iters, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
@@ -115,6 +119,7 @@ def _gated_bwd_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, d
         tl.store(partials_ptr + num_programs + pid, acc_u)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_partials"])
 def _gated_bwd_apply_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
                             partials_ptr, num_partials, amax_out_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N,
@@ -160,7 +165,7 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
     uq, uamax = _copy_tensors(up.shape, N, dev)
     family = "gated_forward"
     bm, bn = plans.elementwise_tile(N, family)
-    num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    num_tiles = cdiv(M, bm) * cdiv(N, bn)
     if quantize_output:
         nprog = max(1, min(num_tiles, plans.partials_capacity(gate, family)))
         partials = torch.empty(nprog, dtype=torch.int32, device=dev)
@@ -169,7 +174,7 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
         nprog = num_tiles
         h = torch.empty(gate.shape, dtype=h_dtype, device=dev)
         partials = gamax  # unused
-    iters = triton.cdiv(num_tiles, nprog)
+    iters = cdiv(num_tiles, nprog)
     _gated_fwd_kernel[(nprog,)](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax, partials,
                                 M, N, nprog, iters, BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_H=not quantize_output,
                                 WRITE_AMAX=quantize_output, num_warps=plans.warps(family))
@@ -181,7 +186,7 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
     data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
-    grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
+    grid = (cdiv(M, bm2), cdiv(N, bn2))
     _gated_apply_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, partials, nprog, amax, data, data_t, M, N,
                               BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(gate, family), ACT=ACT_CODE[name],
                               WRITE_ROW=True, WRITE_T=output_transpose,
@@ -203,7 +208,7 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
     family = "gated_backward"
     plan = plans.plan(family)
     bm, bn = plans.elementwise_tile(N, family)
-    num_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    num_tiles = cdiv(M, bm) * cdiv(N, bn)
     if not quantize_output:
         dgate = torch.empty(gate_copy.shape, dtype=gate_copy.dtype, device=dev)
         dup = torch.empty(up_copy.shape, dtype=up_copy.dtype, device=dev)
@@ -217,7 +222,7 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
     nprog = max(1, min(num_tiles, plans.partials_capacity(dh, family)))
     partials = torch.empty(2, nprog, dtype=torch.int32, device=dev)
     _gated_bwd_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
-                                dg_dtype, du_dtype, partials, M, N, nprog, triton.cdiv(num_tiles, nprog), BM=bm,
+                                dg_dtype, du_dtype, partials, M, N, nprog, cdiv(num_tiles, nprog), BM=bm,
                                 BN=bn, ACT=ACT_CODE[name], WRITE_GRADS=False, WRITE_AMAX=True,
                                 GATHER=plan.gather_scales, num_warps=plan.warps)
     fmt = GRAD_FORMAT
@@ -227,7 +232,7 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
     qg_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=dev) if output_transpose else qg
     qu_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=dev) if output_transpose else qu
     bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
-    grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
+    grid = (cdiv(M, bm2), cdiv(N, bn2))
     _gated_bwd_apply_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
                                   dg_dtype, du_dtype, partials, nprog, amax, qg, qg_t, qu, qu_t, M, N, BM=bm2, BN=bn2,
                                   BLOCK_P=plans.partials_block(dh, family), ACT=ACT_CODE[name], FMAX=float(fmt.max),

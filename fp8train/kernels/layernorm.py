@@ -16,6 +16,7 @@ from . import plans
 from .quantize import (E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, grid_tile, load_group_copy,
                        quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
 from .rmsnorm import _backward_row_plan, _row_plan
+from .launch import cdiv, fast_launch
 
 __all__ = ["layernorm_forward", "layernorm_backward"]
 
@@ -31,6 +32,7 @@ def _affine(n, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     return y
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _layernorm_fwd_kernel(x_ptr, stride_x, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, qamax_ptr, partials_ptr,
                           M, num_programs, iters, eps,
@@ -69,6 +71,7 @@ def _layernorm_fwd_kernel(x_ptr, stride_x, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_p
         tl.store(partials_ptr + pid, acc)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_partials"])
 def _layernorm_apply_kernel(x_ptr, stride_x, w_ptr, b_ptr, mean_ptr, rstd_ptr, partials_ptr, num_partials,
                             amax_out_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
@@ -89,6 +92,7 @@ def _layernorm_apply_kernel(x_ptr, stride_x, w_ptr, b_ptr, mean_ptr, rstd_ptr, p
                      WRITE_ROW, WRITE_T, E4M3_MAX)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _layernorm_bwd_kernel(dy_ptr, stride_dy, q_ptr, qamax_ptr, rstd_ptr, w_ptr, dx_ptr, dw_partial_ptr,
                           db_partial_ptr, M, num_programs, iters,
@@ -138,7 +142,7 @@ def layernorm_forward(x, weight, bias, eps, *, quantize_output=False, output_tra
     copy_data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     copy_amax = torch.empty(*x.shape[:-1], N // 16, dtype=torch.bfloat16, device=dev)
     block_n, bm, warps = _row_plan(M, N)
-    row_blocks = triton.cdiv(M, bm)
+    row_blocks = cdiv(M, bm)
     w = weight if weight is not None else rstd
     b = bias if bias is not None else rstd
     if quantize_output:
@@ -149,7 +153,7 @@ def layernorm_forward(x, weight, bias, eps, *, quantize_output=False, output_tra
     else:
         nprog, partials, mean = row_blocks, rstd, rstd
         y = torch.empty(x.shape, dtype=x.dtype, device=dev)
-    iters = triton.cdiv(row_blocks, nprog)
+    iters = cdiv(row_blocks, nprog)
     _layernorm_fwd_kernel[(nprog,)](x2, x2.stride(0), w, b, y, mean, rstd, copy_data, copy_amax, partials,
                                     M, nprog, iters, float(eps), N=N, BLOCK_N=block_n, BM=bm,
                                     HAS_W=weight is not None, HAS_B=bias is not None, WRITE_Y=not quantize_output,
@@ -162,7 +166,7 @@ def layernorm_forward(x, weight, bias, eps, *, quantize_output=False, output_tra
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
-    grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
+    grid = (cdiv(M, bm2), cdiv(N, bn2))
     _layernorm_apply_kernel[grid](x2, x2.stride(0), w, b, mean, rstd, partials, nprog, amax, data, data_t, M, N,
                                   BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), HAS_W=weight is not None,
                                   HAS_B=bias is not None, WRITE_ROW=True, WRITE_T=output_transpose,

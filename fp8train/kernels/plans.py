@@ -29,7 +29,8 @@ import functools
 from typing import Iterator
 
 import torch
-import triton
+
+from .launch import next_power_of_2
 
 __all__ = ["Plan", "FAMILIES", "plan", "set_plan", "using_plan", "elementwise_tile", "sm_count", "partials_capacity",
            "partials_block", "warps"]
@@ -120,7 +121,7 @@ def elementwise_tile(N: int, family: str, transposed: bool = False, group: int =
     p = plan(family)
     if transposed:
         return p.transposed_tile
-    cols = max(group, min(p.max_cols, triton.next_power_of_2(N)))
+    cols = max(group, min(p.max_cols, next_power_of_2(N)))
     return max(1, p.tile_elements // cols), cols
 
 
@@ -150,4 +151,4 @@ def partials_capacity(x: torch.Tensor, family: str) -> int:
 def partials_block(x: torch.Tensor, family: str) -> int:
     """The block the next pass reduces the partial maxima in: a power of two >= the capacity, fixed per GPU
     and plan (a constexpr, so it must not vary with the tensor's size: no recompiles for new shapes)."""
-    return triton.next_power_of_2(partials_capacity(x, family))
+    return next_power_of_2(partials_capacity(x, family))

@@ -26,6 +26,7 @@ import triton.language as tl
 from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 from . import plans
 from .plans import sm_count
+from .launch import cdiv, fast_launch
 
 __all__ = ["INV_E4M3_MAX", "quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile",
            "load_group_copy", "as_rows", "tensorwise_amax", "amax_and_scale", "dequant_scale", "SLOT",
@@ -184,6 +185,7 @@ def store_tensorwise(vals, inv, rows, cols, M, N, out_ptr, stride_out, out_t_ptr
 # kernels
 # --------------------------------------------------------------------------------------------------------------
 
+@fast_launch
 @triton.jit(do_not_specialize=["M"])
 def _quantize_groups_kernel(x_ptr, stride_x, q_ptr, amax_ptr, M, N,
                             BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, FMAX: tl.constexpr,
@@ -202,6 +204,7 @@ def _quantize_groups_kernel(x_ptr, stride_x, q_ptr, amax_ptr, M, N,
     tl.store(amax_ptr + rows64 * (N // G) + gcols[None, :], amax.to(amax_ptr.dtype.element_ty), mask=gmask)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _amax_partials_kernel(x_ptr, stride_x, partials_ptr, M, N, num_programs, iters,
                           BM: tl.constexpr, BN: tl.constexpr):
@@ -216,6 +219,7 @@ def _amax_partials_kernel(x_ptr, stride_x, partials_ptr, M, N, num_programs, ite
     tl.store(partials_ptr + pid, acc)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_partials"])
 def _quantize_tensorwise_kernel(x_ptr, stride_x, partials_ptr, num_partials, amax_out_ptr, q_ptr, q_t_ptr, M, N,
                                 BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, FMAX: tl.constexpr,
@@ -270,7 +274,7 @@ def quantize_groups(x: torch.Tensor, fmt, group_size: int = 16, scale_dtype: tor
     amax = torch.empty(*x.shape[:-1], N // group_size, dtype=scale_dtype, device=x.device)
     if x2.numel():
         bm, bn = plans.elementwise_tile(N, "quantize", group=group_size)
-        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        grid = (cdiv(M, bm), cdiv(N, bn))
         _quantize_groups_kernel[grid](x2, x2.stride(0), data, amax, M, N, BM=bm, BN=bn, G=group_size, FMAX=fmax,
                                       ROUND_BF16=scale_dtype == torch.bfloat16, num_warps=plans.warps("quantize"))
     return QuantizedTensor(data=data, amax=amax, fmt=fmt, granularity=Granularity("group", group_size),
@@ -281,8 +285,8 @@ def tensorwise_amax(x2: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Stage 1 alone: int32 partial maxima of a 2-D ``x2`` and how many there are."""
     M, N = x2.shape
     bm, bn = plans.elementwise_tile(N, "quantize")
-    num = max(1, min(triton.cdiv(M, bm) * triton.cdiv(N, bn), plans.partials_capacity(x2, "quantize")))
-    iters = triton.cdiv(triton.cdiv(M, bm) * triton.cdiv(N, bn), num)
+    num = max(1, min(cdiv(M, bm) * cdiv(N, bn), plans.partials_capacity(x2, "quantize")))
+    iters = cdiv(cdiv(M, bm) * cdiv(N, bn), num)
     partials = torch.empty(num, dtype=torch.int32, device=x2.device)
     _amax_partials_kernel[(num,)](x2, x2.stride(0), partials, M, N, num, iters, BM=bm, BN=bn,
                                   num_warps=plans.warps("quantize"))
@@ -315,7 +319,7 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=x.device) if with_transpose else None
     bm, bn = plans.elementwise_tile(N, "quantize", with_transpose)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = (cdiv(M, bm), cdiv(N, bn))
     _quantize_tensorwise_kernel[grid](x2, x2.stride(0), partials, num, amax_out,
                                       data if data is not None else amax_out,
                                       data_t if data_t is not None else amax_out, M, N,
@@ -332,6 +336,7 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     return (q, data_t) if with_transpose else q
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["n"])
 def _dequantize_tensorwise_kernel(q_ptr, amax_ptr, out_ptr, n, INV_FMAX: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -352,6 +357,6 @@ def dequantize_tensorwise(data: torch.Tensor, amax: torch.Tensor, fmax: float, d
     n = data.numel()
     if n:
         block = plans.plan("dequantize").tile_elements
-        _dequantize_tensorwise_kernel[(triton.cdiv(n, block),)](data, amax, out, n, INV_FMAX=1.0 / fmax,
+        _dequantize_tensorwise_kernel[(cdiv(n, block),)](data, amax, out, n, INV_FMAX=1.0 / fmax,
                                                                  BLOCK=block, num_warps=plans.warps("dequantize"))
     return out

@@ -13,10 +13,12 @@ import triton.language as tl
 from ..quant import QuantizedTensor
 from . import plans
 from .quantize import as_rows, quantize_group_tile
+from .launch import cdiv, fast_launch
 
 __all__ = ["residual_add"]
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M"])
 def _residual_add_kernel(r_ptr, stride_r, x_ptr, stride_x, out_ptr, q_ptr, qamax_ptr, M, N,
                          BM: tl.constexpr, BN: tl.constexpr, WRITE_COPY: tl.constexpr):
@@ -54,7 +56,7 @@ def residual_add(residual, x, *, emit_fp8_copy=False):
     else:
         data = amax = total  # unused
     bm, bn = plans.elementwise_tile(N, "residual")
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = (cdiv(M, bm), cdiv(N, bn))
     _residual_add_kernel[grid](r2, r2.stride(0), x2, x2.stride(0), total, data, amax, M, N, BM=bm, BN=bn,
                                WRITE_COPY=emit_fp8_copy, num_warps=plans.warps("residual"))
     copy = None

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
+from .launch import cdiv, fast_launch, next_power_of_2
 from .quantize import (E4M3_MAX, INV_E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, fold_amax_bits,
                        grid_tile, load_group_copy, quantize_group_tile, saturate, shared_amax, store_tensorwise,
                        tile_amax_bits)
@@ -44,6 +45,7 @@ def _normed_output(n, w, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, STYLE: tl
     return y.to(Y_DTYPE).to(tl.float32)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_ptr, partials_ptr,
                         r_ptr, stride_r, h_ptr, M, num_programs, iters, eps,
@@ -89,6 +91,7 @@ def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_pt
         tl.store(partials_ptr + pid, acc)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_partials"])
 def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
                           q_ptr, q_t_ptr, deq_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -114,6 +117,7 @@ def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partial
                  ((q * INV_E4M3_MAX) * amax).to(deq_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, dy3_ptr, stride_dy3, q_ptr, qamax_ptr, rstd_ptr,
                         w_ptr, dx_ptr, dw_partial_ptr, dres_ptr, stride_dres, amax_ptr, M, num_programs, iters,
@@ -167,7 +171,7 @@ def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, dy3_ptr, stride_
 
 def _row_plan(M: int, N: int, target: int = 4096) -> tuple[int, int, int]:
     """(BLOCK_N, BM, num_warps) for kernels that keep BM whole rows of N in registers."""
-    block_n = triton.next_power_of_2(N)
+    block_n = next_power_of_2(N)
     bm = max(1, min(64, target // block_n))
     warps = min(16, max(4, bm * block_n // 512))
     return block_n, bm, warps
@@ -184,11 +188,11 @@ def _backward_row_plan(dy: torch.Tensor, M: int, N: int, plan: Optional[tuple] =
     loads in flight.  ``plan`` = (rows per block, warps, programs per SM) overrides it -- a tuning aid
     (benchmarks/gpu/ops.py sweeps it); results change only through fp32 summation order (the row sums' warp
     layout, the dweight partials)."""
-    block_n = triton.next_power_of_2(N)
+    block_n = next_power_of_2(N)
     bm, warps, per_sm = plan if plan is not None else (1, 4 if block_n <= 4096 else 8, 16)
-    row_blocks = triton.cdiv(M, bm)
+    row_blocks = cdiv(M, bm)
     nprog = max(1, min(row_blocks, per_sm * plans.sm_count(dy)))
-    return block_n, bm, warps, nprog, triton.cdiv(row_blocks, nprog)
+    return block_n, bm, warps, nprog, cdiv(row_blocks, nprog)
 
 
 def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_transpose=False, write_copy=True,
@@ -217,7 +221,7 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     copy_data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev) if write_copy else rstd
     copy_amax = torch.empty(*x.shape[:-1], N // 16, dtype=torch.bfloat16, device=dev) if write_copy else rstd
     block_n, bm, warps = _row_plan(M, N)
-    row_blocks = triton.cdiv(M, bm)
+    row_blocks = cdiv(M, bm)
     w = weight if weight is not None else rstd
     if quantize_output:
         nprog = max(1, min(row_blocks, plans.partials_capacity(x, "norm")))
@@ -228,7 +232,7 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
         nprog, partials = row_blocks, rstd
         y = torch.empty(x.shape, dtype=y_dtype, device=dev)
         y_arg = y
-    iters = triton.cdiv(row_blocks, nprog)
+    iters = cdiv(row_blocks, nprog)
     _rmsnorm_fwd_kernel[(nprog,)](x2, x2.stride(0), w, y_arg, rstd, copy_data, copy_amax, partials,
                                   r2, r2.stride(0), h2, M, nprog, iters, float(eps), N=N, BLOCK_N=block_n, BM=bm,
                                   STYLE=_STYLE_CODE[style], HAS_W=weight is not None, WRITE_Y=not quantize_output,
@@ -246,7 +250,7 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
-    grid = (triton.cdiv(M, bm2), triton.cdiv(N, bn2))
+    grid = (cdiv(M, bm2), cdiv(N, bn2))
     deq = torch.empty(x.shape, dtype=dequantized_dtype, device=dev) if dequantized_dtype is not None else amax
     _rmsnorm_apply_kernel[grid](x2, x2.stride(0), w, rstd, y_dummy, partials, nprog, amax, data, data_t, deq, M, N,
                                 BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), STYLE=_STYLE_CODE[style],

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .quantize import fold_amax_bits, tile_amax_bits
+from .launch import fast_launch, next_power_of_2
 
 __all__ = ["rotary_apply"]
 
@@ -65,6 +66,7 @@ def _rotate_heads(x_ptr, x_sb, x_ss, x_sh, x_sd, y_ptr, y_sb, y_ss, y_sh, y_sd, 
         fold_amax_bits(amax_ptr, bits)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["S"])
 def _rotary_kernel(q_ptr, q_sb, q_ss, q_sh, q_sd, k_ptr, k_sb, k_ss, k_sh, k_sd,
                    qo_ptr, qo_sb, qo_ss, qo_sh, qo_sd, ko_ptr, ko_sb, ko_ss, ko_sh, ko_sd,
@@ -91,7 +93,7 @@ def _rotary_kernel(q_ptr, q_sb, q_ss, q_sh, q_sd, k_ptr, k_sb, k_ss, k_sh, k_sd,
 
 def _head_block(n_heads: int, block_half: int) -> int:
     # about 2048 elements per half-tile: all 16 heads of a 128-dim q in one step, fewer for wider heads
-    return max(1, min(triton.next_power_of_2(n_heads), 2048 // block_half))
+    return max(1, min(next_power_of_2(n_heads), 2048 // block_half))
 
 
 def rotary_apply(q, k, q_out, k_out, cos, sin, *, backward: bool = False, amax_slots=None) -> None:
@@ -106,7 +108,7 @@ def rotary_apply(q, k, q_out, k_out, cos, sin, *, backward: bool = False, amax_s
     B, S, n_q_heads, D = q.shape
     n_k_heads = k.shape[2]
     half = D // 2
-    block_half = triton.next_power_of_2(half)
+    block_half = next_power_of_2(half)
     grid = (B * S,)
     _rotary_kernel[grid](q, *q.stride(), k, *k.stride(), q_out, *q_out.stride(), k_out, *k_out.stride(),
                          cos, *cos.stride(), sin, *sin.stride(), S, n_q_heads, n_k_heads,

@@ -24,12 +24,14 @@ import math
 import torch
 import triton
 import triton.language as tl
+from .launch import cdiv, fast_launch
 
 __all__ = ["simulate_round"]
 
 BLOCK = 1024
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["n", "cols", "n_groups"])
 def _simulate_round_kernel(x_ptr, out_ptr, amax_ptr, n, cols, n_groups,
                            FMAX: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, SHIFT: tl.constexpr,
@@ -91,7 +93,7 @@ def simulate_round(x: torch.Tensor, fmt, amax=None, group: int = 0) -> torch.Ten
         n_groups = amax.shape[-1] if group > 0 else 1
     else:
         amax, n_groups = x, 1  # unused pointer
-    grid = (triton.cdiv(n, BLOCK),)
+    grid = (cdiv(n, BLOCK),)
     _simulate_round_kernel[grid](
         x, out, amax, n, cols, n_groups,
         FMAX=float(fmt.max), MIN_NORMAL=float(fmt.min_normal), MAGIC=math.ldexp(1.0, fmt.emin - fmt.man_bits + 23),

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .quantize import SLOT, dequant_scale, encode_multiplier, loop_tile, store_tensorwise, tile_amax_bits
+from .launch import cdiv, fast_launch
 
 __all__ = ["quantize_weights", "WeightBuffers"]
 
@@ -54,6 +55,7 @@ def _tile_of(work_ptr, table_ptr, BM: tl.constexpr, BN: tl.constexpr, X_BF16: tl
     return t, tile, row, rows, cols, M, N, x
 
 
+@fast_launch
 @triton.jit
 def _amax_many_kernel(work_ptr, table_ptr, slots_ptr, BM: tl.constexpr, BN: tl.constexpr, X_BF16: tl.constexpr,
                       ALIGNED: tl.constexpr):
@@ -61,6 +63,7 @@ def _amax_many_kernel(work_ptr, table_ptr, slots_ptr, BM: tl.constexpr, BN: tl.c
     tl.atomic_max(slots_ptr + t, tile_amax_bits(x))  # |x| bits order like the values; NaN above inf
 
 
+@fast_launch
 @triton.jit
 def _quantize_many_kernel(work_ptr, table_ptr, slots_ptr, BM: tl.constexpr, BN: tl.constexpr,
                           X_BF16: tl.constexpr, FMAX: tl.constexpr, ALIGNED: tl.constexpr, GIVEN_AMAX: tl.constexpr):
@@ -84,7 +87,7 @@ def _quantize_many_kernel(work_ptr, table_ptr, slots_ptr, BM: tl.constexpr, BN: 
 @functools.lru_cache(maxsize=64)
 def _work_list(shapes: tuple, bm: int, bn: int, device: torch.device) -> torch.Tensor:
     """int32 (weight index, tile index) pairs covering every tile of every weight."""
-    tiles = torch.tensor([triton.cdiv(m, bm) * triton.cdiv(n, bn) for m, n in shapes], dtype=torch.int64)
+    tiles = torch.tensor([cdiv(m, bm) * cdiv(n, bn) for m, n in shapes], dtype=torch.int64)
     weight_index = torch.repeat_interleave(torch.arange(len(shapes)), tiles)
     first = torch.cumsum(tiles, 0) - tiles
     tile_index = torch.arange(int(tiles.sum())) - first[weight_index]
