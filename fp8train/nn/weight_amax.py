@@ -47,7 +47,8 @@ import sys
 from typing import Optional
 
 import torch
-import torch.utils.weak
+
+from .identity_map import WeakIdentityMap
 
 __all__ = ["want", "wants", "generation", "Slot", "new_slot", "write_slot", "publish", "published_amax",
            "is_enabled", "set_enabled", "disabled"]
@@ -71,7 +72,7 @@ class Slot:
 
 
 # parameter -> the Slot its amax is published in, or None while it wants one and has none
-_entries = torch.utils.weak.WeakIdKeyDictionary()
+_entries = WeakIdentityMap()
 _generation = 0  # bumped whenever a parameter is newly marked: optimizers rescan their parameters then
 _enabled = _LITTLE_ENDIAN and os.environ.get("FP8TRAIN_PUBLISHED_AMAX", "1") != "0"
 

@@ -23,15 +23,14 @@ Cost: 2 bytes per linear weight parameter, kept between steps.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
-import weakref
-
 import torch
-import torch.utils.weak
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import weight_amax
+from .identity_map import WeakIdentityMap
 
 __all__ = ["cached_weight", "refresh_stale", "group_weights", "drop_cached_weights"]
 
@@ -46,8 +45,8 @@ class _Entry:
         self.buffers = None  # kernels.weight_copies.WeightBuffers on the batched path
 
 
-_entries = torch.utils.weak.WeakIdKeyDictionary()
-_groups = torch.utils.weak.WeakIdKeyDictionary()  # weight -> the list of weakrefs of its model's FP8 weights
+_entries = WeakIdentityMap()
+_groups = WeakIdentityMap()  # weight -> the list of weakrefs of its model's FP8 weights
 _generation = 0
 _hook = None
 
