@@ -154,7 +154,7 @@ class Recipe:
         return (not self.fp8_linears and not self.compress_activations and not self.chunked_loss
                 and self.simulate is None and not self.fp8_attention_saves)
 
-    @property
+    @functools.cached_property  # a frozen dataclass still has a __dict__: cached_property writes there
     def per_tensor(self) -> bool:
         """All three GEMM operands per-tensor scaled: the torch._scaled_mm fast path applies."""
         return all(g.kind == "tensor" for _, g in linear_formats(self))
@@ -199,11 +199,16 @@ def resolve_recipe(recipe: Union[str, Recipe, None]) -> Recipe:
     raise TypeError(f"recipe must be a name ({sorted(PRESETS)}) or a fp8train.Recipe, got {type(recipe).__name__}")
 
 
-@functools.lru_cache(maxsize=None)
 def linear_formats(recipe: Recipe):
     """Parsed (format, granularity) pairs for input, weight and grad of a recipe's linear layers."""
-    from .formats import parse_format
-    from .quant import Granularity
+    # asked several times per linear layer and step: kept on the (frozen) recipe itself, since even an
+    # lru_cache lookup hashes all of the recipe's fields each time
+    parsed = recipe.__dict__.get("_parsed_linear_formats")
+    if parsed is None:
+        from .formats import parse_format
+        from .quant import Granularity
 
-    return tuple((parse_format(getattr(recipe, f"{op}_format")), Granularity.parse(getattr(recipe, f"{op}_granularity")))
-                 for op in ("input", "weight", "grad"))
+        parsed = tuple((parse_format(getattr(recipe, f"{op}_format")),
+                        Granularity.parse(getattr(recipe, f"{op}_granularity"))) for op in ("input", "weight", "grad"))
+        object.__setattr__(recipe, "_parsed_linear_formats", parsed)
+    return parsed

@@ -193,6 +193,13 @@ def _padded(data: torch.Tensor, rows: int, cols: int, column_major: bool) -> tor
     return out
 
 
+def _scalar_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` as the 0-d float32 tensor torch._scaled_mm wants (the quantizers' scales already are: no ops)."""
+    if scale.dtype == torch.float32 and scale.dim() == 0:
+        return scale
+    return scale.float().reshape(())
+
+
 def _scaled_mm_tensorwise(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                     out_dtype: torch.dtype, fast_accumulation: bool) -> torch.Tensor:
     m, k = a.shape
@@ -206,7 +213,7 @@ def _scaled_mm_tensorwise(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tenso
             a = a.contiguous()
         if not (b.stride(0) == 1 and b.stride(1) >= max(1, kp)):
             b = b.t().contiguous().t()
-    out = torch._scaled_mm(a, b, scale_a=a_scale.float().reshape(()), scale_b=b_scale.float().reshape(()),
+    out = torch._scaled_mm(a, b, scale_a=_scalar_scale(a_scale), scale_b=_scalar_scale(b_scale),
                            out_dtype=out_dtype, use_fast_accum=fast_accumulation)
     return out[:, :n] if np_ != n else out
 
