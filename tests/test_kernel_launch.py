@@ -53,8 +53,8 @@ class _StandIn:
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    monkeypatch.setattr(launch, "_driver", types.SimpleNamespace(get_current_device=lambda: 0,
-                                                                  get_current_stream=lambda device: 1234))
+    monkeypatch.setattr(launch, "_driver", types.SimpleNamespace(get_current_stream=lambda device: 1234))
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
     launch.set_enabled(True)
     return _StandIn()
 
@@ -69,6 +69,43 @@ def test_repeat_launches_go_straight_to_the_compiled_kernel(stand_in):
     assert launched == (6, 2, 1, 1234, "fn-0", "meta-0", ("metadata", (6, 2), 1234),
                         launch.triton.knobs.runtime.launch_enter_hook, launch.triton.knobs.runtime.launch_exit_hook,
                         48, 9, 128)
+
+
+class _Launcher:
+    """Triton's CudaLauncher as the direct path sees it: a C launch function and what the kernel needs."""
+
+    def __init__(self, scratch=0):
+        self.global_scratch_size, self.profile_scratch_size, self.num_ctas = scratch, 0, 1
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+        self.c_calls, self.object_calls = [], []
+
+    def launch(self, *args):
+        self.c_calls.append(args)
+
+    def __call__(self, *args):
+        self.object_calls.append(args)
+
+
+@pytest.mark.parametrize("scratch", [0, 256])
+def test_kernels_without_scratch_memory_are_launched_by_the_c_function(stand_in, monkeypatch, scratch):
+    kernel = launch.FastKernel(stand_in)
+    compiled = kernel[(1,)](32, 7)
+    compiled.run = _Launcher(scratch)
+    kernel._compiled.clear()
+    kernel[(1,)](32, 7)  # re-registers the compiled kernel (Triton's path), now with its launcher object
+    kernel[(3,)](32, 5)
+    if scratch:  # needs scratch memory: Triton's launcher object allocates it
+        assert compiled.run.c_calls == [] and compiled.run.object_calls[0][:3] == (3, 1, 1)
+    else:
+        assert compiled.run.object_calls == []
+        assert compiled.run.c_calls == [(3, 1, 1, 1234, "fn-0", False, True, None, None, "meta-0", None, None, None,
+                                         32, 5, 64)]
+    # with a launch hook registered (Proton), launches go through Triton's launcher with metadata and hooks
+    hooks = types.SimpleNamespace(launch_enter_hook=types.SimpleNamespace(calls=[print]),
+                                  launch_exit_hook=types.SimpleNamespace(calls=[]))
+    monkeypatch.setattr(launch, "_knobs", types.SimpleNamespace(runtime=hooks))
+    kernel[(4,)](32, 5)
+    assert compiled.run.object_calls[-1][:7] == (4, 1, 1, 1234, "fn-0", "meta-0", ("metadata", (4,), 1234))
 
 
 def test_a_new_specialization_or_option_takes_tritons_path(stand_in):

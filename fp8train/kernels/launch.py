@@ -22,8 +22,10 @@ Also here: :func:`cdiv` and :func:`next_power_of_2` for host code.  Triton 3.x m
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 from triton.runtime.jit import JITFunction
 
@@ -62,40 +64,64 @@ class FastKernel:
 
     def __init__(self, fn: JITFunction):
         self.fn = fn
-        self._compiled: dict = {}  # (specialization, options) -> compiled kernel
+        # (device, specialization, options) -> (compiled kernel, its C launcher's fixed arguments or None)
+        self._compiled: dict = {}
         self.__doc__ = fn.__doc__
 
     def __getattr__(self, name):
         return getattr(self.fn, name)
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+        return functools.partial(self.launch, grid)
 
-    def launch(self, grid, args, kwargs):
+    def launch(self, grid, *args, **kwargs):
         fn = self.fn
         if not _enabled:
             return fn.run(*args, grid=grid, warmup=False, **kwargs)
-        device = _driver.get_current_device()
-        caches = fn.device_caches[device]
-        params, specialization, options = caches[4](*args, **kwargs)  # Triton's binder: what it specializes on
+        device = _current_device()
+        params, specialization, options = fn.device_caches[device][4](*args, **kwargs)  # Triton's own binder
         key = (device, tuple(specialization), tuple(options.items()))
-        kernel = self._compiled.get(key)
-        if kernel is None:  # first launch of this specialization: Triton's path compiles (or finds) and runs it
+        entry = self._compiled.get(key)
+        if entry is None:  # first launch of this specialization: Triton's path compiles (or finds) and runs it
             kernel = fn.run(*args, grid=grid, warmup=False, **kwargs)
             if hasattr(kernel, "result"):
                 kernel = kernel.result()
-            self._compiled[key] = kernel
+            self._compiled[key] = (kernel, _direct_arguments(kernel))
             return kernel
+        kernel, direct = entry
         if callable(grid):
             grid = grid(params)
         grid_size = len(grid)
+        grid_1, grid_2 = grid[1] if grid_size > 1 else 1, grid[2] if grid_size > 2 else 1
         stream = _driver.get_current_stream(device)
         values = params.values()
         runtime = _knobs.runtime
-        kernel.run(grid[0], grid[1] if grid_size > 1 else 1, grid[2] if grid_size > 2 else 1, stream,
-                   kernel.function, kernel.packed_metadata, kernel.launch_metadata(grid, stream, *values),
-                   runtime.launch_enter_hook, runtime.launch_exit_hook, *values)
+        enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if direct is not None and not _active(enter_hook) and not _active(exit_hook):
+            # what Triton's CudaLauncher would do for a kernel without scratch memory, minus its Python frame
+            c_launch, function, cooperative, pdl, packed_metadata = direct
+            c_launch(grid[0], grid_1, grid_2, stream, function, cooperative, pdl, None, None, packed_metadata,
+                     None, None, None, *values)
+        else:
+            kernel.run(grid[0], grid_1, grid_2, stream, kernel.function, kernel.packed_metadata,
+                       kernel.launch_metadata(grid, stream, *values), enter_hook, exit_hook, *values)
         return kernel
+
+
+def _active(hook) -> bool:
+    """Whether a launch hook (a HookChain, a plain callable or None) would do anything (Proton sets them)."""
+    return bool(getattr(hook, "calls", hook))
+
+
+def _direct_arguments(kernel):
+    """``(C launch function, function handle, cooperative grid, PDL, packed metadata)`` of a compiled kernel whose
+    launcher needs no scratch memory; None otherwise (its launches then go through Triton's launcher object)."""
+    launcher = kernel.run  # Triton's CudaLauncher (loads the module on first access)
+    c_launch = getattr(launcher, "launch", None)
+    if (c_launch is None or getattr(launcher, "global_scratch_size", 1) != 0
+            or getattr(launcher, "profile_scratch_size", 1) != 0 or getattr(launcher, "num_ctas", 1) != 1):
+        return None
+    return (c_launch, kernel.function, launcher.launch_cooperative_grid, launcher.launch_pdl, kernel.packed_metadata)
 
 
 def fast_launch(fn):
@@ -132,4 +158,6 @@ class _LazyDriver:
 
 
 _driver = _LazyDriver()
-_knobs = triton.knobs
+_knobs = getattr(triton, "knobs", None)
+# Triton asks torch.cuda.current_device(), which re-checks CUDA's lazy initialisation on every call
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device

@@ -305,7 +305,10 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     x2 = as_rows(x)
     M, N = x2.shape
     if amax is not None:
-        partials = amax.detach().reshape(1).to(device=x.device, dtype=torch.float32).view(torch.int32)
+        if amax.dtype != torch.float32 or amax.device != x.device or amax.requires_grad:
+            amax = amax.detach().to(device=x.device, dtype=torch.float32)
+        # the published amaxes (weights, gradients) already are float32 on x's device: no ops but the views
+        partials = (amax if amax.dim() == 1 else amax.reshape(1)).view(torch.int32)
         num = 1
     else:
         partials, num = tensorwise_amax(x2)

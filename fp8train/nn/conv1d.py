@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..recipes import Recipe, resolve_recipe
 from .linear import fp8_linear
+from .eager_ops import eager_op
 
 __all__ = ["FP8Conv1D"]
 
@@ -31,7 +32,7 @@ class FP8Conv1D(Conv1D):
         new.train(conv.training)
         return new
 
-    @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
+    @eager_op  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight.t(), self.bias, recipe=self.recipe)
 

@@ -73,6 +73,7 @@ from torch import nn
 from ..formats import E4M3, INT8
 from ..kernels import warn_once
 from ..quant import Granularity, QuantizedTensor, quantize
+from .eager_ops import autocast_off
 
 __all__ = ["ATTENTION_NAME", "SAVED_FORMAT", "SAVED_FORMATS", "MODES", "saved_group_size", "choose_backend",
            "FP8SavedAttentionFunction", "fp8_saved_attention", "fp8_saved_sdpa_attention_forward",
@@ -403,7 +404,7 @@ def _autocast_inputs(q, k, v):
 
 @torch.compiler.disable  # eager op: torch.compile compiles the model around it, as for fp8train's other FP8 ops
 def _fp8_saved_core(q, k, v, scale, backend, mode, saved_format, reference):
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         return FP8SavedAttentionFunction.apply(q, k, v, scale, backend, mode, saved_format, reference)
 
 

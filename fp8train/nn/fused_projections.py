@@ -31,6 +31,7 @@ from torch import nn
 from ..recipes import Recipe
 from .linear import (PROJECTION_GROUP_ATTR, FP8Linear, compute_dtype, fp8_linear_backward, fp8_linear_forward,
                      load_linear, quantize_linear_input, save_linear)
+from .eager_ops import autocast_off
 
 __all__ = ["ProjectionGroup", "fuse_projections", "fused_group"]
 
@@ -40,7 +41,7 @@ class _FusedProjectionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_in, recipe, out_dtype, n, *params):
         weights, biases = params[:n], params[n:]
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             stacked = torch.cat(weights, dim=0)
             bias = torch.cat(biases, dim=0) if biases else None
             y, saved = fp8_linear_forward(x_in, stacked, bias, recipe=recipe, out_dtype=out_dtype)
@@ -57,7 +58,7 @@ class _FusedProjectionFunction(torch.autograd.Function):
         linear_tensors, weights = saved_tensors[:n_linear], saved_tensors[n_linear:]
         needs = ctx.needs_input_grad
         weight_grads_needed = any(needs[5:5 + ctx.n])
-        with torch.autocast(dy.device.type, enabled=False):
+        with autocast_off(dy.device.type):
             saved = load_linear(ctx.saved_meta, *linear_tensors)
             stacked = torch.cat(weights, dim=0)  # rebuilt rather than kept: no second copy of q/k/v's weights
             dx, dweight, dbias = fp8_linear_backward(dy.contiguous(), saved, stacked, recipe=ctx.recipe,

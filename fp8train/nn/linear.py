@@ -51,6 +51,7 @@ from .. import mixed_granularity as mg
 from ..quant import Granularity, QuantizedTensor, group_scaling_amax, quantize
 from ..recipes import Recipe, linear_formats, resolve_recipe
 from . import grad_amax, handoff, weight_amax, weight_cache
+from .eager_ops import autocast_off, eager_op
 
 __all__ = [
     "FP8Linear",
@@ -353,30 +354,33 @@ def _weight_grad(dy: LinearInput, x: QuantizedTensor, out_dtype: torch.dtype) ->
 # -- autograd ------------------------------------------------------------------------------------------------
 
 def pack_quantized(q: QuantizedTensor):
-    """``(tensors, meta)`` so a QuantizedTensor can go through ``ctx.save_for_backward``."""
-    return (q.data, q.amax), (q.fmt, q.granularity, q.shape, q.dtype)
+    """``(tensors, meta)`` so a QuantizedTensor can go through ``ctx.save_for_backward``.  The GEMM scale the
+    quantizer stored beside the amax travels too (a view of the same small buffer): without it backward would
+    divide amax by the format's max again, one more launch per weight-gradient GEMM."""
+    return (q.data, q.amax, q.scale_hint), (q.fmt, q.granularity, q.shape, q.dtype)
 
 
-def unpack_quantized(meta, data, amax) -> QuantizedTensor:
+def unpack_quantized(meta, data, amax, scale=None) -> QuantizedTensor:
     fmt, granularity, shape, dtype = meta
-    return QuantizedTensor(data, amax, fmt, granularity, shape, dtype)
+    return QuantizedTensor(data, amax, fmt, granularity, shape, dtype, scale_hint=scale)
 
 
 def save_linear(saved: LinearSaved):
-    """``(tensors, meta)`` of a LinearSaved: tensors for save_for_backward, meta to keep on ctx."""
+    """``(tensors, meta)`` of a LinearSaved: tensors for save_for_backward (4: data, amax, scale, weight amax), meta
+    to keep on ctx."""
     tensors, meta = pack_quantized(saved.x)
     return [*tensors, saved.weight_amax], (meta, saved.input_shape, saved.input_dtype)
 
 
-def load_linear(meta, data, amax, weight_amax) -> LinearSaved:
+def load_linear(meta, data, amax, scale, weight_amax) -> LinearSaved:
     q_meta, input_shape, input_dtype = meta
-    return LinearSaved(unpack_quantized(q_meta, data, amax), weight_amax, input_shape, input_dtype)
+    return LinearSaved(unpack_quantized(q_meta, data, amax, scale), weight_amax, input_shape, input_dtype)
 
 
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, x_in, recipe, out_dtype, save_reference):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             y, saved = fp8_linear_forward(x_in if x_in is not None else x, weight, bias, recipe=recipe,
                                           out_dtype=out_dtype)
         if save_reference:
@@ -395,7 +399,7 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         *tensors, weight = ctx.saved_tensors
-        with torch.autocast(dy.device.type, enabled=False):
+        with autocast_off(dy.device.type):
             if ctx.saved_meta is None:
                 x, x_amax, weight_amax = tensors
                 (fmt, granularity), _, _ = linear_formats(ctx.recipe)
@@ -516,7 +520,7 @@ class FP8Linear(nn.Linear):
         """An FP8Linear sharing ``linear``'s weight and bias Parameters (no copy)."""
         return linear_sharing_parameters(linear, cls, recipe=recipe)
 
-    @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
+    @eager_op  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.__dict__.get(PROJECTION_GROUP_ATTR)  # Recipe.fused_qkv: one GEMM for q/k/v
         if group is not None:

@@ -54,6 +54,7 @@ from .. import mixed_granularity as mg
 from ..recipes import Recipe, linear_formats, resolve_recipe
 from . import grad_amax, handoff
 from .activation import act_fn, activation_name
+from .eager_ops import autocast_off, eager_op
 from .gated_mlp import GatedSaved, gated_product, gated_product_backward, gated_product_forward
 from .linear import (FP8Linear, LinearInput, LinearSaved, _as_matrix, _quantize, attach_linear_input,
                      compute_dtype, fp8_linear_backward, fp8_linear_forward, load_linear, quantize_linear_input,
@@ -92,7 +93,7 @@ SPARE_OUTPUTS = 0 if os.environ.get("FP8TRAIN_NORM_GRAD_FANIN", "1") == "0" else
 class _FlowNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, style, transpose, out_dtype, box, residual):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             out, saved, y = rmsnorm_forward(x, weight, eps, style=style, quantize_output=True,
                                             output_transpose=transpose, dequantized_dtype=out_dtype)
             y_in = LinearInput(*out) if transpose else LinearInput(out)
@@ -118,7 +119,7 @@ class _FlowNormFunction(torch.autograd.Function):
         saved = RMSNormSaved(mg.unpack(ctx.x_meta, data, amax), rstd, ctx.style)
         # x's whole gradient when the residual one is in: publish its amax for the FP8 linear quantizing it next
         slot = grad_amax.new_slot(dys[0].device) if dres is not None and grad_amax.enabled() else None
-        with torch.autocast(dys[0].device.type, enabled=False):
+        with autocast_off(dys[0].device.type):
             dx, dweight = rmsnorm_backward(dys[0], saved, weight, residual_grad=dres,
                                            second_dy=dys[1] if len(dys) > 1 else None,
                                            third_dy=dys[2] if len(dys) > 2 else None, amax_slot=slot)
@@ -144,14 +145,14 @@ class FlowRMSNorm(FP8RMSNorm):
         new.recipe = resolve_recipe(recipe)
         return new
 
-    @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
+    @eager_op  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor, x_saved=None) -> torch.Tensor:
         recipe = getattr(self, "recipe", None)
         if x_saved is not None or recipe is None or not flow_supported(recipe):
             return super().forward(x, x_saved)
         return self._flow(x, recipe, residual=False)[0]
 
-    @torch.compiler.disable
+    @eager_op
     def forward_with_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm(x), x')`` where ``x'`` is x for the block's residual add: a view of x whose gradient comes back
         through this norm's backward, which adds it to the norm's input gradient in the same kernel pass (and
@@ -192,7 +193,7 @@ class _FlowMLPFunction(torch.autograd.Function):
     def forward(ctx, src, norm_weight, w_gate, b_gate, w_up, b_up, w_down, b_down,
                 norm, x_in, recipe, activation, out_dtype, recompute, add_residual):
         transpose = wants_transpose(src.device, recipe)
-        with torch.autocast(src.device.type, enabled=False):
+        with autocast_off(src.device.type):
             if norm is not None:
                 x_in = norm.y
             gate, saved_gate = fp8_linear_forward(x_in, w_gate, b_gate, recipe=recipe, out_dtype=out_dtype)
@@ -214,7 +215,7 @@ class _FlowMLPFunction(torch.autograd.Function):
         (g_data, g_amax), ctx.gate_meta = mg.pack(gated.gate)
         (u_data, u_amax), ctx.up_meta = mg.pack(gated.up)
         if recompute:
-            h_tensors, ctx.h_meta = [None, None, saved_down.weight_amax], None
+            h_tensors, ctx.h_meta = [None, None, None, saved_down.weight_amax], None
             ctx.h_shape, ctx.h_dtype = saved_down.input_shape, saved_down.input_dtype
         else:
             h_tensors, ctx.h_meta = save_linear(saved_down)
@@ -234,20 +235,20 @@ class _FlowMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        (x_data, x_amax, wg_amax, wu_amax, g_data, g_amax, u_data, u_amax, h_data, h_amax, wd_amax,
+        (x_data, x_amax, x_scale, wg_amax, wu_amax, g_data, g_amax, u_data, u_amax, h_data, h_amax, h_scale, wd_amax,
          n_data, n_amax, rstd, norm_weight, w_gate, w_up, w_down) = ctx.saved_tensors
         recipe = ctx.recipe
         needs = ctx.needs_input_grad
         dres = None
         if ctx.add_residual:  # d(src + out): the same gradient for both, cast like autograd casts it
             dres, dout = dout, dout.to(ctx.out_dtype)
-        with torch.autocast(dout.device.type, enabled=False):
+        with autocast_off(dout.device.type):
             gated = GatedSaved(mg.unpack(ctx.gate_meta, g_data, g_amax), mg.unpack(ctx.up_meta, u_data, u_amax),
                                ctx.activation)
             if ctx.recompute:
                 saved_down = _recompute_product(gated, wd_amax, ctx.h_shape, ctx.h_dtype, recipe, dout.device)
             else:
-                saved_down = load_linear(ctx.h_meta, h_data, h_amax, wd_amax)
+                saved_down = load_linear(ctx.h_meta, h_data, h_amax, h_scale, wd_amax)
             dh, dw_down, db_down = fp8_linear_backward(dout, saved_down, w_down, recipe=recipe,
                                                        has_bias=ctx.has_bias[2], needs_weight_grad=needs[6])
             # the gated product's backward can write dgate/dup directly as the projections' E5M2 per-tensor
@@ -260,7 +261,7 @@ class _FlowMLPFunction(torch.autograd.Function):
             if fused_quantize:
                 dgate, dup = (LinearInput(*d) if transpose else LinearInput(d) for d in (dgate, dup))
             del dh
-            saved_gate = load_linear(ctx.x_meta, x_data, x_amax, wg_amax)
+            saved_gate = load_linear(ctx.x_meta, x_data, x_amax, x_scale, wg_amax)
             saved_up = saved_gate._replace(weight_amax=wu_amax)
             dx_gate, dw_gate, db_gate = fp8_linear_backward(dgate, saved_gate, w_gate, recipe=recipe,
                                                             has_bias=ctx.has_bias[0], needs_weight_grad=needs[2])
@@ -349,13 +350,13 @@ class FlowMLP(nn.Module):
         return flow_supported(self.recipe) and all(type(p) is FP8Linear and p.recipe == self.recipe
                                                    for p in projections)
 
-    @torch.compiler.disable  # eager FP8 ops; torch.compile compiles the model around them
+    @eager_op  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable():
             return self.down_proj(gated_product(self.gate_proj(x), self.up_proj(x), self.activation))
         return self._run_fused(x, handoff.attached(x, NORM_KEY), add_residual=False)
 
-    @torch.compiler.disable
+    @eager_op
     def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)``: when ``x`` is the flow norm's output of ``residual`` (the Llama block's second
         half), the add runs inside this Function, so the residual gradient joins the norm's backward kernel

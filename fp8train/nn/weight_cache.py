@@ -78,6 +78,14 @@ def _group_of(weight: torch.Tensor) -> list:
     return [w for w in (ref() for ref in members) if w is not None]
 
 
+def _same_formats(entry: _Entry, fmt, granularity, transpose: bool) -> bool:
+    if entry.transpose != transpose:
+        return False
+    # a recipe hands out the same parsed format objects every call: identity first, equality only otherwise
+    return ((entry.fmt is fmt or entry.fmt == fmt)
+            and (entry.granularity is granularity or entry.granularity == granularity))
+
+
 def cached_weight(weight: torch.Tensor, fmt, granularity, transpose: bool):
     """The weight's FP8 copies as a LinearInput (with the transposed copy when ``transpose``), refreshed if
     stale; None where the cache does not apply: a weight no :func:`group_weights` call named (e.g. FSDP2's
@@ -89,7 +97,7 @@ def cached_weight(weight: torch.Tensor, fmt, granularity, transpose: bool):
     if _hook is None:
         _hook = register_optimizer_step_post_hook(_next_generation)
     entry = _entries.get(weight)
-    if entry is None or (entry.fmt, entry.granularity, entry.transpose) != (fmt, granularity, transpose):
+    if entry is None or not _same_formats(entry, fmt, granularity, transpose):
         entry = _entries[weight] = _Entry(fmt, granularity, transpose)
     if entry.key != _key(weight):
         if _capturing(weight):
