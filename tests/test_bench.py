@@ -82,3 +82,33 @@ def test_results_file_is_an_object_with_versions_and_rows_that_accumulate(tmp_pa
     assert [r["name"] for r in result["end_to_end"]] == ["bf16_compiled", "fp8train_coat_lean_graphed"]
     assert "102,796" in (tmp_path / "2026-11-27-h100.md").read_text()
     assert json.loads((tmp_path / "bench-1b.json").read_text()) == [second]
+
+
+def test_repeats_interleave_configurations_and_keep_each_ones_fastest_run():
+    from fp8train.bench import repeated_rows
+
+    order, speeds = [], {"a": iter([50.0, 70.0, 60.0]), "b": iter([10.0, 30.0, 20.0])}
+
+    def run(name, a):
+        order.append(name)
+        return {"name": name, "batch": a.batch, "status": "ok", "tokens_per_s": next(speeds[name])}
+
+    rows = repeated_rows(["a", "b"], argparse.Namespace(**vars(args()), repeat=3), run=run)
+    assert order == ["a", "b"] * 3  # interleaved: a slow spell of the host slows both alike
+    assert [(r["name"], r["tokens_per_s"], r["tokens_per_s_median"], r["repeats"]) for r in rows] == [
+        ("a", 70.0, 60.0, 3), ("b", 30.0, 20.0, 3)]
+    assert rows[0]["tokens_per_s_runs"] == [50.0, 70.0, 60.0]
+
+
+def test_a_single_run_is_reported_as_it_is_and_failed_repeats_do_not_count():
+    from fp8train.bench import repeated_rows
+
+    one = repeated_rows(["a"], argparse.Namespace(**vars(args()), repeat=1),
+                        run=lambda n, a: {"name": n, "status": "ok", "tokens_per_s": 5.0})
+    assert one == [{"name": "a", "status": "ok", "tokens_per_s": 5.0}]
+    statuses = iter(["oom", "ok"])
+    rows = repeated_rows(["a"], argparse.Namespace(**vars(args()), repeat=2),
+                         run=lambda n, a: {"name": n, "status": (s := next(statuses)),
+                                           "tokens_per_s": 9.0 if s == "ok" else 0.0})
+    assert rows[0]["status"] == "ok" and rows[0]["tokens_per_s_median"] == 9.0
+    assert rows[0]["tokens_per_s_runs"] == [0.0, 9.0]

@@ -136,6 +136,8 @@ def _as_matrix(q: QuantizedTensor, data_t: Optional[torch.Tensor] = None) -> Qua
     With ``data_t`` (the transposed copy) the matrix's data is ``data_t.t()``: a column-major view, which is
     the layout the weight-gradient GEMM wants for its second operand.
     """
+    if data_t is None and len(q.shape) == 2 and q.granularity.kind == "tensor" and q.data.dim() == 2:
+        return q  # already a matrix (weights, most gradients): nothing to rebuild
     k = q.shape[-1] if len(q.shape) else 1
     m = math.prod(q.shape[:-1]) if len(q.shape) else 1
     amax = q.amax
