@@ -139,7 +139,8 @@ def worker_bench(cfg: dict) -> dict:
     if cfg["recipe"] != "bf16":
         fp8train.convert(model, recipe=cfg["recipe"])
     reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["reduce"]]
-    fd.shard_model(model, param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=reduce_dtype)
+    fd.shard_model(model, param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=reduce_dtype,
+                   layers_per_unit=cfg.get("layers_per_unit", 1))
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -358,9 +359,10 @@ def run_bench(name: str, spec: tuple, args) -> dict:
     if args.device == "cpu":  # smoke test of the script itself
         model, batch, seq, timeout = "smoke", 2, 64, 300
     cfg = dict(kind="bench", name=name, recipe=recipe, model=model, batch=batch, seq=seq, master=master,
-               reduce=reduce, warmup=args.warmup, steps=args.steps, profile_dir=args.profile)
+               reduce=reduce, warmup=args.warmup, steps=args.steps, profile_dir=args.profile,
+               layers_per_unit=args.layers_per_unit)
     row = {"name": name, "recipe": recipe, "model": model, "gpus": gpus, "batch_per_gpu": batch, "seq": seq,
-           "master": master, "reduce_dtype": reduce, "optimizer": ("torch.optim.AdamW(fused), states in the master dtype" if recipe == "bf16"
+           "master": master, "reduce_dtype": reduce, "layers_per_unit": args.layers_per_unit, "optimizer": ("torch.optim.AdamW(fused), states in the master dtype" if recipe == "bf16"
                                            else "fp8train.AdamW(states='dre')")}
     row.update(launch(cfg, gpus, min(timeout, args.remaining()), args.device))
     return row
@@ -489,6 +491,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default=None, help="folder: rank 0 of every benchmark row writes the kernel "
                                                            "table of one profiled step there")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--layers-per-unit", type=int, default=1,
+                        help="decoder layers per FSDP unit in the benchmark rows (fp8train.distributed.shard_model)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke-test this script")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -39,7 +39,7 @@ def micro_batch(step: int, index: int):
     return (start + stride * torch.arange(SEQ + 1)) % VOCAB
 
 
-def build(world: int, recipe: str = "coat", shard: bool = True, fused_qkv: bool = False):
+def build(world: int, recipe: str = "coat", shard: bool = True, fused_qkv: bool = False, layers_per_unit: int = 1):
     import torch
 
     import fp8train
@@ -47,7 +47,7 @@ def build(world: int, recipe: str = "coat", shard: bool = True, fused_qkv: bool 
 
     model = fp8train.convert(tiny_llama(), recipe=fp8train.Recipe.named(recipe).replace(fused_qkv=fused_qkv))
     if shard:
-        fd.shard_model(model)
+        fd.shard_model(model, layers_per_unit=layers_per_unit)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = fp8train.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -106,7 +106,8 @@ def run_task(rank: int, world: int, task: dict) -> dict:
     import fp8train.distributed as fd
 
     result: dict = {}
-    model, opt, sched = build(world, shard=task.get("shard", True), fused_qkv=task.get("fused_qkv", False))
+    model, opt, sched = build(world, shard=task.get("shard", True), fused_qkv=task.get("fused_qkv", False),
+                              layers_per_unit=task.get("layers_per_unit", 1))
     first = 0
     if task["kind"] == "load_continue":
         extra = fd.load_checkpoint(task["ckpt"], model, opt)

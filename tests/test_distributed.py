@@ -31,7 +31,9 @@ def runs(tmp_path_factory) -> dict:
         2: [("run2", task("train_save", "run2", ckpt2, save_at=SAVE_AT)),
             ("reload2", task("load_continue", "reload2", ckpt2)),
             ("run2_fused_qkv", task("train_save", "run2_fused_qkv", str(root / "fused2" / "step2"), save_at=SAVE_AT,
-                                    fused_qkv=True))],
+                                    fused_qkv=True)),
+            ("run2_two_layers_per_unit", task("train_save", "run2_two_layers_per_unit", str(root / "units2" / "step2"),
+                                              save_at=SAVE_AT, layers_per_unit=2))],
         1: [("run1_fused_qkv_unsharded", task("train_save", "run1_fused_qkv_unsharded", str(root / "fused1" / "step2"),
                                               save_at=SAVE_AT, shard=False, fused_qkv=True)),
             ("load1", task("load_continue", "load1", ckpt2)),
@@ -147,3 +149,11 @@ def test_fused_qkv_under_fsdp_tracks_its_single_process_run(runs):
     separate = runs["run2"]["losses"]
     assert fused2 != separate
     torch.testing.assert_close(fused2, separate, rtol=3e-2, atol=0)
+
+
+def test_two_layers_per_fsdp_unit_train_exactly_like_one(runs):
+    """shard_model(layers_per_unit=2): both decoder layers gathered and reduce-scattered as one FSDP unit -- the same
+    sums, so the same losses and the same saved state bit for bit as one unit per layer."""
+    grouped, per_layer = runs["run2_two_layers_per_unit"], runs["run2"]
+    assert grouped["losses"] == per_layer["losses"]
+    assert not _equal_states(grouped["state"], per_layer["state"])

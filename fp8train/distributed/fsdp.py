@@ -101,7 +101,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard_model(model: nn.Module, *, mesh=None, layers: Optional[Iterable[nn.Module]] = None,
                 param_dtype: Optional[torch.dtype] = None, reduce_dtype: Optional[torch.dtype] = torch.float32,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, layers_per_unit: int = 1) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to every decoder layer of ``model`` and then to ``model`` itself, in place.
 
     Args:
@@ -112,6 +112,10 @@ def shard_model(model: nn.Module, *, mesh=None, layers: Optional[Iterable[nn.Mod
         reduce_dtype: dtype of the gradient reduce-scatter (float32 by default: gradients are summed in fp32).
         reshard_after_forward: free the gathered weights after each layer's forward (re-gather in backward);
             ``False`` keeps them until backward -- faster, more memory.
+        layers_per_unit: consecutive decoder layers sharded as one FSDP unit (one all-gather and one
+            reduce-scatter for the group, one set of FSDP hooks).  FSDP's hooks run on the host for every unit,
+            and an eager FP8 step is host-bound; 2 halves their number for one more layer's gathered weights in
+            memory.  Default 1 (one unit per layer).
 
     Call it after :func:`fp8train.convert` and before creating the optimizer.  The model must already be on
     its device (``cuda:LOCAL_RANK`` or CPU).  Returns ``model``.
@@ -132,9 +136,13 @@ def shard_model(model: nn.Module, *, mesh=None, layers: Optional[Iterable[nn.Mod
         device_type = device_types.pop() if device_types else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if not isinstance(layers_per_unit, int) or isinstance(layers_per_unit, bool) or layers_per_unit < 1:
+        raise ValueError(f"layers_per_unit must be a positive int, got {layers_per_unit!r}")
     layers = list(decoder_layers(model) if layers is None else layers)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for start in range(0, len(layers), layers_per_unit):
+        unit = layers[start:start + layers_per_unit]
+        fully_shard(unit[0] if len(unit) == 1 else unit, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward)
     # the root: embeddings, final norm, output head.  Its weights are needed first in forward and last in
     # backward, so keeping them gathered after forward saves one all-gather for little memory.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
