@@ -35,13 +35,16 @@ def test_nproc_two_then_resume_in_one_process(tmp_path):
     assert reference["processes"] == 1
 
     run = tmp_path / "sharded"
-    assert main(["train", *_flags(base), "--out", str(run), "--nproc", "2", "--stop-after", "2"]) == 0
+    # two decoder layers per FSDP unit: the same sums as one unit per layer (tests/test_distributed.py)
+    assert main(["train", *_flags(base), "--out", str(run), "--nproc", "2", "--stop-after", "2",
+                 "--fsdp-layers-per-unit", "2"]) == 0
     step2 = run / "checkpoints" / "step_00000002"
     info = json.loads((step2 / "fp8train.json").read_text())
     assert info["world_size"] == 2 and info["extra"]["step"] == 2
     assert sorted(p.name for p in step2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["nproc"] == 2 and config["environment"]["processes"] == 2
+    assert config["train"]["fsdp_layers_per_unit"] == 2
     sharded = _losses(run)
     # FP8 linears on all-gathered weights: the first step is the single-process one exactly
     assert sharded[0] == _losses(tmp_path / "reference")[0]

