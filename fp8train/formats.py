@@ -30,7 +30,6 @@ Out of range and non-finite inputs (documented behaviour of ``round``):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Optional
 
@@ -99,6 +98,10 @@ class Minifloat:
         if self.name is None:
             suffix = {"ieee": "", "fn": "FN", "fnuz": "FNUZ", "finite": ""}[self.variant]
             object.__setattr__(self, "name", f"E{self.exp_bits}M{self.man_bits}{suffix}")
+        # read on every quantization and GEMM: computed once here.  (Not functools.cached_property: on Python
+        # 3.11 its first read takes a lock, which torch.compile cannot trace -- a graph break.)
+        top_mantissa = 2**self.man_bits - 1 - (1 if self.variant == "fn" else 0)  # fn: all-ones is NaN
+        object.__setattr__(self, "_max", math.ldexp(1.0 + top_mantissa / 2**self.man_bits, self.emax))
 
     # -- value set ------------------------------------------------------------------------------
     @property
@@ -122,13 +125,10 @@ class Minifloat:
             top_code -= 1  # all-ones exponent is inf/NaN
         return top_code - self.bias
 
-    @functools.cached_property  # read on every quantization and GEMM; the dataclass is frozen, so it never changes
+    @property
     def max(self) -> float:
         """Largest finite value."""
-        top_mantissa = 2**self.man_bits - 1
-        if self.variant == "fn":
-            top_mantissa -= 1  # all-ones exponent + all-ones mantissa is NaN
-        return math.ldexp(1.0 + top_mantissa / 2**self.man_bits, self.emax)
+        return self._max
 
     @property
     def min_normal(self) -> float:

@@ -25,7 +25,6 @@ Simulated formats (the stability lab, :mod:`fp8train.lab`): ``Recipe(simulate=Si
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Optional, Union
 
 __all__ = ["Recipe", "PRESETS", "resolve_recipe"]
@@ -154,10 +153,14 @@ class Recipe:
         return (not self.fp8_linears and not self.compress_activations and not self.chunked_loss
                 and self.simulate is None and not self.fp8_attention_saves)
 
-    @functools.cached_property  # a frozen dataclass still has a __dict__: cached_property writes there
+    @property
     def per_tensor(self) -> bool:
         """All three GEMM operands per-tensor scaled: the torch._scaled_mm fast path applies."""
-        return all(g.kind == "tensor" for _, g in linear_formats(self))
+        known = self.__dict__.get("_per_tensor")  # asked per linear call: kept, like linear_formats
+        if known is None:
+            known = all(g.kind == "tensor" for _, g in linear_formats(self))
+            object.__setattr__(self, "_per_tensor", known)
+        return known
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)

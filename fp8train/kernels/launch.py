@@ -1,9 +1,11 @@
 """Cheaper Triton launches: eager FP8 training is host-bound, and much of the host's time is launch overhead.
 
-An eager training step of the 953M Llama launches ~400 Triton kernels.  Triton's ``kernel[grid](...)`` spends
-tens of microseconds of Python on each (binding the arguments, building its cache key as a string, reading its
-knobs, checking globals) before the C launcher runs -- on the lent H100 hosts that was ~15-20 % of a step's
-host time, which is what an eager step waits for.
+An eager training step of the 953M Llama launches ~340 Triton kernels, and an eager step waits for its host.
+Triton's ``kernel[grid](...)`` runs Python on each launch (binding the arguments, building its cache key as a
+string, reading its knobs, checking globals, its launcher object) before the C launcher runs.  Measured without a
+profiler (``gpu_suite --only host``, ``host/us-per-call``), skipping that saves ~2-3 us of a ~45-65 us small
+quantize call on the lent hosts: less than cProfile suggested -- the binder and the C launcher, which stay, are
+most of a launch's cost.
 
 :func:`fast_launch` wraps a ``@triton.jit`` kernel.  The first launch of each specialization goes through
 Triton's own path (which compiles it); later launches with the same specialization go straight to the

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import use_triton
-from .eager_ops import autocast_off
 
 IGNORE_INDEX = -100
 
@@ -127,7 +126,8 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
         denominator = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-    with autocast_off(hidden.device.type):
+    # torch.autocast, not eager_ops.autocast_off: this runs inside torch.compile'd models too (dynamo knows autocast)
+    with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_rows, ignore_index, denominator)
 
 
