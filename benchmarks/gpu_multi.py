@@ -3,6 +3,7 @@
     python benchmarks/gpu_multi.py --out $OUT                 # everything, within --budget seconds (default 540)
     python benchmarks/gpu_multi.py --only coat-7b-2gpu,dcp   # a subset
     python benchmarks/gpu_multi.py --only coat-1b-1gpu-b8,coat-1b-2gpu-b8 --profile $OUT   # + rank-0 kernel tables
+    python benchmarks/gpu_multi.py --only coat-1b-1gpu,coat-1b-2gpu --repeat 3 --layers-per-unit 2   # medians
 
 Every configuration runs in its own ``torchrun --standalone --nproc-per-node N`` subprocess with a timeout, so an
 out-of-memory run (or a hang) becomes a status row and the next one starts on clean GPUs.  Each rank trains a
@@ -42,6 +43,7 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -423,19 +425,33 @@ def run_train(args) -> dict:
             "tokens_per_s": summary["tokens_per_s"]}
 
 
+_SAME_SETUP = ("recipe", "model", "batch_per_gpu", "master", "reduce_dtype")
+
+
 def scaling(rows: list) -> list:
+    """1 -> 2 GPU efficiency per setup, from the median tokens/s of each side's runs (``--repeat``: the eager FSDP
+    step is host-bound, and single runs of one configuration spread +-20 %); with repeats, also each round's."""
+    ok = [r for r in rows if r.get("status") == "ok"]
     out = []
-    for two in rows:
-        if two.get("gpus") != 2 or two.get("status") != "ok":
+    setups = []
+    for r in ok:
+        setup = tuple(r.get(k) for k in _SAME_SETUP)
+        if r.get("gpus") == 2 and setup not in setups:
+            setups.append(setup)
+    for setup in setups:
+        one = [r for r in ok if r.get("gpus") == 1 and tuple(r.get(k) for k in _SAME_SETUP) == setup]
+        two = [r for r in ok if r.get("gpus") == 2 and tuple(r.get(k) for k in _SAME_SETUP) == setup]
+        if not one:
             continue
-        one = next((r for r in rows if r.get("gpus") == 1 and r.get("status") == "ok" and
-                    all(r.get(k) == two.get(k) for k in ("recipe", "model", "batch_per_gpu", "master", "reduce_dtype"))),
-                   None)
-        if one:
-            out.append({"recipe": two["recipe"], "model": two["model"], "batch_per_gpu": two["batch_per_gpu"],
-                        "reduce_dtype": two.get("reduce_dtype", "fp32"),
-                        "tokens_per_s_1gpu": round(one["tokens_per_s"]), "tokens_per_s_2gpu": round(two["tokens_per_s"]),
-                        "efficiency": round(two["tokens_per_s"] / (2 * one["tokens_per_s"]), 3)})
+        one_tps = statistics.median(r["tokens_per_s"] for r in one)
+        two_tps = statistics.median(r["tokens_per_s"] for r in two)
+        entry = {"recipe": setup[0], "model": setup[1], "batch_per_gpu": setup[2], "reduce_dtype": setup[4] or "fp32",
+                 "tokens_per_s_1gpu": round(one_tps), "tokens_per_s_2gpu": round(two_tps),
+                 "efficiency": round(two_tps / (2 * one_tps), 3), "runs": [len(one), len(two)]}
+        rounds = [(a, b) for a in one for b in two if a.get("round") is not None and a.get("round") == b.get("round")]
+        if len(rounds) > 1:
+            entry["efficiency_per_round"] = [round(b["tokens_per_s"] / (2 * a["tokens_per_s"]), 3) for a, b in rounds]
+        out.append(entry)
     return out
 
 
@@ -472,11 +488,13 @@ def to_markdown(result: dict) -> str:
                          f"{r.get('status')} |")
     if result["scaling"]:
         lines += ["", "| recipe | model | batch/GPU | gradient reduce | tokens/s 1 GPU | tokens/s 2 GPUs | "
-                  "scaling efficiency |", "|---|---|---|---|---|---|---|"]
+                  "scaling efficiency | runs (1 / 2 GPUs) | per round |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {s['recipe']} | {s['model']} | {s['batch_per_gpu']} | {s.get('reduce_dtype', 'fp32')} | "
                   f"{s['tokens_per_s_1gpu']:,} | "
                   f"{s['tokens_per_s_2gpu']:,} | "
-                  f"{s['efficiency']:.1%} |" for s in result["scaling"]]
+                  f"{s['efficiency']:.1%} | {' / '.join(map(str, s.get('runs', [])))} | "
+                  f"{' '.join(f'{e:.1%}' for e in s.get('efficiency_per_round', []))} |" for s in result["scaling"]]
+        lines += ["", "tokens/s are medians over the runs of each configuration (`--repeat`)."]
     for c in result["checks"]:
         lines += ["", f"- check {c['name']}: {'ok' if c['ok'] else '**FAILED**'} "
                       f"{ {k: v for k, v in c.items() if k not in ('name', 'ok')} }"]
@@ -494,6 +512,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers-per-unit", type=int, default=1,
                         help="decoder layers per FSDP unit in the benchmark rows (fp8train.distributed.shard_model)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the benchmark configurations N times, interleaved (1-GPU and 2-GPU rows alternate): "
+                             "scaling is then computed from each side's median, and per round")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke-test this script")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -506,7 +527,10 @@ def main(argv=None) -> int:
     print(env, flush=True)
     names = [n for n in (args.only.split(",") if args.only else CONFIGS) if n]
     rows, checks = [], []
-    for name in names:
+    benches = [n for n in names if CONFIGS.get(n) is not None]
+    # checks once, benchmark configurations --repeat times, interleaved
+    schedule = [(n, 0) for n in names] + [(n, r) for r in range(1, max(1, args.repeat)) for n in benches]
+    for name, round_ in schedule:
         if name not in CONFIGS:
             raise SystemExit(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
         if deadline - time.time() < MIN_START_S:
@@ -515,13 +539,13 @@ def main(argv=None) -> int:
             else:
                 recipe, model, gpus, batch, seq, master = CONFIGS[name][:6]
                 rows.append({"name": name, "recipe": recipe, "model": model, "gpus": gpus, "batch_per_gpu": batch,
-                             "seq": seq, "master": master, "status": "skipped (time budget)"})
+                             "seq": seq, "master": master, "status": "skipped (time budget)", "round": round_})
             continue
         if CONFIGS[name] is None:
             checks.append(run_check(name, args))
             print(json.dumps(checks[-1]), flush=True)
         else:
-            rows.append(run_bench(name, CONFIGS[name], args))
+            rows.append({**run_bench(name, CONFIGS[name], args), "round": round_})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"}), flush=True)
             if rows[-1].get("status") != "ok":
                 print(rows[-1].get("error", ""), flush=True)
