@@ -265,7 +265,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                         "--batch-size and --grad-accum are per process.  Under torchrun the launcher sets N")
     g.add_argument("--fsdp-layers-per-unit", type=int, default=S, metavar="N",
                    help="with --nproc > 1 (or torchrun): N consecutive decoder layers per FSDP2 unit (default 1).  "
-                        "2 halves FSDP's per-unit host work (953M on one H100: an 11-13 %% shorter eager step) for "
+                        "2 halves FSDP's per-unit host work (953M, one H100, one process: the median step 11-13 %% shorter) for "
                         "one more layer's gathered weights in memory; the same results bit for bit")
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     g.add_argument("--cuda-graph", action="store_true", default=S,
