@@ -31,17 +31,14 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-__all__ = ["fast_launch", "cdiv", "next_power_of_2", "FastKernel", "set_enabled", "enabled"]
+__all__ = ["fast_launch", "cdiv", "next_power_of_2", "FastKernel", "set_enabled"]
 
 _enabled = os.environ.get("FP8TRAIN_FAST_LAUNCH", "1") != "0"
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 def set_enabled(on: bool) -> bool:
-    """Switch the fast path on or off for every wrapped kernel; returns the previous setting."""
+    """Switch the fast path on or off for every wrapped kernel; returns the previous setting (so callers can
+    restore it)."""
     global _enabled
     previous, _enabled = _enabled, bool(on)
     return previous
