@@ -23,8 +23,12 @@ tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU).
 ``kernel``: benchmarks/gpu/distributed.py on 2 GPUs -- fp8train.AdamW's Triton kernel on FSDP-style shards
 (uneven rows, 1-D parameters) against the torch reference.
 
-``train``: ``fp8train train --nproc 2 --recipe coat`` (tiny preset, stdlib data) stopped half-way, then resumed
-with ``--resume --nproc 1``: the trainer's NCCL path and its distributed checkpoints on the GPU.
+``train``: ``fp8train train --nproc 2 --recipe coat --cuda-graph`` (tiny preset, stdlib data) stopped half-way, then
+resumed with ``--resume --nproc 1``: the trainer's NCCL path, FSDP2 steps replayed as CUDA graphs and the
+distributed checkpoints on the GPU.
+
+``graph``: a tiny coat model, 2 GPUs: 4 steps eager FSDP2, then 4 steps from the same weights with forward +
+backward replayed as a CUDA graph (``--cuda-graph`` for the benchmark rows); the losses must match.
 
 ``dcp``: a tiny coat model trains 2 steps on 2 GPUs, checkpoints (torch.distributed.checkpoint), trains 2 more;
 1 GPU loads the checkpoint, compares every weight and FP8 optimizer state with the 2-GPU state bit for bit and
@@ -68,6 +72,9 @@ CONFIGS = {
     "bf16-7b-2gpu": ("bf16", "7b", 2, 2, 2048, "bf16", 110),
     "coat-1b-1gpu-b8": ("coat", "1b", 1, 8, 2048, "fp32", 80),
     "coat-1b-2gpu-b8": ("coat", "1b", 2, 8, 2048, "fp32", 80),
+    "coat-lean-1b-1gpu": ("coat-lean", "1b", 1, 4, 2048, "bf16", 80),
+    "coat-lean-1b-2gpu": ("coat-lean", "1b", 2, 4, 2048, "bf16", 80),
+    "graph": None,
     "coat-1b-1gpu": ("coat", "1b", 1, 4, 2048, "fp32", 80),
     "coat-1b-2gpu": ("coat", "1b", 2, 4, 2048, "fp32", 80),
     "bf16-1b-1gpu": ("bf16", "1b", 1, 4, 2048, "fp32", 80),
@@ -157,12 +164,22 @@ def worker_bench(cfg: dict) -> dict:
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g).to(device)
     grad_bytes = 0
 
+    graphed = None
+    if cfg.get("cuda_graph"):  # forward + backward (all-gathers and reduce-scatters included) as one CUDA graph
+        from fp8train.cuda_graphs import GraphedStep
+
+        graphed = GraphedStep(model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"],
+                                                    use_cache=False).loss, {"input_ids": tokens})
+
     def step(measure_grads=False):
         nonlocal grad_bytes
-        # no position_ids passed: SDPA's causal kernel without transformers' host sync per forward
-        with plain_causal_batches(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
-        loss.backward()
+        if graphed is not None:
+            loss = graphed({"input_ids": tokens})
+        else:
+            # no position_ids passed: SDPA's causal kernel without transformers' host sync per forward
+            with plain_causal_batches(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+            loss.backward()
         if measure_grads:
             grad_bytes = _local_bytes(p.grad for p in params)
         opt.step()
@@ -294,10 +311,56 @@ def worker_dcp(cfg: dict) -> dict:
             "n_compared": len(reference)}
 
 
+# -- CUDA-graph check: a captured FSDP2 step trains like the eager one --------------------------------------
+
+def worker_graph(cfg: dict) -> dict:
+    """Losses of 4 training steps of a tiny coat model on every rank: eager FSDP2, then the same from the same
+    weights with forward + backward replayed as a CUDA graph."""
+    import torch
+    import torch.distributed as dist
+
+    from fp8train.cuda_graphs import GraphedStep
+
+    import fp8train.distributed as fd
+
+    device = fd.init_distributed()
+    rank = dist.get_rank()
+    tokens = [torch.randint(0, 512, (2, 256), generator=torch.Generator().manual_seed(10 * step + rank)).to(device)
+              for step in range(4)]
+
+    def loss_fn(m, b):
+        return m(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
+
+    def run(graph: bool) -> list:
+        from fp8train.causal_masks import plain_causal_batches
+
+        model, opt = _dcp_setup(device)
+        graphed = GraphedStep(model, loss_fn, {"input_ids": tokens[0]}) if graph else None
+        if graphed is not None:  # the capture's warm-up steps left gradients: start from the same state
+            opt.zero_grad(set_to_none=True)
+        losses = []
+        for batch in tokens:
+            if graphed is not None:
+                loss = graphed({"input_ids": batch})
+            else:
+                with plain_causal_batches(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = loss_fn(model, {"input_ids": batch})
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            losses.append(total.item() / dist.get_world_size())
+        return losses
+
+    return {"eager": run(False), "graph": run(True)}
+
+
 def worker_main(cfg: dict) -> None:
     import torch.distributed as dist
 
-    result = worker_dcp(cfg) if cfg["kind"] == "dcp" else worker_bench(cfg)
+    worker = {"dcp": worker_dcp, "graph": worker_graph}.get(cfg["kind"], worker_bench)
+    result = worker(cfg)
     if dist.get_rank() == 0:
         print("MULTI_ROW " + json.dumps(result), flush=True)
     dist.barrier()
@@ -362,9 +425,10 @@ def run_bench(name: str, spec: tuple, args) -> dict:
         model, batch, seq, timeout = "smoke", 2, 64, 300
     cfg = dict(kind="bench", name=name, recipe=recipe, model=model, batch=batch, seq=seq, master=master,
                reduce=reduce, warmup=args.warmup, steps=args.steps, profile_dir=args.profile,
-               layers_per_unit=args.layers_per_unit)
+               layers_per_unit=args.layers_per_unit, cuda_graph=args.cuda_graph)
     row = {"name": name, "recipe": recipe, "model": model, "gpus": gpus, "batch_per_gpu": batch, "seq": seq,
-           "master": master, "reduce_dtype": reduce, "layers_per_unit": args.layers_per_unit, "optimizer": ("torch.optim.AdamW(fused), states in the master dtype" if recipe == "bf16"
+           "master": master, "reduce_dtype": reduce, "layers_per_unit": args.layers_per_unit,
+           "cuda_graph": args.cuda_graph, "optimizer": ("torch.optim.AdamW(fused), states in the master dtype" if recipe == "bf16"
                                            else "fp8train.AdamW(states='dre')")}
     row.update(launch(cfg, gpus, min(timeout, args.remaining()), args.device))
     return row
@@ -387,9 +451,23 @@ def run_dcp(args) -> dict:
             "mismatched": loaded["mismatched"]}
 
 
+def run_graph_check(args) -> dict:
+    name = "FSDP2 step as a CUDA graph: same losses as eager (2 GPUs)"
+    if args.device != "cuda":
+        return {"name": name, "ok": None, "detail": "skipped: CUDA graphs need GPUs"}
+    result = launch(dict(kind="graph"), 2, min(150, args.remaining()), args.device)
+    if result["status"] != "ok":
+        return {"name": name, "ok": False, "detail": result}
+    rel = max(abs(a - b) / abs(a) for a, b in zip(result["eager"], result["graph"]))
+    return {"name": name, "ok": rel < 2e-3, "max_rel_loss_diff": rel, "eager": result["eager"],
+            "graph": result["graph"]}
+
+
 def run_check(name: str, args) -> dict:
     if name == "dcp":
         return run_dcp(args)
+    if name == "graph":
+        return run_graph_check(args)
     if name == "train":
         return run_train(args)
     from gpu import distributed
@@ -399,8 +477,9 @@ def run_check(name: str, args) -> dict:
 
 
 def run_train(args) -> dict:
-    """The trainer end to end: 2 GPUs for 20 steps (stopping after 10), then resumed on 1 GPU."""
-    name = "fp8train train --nproc 2 -> --resume --nproc 1"
+    """The trainer end to end: 2 GPUs for 20 steps (stopping after 10), each step replayed as a CUDA graph, then
+    resumed on 1 GPU (eager)."""
+    name = "fp8train train --nproc 2 --cuda-graph -> --resume --nproc 1"
     env = {**os.environ, **NCCL_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     device = "cuda" if args.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(prefix="fp8train-train-", ignore_cleanup_errors=True) as tmp:
@@ -410,6 +489,8 @@ def run_train(args) -> dict:
                           "--batch-size", "8", "--seq-len", "256", "--checkpoint-every", "5", "--eval-every", "10",
                           "--data", str(ROOT / "fp8train"), "--tokenizer-train-bytes", "300000",
                           "--cache-dir", f"{tmp}/cache", "--device", device, "--nproc", "2"]
+        if device == "cuda":
+            first.append("--cuda-graph")
         for cmd in (first, common + ["--resume", "--nproc", "1"]):
             try:
                 code, stdout, stderr = run_group(cmd, min(150, args.remaining()), env)
@@ -425,7 +506,7 @@ def run_train(args) -> dict:
             "tokens_per_s": summary["tokens_per_s"]}
 
 
-_SAME_SETUP = ("recipe", "model", "batch_per_gpu", "master", "reduce_dtype")
+_SAME_SETUP = ("recipe", "model", "batch_per_gpu", "master", "reduce_dtype", "cuda_graph")
 
 
 def scaling(rows: list) -> list:
@@ -446,7 +527,7 @@ def scaling(rows: list) -> list:
         one_tps = statistics.median(r["tokens_per_s"] for r in one)
         two_tps = statistics.median(r["tokens_per_s"] for r in two)
         entry = {"recipe": setup[0], "model": setup[1], "batch_per_gpu": setup[2], "reduce_dtype": setup[4] or "fp32",
-                 "tokens_per_s_1gpu": round(one_tps), "tokens_per_s_2gpu": round(two_tps),
+                 "cuda_graph": bool(setup[5]), "tokens_per_s_1gpu": round(one_tps), "tokens_per_s_2gpu": round(two_tps),
                  "efficiency": round(two_tps / (2 * one_tps), 3), "runs": [len(one), len(two)]}
         rounds = [(a, b) for a in one for b in two if a.get("round") is not None and a.get("round") == b.get("round")]
         if len(rounds) > 1:
@@ -487,16 +568,17 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {r['name']} | {r['gpus']} | {r['batch_per_gpu']} x {r['seq']} | {r['master']} | | | | | "
                          f"{r.get('status')} |")
     if result["scaling"]:
-        lines += ["", "| recipe | model | batch/GPU | gradient reduce | tokens/s 1 GPU | tokens/s 2 GPUs | "
-                  "scaling efficiency | runs (1 / 2 GPUs) | per round |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| recipe | model | batch/GPU | gradient reduce | step | tokens/s 1 GPU | tokens/s 2 GPUs | "
+                  "scaling efficiency | runs (1 / 2 GPUs) | per round |", "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {s['recipe']} | {s['model']} | {s['batch_per_gpu']} | {s.get('reduce_dtype', 'fp32')} | "
+                  f"{'CUDA graph' if s.get('cuda_graph') else 'eager'} | "
                   f"{s['tokens_per_s_1gpu']:,} | "
                   f"{s['tokens_per_s_2gpu']:,} | "
                   f"{s['efficiency']:.1%} | {' / '.join(map(str, s.get('runs', [])))} | "
                   f"{' '.join(f'{e:.1%}' for e in s.get('efficiency_per_round', []))} |" for s in result["scaling"]]
         lines += ["", "tokens/s are medians over the runs of each configuration (`--repeat`)."]
     for c in result["checks"]:
-        lines += ["", f"- check {c['name']}: {'ok' if c['ok'] else '**FAILED**'} "
+        lines += ["", f"- check {c['name']}: {'skipped' if c['ok'] is None else 'ok' if c['ok'] else '**FAILED**'} "
                       f"{ {k: v for k, v in c.items() if k not in ('name', 'ok')} }"]
     return "\n".join(lines) + "\n"
 
@@ -511,6 +593,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--layers-per-unit", type=int, default=1,
                         help="decoder layers per FSDP unit in the benchmark rows (fp8train.distributed.shard_model)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="benchmark rows replay forward + backward as one CUDA graph (fp8train.cuda_graphs."
+                             "GraphedStep on the sharded model: FSDP2's collectives are captured too)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the benchmark configurations N times, interleaved (1-GPU and 2-GPU rows alternate): "

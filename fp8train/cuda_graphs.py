@@ -19,6 +19,13 @@ With ``Recipe(cache_fp8_weights=True)`` the graph reads each weight's FP8 copies
 :func:`fp8train.nn.weight_cache.refresh_stale` rewrites before each replay (after the optimizer changed the
 weights), instead of quantizing every weight inside the graph.
 
+FSDP2 (:func:`fp8train.distributed.shard_model`): the capture records the units' all-gathers and gradient
+reduce-scatters with the rest (NCCL collectives replay inside a CUDA graph), so a sharded step costs no FSDP host
+time either.  The capture then runs in ``thread_local`` error mode -- NCCL's watchdog thread queries events while
+the main thread captures -- and makes the capturing stream wait for FSDP's communication streams before it
+ends, since a stream forked into a capture must be joined back.  Every rank must capture and replay the same
+steps in the same order, as with any collective.
+
 Attention masks: a batch without ``position_ids`` is captured inside
 :func:`fp8train.causal_masks.plain_causal_batches`, so transformers' SDPA path records the causal kernel
 (``is_causal=True``) instead of a full ``[batch, 1, seq, seq]`` mask -- it cannot inspect the position ids while
@@ -58,8 +65,12 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             self._zero_to_none()  # backward in the capture creates the .grad tensors inside the graph's pool
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            fsdp_streams = _fsdp_streams(model)
+            # FSDP2: NCCL's watchdog thread queries events during the capture; only this thread's calls may count
+            mode = "thread_local" if fsdp_streams is not None else "global"
+            with torch.cuda.graph(self.graph, capture_error_mode=mode):
                 self.static_loss = self._forward_backward()
+                _join_capturing(fsdp_streams or ())
         self.grads = [p.grad for p in self.params]
 
     def _zero_to_none(self):
@@ -85,3 +96,27 @@ class GraphedStep:
         for p, g in zip(self.params, self.grads):
             p.grad = g
         return self.static_loss
+
+
+def _fsdp_streams(model: torch.nn.Module) -> Optional[list]:
+    """FSDP2's communication streams of a sharded ``model`` (``fully_shard`` applied to it), else None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return None
+    if not isinstance(model, FSDPModule):
+        return None
+    comm = getattr(model._get_fsdp_state(), "_comm_ctx", None)
+    names = ("all_gather_copy_in_stream", "all_gather_stream", "reduce_scatter_stream", "all_reduce_stream")
+    return [s for s in (getattr(comm, name, None) for name in names) if isinstance(s, torch.cuda.Stream)]
+
+
+def _join_capturing(streams) -> None:
+    """Make the capturing stream wait for every stream of ``streams`` that joined the capture (work forked to
+    a side stream must be joined back before the capture ends; a stream outside the capture is left alone)."""
+    current = torch.cuda.current_stream()
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            capturing = torch.cuda.is_current_stream_capturing()
+        if capturing:
+            current.wait_stream(stream)

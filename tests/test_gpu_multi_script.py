@@ -30,3 +30,12 @@ def test_setups_are_paired_only_with_their_own_one_gpu_runs():
     assert set(entries) == {(4, "fp32"), (8, "fp32")}
     assert entries[(4, "fp32")]["efficiency"] == 0.95 and entries[(8, "fp32")]["efficiency"] == 0.75
     assert "efficiency_per_round" not in entries[(4, "fp32")]  # one round: nothing to list
+
+
+def test_cuda_graph_rows_pair_with_cuda_graph_rows():
+    rows = [_row(1, 100.0), _row(2, 150.0), {**_row(1, 200.0), "cuda_graph": True}, {**_row(2, 380.0), "cuda_graph": True}]
+    entries = {e["cuda_graph"]: e for e in gpu_multi.scaling(rows)}
+    assert entries[False]["efficiency"] == 0.75 and entries[True]["efficiency"] == 0.95
+    assert "| CUDA graph |" in gpu_multi.to_markdown({"date": "d", "gpus": 2, "gpu": "g", "torch": "t", "cuda": "c",
+                                                      "triton": "x", "rows": [], "scaling": list(entries.values()),
+                                                      "checks": [{"name": "graph", "ok": None}]})

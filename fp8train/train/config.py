@@ -130,11 +130,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
         c.optimizer = "fp8adamw" if c.recipe in ("coat", "coat-lean") or c.master_weights == "bf16" else "adamw"
     if c.cuda_graph:
         blockers = [flag for flag, on in (("--compile", c.compile), ("--grad-checkpointing", c.grad_checkpointing),
-                                          ("--grad-accum > 1", c.grad_accum > 1), ("--nproc > 1", c.nproc > 1),
+                                          ("--grad-accum > 1", c.grad_accum > 1),
                                           ("--device cpu", c.device == "cpu")) if on]
         if blockers:
             raise TrainError(f"--cuda-graph cannot be combined with {', '.join(blockers)}: it replays one captured "
-                             "forward + backward on one GPU (raise --batch-size instead of --grad-accum)")
+                             "forward + backward per GPU (raise --batch-size instead of --grad-accum)")
     if c.fp8_weight_cache and (c.recipe == "bf16" or c.simulate_format is not None):
         raise TrainError("--fp8-weight-cache keeps FP8 copies of the weights of FP8 linear layers: it needs an FP8 "
                          "recipe (fp8, coat, coat-lean), not bf16 or --simulate-format")
@@ -270,7 +270,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     g.add_argument("--cuda-graph", action="store_true", default=S,
                    help="capture forward + backward once and replay it as a CUDA graph (removes the Python cost "
-                        "of eager FP8 training; one GPU, --grad-accum 1, no --compile / --grad-checkpointing)")
+                        "of eager FP8 training; CUDA only, --grad-accum 1, no --compile / --grad-checkpointing).  "
+                        "With --nproc > 1 FSDP2's all-gathers and reduce-scatters are captured too (953M, 2 GPUs: "
+                        "95-97 %% scaling)")
     g.add_argument("--step-in-backward", action="store_true", default=S,
                    help="fp8train.AdamW updates each parameter as soon as backward produced its gradient and frees "
                         "it: no full gradient buffer (needs --grad-clip 0, --grad-accum 1, one process, no "

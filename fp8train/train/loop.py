@@ -357,8 +357,8 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                        layers_per_unit=c.fsdp_layers_per_unit)
     model.train()
     step_model = torch.compile(model) if c.compile else model
-    if c.cuda_graph and (device.type != "cuda" or run is not None):
-        raise TrainError("--cuda-graph needs one CUDA GPU (no --nproc, not under torchrun)")
+    if c.cuda_graph and device.type != "cuda":
+        raise TrainError("--cuda-graph needs CUDA GPUs (one per process)")
     optimizer = make_optimizer(model, c, device)
     if c.step_in_backward:
         optimizer.step_in_backward()  # after this, backward leaves no gradients: step() only does bookkeeping
