@@ -159,3 +159,24 @@ def test_fp8_weight_cache_flag_has_three_states():
     states = [config_from_args(parser.parse_args(argv)).fused_residual
               for argv in ([], ["--fused-residual"], ["--no-fused-residual"])]
     assert states == [None, True, False]
+
+
+def test_resume_on_fewer_processes_drops_an_inherited_cuda_graph(tmp_path):
+    """A 2-process --cuda-graph run resumed on 1 process needs 2 micro-batches per step, which a graph cannot
+    replay: the resumed run goes eager (warned), keeping the same micro-batches; a typed --cuda-graph still fails."""
+    import argparse
+    import dataclasses
+
+    from fp8train.train.config import TrainConfig, TrainError, add_train_arguments, config_from_args, resolve
+
+    saved = TrainConfig(out=str(tmp_path), nproc=2, cuda_graph=True, batch_size=4)
+    (tmp_path / "config.json").write_text(json.dumps({"train": saved.to_json()}))
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    with pytest.warns(UserWarning, match="--cuda-graph is off"):
+        resumed = config_from_args(parser.parse_args(["--out", str(tmp_path), "--resume", "--nproc", "1"]))
+    assert (resumed.nproc, resumed.grad_accum, resumed.cuda_graph) == (1, 2, False)
+    typed = config_from_args(parser.parse_args(["--out", str(tmp_path), "--resume", "--nproc", "1", "--cuda-graph"]))
+    assert (typed.grad_accum, typed.cuda_graph) == (2, True)
+    with pytest.raises(TrainError, match="--grad-accum > 1"):
+        resolve(dataclasses.replace(typed, device="auto"))

@@ -371,7 +371,14 @@ def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:
     if micro_batches % world:
         changed.append(f"micro-batches per step {micro_batches} -> a multiple of {world} processes")
         return {}
-    return {"grad_accum": micro_batches // world}
+    keep = {"grad_accum": micro_batches // world}
+    if keep["grad_accum"] > 1 and base.cuda_graph and "cuda_graph" not in typed:
+        # a CUDA graph replays one micro-batch per step; the same steps then run eager (same losses)
+        warnings.warn(f"resuming on {world} process{'es' if world > 1 else ''} with --grad-accum "
+                      f"{keep['grad_accum']}: the saved run's --cuda-graph is off for this run (a graph replays "
+                      "one micro-batch per step); the losses are unchanged", stacklevel=3)
+        keep["cuda_graph"] = False
+    return keep
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
