@@ -108,7 +108,7 @@ def _fsdp_streams(model: torch.nn.Module) -> Optional[list]:
         return None
     comm = getattr(model._get_fsdp_state(), "_comm_ctx", None)
     names = ("all_gather_copy_in_stream", "all_gather_stream", "reduce_scatter_stream", "all_reduce_stream")
-    return [s for s in (getattr(comm, name, None) for name in names) if isinstance(s, torch.cuda.Stream)]
+    return [s for s in (getattr(comm, name, None) for name in names) if s is not None]
 
 
 def _join_capturing(streams) -> None:
