@@ -4,6 +4,7 @@
     python benchmarks/gpu_multi.py --only coat-7b-2gpu,dcp   # a subset
     python benchmarks/gpu_multi.py --only coat-1b-1gpu-b8,coat-1b-2gpu-b8 --profile $OUT   # + rank-0 kernel tables
     python benchmarks/gpu_multi.py --only coat-1b-1gpu,coat-1b-2gpu --repeat 3 --layers-per-unit 2   # medians
+    python benchmarks/gpu_multi.py --only graph,coat-1b-1gpu,coat-1b-2gpu --cuda-graph --repeat 2  # steps as CUDA graphs
 
 Every configuration runs in its own ``torchrun --standalone --nproc-per-node N`` subprocess with a timeout, so an
 out-of-memory run (or a hang) becomes a status row and the next one starts on clean GPUs.  Each rank trains a
@@ -12,7 +13,9 @@ decoder layer, bf16 all-gathers, fp32 reduce-scatter) under bf16 autocast:
 
 * ``bf16-*``: no conversion + ``torch.optim.AdamW(fused=True)`` (the baseline; its moments take the master
   weights' dtype, so bf16 ones with bf16 masters);
-* ``coat-*``: ``fp8train.convert(recipe="coat")`` + ``fp8train.AdamW`` (FP8 moments, DRE).
+* ``coat-*``: ``fp8train.convert(recipe="coat")`` + ``fp8train.AdamW`` (FP8 moments, DRE);
+* ``coat-lean-*``: ``recipe="coat-lean"`` with bf16 master weights (``fp8train.AdamW(master_weights=
+  "bf16_stochastic")``; the recipe's FP8 weight cache does nothing under FSDP2).
 
 Shapes (fp8train.bench.MODEL_SHAPES): 953M (``1b``, fp32 master weights, batch 4 x 2048 per GPU), Llama-2-7B
 (``7b``, bf16 master weights -- with fp32 ones the bf16 baseline cannot hold weights + grads + states on one
