@@ -8,7 +8,7 @@ See docs/distributed.md.
 """
 
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
-from .fsdp import decoder_layers, init_distributed, is_sharded, rank, shard_model, world_size
+from .fsdp import decoder_layers, init_distributed, is_sharded, rank, reshard, shard_model, world_size
 
-__all__ = ["init_distributed", "shard_model", "decoder_layers", "is_sharded", "world_size", "rank",
+__all__ = ["init_distributed", "shard_model", "decoder_layers", "is_sharded", "reshard", "world_size", "rank",
            "save_checkpoint", "load_checkpoint", "read_checkpoint_info"]

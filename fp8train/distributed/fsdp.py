@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["init_distributed", "decoder_layers", "shard_model", "is_sharded", "world_size", "rank"]
+__all__ = ["init_distributed", "decoder_layers", "shard_model", "is_sharded", "reshard", "world_size", "rank"]
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> torch.device:
@@ -97,6 +97,25 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights FSDP2 keeps after a forward that had no backward (evaluation under no_grad).
+
+    The root unit keeps its weights gathered after forward (``reshard_after_forward=False``, see
+    :func:`shard_model`) and only a backward frees them; until then every forward reuses them, although the
+    optimizer may have changed the shards since.  In eager training the next backward comes before the next
+    step's forward, but a step replayed as a CUDA graph (:class:`fp8train.cuda_graphs.GraphedStep`) runs no
+    backward hooks on the host, so the next evaluation would read the last one's weights.  Call this after
+    evaluating a sharded model; it does nothing for a model that is not sharded.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed support: nothing can be sharded
+        return
+    for module in getattr(model, "_orig_mod", model).modules():  # torch.compile's wrapper: the model inside
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def shard_model(model: nn.Module, *, mesh=None, layers: Optional[Iterable[nn.Module]] = None,
