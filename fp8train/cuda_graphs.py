@@ -66,6 +66,12 @@ class GraphedStep:
             self._zero_to_none()  # backward in the capture creates the .grad tensors inside the graph's pool
             self.graph = torch.cuda.CUDAGraph()
             fsdp_streams = _fsdp_streams(model)
+            if fsdp_streams is not None:
+                # weights FSDP2 left gathered (a forward without backward) would be captured at their eager
+                # addresses, which the capture's own backward then frees: start from sharded weights
+                from .distributed import reshard
+
+                reshard(model)
             # FSDP2: NCCL's watchdog thread queries events during the capture; only this thread's calls may count
             mode = "thread_local" if fsdp_streams is not None else "global"
             with torch.cuda.graph(self.graph, capture_error_mode=mode):
