@@ -271,8 +271,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
     g.add_argument("--cuda-graph", action="store_true", default=S,
                    help="capture forward + backward once and replay it as a CUDA graph (removes the Python cost "
                         "of eager FP8 training; CUDA only, --grad-accum 1, no --compile / --grad-checkpointing).  "
-                        "With --nproc > 1 FSDP2's all-gathers and reduce-scatters are captured too (953M, 2 GPUs: "
-                        "95-97 %% scaling)")
+                        "With --nproc > 1 FSDP2's all-gathers and reduce-scatters are captured too (953M and 7B, 2 GPUs: "
+                        "95-98 %% scaling)")
     g.add_argument("--step-in-backward", action="store_true", default=S,
                    help="fp8train.AdamW updates each parameter as soon as backward produced its gradient and frees "
                         "it: no full gradient buffer (needs --grad-clip 0, --grad-accum 1, one process, no "

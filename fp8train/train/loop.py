@@ -33,6 +33,7 @@ import types
 from typing import Callable, Optional
 
 from ..causal_masks import plain_causal_batches
+from ..distributed import reshard
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainError, resolve, simulated_recipe
 from .data import WindowSampler, eval_batches, prepare_corpus, split_for_training
@@ -168,20 +169,10 @@ def evaluate(model, batches, device, autocast: bool) -> float:
             total += causal_lm_loss(model, batch, device, autocast).item() * n
             count += n
     model.train()
-    _reshard_if_sharded(model)
+    # FSDP2 keeps the root's weights gathered after a forward without backward: a --cuda-graph run (no eager
+    # backward) would evaluate stale ones next time
+    reshard(model)
     return total / count
-
-
-def _reshard_if_sharded(model) -> None:
-    """FSDP2 keeps the root's weights gathered after a forward without backward; free them, or the next
-    evaluation of a --cuda-graph run (no eager backward in between) reads stale weights.  See
-    fp8train.distributed.reshard."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        from ..distributed import reshard
-
-        reshard(model)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -482,7 +473,7 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                     from ..lab.sharpness import model_sharpness
 
                     sharpness = model_sharpness(step_model, evals[0], c.sharpness_eps, use_autocast, device)
-                    _reshard_if_sharded(step_model)
+                    reshard(step_model)
                 peak, _ = peak_memory(device)
                 if run is not None:
                     peak = int(run.maximum(peak))  # the busiest rank
