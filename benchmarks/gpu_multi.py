@@ -31,7 +31,8 @@ resumed with ``--resume --nproc 1``: the trainer's NCCL path, FSDP2 steps replay
 distributed checkpoints on the GPU.
 
 ``graph``: a tiny coat model, 2 GPUs: 4 steps eager FSDP2, then 4 steps from the same weights with forward +
-backward replayed as a CUDA graph (``--cuda-graph`` for the benchmark rows); the losses must match.
+backward replayed as a CUDA graph (``--cuda-graph`` for the benchmark rows), evaluating a fixed batch after steps
+2 and 4; the training and evaluation losses must match.
 
 ``dcp``: a tiny coat model trains 2 steps on 2 GPUs, checkpoints (torch.distributed.checkpoint), trains 2 more;
 1 GPU loads the checkpoint, compares every weight and FP8 optimizer state with the 2-GPU state bit for bit and
@@ -317,8 +318,10 @@ def worker_dcp(cfg: dict) -> dict:
 # -- CUDA-graph check: a captured FSDP2 step trains like the eager one --------------------------------------
 
 def worker_graph(cfg: dict) -> dict:
-    """Losses of 4 training steps of a tiny coat model on every rank: eager FSDP2, then the same from the same
-    weights with forward + backward replayed as a CUDA graph."""
+    """Losses of 4 training steps of a tiny coat model on every rank, with an evaluation (no_grad forward of a
+    fixed batch) after steps 2 and 4: eager FSDP2, then the same from the same weights with forward + backward
+    replayed as a CUDA graph.  The second evaluation reads stale root weights unless the first one was followed
+    by ``fp8train.distributed.reshard``."""
     import torch
     import torch.distributed as dist
 
@@ -334,15 +337,20 @@ def worker_graph(cfg: dict) -> dict:
     def loss_fn(m, b):
         return m(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
 
-    def run(graph: bool) -> list:
+    def mean_over_ranks(value: torch.Tensor) -> float:
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total.item() / dist.get_world_size()
+
+    def run(graph: bool) -> tuple:
         from fp8train.causal_masks import plain_causal_batches
 
         model, opt = _dcp_setup(device)
         graphed = GraphedStep(model, loss_fn, {"input_ids": tokens[0]}) if graph else None
         if graphed is not None:  # the capture's warm-up steps left gradients: start from the same state
             opt.zero_grad(set_to_none=True)
-        losses = []
-        for batch in tokens:
+        losses, evals = [], []
+        for i, batch in enumerate(tokens):
             if graphed is not None:
                 loss = graphed({"input_ids": batch})
             else:
@@ -351,12 +359,15 @@ def worker_graph(cfg: dict) -> dict:
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            total = loss.detach().clone()
-            dist.all_reduce(total)
-            losses.append(total.item() / dist.get_world_size())
-        return losses
+            losses.append(mean_over_ranks(loss))
+            if i % 2 == 1:
+                with torch.no_grad(), plain_causal_batches(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    evals.append(mean_over_ranks(loss_fn(model, {"input_ids": tokens[0]})))
+                fd.reshard(model)
+        return losses, evals
 
-    return {"eager": run(False), "graph": run(True)}
+    (eager, eager_evals), (graph, graph_evals) = run(False), run(True)
+    return {"eager": eager, "graph": graph, "eager_evals": eager_evals, "graph_evals": graph_evals}
 
 
 def worker_main(cfg: dict) -> None:
@@ -461,9 +472,10 @@ def run_graph_check(args) -> dict:
     result = launch(dict(kind="graph"), 2, min(150, args.remaining()), args.device)
     if result["status"] != "ok":
         return {"name": name, "ok": False, "detail": result}
-    rel = max(abs(a - b) / abs(a) for a, b in zip(result["eager"], result["graph"]))
-    return {"name": name, "ok": rel < 2e-3, "max_rel_loss_diff": rel, "eager": result["eager"],
-            "graph": result["graph"]}
+    pairs = [*zip(result["eager"], result["graph"]), *zip(result["eager_evals"], result["graph_evals"])]
+    rel = max(abs(a - b) / abs(a) for a, b in pairs)
+    return {"name": name, "ok": rel < 2e-3, "max_rel_loss_diff": rel,
+            **{k: result[k] for k in ("eager", "graph", "eager_evals", "graph_evals")}}
 
 
 def run_check(name: str, args) -> dict:
