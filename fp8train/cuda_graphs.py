@@ -24,7 +24,9 @@ reduce-scatters with the rest (NCCL collectives replay inside a CUDA graph), so 
 time either.  The capture then runs in ``thread_local`` error mode -- NCCL's watchdog thread queries events while
 the main thread captures -- and makes the capturing stream wait for FSDP's communication streams before it
 ends, since a stream forked into a capture must be joined back.  Every rank must capture and replay the same
-steps in the same order, as with any collective.
+steps in the same order, as with any collective.  An eager forward between replays (evaluation) leaves the
+root unit's weights gathered and no replayed backward frees them: call :func:`fp8train.distributed.reshard`
+after it, or the next evaluation reads stale weights (the trainer does).
 
 Attention masks: a batch without ``position_ids`` is captured inside
 :func:`fp8train.causal_masks.plain_causal_batches`, so transformers' SDPA path records the causal kernel
