@@ -9,7 +9,8 @@ and seed.
 Set-ups (``--setups``, default all), same seed, data, data order and steps: ``bf16`` (fp32 master weights, torch
 AdamW), ``coat`` (FP8 linears and activations, fp32 master weights, fp8train.AdamW), ``coat-lean`` (bf16 master
 weights with stochastic rounding, chunked loss), ``coat-lean-graph`` (the same replayed as a CUDA graph) and
-``coat-lean-attention-saves-graph`` (that, with q/k/v kept as FP8 copies for the attention backward).
+``coat-lean-attention-saves-graph`` (that, with q/k/v kept as FP8 copies for the attention backward) and
+``coat-lean-delayed-graph`` (coat-lean-graph with the gated product's scales predicted, ``--delayed-scaling``).
 
 Why seeds: GPU runs of this benchmark are not deterministic -- two runs of the same code, flags and seed on one
 H100 ended 0.26 % apart (benchmarks/results/2026-11-27-h100-session5-fidelity-reruns.md) -- so one run per
@@ -39,10 +40,13 @@ SETUPS = {
     "coat-lean-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph"],
     "coat-lean-attention-saves-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
                                         "--fp8-attention-saves"],
+    "coat-lean-delayed-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
+                                "--delayed-scaling"],
 }
 TITLES = {"bf16": "bf16", "coat": "coat", "coat-lean": "coat-lean (bf16 master weights)",
           "coat-lean-graph": "coat-lean (bf16 master weights), CUDA graph",
-          "coat-lean-attention-saves-graph": "coat-lean + FP8-saved attention inputs, CUDA graph"}
+          "coat-lean-attention-saves-graph": "coat-lean + FP8-saved attention inputs, CUDA graph",
+          "coat-lean-delayed-graph": "coat-lean + delayed scaling of the gated product, CUDA graph"}
 
 
 def paired_gaps(rows: list) -> dict:

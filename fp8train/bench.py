@@ -17,6 +17,7 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_coat_lean_fused_qkv               ... q/k/v as one FP8 GEMM (Recipe.fused_qkv)
     fp8train_coat_lean_no_fused_residual       ... with autograd's residual-gradient adds (Recipe.fused_residual off)
     fp8train_coat_lean_saved_product           ... (coat-lean's default since session 5; also _weight_cache)
+    fp8train_coat_lean_delayed_scaling         ... the gated product's FP8 scales predicted, one pass (Recipe.delayed_scaling)
     <name>_<lever>_<lever>                     lever suffixes combine: fp8train_coat_lean_fused_qkv_saved_product
     <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
@@ -80,7 +81,7 @@ RECIPE_LEVERS = {"_no_weight_cache": ("cache_fp8_weights", False), "_weight_cach
                  "_recomputed_product": ("recompute_gated_product", True),
                  "_saved_product": ("recompute_gated_product", False),
                  "_attention_saves": ("fp8_attention_saves", True), "_fused_qkv": ("fused_qkv", True),
-                 "_no_fused_residual": ("fused_residual", False)}
+                 "_no_fused_residual": ("fused_residual", False), "_delayed_scaling": ("delayed_scaling", True)}
 
 
 def parse_config(name: str) -> tuple[str, dict, bool]:

@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import torch
 
 from .causal_masks import plain_causal_batches
+from .delayed_scaling import predictions_unchanged
 from .nn import weight_cache
 
 
@@ -60,7 +61,9 @@ class GraphedStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with plain_causal_batches(plain_causal):
-            with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS workspaces, lazy module state
+            # warm-up: Triton compiles, cuBLAS workspaces, lazy module state (but not Recipe(delayed_scaling)'s
+            # scale predictions: the first replay must see the ones an eager step would)
+            with torch.cuda.stream(side), predictions_unchanged(model):
                 for _ in range(warmup):
                     self._zero_to_none()
                     self._forward_backward()

@@ -50,6 +50,11 @@ class Recipe:
     fast path for decoder blocks whose structure it recognizes; ``recompute_gated_product`` makes the fast
     path's MLP rebuild act(gate) * up from the saved FP8 gate/up in backward instead of saving its FP8 copy.
 
+    Scales: ``delayed_scaling`` -- the fast path's gated product encodes act(gate) * up (E4M3) and its two
+    gradients (E5M2) with a scale predicted from the previous call, in the pass that computes them, instead of an
+    amax pass plus an encoding pass; a repair pass re-encodes just in time whenever the prediction was off, so
+    nothing saturates (:mod:`fp8train.delayed_scaling`).  The predictions are a 3-float buffer per MLP.
+
     Loss: ``chunked_loss`` -- compute a causal LM's training loss with the chunked fused lm_head +
     cross-entropy (:mod:`fp8train.nn.chunked_cross_entropy`), so the vocabulary-sized logits are never
     materialised; calls that pass ``labels`` then return ``logits=None``.
@@ -104,6 +109,7 @@ class Recipe:
     fp8_attention_saves: bool = False
     fused_qkv: bool = False
     fused_residual: bool = True
+    delayed_scaling: bool = False
     simulate: Optional[Any] = None  # fp8train.lab.SimulatedFormats (or its spec string)
 
     def __post_init__(self):
@@ -128,6 +134,8 @@ class Recipe:
             raise TypeError(f"Recipe.fused_qkv must be True or False, got {self.fused_qkv!r}")
         if not isinstance(self.fused_residual, bool):
             raise TypeError(f"Recipe.fused_residual must be True or False, got {self.fused_residual!r}")
+        if not isinstance(self.delayed_scaling, bool):
+            raise TypeError(f"Recipe.delayed_scaling must be True or False, got {self.delayed_scaling!r}")
         if not isinstance(self.fp8_attention_saves, bool):
             raise TypeError(f"Recipe.fp8_attention_saves must be True or False, got {self.fp8_attention_saves!r}")
         if not isinstance(self.keep_bf16, tuple):

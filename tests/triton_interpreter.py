@@ -326,6 +326,36 @@ def check_gated_product():
                     close(q.amax, qr.amax, dtype, scale=2)
                     same_fp8(q.data, qr.data, E5M2, steps=2, floor=E5M2.max * 2**-18)
                     same_fp8(t, tr, E5M2, steps=2, floor=E5M2.max * 2**-18)
+            check_gated_predicted(kernel, ref, fused, dh, dtype)
+
+
+def check_gated_predicted(kernel, ref, fused, dh, dtype):
+    """Delayed scaling: each branch of the repair rule (first call, prediction kept, overflow, collapse, NaN
+    prediction) gives the reference's encoding and the reference's next prediction."""
+    from fp8train.formats import E4M3, E5M2
+
+    pred, pred_r = torch.zeros(3), torch.zeros(3)
+    for factor in (1.0, 1.0, 4.0, 1 / 64, "nan"):
+        if factor == "nan":
+            pred.fill_(float("nan"))
+            pred_r.fill_(float("nan"))
+            factor = 1.0
+        gate, up = (fused * factor).to(dtype).chunk(2, dim=-1)
+        (q, t), _, _ = kernel.gated_product_forward(gate, up, "silu", quantize_output=True, output_transpose=True,
+                                                    prediction=pred[0:1])
+        (qr, tr), sr = ref.gated_product_forward(gate, up, "silu", quantize_output=True, output_transpose=True,
+                                                 prediction=pred_r[0:1])
+        same_tensorwise(q, t, qr, tr, dtype)
+        close(pred[:1], pred_r[:1], dtype, scale=2)
+        got = kernel.gated_product_backward((dh * factor).to(dtype), sr.gate, sr.up, "silu", quantize_output=True,
+                                            output_transpose=True, prediction=pred[1:3])
+        expected = ref.gated_product_backward((dh * factor).to(dtype), sr, quantize_output=True,
+                                              output_transpose=True, prediction=pred_r[1:3])
+        for (q, t), (qr, tr) in zip(got, expected):
+            close(q.amax, qr.amax, dtype, scale=2)
+            same_fp8(q.data, qr.data, E5M2, steps=2, floor=E5M2.max * 2**-18)
+            same_fp8(t, tr, E5M2, steps=2, floor=E5M2.max * 2**-18)
+        close(pred, pred_r, dtype, scale=2)
 
 
 def check_residual():

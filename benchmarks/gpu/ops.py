@@ -245,6 +245,43 @@ def check_gated(report, shapes):
             _check_tensorwise_grads(report, f"ops: gated[{name}] per-tensor E5M2 dgate, dup {shape}", got, ref)
 
 
+def check_gated_predicted(report, shapes):
+    """Delayed scaling (fp8train.delayed_scaling): the one-pass kernels + repair pass against the reference, over
+    calls that take each branch -- first call (prediction 0: repaired), same input (prediction kept), 4x larger
+    (overflow: repaired), 1/64 (collapse: repaired), garbage NaN prediction (repaired) -- outputs and the
+    prediction buffers both."""
+    from fp8train.delayed_scaling import new_prediction
+    from fp8train.kernels import force_reference
+    from fp8train.nn import gated_mlp as op
+
+    for shape in shapes:
+        fused = bf16_input((*shape[:-1], 2 * shape[-1]))
+        dh0 = bf16_input(shape, seed=2)
+        pred, pred_r = new_prediction(3, "cuda"), new_prediction(3, "cuda")
+        for step, factor in enumerate((1.0, 1.0, 4.0, 1 / 64, "nan")):
+            if factor == "nan":
+                pred.fill_(float("nan"))
+                pred_r.fill_(float("nan"))
+                factor = 1.0
+            gate, up = (fused * factor).chunk(2, dim=-1)
+            dh = dh0 * factor
+            got, saved = op.gated_product_forward(gate, up, "silu", quantize_output=True, output_transpose=True,
+                                                  prediction=pred[0:1])
+            with force_reference():
+                ref, saved_r = op.gated_product_forward(gate, up, "silu", quantize_output=True,
+                                                        output_transpose=True, prediction=pred_r[0:1])
+            _check_tensorwise(report, f"ops: gated predicted E4M3 h {shape} call {step}", got, ref)
+            got = op.gated_product_backward(dh, saved_r, quantize_output=True, output_transpose=True,
+                                            prediction=pred[1:3])
+            with force_reference():
+                ref = op.gated_product_backward(dh, saved_r, quantize_output=True, output_transpose=True,
+                                                prediction=pred_r[1:3])
+            _check_tensorwise_grads(report, f"ops: gated predicted E5M2 dgate, dup {shape} call {step}", got, ref)
+            rel = max_rel(pred, pred_r)
+            report.check(f"ops: gated predictions {shape} after call {step}", rel <= 2**-7, max_rel=rel,
+                         kernel=pred.tolist(), reference=pred_r.tolist())
+
+
 def check_residual(report, shapes):
     from fp8train.kernels import force_reference
     from fp8train.nn import residual as op
@@ -267,7 +304,9 @@ def check_no_recompiles(report):
 
     kernels = [kn._rmsnorm_fwd_kernel, kn._rmsnorm_apply_kernel, kn._rmsnorm_bwd_kernel, ka._activation_fwd_kernel,
                ka._activation_apply_kernel, ka._activation_bwd_kernel, kg._gated_fwd_kernel, kg._gated_apply_kernel,
-               kg._gated_bwd_kernel, kg._gated_bwd_apply_kernel, kr._residual_add_kernel]
+               kg._gated_bwd_kernel, kg._gated_bwd_apply_kernel, kg._gated_fwd_predicted_kernel,
+               kg._gated_fwd_repair_kernel, kg._gated_bwd_predicted_kernel, kg._gated_bwd_repair_kernel,
+               kr._residual_add_kernel]
     w = torch.ones(4096, dtype=torch.bfloat16, device="cuda")  # the hidden size the checks compiled for
 
     def run_all(rows):
@@ -281,6 +320,9 @@ def check_no_recompiles(report):
         activation_backward(x, sa)
         gated_product_backward(x, sg)
         gated_product_backward(x, sg, quantize_output=True, output_transpose=True)
+        prediction = torch.zeros(3, device="cuda")
+        gated_product_forward(x, x, "silu", quantize_output=True, output_transpose=True, prediction=prediction[:1])
+        gated_product_backward(x, sg, quantize_output=True, output_transpose=True, prediction=prediction[1:])
         residual_add_forward(x, x, emit_fp8_copy=True)
 
     run_all(4095)
@@ -474,6 +516,27 @@ def bench(report):
         _row(report, f"ops: gated silu bwd (per-tensor E5M2 dgate, dup{' + transposes' if transpose else ''}) "
              "8192x11008", ms, 2 * n + 2 * copy_bytes + 2 * n * (2 if transpose else 1), copy, ref,
              note="two passes over dh and the copies (amax, then scale)")
+    # delayed scaling (fp8train.delayed_scaling): one encoding pass + an empty repair pass, steady state (the
+    # prediction kept), against the two-pass just-in-time kernels timed in the same loop
+    prediction = torch.zeros(3, device="cuda")
+    for _ in range(2):  # the first call repairs, the second sets a prediction that then holds
+        gated_op.gated_product_forward(gate, up, "silu", quantize_output=True, output_transpose=True,
+                                       prediction=prediction[:1])
+        gated_op.gated_product_backward(dh, saved, quantize_output=True, output_transpose=True,
+                                        prediction=prediction[1:])
+    jit = bench_ms(lambda: gated_op.gated_product_forward(gate, up, "silu", quantize_output=True,
+                                                          output_transpose=True))
+    ms = bench_ms(lambda: gated_op.gated_product_forward(gate, up, "silu", quantize_output=True,
+                                                         output_transpose=True, prediction=prediction[:1]))
+    _row(report, "ops: gated silu fwd, predicted scale (per-tensor E4M3 h + transpose + 2 FP8 copies) 8192x11008",
+         ms, 4 * n + 2 * copy_bytes + 2 * n, copy, just_in_time_ms=round(jit, 4),
+         speedup_vs_just_in_time=round(jit / ms, 3))
+    jit = bench_ms(lambda: gated_op.gated_product_backward(dh, saved, quantize_output=True, output_transpose=True))
+    ms = bench_ms(lambda: gated_op.gated_product_backward(dh, saved, quantize_output=True, output_transpose=True,
+                                                          prediction=prediction[1:]))
+    _row(report, "ops: gated silu bwd, predicted scales (per-tensor E5M2 dgate, dup + transposes) 8192x11008",
+         ms, 2 * n + 2 * copy_bytes + 4 * n, copy, just_in_time_ms=round(jit, 4),
+         speedup_vs_just_in_time=round(jit / ms, 3))
 
 
 def check_cross_entropy(report):
@@ -516,6 +579,7 @@ def run(report) -> None:
     check_layernorm(report, [(4095, 4096)])
     check_activation(report, [(4095, 4096), (8191, 11008)])
     check_gated(report, [(4095, 11008), (1, 7, 1376)])
+    check_gated_predicted(report, [(4095, 11008), (1, 7, 1376)])
     check_residual(report, [(4095, 4096), (2, 1023, 5120)])
     check_no_recompiles(report)
     check_cuda_graph(report)

@@ -2,6 +2,10 @@
 plus both E4M3 1x16 copies; backward reads the two FP8 copies and dh once and writes dgate and dup, recomputing
 act(gate_hat) instead of loading a saved copy of it.
 
+Per-tensor FP8 outputs take two passes with just-in-time scales (an amax pass, then the encoding pass re-reads
+the inputs) or one pass plus a repair pass that is almost always empty with predicted scales
+(``prediction=``, :mod:`fp8train.delayed_scaling`).
+
 Reference: :mod:`fp8train.nn.gated_mlp`.  gate and up may be strided row views (e.g. the two halves of a fused
 gate_up projection); their last dim must be contiguous.
 """
@@ -16,9 +20,9 @@ from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch
 from .activation import ACT_CODE, act_derivative, act_value
-from .quantize import (E4M3_MAX, SLOT, amax_and_scale, as_rows, dequant_scale, encode_multiplier, global_amax,
-                       grid_tile, load_group_copy, loop_tile, quantize_group_tile, shared_amax, store_tensorwise,
-                       tile_amax_bits)
+from .quantize import (E4M3_MAX, SLOT, amax_and_scale, as_rows, dequant_scale, encode_multiplier, fold_amax_bits,
+                       global_amax, grid_tile, load_group_copy, loop_tile, quantize_group_tile, shared_amax,
+                       store_tensorwise, tile_amax_bits)
 
 __all__ = ["gated_product_forward", "gated_product_backward"]
 
@@ -148,13 +152,147 @@ def _gated_bwd_apply_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_
                      FMAX)
 
 
+# -- predicted scales (fp8train.delayed_scaling): one encoding pass, then a repair pass that re-encodes only when
+# -- the prediction was unusable (fp8train.delayed_scaling's rule).  ``seen`` is a per-call int32 buffer: the true amaxes (as float bits,
+# -- folded by atomic max) followed by the predictions the first pass used -- the repair pass reads those, never
+# -- the prediction buffer its program (0, 0) overwrites for the next call.
+
+@triton.jit
+def _next_prediction(seen):
+    following = seen * 2.0  # fp8train.delayed_scaling.MARGIN
+    return tl.where(following <= 3.4028234663852886e38, following, 0.0)  # inf / NaN -> 0: just in time next call
+
+
+@triton.jit
+def _needs_repair(seen, predicted):
+    """Whether the prediction was unusable: below the true amax, over 8x above it (HEADROOM), or NaN."""
+    return (seen > predicted) | (predicted > seen * 8.0) | (seen != seen) | (predicted != predicted)
+
+
+@triton.jit
+def _first_program():
+    return (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+
+
+@fast_launch
+@triton.jit(do_not_specialize=["M"])
+def _gated_fwd_predicted_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr,
+                                prediction_ptr, seen_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
+                                ACT: tl.constexpr, WRITE_T: tl.constexpr):
+    """The whole forward in one pass: h encoded with the predicted amax (row-major, optionally transposed), the
+    two 1x16 copies, h's true amax folded into seen[0]."""
+    rows, cols, mask = grid_tile(M, N, BM, BN)
+    rmask = rows < M
+    rows64 = rows[:, None].to(tl.int64)
+    gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
+    g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = (act_value(g, ACT) * u).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
+    predicted = tl.load(prediction_ptr)
+    if _first_program():
+        tl.store(seen_ptr + 1, predicted.to(tl.int32, bitcast=True))
+    fold_amax_bits(seen_ptr, tile_amax_bits(tl.where(mask, h, 0.0)))
+    store_tensorwise(h, encode_multiplier(predicted, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T,
+                     E4M3_MAX)
+    _store_group_copy(g, rows64, rmask, cols, gcols, mask, N, gq_ptr, gamax_ptr, BM, BN)
+    _store_group_copy(u, rows64, rmask, cols, gcols, mask, N, uq_ptr, uamax_ptr, BM, BN)
+
+
+@fast_launch
+@triton.jit(do_not_specialize=["M"])
+def _gated_fwd_repair_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, seen_ptr, prediction_ptr, amax_out_ptr,
+                             q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
+                             WRITE_T: tl.constexpr):
+    """Publish the amax h was encoded with, update the prediction, and re-encode just in time on overflow."""
+    seen = tl.load(seen_ptr).to(tl.float32, bitcast=True)
+    predicted = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
+    repair = _needs_repair(seen, predicted)
+    amax = tl.where(repair, seen, predicted)
+    if _first_program():
+        tl.store(amax_out_ptr, amax)
+        tl.store(amax_out_ptr + SLOT, dequant_scale(amax, E4M3_MAX))
+        tl.store(prediction_ptr, _next_prediction(seen))
+    if repair:
+        rows, cols, mask = grid_tile(M, N, BM, BN)
+        rows64 = rows[:, None].to(tl.int64)
+        g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (act_value(g, ACT) * u).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
+        store_tensorwise(h, encode_multiplier(seen, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T,
+                         E4M3_MAX)
+
+
+@fast_launch
+@triton.jit(do_not_specialize=["M"])
+def _gated_bwd_predicted_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
+                                prediction_ptr, seen_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N, BM: tl.constexpr,
+                                BN: tl.constexpr, ACT: tl.constexpr, FMAX: tl.constexpr, WRITE_T: tl.constexpr,
+                                GATHER: tl.constexpr):
+    """The whole backward in one pass: dgate / dup encoded with their predicted amaxes, their true amaxes folded
+    into seen[0] / seen[1]."""
+    rows, cols, _ = grid_tile(M, N, BM, BN)
+    gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
+    dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N,
+                                BM, BN, ACT, GATHER)
+    dg = dg.to(dg_dtype_ptr.dtype.element_ty).to(tl.float32)
+    du = du.to(du_dtype_ptr.dtype.element_ty).to(tl.float32)
+    predicted_g = tl.load(prediction_ptr)
+    predicted_u = tl.load(prediction_ptr + 1)
+    if _first_program():
+        tl.store(seen_ptr + 2, predicted_g.to(tl.int32, bitcast=True))
+        tl.store(seen_ptr + 3, predicted_u.to(tl.int32, bitcast=True))
+    fold_amax_bits(seen_ptr, tile_amax_bits(tl.where(mask, dg, 0.0)))
+    fold_amax_bits(seen_ptr + 1, tile_amax_bits(tl.where(mask, du, 0.0)))
+    store_tensorwise(dg, encode_multiplier(predicted_g, FMAX), rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, WRITE_T,
+                     FMAX)
+    store_tensorwise(du, encode_multiplier(predicted_u, FMAX), rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, WRITE_T,
+                     FMAX)
+
+
+@fast_launch
+@triton.jit(do_not_specialize=["M"])
+def _gated_bwd_repair_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
+                             seen_ptr, prediction_ptr, amax_out_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N,
+                             BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr, FMAX: tl.constexpr,
+                             WRITE_T: tl.constexpr, GATHER: tl.constexpr):
+    seen_g = tl.load(seen_ptr).to(tl.float32, bitcast=True)
+    seen_u = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
+    predicted_g = tl.load(seen_ptr + 2).to(tl.float32, bitcast=True)
+    predicted_u = tl.load(seen_ptr + 3).to(tl.float32, bitcast=True)
+    repair_g = _needs_repair(seen_g, predicted_g)
+    repair_u = _needs_repair(seen_u, predicted_u)
+    amax_g = tl.where(repair_g, seen_g, predicted_g)
+    amax_u = tl.where(repair_u, seen_u, predicted_u)
+    if _first_program():  # amax_g, amax_u, scale_g, scale_u, SLOT floats apart
+        tl.store(amax_out_ptr, amax_g)
+        tl.store(amax_out_ptr + SLOT, amax_u)
+        tl.store(amax_out_ptr + 2 * SLOT, dequant_scale(amax_g, FMAX))
+        tl.store(amax_out_ptr + 3 * SLOT, dequant_scale(amax_u, FMAX))
+        tl.store(prediction_ptr, _next_prediction(seen_g))
+        tl.store(prediction_ptr + 1, _next_prediction(seen_u))
+    if repair_g | repair_u:
+        rows, cols, _ = grid_tile(M, N, BM, BN)
+        gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
+        dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols,
+                                    M, N, BM, BN, ACT, GATHER)
+        if repair_g:
+            dg = dg.to(dg_dtype_ptr.dtype.element_ty).to(tl.float32)
+            store_tensorwise(dg, encode_multiplier(seen_g, FMAX), rows, cols, M, N, qg_ptr, N, qg_t_ptr, True,
+                             WRITE_T, FMAX)
+        if repair_u:
+            du = du.to(du_dtype_ptr.dtype.element_ty).to(tl.float32)
+            store_tensorwise(du, encode_multiplier(seen_u, FMAX), rows, cols, M, N, qu_ptr, N, qu_t_ptr, True,
+                             WRITE_T, FMAX)
+
+
 def _copy_tensors(shape, N, dev):
     return (torch.empty(shape, dtype=torch.float8_e4m3fn, device=dev),
             torch.empty(*shape[:-1], N // 16, dtype=torch.bfloat16, device=dev))
 
 
-def gated_product_forward(gate, up, name, *, quantize_output=False, output_transpose=False):
-    """``(h, gate_copy, up_copy)``; h in the promoted dtype, or per-tensor E4M3 (``(q, data_t)`` with transpose)."""
+def gated_product_forward(gate, up, name, *, quantize_output=False, output_transpose=False, prediction=None):
+    """``(h, gate_copy, up_copy)``; h in the promoted dtype, or per-tensor E4M3 (``(q, data_t)`` with transpose),
+    encoded with a predicted amax in one pass when ``prediction`` (a 1-element float32 buffer view) is given."""
     from ..mixed_granularity import LINEAR_FORMAT, NONLINEAR_FORMAT, NONLINEAR_GRANULARITY
 
     g2, u2 = as_rows(gate), as_rows(up)
@@ -163,7 +301,27 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
     h_dtype = torch.promote_types(gate.dtype, up.dtype)
     gq, gamax = _copy_tensors(gate.shape, N, dev)
     uq, uamax = _copy_tensors(up.shape, N, dev)
+    copies = [QuantizedTensor(data=d, amax=a, fmt=NONLINEAR_FORMAT, granularity=NONLINEAR_GRANULARITY,
+                              shape=t.shape, dtype=t.dtype) for d, a, t in ((gq, gamax, gate), (uq, uamax, up))]
     family = "gated_forward"
+    if quantize_output and prediction is not None and M > 0:
+        h = torch.empty(1, dtype=h_dtype, device=dev)  # only its dtype is used
+        seen = torch.zeros(2, dtype=torch.int32, device=dev)
+        amax, (amax_view,), (scale_view,) = amax_and_scale(dev)
+        data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev)
+        data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
+        bm, bn = plans.elementwise_tile(N, family, output_transpose)
+        grid = (cdiv(M, bm), cdiv(N, bn))
+        warps = plans.warps(family, output_transpose)
+        _gated_fwd_predicted_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax, prediction,
+                                          seen, data, data_t, M, N, BM=bm, BN=bn, ACT=ACT_CODE[name],
+                                          WRITE_T=output_transpose, num_warps=warps)
+        _gated_fwd_repair_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, seen, prediction, amax, data, data_t,
+                                       M, N, BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_T=output_transpose,
+                                       num_warps=warps)
+        q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT,
+                            granularity=PER_TENSOR, shape=gate.shape, dtype=h_dtype)
+        return ((q, data_t) if output_transpose else q), copies[0], copies[1]
     bm, bn = plans.elementwise_tile(N, family)
     num_tiles = cdiv(M, bm) * cdiv(N, bn)
     if quantize_output:
@@ -178,8 +336,6 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
     _gated_fwd_kernel[(nprog,)](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax, partials,
                                 M, N, nprog, iters, BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_H=not quantize_output,
                                 WRITE_AMAX=quantize_output, num_warps=plans.warps(family))
-    copies = [QuantizedTensor(data=d, amax=a, fmt=NONLINEAR_FORMAT, granularity=NONLINEAR_GRANULARITY,
-                              shape=t.shape, dtype=t.dtype) for d, a, t in ((gq, gamax, gate), (uq, uamax, up))]
     if not quantize_output:
         return h, copies[0], copies[1]
     amax, (amax_view,), (scale_view,) = amax_and_scale(dev)
@@ -197,9 +353,10 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
 
 
 def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTensor, name, *,
-                           quantize_output=False, output_transpose=False):
+                           quantize_output=False, output_transpose=False, prediction=None):
     """``(dgate, dup)`` in the dtypes of gate and up; with ``quantize_output`` each is the per-tensor E5M2
-    QuantizedTensor the gate / up projections' backward consumes (``(q, data_t)`` with ``output_transpose``)."""
+    QuantizedTensor the gate / up projections' backward consumes (``(q, data_t)`` with ``output_transpose``),
+    encoded with predicted amaxes in one pass when ``prediction`` (2-element float32 buffer view) is given."""
     from ..mixed_granularity import GRAD_FORMAT
 
     dh2 = as_rows(dh)
@@ -219,12 +376,6 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
         return dgate, dup
     dg_dtype = torch.empty(1, dtype=gate_copy.dtype, device=dev)
     du_dtype = torch.empty(1, dtype=up_copy.dtype, device=dev)
-    nprog = max(1, min(num_tiles, plans.partials_capacity(dh, family)))
-    partials = torch.empty(2, nprog, dtype=torch.int32, device=dev)
-    _gated_bwd_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
-                                dg_dtype, du_dtype, partials, M, N, nprog, cdiv(num_tiles, nprog), BM=bm,
-                                BN=bn, ACT=ACT_CODE[name], WRITE_GRADS=False, WRITE_AMAX=True,
-                                GATHER=plan.gather_scales, num_warps=plan.warps)
     fmt = GRAD_FORMAT
     amax, amaxes, scales = amax_and_scale(dev, 2)
     qg = torch.empty(gate_copy.shape, dtype=fmt.torch_dtype, device=dev)
@@ -233,11 +384,32 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
     qu_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=dev) if output_transpose else qu
     bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
     grid = (cdiv(M, bm2), cdiv(N, bn2))
+    if prediction is not None and M > 0:
+        seen = torch.zeros(4, dtype=torch.int32, device=dev)
+        common = dict(BM=bm2, BN=bn2, ACT=ACT_CODE[name], FMAX=float(fmt.max), WRITE_T=output_transpose,
+                      GATHER=plan.gather_scales, num_warps=plans.warps(family, output_transpose))
+        _gated_bwd_predicted_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
+                                          up_copy.amax, dg_dtype, du_dtype, prediction, seen, qg, qg_t, qu, qu_t,
+                                          M, N, **common)
+        _gated_bwd_repair_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
+                                       up_copy.amax, dg_dtype, du_dtype, seen, prediction, amax, qg, qg_t, qu, qu_t,
+                                       M, N, **common)
+        return _gradient_outputs(qg, qg_t, qu, qu_t, amaxes, scales, gate_copy, up_copy, fmt, output_transpose)
+    nprog = max(1, min(num_tiles, plans.partials_capacity(dh, family)))
+    partials = torch.empty(2, nprog, dtype=torch.int32, device=dev)
+    _gated_bwd_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
+                                dg_dtype, du_dtype, partials, M, N, nprog, cdiv(num_tiles, nprog), BM=bm,
+                                BN=bn, ACT=ACT_CODE[name], WRITE_GRADS=False, WRITE_AMAX=True,
+                                GATHER=plan.gather_scales, num_warps=plan.warps)
     _gated_bwd_apply_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
                                   dg_dtype, du_dtype, partials, nprog, amax, qg, qg_t, qu, qu_t, M, N, BM=bm2, BN=bn2,
                                   BLOCK_P=plans.partials_block(dh, family), ACT=ACT_CODE[name], FMAX=float(fmt.max),
                                   WRITE_T=output_transpose, GATHER=plan.gather_scales,
                                   num_warps=plans.warps(family, output_transpose))
+    return _gradient_outputs(qg, qg_t, qu, qu_t, amaxes, scales, gate_copy, up_copy, fmt, output_transpose)
+
+
+def _gradient_outputs(qg, qg_t, qu, qu_t, amaxes, scales, gate_copy, up_copy, fmt, output_transpose):
     out = []
     for data, data_t, a, s, copy in ((qg, qg_t, amaxes[0], scales[0], gate_copy),
                                      (qu, qu_t, amaxes[1], scales[1], up_copy)):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import mixed_granularity as mg
+from ..delayed_scaling import encode_amax
 from ..quant import QuantizedTensor
 from .activation import ACTIVATIONS, act_fn, act_grad, activation_name, check_activation
 
@@ -51,36 +52,50 @@ def _reference_forward(gate, up, name):
 
 
 def gated_product_forward(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", *,
-                          quantize_output: bool = False, output_transpose: bool = False):
-    """``(h, saved)`` with ``h = act(gate) * up`` computed in fp32 and rounded once to the inputs' dtype."""
+                          quantize_output: bool = False, output_transpose: bool = False,
+                          prediction: Optional[torch.Tensor] = None):
+    """``(h, saved)`` with ``h = act(gate) * up`` computed in fp32 and rounded once to the inputs' dtype.
+
+    ``prediction`` (with ``quantize_output``): a 1-element float32 view of a prediction buffer -- h is encoded
+    with the predicted amax in the same pass, repaired when it overflows (:mod:`fp8train.delayed_scaling`).
+    """
     check_activation(activation)
     _check(gate, up)
+    prediction = prediction if quantize_output else None
     if mg.use_kernels("gated_product", gate, up):
         from ..kernels import gated_product as kernel
 
         h, g_copy, u_copy = kernel.gated_product_forward(gate, up, activation, quantize_output=quantize_output,
-                                                         output_transpose=output_transpose)
+                                                         output_transpose=output_transpose, prediction=prediction)
         return h, GatedSaved(gate=g_copy, up=u_copy, activation=activation)
     h = _reference_forward(gate, up, activation)
     saved = GatedSaved(gate=mg.save_for_nonlinear(gate), up=mg.save_for_nonlinear(up), activation=activation)
     if quantize_output:
-        h = mg.quantize_for_linear(h, with_transpose=output_transpose)
+        amax = None if prediction is None else encode_amax(_amax(h), prediction[0])
+        h = mg.quantize_for_linear(h, amax=amax, with_transpose=output_transpose)
     return h, saved
 
 
+def _amax(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().amax().float() if x.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
+
+
 def gated_product_backward(dh: torch.Tensor, saved: GatedSaved, *, quantize_output: bool = False,
-                           output_transpose: bool = False):
+                           output_transpose: bool = False, prediction: Optional[torch.Tensor] = None):
     """``(dgate, dup)`` in the dtypes of gate and up.
 
     ``quantize_output=True`` returns each as the per-tensor E5M2 QuantizedTensor that the gate / up projections'
     backward consumes (``(q, data_t)`` with ``output_transpose``: the transposed copy for the weight gradient);
-    the kernel then never writes the bf16 gradients.
+    the kernel then never writes the bf16 gradients.  ``prediction``: a 2-element float32 view (dgate's, dup's)
+    of a prediction buffer -- one pass with predicted scales (:mod:`fp8train.delayed_scaling`).
     """
+    prediction = prediction if quantize_output else None
     if mg.use_kernels("gated_product", dh) and mg.is_kernel_copy(saved.gate) and mg.is_kernel_copy(saved.up):
         from ..kernels import gated_product as kernel
 
         return kernel.gated_product_backward(dh, saved.gate, saved.up, saved.activation,
-                                             quantize_output=quantize_output, output_transpose=output_transpose)
+                                             quantize_output=quantize_output, output_transpose=output_transpose,
+                                             prediction=prediction)
     cdt = _compute_dtype(torch.promote_types(saved.gate.dtype, saved.up.dtype))
     g_hat = saved.gate.dequantize(cdt)
     u_hat = saved.up.dequantize(cdt)
@@ -88,8 +103,10 @@ def gated_product_backward(dh: torch.Tensor, saved: GatedSaved, *, quantize_outp
     dgate = (dh_c * u_hat * act_grad(g_hat, saved.activation)).to(saved.gate.dtype)
     dup = (dh_c * act_fn(g_hat, saved.activation)).to(saved.up.dtype)
     if quantize_output:
-        return (mg.quantize_grad_for_linear(dgate, with_transpose=output_transpose),
-                mg.quantize_grad_for_linear(dup, with_transpose=output_transpose))
+        amaxes = [None, None] if prediction is None else [encode_amax(_amax(d), prediction[i])
+                                                          for i, d in enumerate((dgate, dup))]
+        return (mg.quantize_grad_for_linear(dgate, amax=amaxes[0], with_transpose=output_transpose),
+                mg.quantize_grad_for_linear(dup, amax=amaxes[1], with_transpose=output_transpose))
     return dgate, dup
 
 

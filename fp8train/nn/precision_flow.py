@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from .. import mixed_granularity as mg
+from ..delayed_scaling import BUFFER_NAME, new_prediction
 from ..recipes import Recipe, linear_formats, resolve_recipe
 from . import grad_amax, handoff
 from .activation import act_fn, activation_name
@@ -191,7 +192,7 @@ class _FlowMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, src, norm_weight, w_gate, b_gate, w_up, b_up, w_down, b_down,
-                norm, x_in, recipe, activation, out_dtype, recompute, add_residual):
+                norm, x_in, recipe, activation, out_dtype, recompute, add_residual, prediction):
         transpose = wants_transpose(src.device, recipe)
         with autocast_off(src.device.type):
             if norm is not None:
@@ -205,7 +206,8 @@ class _FlowMLPFunction(torch.autograd.Function):
                 h_in = _product_from_fp8(gated, out_dtype, recipe, transpose)
             else:
                 h_out, gated = gated_product_forward(gate, up, activation, quantize_output=True,
-                                                     output_transpose=transpose)
+                                                     output_transpose=transpose,
+                                                     prediction=None if prediction is None else prediction[0:1])
                 h_in = LinearInput(*h_out) if transpose else LinearInput(h_out)
             del gate, up
             out, saved_down = fp8_linear_forward(h_in, w_down, b_down, recipe=recipe, out_dtype=out_dtype)
@@ -227,6 +229,7 @@ class _FlowMLPFunction(torch.autograd.Function):
         ctx.save_for_backward(*x_tensors, saved_up.weight_amax, g_data, g_amax, u_data, u_amax, *h_tensors,
                               *norm_tensors, norm_weight, w_gate, w_up, w_down)
         ctx.recipe, ctx.activation, ctx.recompute = recipe, activation, recompute
+        ctx.prediction = prediction  # a module buffer updated in place: not a saved tensor
         ctx.has_bias = (b_gate is not None, b_up is not None, b_down is not None)
         ctx.src_dtype, ctx.out_dtype, ctx.add_residual = src.dtype, out.dtype, add_residual
         # with add_residual the block's residual add happens here (src + out, as HF's ``residual + hidden``), so
@@ -257,7 +260,8 @@ class _FlowMLPFunction(torch.autograd.Function):
             fused_quantize = linear_formats(recipe)[2][0] == mg.GRAD_FORMAT and not any(ctx.has_bias[:2])
             transpose = wants_transpose(dout.device, recipe)
             dgate, dup = gated_product_backward(dh, gated, quantize_output=fused_quantize,
-                                                output_transpose=fused_quantize and transpose)
+                                                output_transpose=fused_quantize and transpose,
+                                                prediction=None if ctx.prediction is None else ctx.prediction[1:3])
             if fused_quantize:
                 dgate, dup = (LinearInput(*d) if transpose else LinearInput(d) for d in (dgate, dup))
             del dh
@@ -283,7 +287,7 @@ class _FlowMLPFunction(torch.autograd.Function):
                     dx = dx + dres.float()
             dx = dx.to(ctx.src_dtype)
         return (dx, dnorm_weight, dw_gate, db_gate, dw_up, db_up, dw_down, db_down,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _product_from_fp8(gated: GatedSaved, dtype: torch.dtype, recipe: Recipe, transpose: bool,
@@ -333,6 +337,11 @@ class FlowMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
         self.activation = activation
         self.recipe = resolve_recipe(recipe)
+        if self.recipe.delayed_scaling:
+            # predicted amaxes of act(gate)*up, dgate, dup (fp8train.delayed_scaling); not in state_dict, so
+            # checkpoints keep HF's keys -- the trainer saves them beside the model
+            device = next(down_proj.parameters(), torch.zeros(0)).device
+            self.register_buffer(BUFFER_NAME, new_prediction(3, device), persistent=False)
 
     @classmethod
     def from_module(cls, mlp: nn.Module, *, recipe: Union[Recipe, str] = "coat") -> "FlowMLP":
@@ -375,8 +384,10 @@ class FlowMLP(nn.Module):
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
         return _FlowMLPFunction.apply(src, norm_weight, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias,
                                       norm, x_in, self.recipe, self.activation, out_dtype,
-                                      self.recipe.recompute_gated_product, add_residual)
+                                      self.recipe.recompute_gated_product, add_residual,
+                                      getattr(self, BUFFER_NAME, None))
 
     def extra_repr(self) -> str:
         saves = "gate/up E4M3 1x16" + ("" if self.recipe.recompute_gated_product else ", act*up E4M3")
-        return f"act={self.activation}, one autograd Function, saves {saves}"
+        scales = ", predicted scales" if self.recipe.delayed_scaling else ""
+        return f"act={self.activation}, one autograd Function, saves {saves}{scales}"

@@ -47,6 +47,7 @@ class TrainConfig:
     fp8_attention_saves: bool = False  # attention keeps q/k/v as FP8 copies for backward (Recipe.fp8_attention_saves)
     fused_qkv: bool = False           # q/k/v projections as one FP8 GEMM (Recipe.fused_qkv)
     fused_residual: Optional[bool] = None  # residual gradients summed in the norm kernels (Recipe.fused_residual)
+    delayed_scaling: bool = False     # gated product's FP8 scales predicted, one pass (Recipe.delayed_scaling)
     grad_checkpointing: bool = False
     # optimisation
     steps: int = 300
@@ -141,6 +142,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.fused_qkv and (c.recipe == "bf16" or c.simulate_format is not None):
         raise TrainError("--fused-qkv fuses FP8 linear layers: it needs an FP8 recipe (fp8, coat, coat-lean), not bf16 "
                          "or --simulate-format")
+    if c.delayed_scaling and (c.recipe not in ("coat", "coat-lean") or c.simulate_format is not None):
+        raise TrainError("--delayed-scaling changes how the FP8 fast path of coat / coat-lean scales the MLP's gated "
+                         f"product; recipe {c.recipe!r}" + (" with --simulate-format" if c.simulate_format else "")
+                         + " has none: use --recipe coat or coat-lean")
     if c.fp8_weight_cache and c.nproc > 1:
         raise TrainError("--fp8-weight-cache does nothing with --nproc > 1: FSDP2 gathers new unsharded weights "
                          "every step, which the cache leaves alone (it would otherwise undo the sharding); "
@@ -293,6 +298,11 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                    help="Llama-style layers sum their residual gradients in the norms' backward kernels instead of "
                         "autograd's bf16 adds (same forward, gradients rounded once); on by default with the FP8 "
                         "recipes' fast path, --no-fused-residual turns it off")
+    g.add_argument("--delayed-scaling", action="store_true", default=S,
+                   help="the MLP's act(gate)*up and its two gradients are encoded to FP8 in the pass that computes "
+                        "them, with a scale predicted from the previous step (2x its amax), instead of an amax pass "
+                        "plus an encoding pass; a repair pass re-encodes just in time when the prediction was off, "
+                        "so nothing saturates (needs an FP8 recipe with compressed activations: coat, coat-lean)")
     g.add_argument("--grad-checkpointing", action="store_true", default=S,
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g = parser.add_argument_group("optimisation")
@@ -353,7 +363,7 @@ _DECIDES_LOSSES = ("model", "recipe", "optimizer", "master_weights", "vocab_size
                    "grad_accum", "lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
 _DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head", "step_in_backward",
-                    "fp8_attention_saves", "fused_qkv", "fused_residual")
+                    "fp8_attention_saves", "fused_qkv", "fused_residual", "delayed_scaling")
 
 
 def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:

@@ -33,6 +33,7 @@ import types
 from typing import Callable, Optional
 
 from ..causal_masks import plain_causal_batches
+from ..delayed_scaling import load_prediction_state, prediction_state
 from ..distributed import reshard
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainError, resolve, simulated_recipe
@@ -332,7 +333,8 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
     # the flags switch levers on; a preset's own defaults (coat-lean caches its FP8 weights) stay unless a flag
     # says otherwise (--no-fp8-weight-cache)
     levers = {field: True for field, on in (("fp8_attention_saves", c.fp8_attention_saves),
-                                            ("fused_qkv", c.fused_qkv)) if on}
+                                            ("fused_qkv", c.fused_qkv),
+                                            ("delayed_scaling", c.delayed_scaling)) if on}
     if c.fp8_weight_cache is not None and c.recipe != "bf16" and c.simulate_format is None:
         levers["cache_fp8_weights"] = bool(c.fp8_weight_cache)
     if c.fused_residual is not None and c.recipe != "bf16" and c.simulate_format is None:
@@ -389,6 +391,7 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         else:
             state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, device=device)
         sampler.load_state_dict(state["sampler"])
+        load_prediction_state(model, state.get("scale_predictions", {}))
         ckpt.restore_rng(state["rng"])
         start_step = resumed_from = int(state["step"])
         if main:
@@ -498,6 +501,9 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                 periodic = c.checkpoint_every > 0 and step % c.checkpoint_every == 0
                 if periodic or (step == c.steps and c.checkpoint_every >= 0) or stop_reason:
                     trainer_state = {"sampler": sampler.state_dict(), "num_parameters": num_params}
+                    predictions = prediction_state(model)  # Recipe(delayed_scaling): the next step's FP8 scales
+                    if predictions:
+                        trainer_state["scale_predictions"] = predictions
                     if run is None:
                         ckpt.save_checkpoint(checkpoints, step, model, optimizer, scheduler, trainer_state,
                                              keep=c.keep_checkpoints)

@@ -1,0 +1,97 @@
+"""Delayed scaling with overflow repair: per-tensor FP8 scales predicted from the previous call, in one pass.
+
+Just-in-time per-tensor scaling (COAT's rule, :mod:`fp8train.mixed_granularity`) needs the tensor's amax before
+the first value can be encoded, so a fused producer reads its inputs twice: once for the amax, once to write FP8.
+For the gated product ``act(gate) * up`` and its two gradients that second read is ~1/3 of their kernels' time.
+
+With ``Recipe(delayed_scaling=True)`` those three tensors are encoded in the same pass that computes them, with
+a *predicted* amax: ``MARGIN`` x the amax this site saw on its previous call (a per-module device buffer, so CUDA
+graph replays and gradient accumulation keep it up to date).  Unlike TransformerEngine's delayed scaling, nothing
+saturates: the pass also folds the true amax into a slot, and a repair pass that runs right after re-encodes the
+tensor with the just-in-time scale whenever the prediction was wrong -- below the true amax (the first call, an
+amax jump of more than ``MARGIN`` x, NaN/inf) or more than ``HEADROOM`` x above it (an amax collapse, or a buffer
+holding garbage).  When no repair is needed its programs read four numbers and exit.
+
+So values are never clipped, and the only difference to just-in-time scaling is a scale at most ``HEADROOM`` = 8x
+larger than needed: values below ``amax / 2**15`` fall into E4M3's subnormals instead of below ``amax / 2**18``
+(E5M2 gradients: 3 of their ~30 binades).  The rule, per call, all on the device (no host synchronisation):
+
+    seen      = max |x|                                         (NaN if x has one)
+    amax      = predicted if seen <= predicted <= HEADROOM * seen else seen   (encodes x; published with it)
+    predicted = MARGIN * seen if that is finite else 0          (0: the next call is re-encoded just in time)
+
+:func:`encode_amax` is the reference (used on CPU and as the oracle of the Triton kernels in
+:mod:`fp8train.kernels.gated_product`).  The predictions live in :class:`fp8train.nn.precision_flow.FlowMLP`'s
+``scale_prediction`` buffer (non-persistent: model checkpoints keep HF's keys); :func:`prediction_state` /
+:func:`load_prediction_state` let a trainer checkpoint carry them so that a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+import torch
+
+__all__ = ["MARGIN", "HEADROOM", "encode_amax", "new_prediction", "prediction_state", "load_prediction_state",
+           "predictions_unchanged"]
+
+# powers of two: amax * MARGIN is exact; a prediction between seen and HEADROOM * seen costs at most 3 binades
+MARGIN = 2.0
+HEADROOM = 8.0
+BUFFER_NAME = "scale_prediction"
+
+
+def new_prediction(count: int, device=None) -> torch.Tensor:
+    """``count`` zeroed predictions (float32): the first call of each site scales just in time."""
+    return torch.zeros(count, dtype=torch.float32, device=device)
+
+
+def encode_amax(seen: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """The amax to encode with (0-d float32), given the tensor's own amax ``seen``; updates ``prediction`` (a 0-d
+    float32 view into a prediction buffer) in place for the next call."""
+    seen = seen.detach().to(torch.float32).reshape(())
+    predicted = prediction.reshape(())
+    keep = (seen <= predicted) & (predicted <= seen * HEADROOM)  # False with a NaN on either side
+    amax = torch.where(keep, predicted, seen)
+    following = seen * MARGIN
+    prediction.copy_(torch.where(following < float("inf"), following, torch.zeros_like(following)).reshape(
+        prediction.shape))
+    return amax
+
+
+def _buffers(model: torch.nn.Module):
+    for name, module in model.named_modules():
+        buffer = getattr(module, BUFFER_NAME, None)
+        if isinstance(buffer, torch.Tensor):
+            yield name, module, buffer
+
+
+def prediction_state(model: torch.nn.Module) -> dict:
+    """``{module name: prediction buffer (CPU copy)}`` of every module with predicted scales (empty without)."""
+    return {name: buffer.detach().cpu().clone() for name, _, buffer in _buffers(model)}
+
+
+def load_prediction_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Restore :func:`prediction_state`'s buffers; modules missing from ``state`` start from zero (just in time)."""
+    for name, _, buffer in _buffers(model):
+        saved = state.get(name)
+        if saved is None:
+            buffer.zero_()
+        elif saved.shape != buffer.shape:
+            raise ValueError(f"prediction state of {name!r} has shape {tuple(saved.shape)}, the model's buffer "
+                             f"{tuple(buffer.shape)}: was the checkpoint written by another fp8train version?")
+        else:
+            buffer.copy_(saved.to(buffer.device))
+
+
+@contextlib.contextmanager
+def predictions_unchanged(model: torch.nn.Module) -> Iterator[None]:
+    """Undo what the calls inside the block did to the predictions (CUDA-graph warm-up passes: a resumed run must
+    not see the warm-up batch in its first step's scales)."""
+    saved = [(buffer, buffer.clone()) for _, _, buffer in _buffers(model)]
+    try:
+        yield
+    finally:
+        for buffer, copy in saved:
+            buffer.copy_(copy)
