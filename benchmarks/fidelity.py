@@ -10,7 +10,9 @@ Set-ups (``--setups``, default all), same seed, data, data order and steps: ``bf
 AdamW), ``coat`` (FP8 linears and activations, fp32 master weights, fp8train.AdamW), ``coat-lean`` (bf16 master
 weights with stochastic rounding, chunked loss), ``coat-lean-graph`` (the same replayed as a CUDA graph) and
 ``coat-lean-attention-saves-graph`` (that, with q/k/v kept as FP8 copies for the attention backward) and
-``coat-lean-delayed-graph`` (coat-lean-graph with the gated product's scales predicted, ``--delayed-scaling``).
+``coat-lean-delayed-graph`` (coat-lean-graph with the gated product's scales predicted, ``--delayed-scaling``;
+coat-lean's default since session 9, when ``coat-lean-graph`` became the same run) and ``coat-lean-jit-graph``
+(``--no-delayed-scaling``: just-in-time scales everywhere, coat-lean before session 9).
 
 Why seeds: GPU runs of this benchmark are not deterministic -- two runs of the same code, flags and seed on one
 H100 ended 0.26 % apart (benchmarks/results/2026-11-27-h100-session5-fidelity-reruns.md) -- so one run per
@@ -42,11 +44,14 @@ SETUPS = {
                                         "--fp8-attention-saves"],
     "coat-lean-delayed-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
                                 "--delayed-scaling"],
+    "coat-lean-jit-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
+                            "--no-delayed-scaling"],
 }
 TITLES = {"bf16": "bf16", "coat": "coat", "coat-lean": "coat-lean (bf16 master weights)",
           "coat-lean-graph": "coat-lean (bf16 master weights), CUDA graph",
           "coat-lean-attention-saves-graph": "coat-lean + FP8-saved attention inputs, CUDA graph",
-          "coat-lean-delayed-graph": "coat-lean + delayed scaling of the gated product, CUDA graph"}
+          "coat-lean-delayed-graph": "coat-lean + delayed scaling of the gated product, CUDA graph",
+          "coat-lean-jit-graph": "coat-lean, just-in-time scales only (no delayed scaling), CUDA graph"}
 
 
 def paired_gaps(rows: list) -> dict:

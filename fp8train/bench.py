@@ -17,7 +17,9 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_coat_lean_fused_qkv               ... q/k/v as one FP8 GEMM (Recipe.fused_qkv)
     fp8train_coat_lean_no_fused_residual       ... with autograd's residual-gradient adds (Recipe.fused_residual off)
     fp8train_coat_lean_saved_product           ... (coat-lean's default since session 5; also _weight_cache)
-    fp8train_coat_lean_delayed_scaling         ... the gated product's FP8 scales predicted, one pass (Recipe.delayed_scaling)
+    fp8train_coat_lean_no_delayed_scaling      ... with just-in-time scales for the gated product (coat-lean predicts
+                                               them since session 9: Recipe.delayed_scaling; _delayed_scaling adds it
+                                               to other recipes)
     <name>_<lever>_<lever>                     lever suffixes combine: fp8train_coat_lean_fused_qkv_saved_product
     <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
@@ -75,13 +77,14 @@ CONFIGS = {
 }
 # configuration name suffix -> the Recipe field it sets and the value; suffixes combine in any order
 # (fp8train_coat_lean_fused_qkv_saved_product_graphed)
-# (coat-lean has the weight cache and the saved product on by default; the "_no_..." / "_recomputed_..." suffixes
-# turn them off.  Longer suffixes first: "_no_weight_cache" also ends in "_weight_cache".)
+# (coat-lean has the weight cache, the saved product and delayed scaling on by default; the "_no_..." /
+# "_recomputed_..." suffixes turn them off.  Longer suffixes first: "_no_weight_cache" also ends in "_weight_cache".)
 RECIPE_LEVERS = {"_no_weight_cache": ("cache_fp8_weights", False), "_weight_cache": ("cache_fp8_weights", True),
                  "_recomputed_product": ("recompute_gated_product", True),
                  "_saved_product": ("recompute_gated_product", False),
                  "_attention_saves": ("fp8_attention_saves", True), "_fused_qkv": ("fused_qkv", True),
-                 "_no_fused_residual": ("fused_residual", False), "_delayed_scaling": ("delayed_scaling", True)}
+                 "_no_fused_residual": ("fused_residual", False),
+                 "_no_delayed_scaling": ("delayed_scaling", False), "_delayed_scaling": ("delayed_scaling", True)}
 
 
 def parse_config(name: str) -> tuple[str, dict, bool]:

@@ -310,9 +310,9 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
         amax, (amax_view,), (scale_view,) = amax_and_scale(dev)
         data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev)
         data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
-        bm, bn = plans.elementwise_tile(N, family, output_transpose)
+        bm, bn = plans.elementwise_tile(N, "gated_forward_predicted", True)
         grid = (cdiv(M, bm), cdiv(N, bn))
-        warps = plans.warps(family, output_transpose)
+        warps = plans.warps("gated_forward_predicted", True)
         _gated_fwd_predicted_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax, prediction,
                                           seen, data, data_t, M, N, BM=bm, BN=bn, ACT=ACT_CODE[name],
                                           WRITE_T=output_transpose, num_warps=warps)
@@ -386,8 +386,11 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
     grid = (cdiv(M, bm2), cdiv(N, bn2))
     if prediction is not None and M > 0:
         seen = torch.zeros(4, dtype=torch.int32, device=dev)
-        common = dict(BM=bm2, BN=bn2, ACT=ACT_CODE[name], FMAX=float(fmt.max), WRITE_T=output_transpose,
-                      GATHER=plan.gather_scales, num_warps=plans.warps(family, output_transpose))
+        predicted = plans.plan("gated_backward_predicted")
+        grid = (cdiv(M, predicted.transposed_tile[0]), cdiv(N, predicted.transposed_tile[1]))
+        common = dict(BM=predicted.transposed_tile[0], BN=predicted.transposed_tile[1], ACT=ACT_CODE[name],
+                      FMAX=float(fmt.max), WRITE_T=output_transpose, GATHER=predicted.gather_scales,
+                      num_warps=predicted.transposed_warps)
         _gated_bwd_predicted_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
                                           up_copy.amax, dg_dtype, du_dtype, prediction, seen, qg, qg_t, qu, qu_t,
                                           M, N, **common)

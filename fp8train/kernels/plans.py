@@ -15,6 +15,8 @@ Families (one plan each; the optimizer and rotary kernels have plans of their ow
 * ``activation`` -- act(x) forward / backward (:mod:`.activation`);
 * ``gated_forward`` -- act(gate) * up forward (:mod:`.gated_product`);
 * ``gated_backward`` -- its backward, incl. the fused E5M2 gradients (:mod:`.gated_product`);
+* ``gated_forward_predicted`` / ``gated_backward_predicted`` -- the one-pass kernels (and their repair passes)
+  of the two with predicted scales (:mod:`fp8train.delayed_scaling`); they read the transposed fields;
 * ``product_from_copies`` -- down_proj's input rebuilt from the FP8 gate/up copies (:mod:`.gated_from_copies`);
 * ``residual`` -- residual add (+ FP8 copy) (:mod:`.residual`);
 * ``norm`` -- the norms' amax programs, per-tensor scale pass and how their backward reads the saved copy
@@ -70,8 +72,8 @@ class Plan:
             raise ValueError(f"Plan.programs_per_sm must be in 1..64, got {self.programs_per_sm}")
 
 
-FAMILIES = ("quantize", "dequantize", "activation", "gated_forward", "gated_backward", "product_from_copies",
-            "residual", "norm")
+FAMILIES = ("quantize", "dequantize", "activation", "gated_forward", "gated_backward", "gated_forward_predicted",
+            "gated_backward_predicted", "product_from_copies", "residual", "norm")
 
 DEFAULT = Plan()
 
@@ -83,6 +85,9 @@ TUNED = {
     "product_from_copies": Plan(transposed_tile=(32, 128), transposed_warps=4),
     "gated_forward": Plan(tile_elements=4096, transposed_tile=(64, 64)),
     "dequantize": Plan(tile_elements=4096),  # the block it always had; not swept yet
+    # not swept yet: the two-pass kernels' transposed tiles above
+    "gated_forward_predicted": Plan(transposed_tile=(64, 64)),
+    "gated_backward_predicted": Plan(transposed_tile=(32, 64)),
 }
 _plans: dict[str, Plan] = dict(TUNED)
 

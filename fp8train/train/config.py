@@ -47,7 +47,7 @@ class TrainConfig:
     fp8_attention_saves: bool = False  # attention keeps q/k/v as FP8 copies for backward (Recipe.fp8_attention_saves)
     fused_qkv: bool = False           # q/k/v projections as one FP8 GEMM (Recipe.fused_qkv)
     fused_residual: Optional[bool] = None  # residual gradients summed in the norm kernels (Recipe.fused_residual)
-    delayed_scaling: bool = False     # gated product's FP8 scales predicted, one pass (Recipe.delayed_scaling)
+    delayed_scaling: Optional[bool] = None  # gated product's FP8 scales predicted (Recipe.delayed_scaling); None: the recipe's
     grad_checkpointing: bool = False
     # optimisation
     steps: int = 300
@@ -298,11 +298,12 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                    help="Llama-style layers sum their residual gradients in the norms' backward kernels instead of "
                         "autograd's bf16 adds (same forward, gradients rounded once); on by default with the FP8 "
                         "recipes' fast path, --no-fused-residual turns it off")
-    g.add_argument("--delayed-scaling", action="store_true", default=S,
+    g.add_argument("--delayed-scaling", action=argparse.BooleanOptionalAction, default=S,
                    help="the MLP's act(gate)*up and its two gradients are encoded to FP8 in the pass that computes "
                         "them, with a scale predicted from the previous step (2x its amax), instead of an amax pass "
                         "plus an encoding pass; a repair pass re-encodes just in time when the prediction was off, "
-                        "so nothing saturates (needs an FP8 recipe with compressed activations: coat, coat-lean)")
+                        "so nothing saturates.  coat-lean has it on (--no-delayed-scaling: just-in-time scales); "
+                        "--delayed-scaling adds it to coat")
     g.add_argument("--grad-checkpointing", action="store_true", default=S,
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g = parser.add_argument_group("optimisation")
