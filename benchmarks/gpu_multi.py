@@ -26,13 +26,13 @@ tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU).
 ``kernel``: benchmarks/gpu/distributed.py on 2 GPUs -- fp8train.AdamW's Triton kernel on FSDP-style shards
 (uneven rows, 1-D parameters) against the torch reference.
 
-``train``: ``fp8train train --nproc 2 --recipe coat --cuda-graph`` (tiny preset, stdlib data) stopped half-way, then
-resumed with ``--resume --nproc 1``: the trainer's NCCL path, FSDP2 steps replayed as CUDA graphs and the
-distributed checkpoints on the GPU.
+``train``: ``fp8train train --nproc 2 --recipe coat --delayed-scaling --cuda-graph`` (tiny preset, stdlib data)
+stopped half-way, then resumed with ``--resume --nproc 1``: the trainer's NCCL path, FSDP2 steps replayed as CUDA
+graphs and the distributed checkpoints (scale predictions included) on the GPU.
 
-``graph``: a tiny coat model, 2 GPUs: 4 steps eager FSDP2, then 4 steps from the same weights with forward +
-backward replayed as a CUDA graph (``--cuda-graph`` for the benchmark rows), evaluating a fixed batch after steps
-2 and 4; the training and evaluation losses must match.
+``graph``: a tiny coat model with delayed scaling, 2 GPUs: 4 steps eager FSDP2, then 4 steps from the same weights
+with forward + backward replayed as a CUDA graph (``--cuda-graph`` for the benchmark rows), evaluating a fixed batch
+after steps 2 and 4; the training and evaluation losses must match.
 
 ``dcp``: a tiny coat model trains 2 steps on 2 GPUs, checkpoints (torch.distributed.checkpoint), trains 2 more;
 1 GPU loads the checkpoint, compares every weight and FP8 optimizer state with the 2-GPU state bit for bit and
@@ -234,14 +234,14 @@ def worker_bench(cfg: dict) -> dict:
 DCP_MICRO = 2  # micro-batches per step: 1 per rank on 2 GPUs, 2 accumulated on 1 GPU
 
 
-def _dcp_setup(device):
+def _dcp_setup(device, recipe="coat"):
     import torch
 
     import fp8train
     import fp8train.distributed as fd
 
     model = build_model("tiny" if device.type == "cuda" else "smoke", "fp32", device)
-    fp8train.convert(model, recipe="coat")
+    fp8train.convert(model, recipe=recipe)
     fd.shard_model(model, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
@@ -325,9 +325,9 @@ def worker_graph(cfg: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from fp8train.cuda_graphs import GraphedStep
-
+    import fp8train
     import fp8train.distributed as fd
+    from fp8train.cuda_graphs import GraphedStep
 
     device = fd.init_distributed()
     rank = dist.get_rank()
@@ -345,7 +345,10 @@ def worker_graph(cfg: dict) -> dict:
     def run(graph: bool) -> tuple:
         from fp8train.causal_masks import plain_causal_batches
 
-        model, opt = _dcp_setup(device)
+        # delayed scaling on both sides (and act(gate) * up saved, so the forward predicts too): the capture's
+        # warm-up must leave the scale predictions as it found them, or the graphed losses drift from the eager ones
+        model, opt = _dcp_setup(device, fp8train.Recipe.named("coat").replace(delayed_scaling=True,
+                                                                               recompute_gated_product=False))
         graphed = GraphedStep(model, loss_fn, {"input_ids": tokens[0]}) if graph else None
         if graphed is not None:  # the capture's warm-up steps left gradients: start from the same state
             opt.zero_grad(set_to_none=True)
@@ -500,7 +503,7 @@ def run_train(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="fp8train-train-", ignore_cleanup_errors=True) as tmp:
         common = [sys.executable, "-m", "fp8train", "train", "--out", f"{tmp}/run", "--no-progress"]
         # a small corpus (fp8train's own sources) keeps the tokenizer and data preparation to seconds
-        first = common + ["--model", "tiny", "--recipe", "coat", "--steps", "20", "--stop-after", "10",
+        first = common + ["--model", "tiny", "--recipe", "coat", "--delayed-scaling", "--steps", "20", "--stop-after", "10",
                           "--batch-size", "8", "--seq-len", "256", "--checkpoint-every", "5", "--eval-every", "10",
                           "--data", str(ROOT / "fp8train"), "--tokenizer-train-bytes", "300000",
                           "--cache-dir", f"{tmp}/cache", "--device", device, "--nproc", "2"]

@@ -85,8 +85,9 @@ TUNED = {
     "product_from_copies": Plan(transposed_tile=(32, 128), transposed_warps=4),
     "gated_forward": Plan(tile_elements=4096, transposed_tile=(64, 64)),
     "dequantize": Plan(tile_elements=4096),  # the block it always had; not swept yet
-    # not swept yet: the two-pass kernels' transposed tiles above
-    "gated_forward_predicted": Plan(transposed_tile=(64, 64)),
+    # one-pass kernels with predicted scales, swept on an H100 (2026-11-28-h100-session9-plans-predicted.md):
+    # (32, 128) 1.06x over the two-pass forward's (64, 64); the backward's (32, 64) stayed best
+    "gated_forward_predicted": Plan(transposed_tile=(32, 128)),
     "gated_backward_predicted": Plan(transposed_tile=(32, 64)),
 }
 _plans: dict[str, Plan] = dict(TUNED)
