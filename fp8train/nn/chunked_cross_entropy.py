@@ -26,8 +26,11 @@ IGNORE_INDEX = -100
 def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with ``acc`` float32: on CUDA with bf16/fp16 operands the GEMM adds its fp32 result into
     ``acc`` itself (torch.addmm with out_dtype: no rounded bf16 product, no cast, no separate add -- 0.6 ms of
-    a 953M step); elsewhere the product is rounded to the operands' dtype and added."""
-    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and _fp32_out_gemm():
+    a 953M step); elsewhere, and under torch.compile (dynamo cannot trace addmm's ``out=`` with ``out_dtype``:
+    graph break gb4315, a hard error inside an autograd.Function), the product is rounded to the operands'
+    dtype and added."""
+    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) \
+            and _fp32_out_gemm() and not torch.compiler.is_compiling():
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc += a.matmul(b).to(acc.dtype)
