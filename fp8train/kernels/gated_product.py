@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..delayed_scaling import HEADROOM, MARGIN
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch
@@ -152,21 +153,21 @@ def _gated_bwd_apply_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_
                      FMAX)
 
 
-# -- predicted scales (fp8train.delayed_scaling): one encoding pass, then a repair pass that re-encodes only when
-# -- the prediction was unusable (fp8train.delayed_scaling's rule).  ``seen`` is a per-call int32 buffer: the true amaxes (as float bits,
-# -- folded by atomic max) followed by the predictions the first pass used -- the repair pass reads those, never
-# -- the prediction buffer its program (0, 0) overwrites for the next call.
+# -- predicted scales (fp8train.delayed_scaling): one encoding pass, then a repair pass that re-encodes just in time
+# -- when the prediction was unusable.  ``seen`` is a per-call int32 buffer: the true amaxes (float bits, folded by
+# -- atomic max), then the predictions the first pass used -- the repair pass reads those, never the prediction
+# -- buffer that its program (0, 0) overwrites for the next call.  MARGIN and HEADROOM come from delayed_scaling.
 
 @triton.jit
-def _next_prediction(seen):
-    following = seen * 2.0  # fp8train.delayed_scaling.MARGIN
+def _next_prediction(seen, MARGIN: tl.constexpr):
+    following = seen * MARGIN
     return tl.where(following <= 3.4028234663852886e38, following, 0.0)  # inf / NaN -> 0: just in time next call
 
 
 @triton.jit
-def _needs_repair(seen, predicted):
-    """Whether the prediction was unusable: below the true amax, over 8x above it (HEADROOM), or NaN."""
-    return (seen > predicted) | (predicted > seen * 8.0) | (seen != seen) | (predicted != predicted)
+def _needs_repair(seen, predicted, HEADROOM: tl.constexpr):
+    """Whether the prediction was unusable: below the true amax, over HEADROOM x above it, or NaN."""
+    return (seen > predicted) | (predicted > seen * HEADROOM) | (seen != seen) | (predicted != predicted)
 
 
 @triton.jit
@@ -202,16 +203,16 @@ def _gated_fwd_predicted_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, g
 @triton.jit(do_not_specialize=["M"])
 def _gated_fwd_repair_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, seen_ptr, prediction_ptr, amax_out_ptr,
                              q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
-                             WRITE_T: tl.constexpr):
+                             WRITE_T: tl.constexpr, MARGIN: tl.constexpr, HEADROOM: tl.constexpr):
     """Publish the amax h was encoded with, update the prediction, and re-encode just in time on overflow."""
     seen = tl.load(seen_ptr).to(tl.float32, bitcast=True)
     predicted = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
-    repair = _needs_repair(seen, predicted)
+    repair = _needs_repair(seen, predicted, HEADROOM)
     amax = tl.where(repair, seen, predicted)
     if _first_program():
         tl.store(amax_out_ptr, amax)
         tl.store(amax_out_ptr + SLOT, dequant_scale(amax, E4M3_MAX))
-        tl.store(prediction_ptr, _next_prediction(seen))
+        tl.store(prediction_ptr, _next_prediction(seen, MARGIN))
     if repair:
         rows, cols, mask = grid_tile(M, N, BM, BN)
         rows64 = rows[:, None].to(tl.int64)
@@ -254,13 +255,15 @@ def _gated_bwd_predicted_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, ua
 def _gated_bwd_repair_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
                              seen_ptr, prediction_ptr, amax_out_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N,
                              BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr, FMAX: tl.constexpr,
-                             WRITE_T: tl.constexpr, GATHER: tl.constexpr):
+                             WRITE_T: tl.constexpr, GATHER: tl.constexpr, MARGIN: tl.constexpr,
+                             HEADROOM: tl.constexpr):
+    """Publish the amaxes dgate / dup were encoded with, update the predictions, re-encode whichever missed."""
     seen_g = tl.load(seen_ptr).to(tl.float32, bitcast=True)
     seen_u = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
     predicted_g = tl.load(seen_ptr + 2).to(tl.float32, bitcast=True)
     predicted_u = tl.load(seen_ptr + 3).to(tl.float32, bitcast=True)
-    repair_g = _needs_repair(seen_g, predicted_g)
-    repair_u = _needs_repair(seen_u, predicted_u)
+    repair_g = _needs_repair(seen_g, predicted_g, HEADROOM)
+    repair_u = _needs_repair(seen_u, predicted_u, HEADROOM)
     amax_g = tl.where(repair_g, seen_g, predicted_g)
     amax_u = tl.where(repair_u, seen_u, predicted_u)
     if _first_program():  # amax_g, amax_u, scale_g, scale_u, SLOT floats apart
@@ -268,8 +271,8 @@ def _gated_bwd_repair_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax
         tl.store(amax_out_ptr + SLOT, amax_u)
         tl.store(amax_out_ptr + 2 * SLOT, dequant_scale(amax_g, FMAX))
         tl.store(amax_out_ptr + 3 * SLOT, dequant_scale(amax_u, FMAX))
-        tl.store(prediction_ptr, _next_prediction(seen_g))
-        tl.store(prediction_ptr + 1, _next_prediction(seen_u))
+        tl.store(prediction_ptr, _next_prediction(seen_g, MARGIN))
+        tl.store(prediction_ptr + 1, _next_prediction(seen_u, MARGIN))
     if repair_g | repair_u:
         rows, cols, _ = grid_tile(M, N, BM, BN)
         gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
@@ -318,7 +321,7 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
                                           WRITE_T=output_transpose, num_warps=warps)
         _gated_fwd_repair_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, seen, prediction, amax, data, data_t,
                                        M, N, BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_T=output_transpose,
-                                       num_warps=warps)
+                                       MARGIN=MARGIN, HEADROOM=HEADROOM, num_warps=warps)
         q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT,
                             granularity=PER_TENSOR, shape=gate.shape, dtype=h_dtype)
         return ((q, data_t) if output_transpose else q), copies[0], copies[1]
@@ -382,22 +385,22 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
     qu = torch.empty(up_copy.shape, dtype=fmt.torch_dtype, device=dev)
     qg_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=dev) if output_transpose else qg
     qu_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=dev) if output_transpose else qu
-    bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
-    grid = (cdiv(M, bm2), cdiv(N, bn2))
     if prediction is not None and M > 0:
         seen = torch.zeros(4, dtype=torch.int32, device=dev)
         predicted = plans.plan("gated_backward_predicted")
-        grid = (cdiv(M, predicted.transposed_tile[0]), cdiv(N, predicted.transposed_tile[1]))
-        common = dict(BM=predicted.transposed_tile[0], BN=predicted.transposed_tile[1], ACT=ACT_CODE[name],
-                      FMAX=float(fmt.max), WRITE_T=output_transpose, GATHER=predicted.gather_scales,
-                      num_warps=predicted.transposed_warps)
+        bm2, bn2 = predicted.transposed_tile
+        common = dict(BM=bm2, BN=bn2, ACT=ACT_CODE[name], FMAX=float(fmt.max), WRITE_T=output_transpose,
+                      GATHER=predicted.gather_scales, num_warps=predicted.transposed_warps)
+        grid = (cdiv(M, bm2), cdiv(N, bn2))
         _gated_bwd_predicted_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
                                           up_copy.amax, dg_dtype, du_dtype, prediction, seen, qg, qg_t, qu, qu_t,
                                           M, N, **common)
         _gated_bwd_repair_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
                                        up_copy.amax, dg_dtype, du_dtype, seen, prediction, amax, qg, qg_t, qu, qu_t,
-                                       M, N, **common)
+                                       M, N, MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
         return _gradient_outputs(qg, qg_t, qu, qu_t, amaxes, scales, gate_copy, up_copy, fmt, output_transpose)
+    bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
+    grid = (cdiv(M, bm2), cdiv(N, bn2))
     nprog = max(1, min(num_tiles, plans.partials_capacity(dh, family)))
     partials = torch.empty(2, nprog, dtype=torch.int32, device=dev)
     _gated_bwd_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
