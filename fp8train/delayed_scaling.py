@@ -23,7 +23,8 @@ larger than needed: values below ``amax / 2**15`` fall into E4M3's subnormals in
 :func:`encode_amax` is the reference (used on CPU and as the oracle of the Triton kernels in
 :mod:`fp8train.kernels.gated_product`).  The predictions live in :class:`fp8train.nn.precision_flow.FlowMLP`'s
 ``scale_prediction`` buffer (non-persistent: model checkpoints keep HF's keys); :func:`prediction_state` /
-:func:`load_prediction_state` let a trainer checkpoint carry them so that a resumed run continues bit for bit.
+:func:`load_prediction_state` let a trainer checkpoint carry them so that a resumed run continues bit for bit
+(:func:`gathered_prediction_state` under FSDP: every rank's own).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from typing import Iterator, Mapping
 
 import torch
 
-__all__ = ["MARGIN", "HEADROOM", "encode_amax", "new_prediction", "prediction_state", "load_prediction_state",
-           "predictions_unchanged"]
+__all__ = ["MARGIN", "HEADROOM", "encode_amax", "new_prediction", "prediction_state", "gathered_prediction_state",
+           "load_prediction_state", "predictions_unchanged"]
 
 # powers of two: amax * MARGIN is exact; a prediction between seen and HEADROOM * seen costs at most 3 binades
 MARGIN = 2.0
@@ -72,10 +73,31 @@ def prediction_state(model: torch.nn.Module) -> dict:
     return {name: buffer.detach().cpu().clone() for name, _, buffer in _buffers(model)}
 
 
-def load_prediction_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Restore :func:`prediction_state`'s buffers; modules missing from ``state`` start from zero (just in time)."""
+def gathered_prediction_state(model: torch.nn.Module) -> dict:
+    """``{module name: [world, n] predictions of every rank}`` -- a collective: every rank of the default process
+    group must call it.  Ranks see different data, so their predictions differ; a distributed checkpoint keeps
+    them all and each rank of a resumed run takes its own row (:func:`load_prediction_state`)."""
+    import torch.distributed as dist
+
+    named = list(_buffers(model))
+    if not named:
+        return {}
+    local = torch.stack([buffer.detach() for _, _, buffer in named])  # [modules, n], on the buffers' device
+    rows = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, local)
+    every = torch.stack(rows).cpu()  # [world, modules, n]
+    return {name: every[:, i].clone() for i, (name, _, _) in enumerate(named)}
+
+
+def load_prediction_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], rank: int = 0) -> None:
+    """Restore :func:`prediction_state`'s buffers; modules missing from ``state`` start from zero (just in time).
+
+    A :func:`gathered_prediction_state` (one row per rank) gives each rank its own row; ranks beyond the saved
+    world size take rank 0's (any prediction is safe: a wrong one is repaired)."""
     for name, _, buffer in _buffers(model):
         saved = state.get(name)
+        if saved is not None and saved.dim() == buffer.dim() + 1:
+            saved = saved[rank] if rank < saved.shape[0] else saved[0]
         if saved is None:
             buffer.zero_()
         elif saved.shape != buffer.shape:

@@ -169,3 +169,13 @@ def test_resume_is_bit_identical_with_predicted_scales(tmp_path, monkeypatch, re
     b = MetricsLog(tmp_path / "b" / "run" / "metrics.jsonl").read()
     same = [(r["loss"], r.get("eval_loss")) for r in a] == [(r["loss"], r.get("eval_loss")) for r in b]
     assert same == restore
+
+
+def test_per_rank_rows_go_to_their_rank():
+    model = _flow_block(True)
+    names = sorted(ds.prediction_state(model))
+    rows = {name: torch.arange(6, dtype=torch.float32).reshape(2, 3) + 10 * i for i, name in enumerate(names)}
+    for rank, row in ((0, 0), (1, 1), (3, 0)):  # a rank the saved run did not have takes rank 0's
+        ds.load_prediction_state(model, rows, rank=rank)
+        state = ds.prediction_state(model)
+        assert all(torch.equal(state[name], rows[name][row]) for name in names)

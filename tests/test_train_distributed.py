@@ -71,3 +71,19 @@ def test_nproc_must_match_the_launcher(tmp_path, monkeypatch):
 
     with pytest.raises(TrainError, match="launcher started 2 processes"):
         train(c)
+
+
+def test_nproc_two_resumes_its_scale_predictions_rank_by_rank(tmp_path):
+    """Delayed scaling under FSDP2: ranks see different data, so their predicted scales differ; the distributed
+    checkpoint keeps every rank's and a resume on 2 processes continues the uninterrupted run bit for bit."""
+
+    base = tiny_config(tmp_path, steps=4)
+    flags = [*_flags(base), "--delayed-scaling", "--nproc", "2"]
+    assert main(["train", *flags, "--out", str(tmp_path / "straight")]) == 0
+    run = tmp_path / "resumed"
+    assert main(["train", *flags, "--out", str(run), "--stop-after", "2"]) == 0
+    info = json.loads((run / "checkpoints" / "step_00000002" / "fp8train.json").read_text())
+    saved = info["extra"]["scale_predictions"]
+    assert sorted(saved) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert main(["train", "--out", str(run), "--resume", "--nproc", "2"]) == 0
+    assert _losses(run) == _losses(tmp_path / "straight")

@@ -33,7 +33,7 @@ import types
 from typing import Callable, Optional
 
 from ..causal_masks import plain_causal_batches
-from ..delayed_scaling import load_prediction_state, prediction_state
+from ..delayed_scaling import gathered_prediction_state, load_prediction_state, prediction_state
 from ..distributed import reshard
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainError, resolve, simulated_recipe
@@ -392,7 +392,7 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         else:
             state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, device=device)
         sampler.load_state_dict(state["sampler"])
-        load_prediction_state(model, state.get("scale_predictions", {}))
+        load_prediction_state(model, state.get("scale_predictions", {}), rank=0 if run is None else run.rank)
         ckpt.restore_rng(state["rng"])
         start_step = resumed_from = int(state["step"])
         if main:
@@ -502,7 +502,8 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
                 periodic = c.checkpoint_every > 0 and step % c.checkpoint_every == 0
                 if periodic or (step == c.steps and c.checkpoint_every >= 0) or stop_reason:
                     trainer_state = {"sampler": sampler.state_dict(), "num_parameters": num_params}
-                    predictions = prediction_state(model)  # Recipe(delayed_scaling): the next step's FP8 scales
+                    # Recipe(delayed_scaling): the next step's FP8 scales (every rank's: a collective)
+                    predictions = prediction_state(model) if run is None else gathered_prediction_state(model)
                     if predictions:
                         trainer_state["scale_predictions"] = predictions
                     if run is None:
