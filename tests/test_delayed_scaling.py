@@ -163,7 +163,7 @@ def test_resume_is_bit_identical_with_predicted_scales(tmp_path, monkeypatch, re
     saved = load_tree(latest_checkpoint(tmp_path / "b" / "run" / "checkpoints"), "trainer")["scale_predictions"]
     assert saved and all(bool((v > 0).all()) for v in saved.values())
     if not restore:  # the control: without the saved predictions the continuation is not the same run
-        monkeypatch.setattr(loop, "load_prediction_state", lambda model, state: None)
+        monkeypatch.setattr(loop, "load_prediction_state", lambda model, state, rank=0: None)
     loop.train(dataclasses.replace(interrupted, resume=True), log=lambda s: None)
     a = MetricsLog(tmp_path / "a" / "run" / "metrics.jsonl").read()
     b = MetricsLog(tmp_path / "b" / "run" / "metrics.jsonl").read()
