@@ -2,7 +2,8 @@
 
 Just-in-time per-tensor scaling (COAT's rule, :mod:`fp8train.mixed_granularity`) needs the tensor's amax before
 the first value can be encoded, so a fused producer reads its inputs twice: once for the amax, once to write FP8.
-For the gated product ``act(gate) * up`` and its two gradients that second read is ~1/3 of their kernels' time.
+For the gated product ``act(gate) * up`` and its two gradients that second read was a quarter to a third of
+their kernels' time (benchmarks/results/2026-11-28-h100-session9-ops-final.md).
 
 With ``Recipe(delayed_scaling=True)`` those three tensors are encoded in the same pass that computes them, with
 a *predicted* amax: ``MARGIN`` x the amax this site saw on its previous call (a per-module device buffer, so CUDA
@@ -13,8 +14,9 @@ amax jump of more than ``MARGIN`` x, NaN/inf) or more than ``HEADROOM`` x above 
 holding garbage).  When no repair is needed its programs read four numbers and exit.
 
 So values are never clipped, and the only difference to just-in-time scaling is a scale at most ``HEADROOM`` = 8x
-larger than needed: values below ``amax / 2**15`` fall into E4M3's subnormals instead of below ``amax / 2**18``
-(E5M2 gradients: 3 of their ~30 binades).  The rule, per call, all on the device (no host synchronisation):
+larger than needed: at most 3 binades at the bottom of the format's range are given up (values up to 8x larger
+than before become subnormal or flush to zero; E4M3 spans ~18 binades, E5M2 ~32).  The rule, per call, all on
+the device (no host synchronisation):
 
     seen      = max |x|                                         (NaN if x has one)
     amax      = predicted if seen <= predicted <= HEADROOM * seen else seen   (encodes x; published with it)
