@@ -179,3 +179,12 @@ def test_per_rank_rows_go_to_their_rank():
         ds.load_prediction_state(model, rows, rank=rank)
         state = ds.prediction_state(model)
         assert all(torch.equal(state[name], rows[name][row]) for name in names)
+
+
+def test_casting_the_model_keeps_float32_predictions():
+    model = _flow_block(True).to(torch.bfloat16)  # casts the buffers as well as the weights
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    buffers = [b for _, _, b in ds._buffers(model)]
+    assert buffers and all(b.dtype == torch.float32 and bool((b > 0).all()) for b in buffers)

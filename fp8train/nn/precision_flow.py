@@ -382,10 +382,14 @@ class FlowMLP(nn.Module):
         else:
             src, norm_weight, x_in = x, None, quantize_linear_input(x, self.recipe)
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        prediction = getattr(self, BUFFER_NAME, None)
+        if prediction is not None and prediction.dtype != torch.float32:
+            # model.to(torch.bfloat16) after conversion casts buffers too; the kernels keep float32 amaxes
+            prediction = prediction.float()
+            setattr(self, BUFFER_NAME, prediction)
         return _FlowMLPFunction.apply(src, norm_weight, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias,
                                       norm, x_in, self.recipe, self.activation, out_dtype,
-                                      self.recipe.recompute_gated_product, add_residual,
-                                      getattr(self, BUFFER_NAME, None))
+                                      self.recipe.recompute_gated_product, add_residual, prediction)
 
     def extra_repr(self) -> str:
         saves = "gate/up E4M3 1x16" + ("" if self.recipe.recompute_gated_product else ", act*up E4M3")
