@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-AREAS = ["quant", "ops", "plans", "linear", "optim", "distributed", "rotary", "layer", "levers", "host", "export", "lab", "train",
+AREAS = ["quant", "ops", "gated_gemm", "plans", "linear", "optim", "distributed", "rotary", "layer", "levers", "host", "export", "lab", "train",
          "e2e"]
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("op", ["quantize", "rmsnorm", "layernorm", "activation", "gated_product", "residual",
-                                "cross_entropy", "rotary"])
+@pytest.mark.parametrize("op", ["quantize", "rmsnorm", "layernorm", "activation", "gated_product", "gated_projection",
+                                "residual", "cross_entropy", "rotary"])
 def test_kernel_matches_reference_under_interpreter(op):
     run_under_interpreter(str(HERE / "triton_interpreter.py"), op, marker=f"{op}: ok")

@@ -358,6 +358,77 @@ def check_gated_predicted(kernel, ref, fused, dh, dtype):
         close(pred, pred_r, dtype, scale=2)
 
 
+def check_gated_projection():
+    """The fused GEMM + gated product kernels against the composition of the separate reference ops, on tiles
+    small enough for ragged edges everywhere (rows, columns, an uneven and an even K) and several tile groups.
+    The GEMMs sum in another order than the reference's, which can move a rounding of the model dtype: amaxes
+    and predictions are compared to within that, FP8 data to two steps.  Every branch of the predicted-scale
+    repair runs (first call, kept, overflow, collapse, NaN prediction)."""
+    from fp8train.formats import E5M2
+    from fp8train.kernels import gated_projection as kernel
+    from fp8train.nn import gated_projection as ref
+    from fp8train.nn.linear import fp8_linear_forward, fp8_weight, quantize_linear_input, quantize_output_grad
+    from fp8train.recipes import resolve_recipe
+
+    patch_bf16_rounding()
+    recipe = resolve_recipe("coat-lean")
+    gen = torch.Generator().manual_seed(0)
+    kernel.sm_count = lambda x: 2  # persistent launches: 2 programs loop over all tiles
+    for (M, N, K), dtype, name, persistent in (((70, 96, 80), torch.bfloat16, "silu", False),
+                                               ((70, 96, 80), torch.bfloat16, "silu", True),
+                                               ((33, 64, 64), torch.float32, "gelu", False)):
+        for direction in ("forward", "backward"):
+            kernel.set_tile(direction, kernel.GemmTile(32, 32, 32, stages=1, warps=4, group_m=2,
+                                                       persistent=persistent))
+        x = torch.randn(M, K, generator=gen).to(dtype)
+        w_gate, w_up = (torch.randn(N, K, generator=gen).to(dtype) / 8 for _ in range(2))
+        w_down = torch.randn(K, N, generator=gen).to(dtype) / 8
+        dout = torch.randn(M, K, generator=gen).to(dtype)
+        pred, pred_r = torch.zeros(3), torch.zeros(3)
+        for factor in (1.0, 1.0, 4.0, 1 / 64, "nan"):
+            if factor == "nan":
+                pred.fill_(float("nan"))
+                pred_r.fill_(float("nan"))
+                factor = 1.0
+            x_in = quantize_linear_input((x * factor).to(dtype), recipe)
+            h_ref, gated, _, _ = ref.gated_projection_forward(x_in, w_gate, w_up, name, recipe=recipe,
+                                                              out_dtype=dtype, prediction=pred_r[0:1],
+                                                              output_transpose=True)
+            wg, wu = fp8_weight(w_gate, recipe).q, fp8_weight(w_up, recipe).q
+            scales = torch.stack([x_in.q.scale.reshape(()), wg.scale.reshape(()), wu.scale.reshape(())]).float()
+            data, data_t, (amax, scale), gate_copy, up_copy = kernel.gated_projection_forward(
+                x_in.q.data, wg.data, wu.data, scales, dtype, name, pred[0:1], True)
+            hr = h_ref.q
+            close(amax, hr.amax, dtype)
+            close(scale, hr.scale, dtype)
+            same_fp8(data, hr.data, steps=2)
+            same_fp8(data_t, hr.data.t(), steps=2)
+            for (d, a), copy in ((gate_copy, gated.gate), (up_copy, gated.up)):
+                same_fp8(d, copy.data, steps=2)
+                close(a, copy.amax, torch.bfloat16)
+            close(pred[:1], pred_r[:1], dtype)
+
+            _, saved_down = fp8_linear_forward(h_ref, w_down, recipe=recipe, out_dtype=dtype)
+            dy = (dout * factor).to(dtype)
+            expected = ref.gated_projection_backward(dy, saved_down, w_down, gated, recipe=recipe,
+                                                     quantize_grads=True, output_transpose=True,
+                                                     prediction=pred_r[1:3])
+            dy_in = quantize_output_grad(dy, recipe, transpose=False)
+            wd = fp8_weight(w_down, recipe).q
+            scales = torch.stack([dy_in.q.scale.reshape(()), wd.scale.reshape(())]).float()
+            got = kernel.gated_projection_backward(dy_in.q.data, wd.data.t().contiguous(), scales,
+                                                   (gated.gate.data, gated.gate.amax), (gated.up.data, gated.up.amax),
+                                                   dtype, name, E5M2, pred[1:3], True)
+            for (d, d_t, a, s), e in zip(got, expected[:2]):
+                close(a, e.q.amax, dtype)
+                close(s, e.q.scale, dtype)
+                same_fp8(d, e.q.data, E5M2, steps=2, floor=E5M2.max * 2**-18)
+                same_fp8(d_t, e.q.data.t(), E5M2, steps=2, floor=E5M2.max * 2**-18)
+            close(pred, pred_r, dtype)
+    kernel.set_tile("forward", None)
+    kernel.set_tile("backward", None)
+
+
 def check_residual():
     from fp8train.kernels import residual as kernel
     from fp8train.nn import residual as ref

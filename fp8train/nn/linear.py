@@ -163,6 +163,28 @@ def _cached_weight(weight: torch.Tensor, recipe: Recipe, w_fmt, w_gran) -> Optio
 drop_cached_weights = weight_cache.drop_cached_weights
 
 
+def fp8_weight(weight: torch.Tensor, recipe: Recipe, amax: Optional[torch.Tensor] = None,
+               transpose: bool = False) -> LinearInput:
+    """The weight's FP8 operand: the per-step cached copies where the recipe caches them, else quantized now with
+    ``amax`` (default: the amax the optimizer published for these values -- a device tensor, so a CUDA graph reads
+    it at replay) and, with ``transpose``, its transposed copy."""
+    _, (w_fmt, w_gran), _ = linear_formats(recipe)
+    cached = _cached_weight(weight, recipe, w_fmt, w_gran)
+    if cached is not None:
+        return cached
+    if amax is None and w_gran.kind == "tensor":
+        amax = weight_amax.published_amax(weight)
+    return _quantize(weight, w_fmt, w_gran, amax=amax, transpose=transpose)
+
+
+def quantize_output_grad(dy: torch.Tensor, recipe: Recipe, transpose: bool) -> LinearInput:
+    """A linear's output gradient in the recipe's gradient format (+ the transposed copy for the weight-gradient
+    GEMM), reusing the amax its producer published (:mod:`fp8train.nn.grad_amax`: no amax pass then)."""
+    _, _, (g_fmt, g_gran) = linear_formats(recipe)
+    amax = grad_amax.lookup(dy) if g_gran.kind == "tensor" else None
+    return _quantize(dy, g_fmt, g_gran, amax=amax, transpose=transpose)
+
+
 # -- the GEMM ------------------------------------------------------------------------------------------------
 
 _warned_emulation = False
@@ -281,7 +303,6 @@ def fp8_linear_forward(x: Union[torch.Tensor, QuantizedTensor, LinearInput], wei
     ``out_dtype`` defaults to x's dtype.  No autograd: wrap it (see :class:`FP8Linear`).
     """
     recipe = resolve_recipe(recipe)
-    _, (w_fmt, w_gran), _ = linear_formats(recipe)
     x_in = _as_linear_input(x)
     if x_in is None:
         x_in = quantize_linear_input(x, recipe)
@@ -290,10 +311,7 @@ def fp8_linear_forward(x: Union[torch.Tensor, QuantizedTensor, LinearInput], wei
     if weight.dim() != 2 or x_q.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8 linear: input of shape {tuple(x_q.shape)} does not match weight of shape "
                          f"{tuple(weight.shape)} (need input[..., {weight.shape[1] if weight.dim() == 2 else '?'}])")
-    # the amax the optimizer published for these weight values (a device tensor: a CUDA graph reads it at replay)
-    w_amax = weight_amax.published_amax(weight) if w_gran.kind == "tensor" else None
-    cached = _cached_weight(weight, recipe, w_fmt, w_gran)
-    w_q = cached.q if cached is not None else _quantize(weight, w_fmt, w_gran, amax=w_amax).q
+    w_q = fp8_weight(weight, recipe).q
     y = scaled_matmul(_as_matrix(x_q), w_q, torch.float32 if bias is not None else out_dtype, transpose_b=True,
                       fast_accumulation=recipe.fast_accumulation)
     if bias is not None:
@@ -314,25 +332,18 @@ def fp8_linear_backward(dy: Union[torch.Tensor, LinearInput], saved: LinearSaved
     weight's dtype, dbias (an exact fp32 sum of dy) in the weight's dtype.
     """
     recipe = resolve_recipe(recipe)
-    _, (w_fmt, w_gran), (g_fmt, g_gran) = linear_formats(recipe)
     n = weight.shape[0]
     dy_in = _as_linear_input(dy)
     if dy_in is None:
         dbias = dy.reshape(-1, n).float().sum(0) if has_bias else None
-        # the kernel that wrote dy may have published its amax (fp8train.nn.grad_amax): no amax pass then
-        amax = grad_amax.lookup(dy) if g_gran.kind == "tensor" else None
-        dy_in = _quantize(dy, g_fmt, g_gran, amax=amax,
-                          transpose=needs_weight_grad and wants_transpose(dy.device, recipe))
+        dy_in = quantize_output_grad(dy, recipe, transpose=needs_weight_grad and wants_transpose(dy.device, recipe))
     else:
         dbias = dy_in.q.dequantize(torch.float32).reshape(-1, n).sum(0) if has_bias else None
     dy2 = _as_matrix(dy_in.q)
     dx = dweight = None
     if needs_input_grad:
         # dX = dY W: W is the second operand and must be column-major, i.e. the transposed FP8 weight
-        w_in = _cached_weight(weight, recipe, w_fmt, w_gran)
-        if w_in is None:
-            w_in = _quantize(weight, w_fmt, w_gran, amax=saved.weight_amax,
-                             transpose=wants_transpose(weight.device, recipe))
+        w_in = fp8_weight(weight, recipe, amax=saved.weight_amax, transpose=wants_transpose(weight.device, recipe))
         w_q = w_in.q if w_in.data_t is None else _as_matrix(w_in.q, w_in.data_t)
         dx = scaled_matmul(dy2, w_q, saved.input_dtype).reshape(saved.input_shape)
     if needs_weight_grad:

@@ -56,7 +56,8 @@ from ..recipes import Recipe, linear_formats, resolve_recipe
 from . import grad_amax, handoff
 from .activation import act_fn, activation_name
 from .eager_ops import autocast_off, eager_op
-from .gated_mlp import GatedSaved, gated_product, gated_product_backward, gated_product_forward
+from .gated_mlp import GatedSaved, gated_product
+from .gated_projection import gated_projection_backward, gated_projection_forward
 from .linear import (FP8Linear, LinearInput, LinearSaved, _as_matrix, _quantize, attach_linear_input,
                      compute_dtype, fp8_linear_backward, fp8_linear_forward, load_linear, quantize_linear_input,
                      save_linear, wants_transpose)
@@ -197,19 +198,20 @@ class _FlowMLPFunction(torch.autograd.Function):
         with autocast_off(src.device.type):
             if norm is not None:
                 x_in = norm.y
-            gate, saved_gate = fp8_linear_forward(x_in, w_gate, b_gate, recipe=recipe, out_dtype=out_dtype)
-            up, saved_up = fp8_linear_forward(x_in, w_up, b_up, recipe=recipe, out_dtype=out_dtype)
             if recompute:
+                gate, saved_gate = fp8_linear_forward(x_in, w_gate, b_gate, recipe=recipe, out_dtype=out_dtype)
+                up, saved_up = fp8_linear_forward(x_in, w_up, b_up, recipe=recipe, out_dtype=out_dtype)
+                up_weight_amax = saved_up.weight_amax
                 # COAT's flow: act and mul read the FP8 1x16 gate/up, so backward can rebuild the product
                 # bit for bit from what it saves (and its gradient is the gradient of what forward computed)
                 gated = GatedSaved(mg.save_for_nonlinear(gate), mg.save_for_nonlinear(up), activation)
                 h_in = _product_from_fp8(gated, out_dtype, recipe, transpose)
+                del gate, up
             else:
-                h_out, gated = gated_product_forward(gate, up, activation, quantize_output=True,
-                                                     output_transpose=transpose,
-                                                     prediction=None if prediction is None else prediction[0:1])
-                h_in = LinearInput(*h_out) if transpose else LinearInput(h_out)
-            del gate, up
+                # with predicted scales on an FP8 GPU: one Triton GEMM writing h and the copies from registers
+                h_in, gated, saved_gate, up_weight_amax = gated_projection_forward(
+                    x_in, w_gate, w_up, activation, recipe=recipe, out_dtype=out_dtype, b_gate=b_gate, b_up=b_up,
+                    prediction=None if prediction is None else prediction[0:1], output_transpose=transpose)
             out, saved_down = fp8_linear_forward(h_in, w_down, b_down, recipe=recipe, out_dtype=out_dtype)
 
         # gate and up read the same FP8 input: save it once, with each projection's weight amax
@@ -226,7 +228,7 @@ class _FlowMLPFunction(torch.autograd.Function):
             norm_tensors, ctx.norm_style = [n_data, n_amax, norm.saved.rstd], norm.saved.style
         else:
             norm_tensors, ctx.norm_meta = [None, None, None], None
-        ctx.save_for_backward(*x_tensors, saved_up.weight_amax, g_data, g_amax, u_data, u_amax, *h_tensors,
+        ctx.save_for_backward(*x_tensors, up_weight_amax, g_data, g_amax, u_data, u_amax, *h_tensors,
                               *norm_tensors, norm_weight, w_gate, w_up, w_down)
         ctx.recipe, ctx.activation, ctx.recompute = recipe, activation, recompute
         ctx.prediction = prediction  # a module buffer updated in place: not a saved tensor
@@ -252,19 +254,15 @@ class _FlowMLPFunction(torch.autograd.Function):
                 saved_down = _recompute_product(gated, wd_amax, ctx.h_shape, ctx.h_dtype, recipe, dout.device)
             else:
                 saved_down = load_linear(ctx.h_meta, h_data, h_amax, h_scale, wd_amax)
-            dh, dw_down, db_down = fp8_linear_backward(dout, saved_down, w_down, recipe=recipe,
-                                                       has_bias=ctx.has_bias[2], needs_weight_grad=needs[6])
             # the gated product's backward can write dgate/dup directly as the projections' E5M2 per-tensor
             # gradients (+ transposed copies), skipping the bf16 round trip
             # (not with biases: their gradient is an exact sum of the unquantized dgate/dup)
             fused_quantize = linear_formats(recipe)[2][0] == mg.GRAD_FORMAT and not any(ctx.has_bias[:2])
             transpose = wants_transpose(dout.device, recipe)
-            dgate, dup = gated_product_backward(dh, gated, quantize_output=fused_quantize,
-                                                output_transpose=fused_quantize and transpose,
-                                                prediction=None if ctx.prediction is None else ctx.prediction[1:3])
-            if fused_quantize:
-                dgate, dup = (LinearInput(*d) if transpose else LinearInput(d) for d in (dgate, dup))
-            del dh
+            dgate, dup, dw_down, db_down = gated_projection_backward(
+                dout, saved_down, w_down, gated, recipe=recipe, has_bias=ctx.has_bias[2], needs_weight_grad=needs[6],
+                quantize_grads=fused_quantize, output_transpose=fused_quantize and transpose,
+                prediction=None if ctx.prediction is None else ctx.prediction[1:3])
             saved_gate = load_linear(ctx.x_meta, x_data, x_amax, x_scale, wg_amax)
             saved_up = saved_gate._replace(weight_amax=wu_amax)
             dx_gate, dw_gate, db_gate = fp8_linear_backward(dgate, saved_gate, w_gate, recipe=recipe,
