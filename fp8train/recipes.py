@@ -54,6 +54,11 @@ class Recipe:
     gradients (E5M2) with a scale predicted from the previous call, in the pass that computes them, instead of an
     amax pass plus an encoding pass; a repair pass re-encodes just in time whenever the prediction was off, so
     nothing saturates (:mod:`fp8train.delayed_scaling`).  The predictions are a 3-float buffer per MLP.
+    ``gated_gemm`` (experimental, needs ``delayed_scaling``) -- on FP8 GPUs the fast path's MLP computes gate/up
+    and act(gate) * up in one Triton FP8 GEMM with the product in its epilogue, and dh with the product's
+    backward in another (:mod:`fp8train.nn.gated_projection`): the GEMMs' bf16 outputs are never written.
+    Off by default: with Triton 3.6 it is slower than cuBLAS plus the separate gated kernels on H100/H200
+    (docs/performance.md, "Session 10").
 
     Loss: ``chunked_loss`` -- compute a causal LM's training loss with the chunked fused lm_head +
     cross-entropy (:mod:`fp8train.nn.chunked_cross_entropy`), so the vocabulary-sized logits are never
@@ -110,6 +115,7 @@ class Recipe:
     fused_qkv: bool = False
     fused_residual: bool = True
     delayed_scaling: bool = False
+    gated_gemm: bool = False
     simulate: Optional[Any] = None  # fp8train.lab.SimulatedFormats (or its spec string)
 
     def __post_init__(self):
@@ -136,6 +142,8 @@ class Recipe:
             raise TypeError(f"Recipe.fused_residual must be True or False, got {self.fused_residual!r}")
         if not isinstance(self.delayed_scaling, bool):
             raise TypeError(f"Recipe.delayed_scaling must be True or False, got {self.delayed_scaling!r}")
+        if not isinstance(self.gated_gemm, bool):
+            raise TypeError(f"Recipe.gated_gemm must be True or False, got {self.gated_gemm!r}")
         if not isinstance(self.fp8_attention_saves, bool):
             raise TypeError(f"Recipe.fp8_attention_saves must be True or False, got {self.fp8_attention_saves!r}")
         if not isinstance(self.keep_bf16, tuple):

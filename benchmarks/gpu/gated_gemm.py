@@ -42,14 +42,10 @@ def _setup(M, K, N, seed=0):
     return recipe, x, w_gate, w_up, w_down, dout, quantize_linear_input
 
 
-def _run(fused, fn):
-    from fp8train.kernels import gated_projection
+def _recipe(fused: bool):
+    from fp8train.recipes import Recipe
 
-    previous = gated_projection.set_enabled(fused)
-    try:
-        return fn()
-    finally:
-        gated_projection.set_enabled(previous)
+    return Recipe.named("coat-lean").replace(gated_gemm=fused)
 
 
 def _forward(recipe, x_in, w_gate, w_up, prediction):
@@ -90,8 +86,8 @@ def check_against_separate_ops(report, shapes):
                 pred_r.fill_(float("nan"))
                 factor = 1.0
             x_in = quantize((x.float() * factor).to(torch.bfloat16), recipe)
-            got = _run(True, lambda: _forward(recipe, x_in, w_gate, w_up, pred[0:1]))
-            ref = _run(False, lambda: _forward(recipe, x_in, w_gate, w_up, pred_r[0:1]))
+            got = _forward(_recipe(True), x_in, w_gate, w_up, pred[0:1])
+            ref = _forward(_recipe(False), x_in, w_gate, w_up, pred_r[0:1])
             tag = f"{M}x{K}->{N} call {step}"
             _check_tensorwise(report, f"gated_gemm: fwd E4M3 h {tag}", (got[0].q, got[0].data_t),
                               (ref[0].q, ref[0].data_t))
@@ -100,8 +96,8 @@ def check_against_separate_ops(report, shapes):
             report.check(f"gated_gemm: fwd saves what the separate ops save {tag}", same_x)
             _, saved_down = fp8_linear_forward(ref[0], w_down, recipe=recipe, out_dtype=torch.bfloat16)
             dout = (dout0.float() * factor).to(torch.bfloat16)
-            got = _run(True, lambda: _backward(recipe, dout, saved_down, w_down, ref[1], pred[1:3]))
-            ref_b = _run(False, lambda: _backward(recipe, dout, saved_down, w_down, ref[1], pred_r[1:3]))
+            got = _backward(_recipe(True), dout, saved_down, w_down, ref[1], pred[1:3])
+            ref_b = _backward(_recipe(False), dout, saved_down, w_down, ref[1], pred_r[1:3])
             _check_tensorwise_grads(report, f"gated_gemm: bwd E5M2 dgate, dup {tag}",
                                     [(g.q, g.data_t) for g in got[:2]], [(g.q, g.data_t) for g in ref_b[:2]])
             rel = max_rel(got[2], ref_b[2])
@@ -120,22 +116,34 @@ def check_training(report, steps: int = 30):
     template = tiny_llama().to(torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, 512, (4, 256), device="cuda", generator=gen) for _ in range(steps)]
-    losses = {}
-    for fused in (True, False):
-        model = fp8train.convert(copy.deepcopy(template), "coat-lean")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    from fp8train.kernels import gated_projection as kernel
 
-        def train():
-            out = []
+    losses, calls = {}, {True: [0, 0], False: [0, 0]}
+    originals = kernel.gated_projection_forward, kernel.gated_projection_backward
+
+    def counted(index, fn):
+        def wrapper(*args, **kwargs):
+            calls[current][index] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    kernel.gated_projection_forward, kernel.gated_projection_backward = (counted(i, f) for i, f in enumerate(originals))
+    try:
+        for current in (True, False):
+            model = fp8train.convert(copy.deepcopy(template), _recipe(current))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            losses[current] = []
             for ids in batches:
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                out.append(float(loss))
-            return out
-
-        losses[fused] = _run(fused, train)
+                losses[current].append(float(loss.detach()))
+    finally:
+        kernel.gated_projection_forward, kernel.gated_projection_backward = originals
+    report.check("gated_gemm: the MLPs ran the fused kernels (and only with Recipe.gated_gemm)",
+                 calls[True] == [2 * steps, 2 * steps] and calls[False] == [0, 0], calls_fused=calls[True],
+                 calls_separate=calls[False])
     first, last = losses[True][0], losses[True][-1]
     gap = abs(losses[True][-1] - losses[False][-1]) / losses[False][-1]
     report.check("gated_gemm: 2-layer Llama, 30 coat-lean steps, fused vs separate ops",
@@ -215,8 +223,8 @@ def bench(report, best):
         pred = torch.zeros(3, device="cuda")
         for fused in (True, False):  # warm-up: the second call's prediction holds
             for _ in range(2):
-                out = _run(fused, lambda: _forward(recipe, x_in, w_gate, w_up, pred[0:1]))
-        fwd = {f: bench_ms(lambda: _run(f, lambda: _forward(recipe, x_in, w_gate, w_up, pred[0:1])))
+                out = _forward(_recipe(fused), x_in, w_gate, w_up, pred[0:1])
+        fwd = {f: bench_ms(lambda: _forward(_recipe(f), x_in, w_gate, w_up, pred[0:1]))
                for f in (True, False)}
         gemms = bench_ms(lambda: [fp8_linear_forward(x_in, w, recipe=recipe, out_dtype=torch.bfloat16)
                                   for w in (w_gate, w_up)])
@@ -229,9 +237,8 @@ def bench(report, best):
         _, saved_down = fp8_linear_forward(out[0], w_down, recipe=recipe, out_dtype=torch.bfloat16)
         for fused in (True, False):
             for _ in range(2):
-                _run(fused, lambda: _backward(recipe, dout, saved_down, w_down, out[1], pred[1:3], False))
-        bwd = {f: bench_ms(lambda: _run(f, lambda: _backward(recipe, dout, saved_down, w_down, out[1], pred[1:3],
-                                                               False)))
+                _backward(_recipe(fused), dout, saved_down, w_down, out[1], pred[1:3], False)
+        bwd = {f: bench_ms(lambda: _backward(_recipe(f), dout, saved_down, w_down, out[1], pred[1:3], False))
                for f in (True, False)}
         report.add_bench(f"gated_gemm: bwd dh GEMM + gated backward {label} ({M}x{K}->{N}, no wgrad)",
                          fused_ms=round(bwd[True], 4), separate_ms=round(bwd[False], 4),

@@ -25,7 +25,6 @@ fp32 summation order (and what that flips in one bf16 rounding).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
@@ -40,7 +39,7 @@ from .plans import sm_count
 from .quantize import (E4M3_MAX, SLOT, amax_and_scale, dequant_scale, encode_multiplier, fold_amax_bits, load_group_copy,
                        store_tensorwise, tile_amax_bits)
 
-__all__ = ["GemmTile", "TILES", "tile", "set_tile", "enabled", "set_enabled", "gated_projection_forward", "gated_projection_backward"]
+__all__ = ["GemmTile", "TILES", "tile", "set_tile", "gated_projection_forward", "gated_projection_backward"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +58,9 @@ class GemmTile:
     warp_specialize: bool = False  # Triton's producer/consumer warp groups for the tile loop
 
 
-# the shipped tiles per direction; benchmarks/gpu/ops.py sweeps candidates on the GPU (``set_tile``)
-TILES = {"forward": GemmTile(), "backward": GemmTile(block_n=64, stages=4)}
+# the shipped tiles: the fastest of the sweep in benchmarks/gpu/gated_gemm.py on an H200 with the 953M MLP's shapes
+# (2026-11-28-h200-session10-gated-gemm.md); small tiles win, more programs per SM hide the long epilogues
+TILES = {"forward": GemmTile(64, 64, 128, stages=4, warps=4), "backward": GemmTile(64, 64, 128, stages=4, warps=4)}
 _tiles = dict(TILES)
 
 
@@ -73,22 +73,6 @@ def set_tile(direction: str, new: GemmTile | None) -> None:
     if direction not in TILES:
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
     _tiles[direction] = new if new is not None else TILES[direction]
-
-
-_enabled = os.environ.get("FP8TRAIN_GATED_GEMM", "1") != "0"
-
-
-def enabled() -> bool:
-    """Whether the MLP uses the fused GEMMs.  ``FP8TRAIN_GATED_GEMM=0`` in the environment (or
-    :func:`set_enabled`) turns them off for A/B runs: the MLP then uses _scaled_mm + the gated-product kernels."""
-    return _enabled
-
-
-def set_enabled(on: bool) -> bool:
-    """Switch the fused GEMMs on or off for this process; returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, bool(on)
-    return previous
 
 
 # -- shared pieces -------------------------------------------------------------------------------------------------

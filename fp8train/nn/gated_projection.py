@@ -11,11 +11,12 @@ consumes (with ``quantize_grads``), plus down_proj's weight (and bias) gradient.
 
 The reference is the composition of the separate ops -- :func:`fp8train.nn.linear.fp8_linear_forward` /
 ``fp8_linear_backward`` and :func:`fp8train.nn.gated_mlp.gated_product_forward` / ``..._backward`` -- and is what
-runs on CPU and wherever the fused kernels do not apply.  On CUDA with FP8 tensor cores, per-tensor E4M3
-operands, no biases and predicted scales (:mod:`fp8train.delayed_scaling`), one Triton kernel per direction
-(:mod:`fp8train.kernels.gated_projection`) computes the same values from registers: the GEMMs' bf16 outputs
-are never written, and the gated-product passes that read them disappear.  ``FP8TRAIN_GATED_GEMM=0`` in the
-environment keeps the separate ops (A/B runs).
+runs on CPU and wherever the fused kernels do not apply.  With ``Recipe.gated_gemm`` on a GPU with FP8 tensor
+cores (per-tensor E4M3 operands, no biases, predicted scales of :mod:`fp8train.delayed_scaling`), one Triton
+kernel per direction (:mod:`fp8train.kernels.gated_projection`) computes the same values from registers: the
+GEMMs' bf16 outputs are never written and the gated-product passes that read them disappear.  It is off by
+default because Triton 3.6's FP8 main loop with fp32 promotion runs at ~2/3 of cuBLAS's speed on Hopper, which
+costs more than the fusion saves (docs/performance.md, "Session 10").
 """
 
 from __future__ import annotations
@@ -38,13 +39,12 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def _fused_available(tensor: torch.Tensor, recipe: Recipe, prediction: Optional[torch.Tensor]) -> bool:
     """Whether the fused kernels apply (``tensor``: a high-precision operand, for the device/dtype checks)."""
-    if prediction is None or not fp8_gemm_supported(tensor.device) or not mg.use_kernels("gated_product", tensor):
+    if (not recipe.gated_gemm or prediction is None or not fp8_gemm_supported(tensor.device)
+            or not mg.use_kernels("gated_product", tensor)):
         return False
-    from ..kernels import gated_projection
-
     (x_fmt, x_gran), (w_fmt, w_gran), _ = linear_formats(recipe)
-    return (gated_projection.enabled() and x_fmt == mg.LINEAR_FORMAT and w_fmt == mg.LINEAR_FORMAT
-            and x_gran.kind == "tensor" and w_gran.kind == "tensor")
+    return (x_fmt == mg.LINEAR_FORMAT and w_fmt == mg.LINEAR_FORMAT and x_gran.kind == "tensor"
+            and w_gran.kind == "tensor")
 
 
 def gated_projection_forward(x_in: LinearInput, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str, *,
