@@ -36,7 +36,8 @@ from typing import Iterator, Mapping
 
 import torch
 
-__all__ = ["MARGIN", "HEADROOM", "encode_amax", "new_prediction", "prediction_state", "gathered_prediction_state",
+__all__ = ["MARGIN", "HEADROOM", "encode_amax", "new_prediction", "every_branch", "prediction_state",
+           "gathered_prediction_state",
            "load_prediction_state", "predictions_unchanged"]
 
 # powers of two: amax * MARGIN is exact; a prediction between seen and HEADROOM * seen costs at most 3 binades
@@ -61,6 +62,19 @@ def encode_amax(seen: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     prediction.copy_(torch.where(following < float("inf"), following, torch.zeros_like(following)).reshape(
         prediction.shape))
     return amax
+
+
+def every_branch(*predictions: torch.Tensor) -> Iterator[tuple[int, float]]:
+    """``(call, factor)`` for five calls whose inputs, scaled by ``factor``, take every branch of the rule in turn
+    -- first call (prediction 0: repaired), same input (kept), 4x larger (overflow: repaired), 1/64 (collapse:
+    repaired), then a garbage NaN prediction (repaired): the prediction buffers given are filled with NaN before
+    that call.  For the checks of every implementation (CPU interpreter and GPU)."""
+    for call, factor in enumerate((1.0, 1.0, 4.0, 1 / 64, None)):
+        if factor is None:
+            for buffer in predictions:
+                buffer.fill_(float("nan"))
+            factor = 1.0
+        yield call, factor
 
 
 def _buffers(model: torch.nn.Module):

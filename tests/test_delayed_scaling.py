@@ -188,3 +188,16 @@ def test_casting_the_model_keeps_float32_predictions():
         model(input_ids=ids, labels=ids).loss.backward()
     buffers = [b for _, _, b in ds._buffers(model)]
     assert buffers and all(b.dtype == torch.float32 and bool((b > 0).all()) for b in buffers)
+
+
+def test_every_branch_takes_each_branch_of_the_rule():
+    """The call sequence the kernel checks use: repaired (first call), kept, repaired (overflow), repaired
+    (collapse), repaired (NaN prediction)."""
+    prediction = ds.new_prediction(1)
+    x = torch.tensor([3.0, -1.0])
+    kept = []
+    for _, factor in ds.every_branch(prediction):
+        predicted = prediction.clone()
+        amax = ds.encode_amax((x * factor).abs().max(), prediction[0])
+        kept.append(bool(amax == predicted[0]))
+    assert kept == [False, True, False, False, False]

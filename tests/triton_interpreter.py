@@ -332,14 +332,11 @@ def check_gated_product():
 def check_gated_predicted(kernel, ref, fused, dh, dtype):
     """Delayed scaling: each branch of the repair rule (first call, prediction kept, overflow, collapse, NaN
     prediction) gives the reference's encoding and the reference's next prediction."""
-    from fp8train.formats import E4M3, E5M2
+    from fp8train.delayed_scaling import every_branch
+    from fp8train.formats import E5M2
 
     pred, pred_r = torch.zeros(3), torch.zeros(3)
-    for factor in (1.0, 1.0, 4.0, 1 / 64, "nan"):
-        if factor == "nan":
-            pred.fill_(float("nan"))
-            pred_r.fill_(float("nan"))
-            factor = 1.0
+    for _, factor in every_branch(pred, pred_r):
         gate, up = (fused * factor).to(dtype).chunk(2, dim=-1)
         (q, t), _, _ = kernel.gated_product_forward(gate, up, "silu", quantize_output=True, output_transpose=True,
                                                     prediction=pred[0:1])
@@ -364,6 +361,7 @@ def check_gated_projection():
     The GEMMs sum in another order than the reference's, which can move a rounding of the model dtype: amaxes
     and predictions are compared to within that, FP8 data to two steps.  Every branch of the predicted-scale
     repair runs (first call, kept, overflow, collapse, NaN prediction)."""
+    from fp8train.delayed_scaling import every_branch
     from fp8train.formats import E5M2
     from fp8train.kernels import gated_projection as kernel
     from fp8train.nn import gated_projection as ref
@@ -385,11 +383,7 @@ def check_gated_projection():
         w_down = torch.randn(K, N, generator=gen).to(dtype) / 8
         dout = torch.randn(M, K, generator=gen).to(dtype)
         pred, pred_r = torch.zeros(3), torch.zeros(3)
-        for factor in (1.0, 1.0, 4.0, 1 / 64, "nan"):
-            if factor == "nan":
-                pred.fill_(float("nan"))
-                pred_r.fill_(float("nan"))
-                factor = 1.0
+        for _, factor in every_branch(pred, pred_r):
             x_in = quantize_linear_input((x * factor).to(dtype), recipe)
             h_ref, gated, _, _ = ref.gated_projection_forward(x_in, w_gate, w_up, name, recipe=recipe,
                                                               out_dtype=dtype, prediction=pred_r[0:1],

@@ -250,7 +250,7 @@ def check_gated_predicted(report, shapes):
     calls that take each branch -- first call (prediction 0: repaired), same input (prediction kept), 4x larger
     (overflow: repaired), 1/64 (collapse: repaired), garbage NaN prediction (repaired) -- outputs and the
     prediction buffers both."""
-    from fp8train.delayed_scaling import new_prediction
+    from fp8train.delayed_scaling import every_branch, new_prediction
     from fp8train.kernels import force_reference
     from fp8train.nn import gated_mlp as op
 
@@ -258,11 +258,7 @@ def check_gated_predicted(report, shapes):
         fused = bf16_input((*shape[:-1], 2 * shape[-1]))
         dh0 = bf16_input(shape, seed=2)
         pred, pred_r = new_prediction(3, "cuda"), new_prediction(3, "cuda")
-        for step, factor in enumerate((1.0, 1.0, 4.0, 1 / 64, "nan")):
-            if factor == "nan":
-                pred.fill_(float("nan"))
-                pred_r.fill_(float("nan"))
-                factor = 1.0
+        for step, factor in every_branch(pred, pred_r):
             gate, up = (fused * factor).chunk(2, dim=-1)
             dh = dh0 * factor
             got, saved = op.gated_product_forward(gate, up, "silu", quantize_output=True, output_transpose=True,

@@ -30,7 +30,7 @@ __all__ = ["gated_product_forward", "gated_product_backward"]
 
 
 @triton.jit
-def _store_group_copy(vals, rows64, rmask, cols, gcols, mask, N, q_ptr, qamax_ptr, BM: tl.constexpr,
+def store_group_copy(vals, rows64, rmask, cols, gcols, mask, N, q_ptr, qamax_ptr, BM: tl.constexpr,
                       BN: tl.constexpr):
     q, amax = quantize_group_tile(vals, BM, BN, 16, 448.0, True)
     tl.store(q_ptr + rows64 * N + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
@@ -59,8 +59,8 @@ def _gated_fwd_kernel(g_ptr, stride_g, u_ptr, stride_u, h_ptr, gq_ptr, gamax_ptr
             tl.store(h_ptr + rows64 * N + cols[None, :], h, mask=mask)
         if WRITE_AMAX:
             acc = tl.maximum(acc, tile_amax_bits(tl.where(mask, h.to(tl.float32), 0.0)))
-        _store_group_copy(g, rows64, rmask, cols, gcols, mask, N, gq_ptr, gamax_ptr, BM, BN)
-        _store_group_copy(u, rows64, rmask, cols, gcols, mask, N, uq_ptr, uamax_ptr, BM, BN)
+        store_group_copy(g, rows64, rmask, cols, gcols, mask, N, gq_ptr, gamax_ptr, BM, BN)
+        store_group_copy(u, rows64, rmask, cols, gcols, mask, N, uq_ptr, uamax_ptr, BM, BN)
     if WRITE_AMAX:
         tl.store(partials_ptr + pid, acc)
 
@@ -171,8 +171,48 @@ def _needs_repair(seen, predicted, HEADROOM: tl.constexpr):
 
 
 @triton.jit
-def _first_program():
+def first_program():
     return (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+
+
+@triton.jit
+def settle_prediction(seen_ptr, prediction_ptr, amax_out_ptr, FMAX: tl.constexpr, MARGIN: tl.constexpr,
+                      HEADROOM: tl.constexpr):
+    """Start of a repair pass for one tensor: ``(seen, repair)`` from the per-call slots (seen_ptr[0] the true
+    amax, seen_ptr[1] the prediction the encoding pass used); program 0 publishes the amax the tensor ends up
+    encoded with (and its scale, SLOT floats on) and writes the next call's prediction."""
+    seen = tl.load(seen_ptr).to(tl.float32, bitcast=True)
+    predicted = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
+    repair = _needs_repair(seen, predicted, HEADROOM)
+    if first_program():
+        amax = tl.where(repair, seen, predicted)
+        tl.store(amax_out_ptr, amax)
+        tl.store(amax_out_ptr + SLOT, dequant_scale(amax, FMAX))
+        tl.store(prediction_ptr, _next_prediction(seen, MARGIN))
+    return seen, repair
+
+
+@triton.jit
+def settle_prediction_pair(seen_ptr, prediction_ptr, amax_out_ptr, FMAX: tl.constexpr, MARGIN: tl.constexpr,
+                           HEADROOM: tl.constexpr):
+    """The same for two tensors (dgate, dup): slots seen_g, seen_u, predicted_g, predicted_u; outputs amax_g,
+    amax_u, scale_g, scale_u SLOT floats apart.  Returns ``(seen_g, seen_u, repair_g, repair_u)``."""
+    seen_g = tl.load(seen_ptr).to(tl.float32, bitcast=True)
+    seen_u = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
+    predicted_g = tl.load(seen_ptr + 2).to(tl.float32, bitcast=True)
+    predicted_u = tl.load(seen_ptr + 3).to(tl.float32, bitcast=True)
+    repair_g = _needs_repair(seen_g, predicted_g, HEADROOM)
+    repair_u = _needs_repair(seen_u, predicted_u, HEADROOM)
+    if first_program():
+        amax_g = tl.where(repair_g, seen_g, predicted_g)
+        amax_u = tl.where(repair_u, seen_u, predicted_u)
+        tl.store(amax_out_ptr, amax_g)
+        tl.store(amax_out_ptr + SLOT, amax_u)
+        tl.store(amax_out_ptr + 2 * SLOT, dequant_scale(amax_g, FMAX))
+        tl.store(amax_out_ptr + 3 * SLOT, dequant_scale(amax_u, FMAX))
+        tl.store(prediction_ptr, _next_prediction(seen_g, MARGIN))
+        tl.store(prediction_ptr + 1, _next_prediction(seen_u, MARGIN))
+    return seen_g, seen_u, repair_g, repair_u
 
 
 @fast_launch
@@ -190,13 +230,13 @@ def _gated_fwd_predicted_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, g
     u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = (act_value(g, ACT) * u).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
     predicted = tl.load(prediction_ptr)
-    if _first_program():
+    if first_program():
         tl.store(seen_ptr + 1, predicted.to(tl.int32, bitcast=True))
     fold_amax_bits(seen_ptr, tile_amax_bits(tl.where(mask, h, 0.0)))
     store_tensorwise(h, encode_multiplier(predicted, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T,
                      E4M3_MAX)
-    _store_group_copy(g, rows64, rmask, cols, gcols, mask, N, gq_ptr, gamax_ptr, BM, BN)
-    _store_group_copy(u, rows64, rmask, cols, gcols, mask, N, uq_ptr, uamax_ptr, BM, BN)
+    store_group_copy(g, rows64, rmask, cols, gcols, mask, N, gq_ptr, gamax_ptr, BM, BN)
+    store_group_copy(u, rows64, rmask, cols, gcols, mask, N, uq_ptr, uamax_ptr, BM, BN)
 
 
 @fast_launch
@@ -205,14 +245,7 @@ def _gated_fwd_repair_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, seen
                              q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
                              WRITE_T: tl.constexpr, MARGIN: tl.constexpr, HEADROOM: tl.constexpr):
     """Publish the amax h was encoded with, update the prediction, and re-encode just in time on overflow."""
-    seen = tl.load(seen_ptr).to(tl.float32, bitcast=True)
-    predicted = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
-    repair = _needs_repair(seen, predicted, HEADROOM)
-    amax = tl.where(repair, seen, predicted)
-    if _first_program():
-        tl.store(amax_out_ptr, amax)
-        tl.store(amax_out_ptr + SLOT, dequant_scale(amax, E4M3_MAX))
-        tl.store(prediction_ptr, _next_prediction(seen, MARGIN))
+    seen, repair = settle_prediction(seen_ptr, prediction_ptr, amax_out_ptr, E4M3_MAX, MARGIN, HEADROOM)
     if repair:
         rows, cols, mask = grid_tile(M, N, BM, BN)
         rows64 = rows[:, None].to(tl.int64)
@@ -239,7 +272,7 @@ def _gated_bwd_predicted_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, ua
     du = du.to(du_dtype_ptr.dtype.element_ty).to(tl.float32)
     predicted_g = tl.load(prediction_ptr)
     predicted_u = tl.load(prediction_ptr + 1)
-    if _first_program():
+    if first_program():
         tl.store(seen_ptr + 2, predicted_g.to(tl.int32, bitcast=True))
         tl.store(seen_ptr + 3, predicted_u.to(tl.int32, bitcast=True))
     fold_amax_bits(seen_ptr, tile_amax_bits(tl.where(mask, dg, 0.0)))
@@ -258,21 +291,8 @@ def _gated_bwd_repair_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax
                              WRITE_T: tl.constexpr, GATHER: tl.constexpr, MARGIN: tl.constexpr,
                              HEADROOM: tl.constexpr):
     """Publish the amaxes dgate / dup were encoded with, update the predictions, re-encode whichever missed."""
-    seen_g = tl.load(seen_ptr).to(tl.float32, bitcast=True)
-    seen_u = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
-    predicted_g = tl.load(seen_ptr + 2).to(tl.float32, bitcast=True)
-    predicted_u = tl.load(seen_ptr + 3).to(tl.float32, bitcast=True)
-    repair_g = _needs_repair(seen_g, predicted_g, HEADROOM)
-    repair_u = _needs_repair(seen_u, predicted_u, HEADROOM)
-    amax_g = tl.where(repair_g, seen_g, predicted_g)
-    amax_u = tl.where(repair_u, seen_u, predicted_u)
-    if _first_program():  # amax_g, amax_u, scale_g, scale_u, SLOT floats apart
-        tl.store(amax_out_ptr, amax_g)
-        tl.store(amax_out_ptr + SLOT, amax_u)
-        tl.store(amax_out_ptr + 2 * SLOT, dequant_scale(amax_g, FMAX))
-        tl.store(amax_out_ptr + 3 * SLOT, dequant_scale(amax_u, FMAX))
-        tl.store(prediction_ptr, _next_prediction(seen_g, MARGIN))
-        tl.store(prediction_ptr + 1, _next_prediction(seen_u, MARGIN))
+    seen_g, seen_u, repair_g, repair_u = settle_prediction_pair(seen_ptr, prediction_ptr, amax_out_ptr, FMAX, MARGIN,
+                                                                HEADROOM)
     if repair_g | repair_u:
         rows, cols, _ = grid_tile(M, N, BM, BN)
         gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)

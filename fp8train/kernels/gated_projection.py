@@ -33,10 +33,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..delayed_scaling import HEADROOM, MARGIN
 from .activation import ACT_CODE, act_derivative, act_value
-from .gated_product import _first_program, _needs_repair, _next_prediction, _store_group_copy
+from .gated_product import first_program, store_group_copy, settle_prediction, settle_prediction_pair
 from .launch import cdiv
 from .plans import sm_count
-from .quantize import (E4M3_MAX, SLOT, amax_and_scale, dequant_scale, encode_multiplier, fold_amax_bits, load_group_copy,
+from .quantize import (E4M3_MAX, amax_and_scale, encode_multiplier, fold_amax_bits, load_group_copy,
                        store_tensorwise, tile_amax_bits)
 
 __all__ = ["GemmTile", "TILES", "tile", "set_tile", "gated_projection_forward", "gated_projection_backward"]
@@ -128,7 +128,7 @@ def _gate_up_gemm_kernel(x_desc, wg_desc, wu_desc, scales_ptr, gq_ptr, gamax_ptr
                          GROUP_M: tl.constexpr, FAST_ACC: tl.constexpr, OUT_DTYPE: tl.constexpr, ACT: tl.constexpr,
                          WRITE_T: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     predicted = tl.load(prediction_ptr)
-    if _first_program():
+    if first_program():
         tl.store(seen_ptr + 1, predicted.to(tl.int32, bitcast=True))
     inv = encode_multiplier(predicted, E4M3_MAX)
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
@@ -145,8 +145,8 @@ def _gate_up_gemm_kernel(x_desc, wg_desc, wu_desc, scales_ptr, gq_ptr, gamax_ptr
         store_tensorwise(h, inv, rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T, E4M3_MAX)
         rows64 = rows[:, None].to(tl.int64)
         gcols = pid_n * (BN // 16) + tl.arange(0, BN // 16)
-        _store_group_copy(gate, rows64, rmask, cols, gcols, mask, N, gq_ptr, gamax_ptr, BM, BN)
-        _store_group_copy(up, rows64, rmask, cols, gcols, mask, N, uq_ptr, uamax_ptr, BM, BN)
+        store_group_copy(gate, rows64, rmask, cols, gcols, mask, N, gq_ptr, gamax_ptr, BM, BN)
+        store_group_copy(up, rows64, rmask, cols, gcols, mask, N, uq_ptr, uamax_ptr, BM, BN)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -156,14 +156,7 @@ def _gate_up_repair_kernel(x_desc, wg_desc, wu_desc, scales_ptr, seen_ptr, predi
                            WRITE_T: tl.constexpr, MARGIN: tl.constexpr, HEADROOM: tl.constexpr):
     """Publish the amax h was encoded with, update the prediction, and recompute + re-encode h just in time when
     the prediction was unusable (the first call, an overflow, a collapse: rare, so the GEMM is simply redone)."""
-    seen = tl.load(seen_ptr).to(tl.float32, bitcast=True)
-    predicted = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
-    repair = _needs_repair(seen, predicted, HEADROOM)
-    if _first_program():
-        amax = tl.where(repair, seen, predicted)
-        tl.store(amax_out_ptr, amax)
-        tl.store(amax_out_ptr + SLOT, dequant_scale(amax, E4M3_MAX))
-        tl.store(prediction_ptr, _next_prediction(seen, MARGIN))
+    seen, repair = settle_prediction(seen_ptr, prediction_ptr, amax_out_ptr, E4M3_MAX, MARGIN, HEADROOM)
     if repair:
         inv = encode_multiplier(seen, E4M3_MAX)
         num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
@@ -206,7 +199,7 @@ def _down_grad_gemm_kernel(dy_desc, w_desc, scales_ptr, gq_ptr, gamax_ptr, uq_pt
                            WARP_SPECIALIZE: tl.constexpr):
     predicted_g = tl.load(prediction_ptr)
     predicted_u = tl.load(prediction_ptr + 1)
-    if _first_program():
+    if first_program():
         tl.store(seen_ptr + 2, predicted_g.to(tl.int32, bitcast=True))
         tl.store(seen_ptr + 3, predicted_u.to(tl.int32, bitcast=True))
     inv_g = encode_multiplier(predicted_g, FMAX)
@@ -228,21 +221,8 @@ def _down_grad_repair_kernel(dy_desc, w_desc, scales_ptr, gq_ptr, gamax_ptr, uq_
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                              FAST_ACC: tl.constexpr, OUT_DTYPE: tl.constexpr, ACT: tl.constexpr, FMAX: tl.constexpr,
                              WRITE_T: tl.constexpr, MARGIN: tl.constexpr, HEADROOM: tl.constexpr):
-    seen_g = tl.load(seen_ptr).to(tl.float32, bitcast=True)
-    seen_u = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
-    predicted_g = tl.load(seen_ptr + 2).to(tl.float32, bitcast=True)
-    predicted_u = tl.load(seen_ptr + 3).to(tl.float32, bitcast=True)
-    repair_g = _needs_repair(seen_g, predicted_g, HEADROOM)
-    repair_u = _needs_repair(seen_u, predicted_u, HEADROOM)
-    if _first_program():  # amax_g, amax_u, scale_g, scale_u, SLOT floats apart
-        amax_g = tl.where(repair_g, seen_g, predicted_g)
-        amax_u = tl.where(repair_u, seen_u, predicted_u)
-        tl.store(amax_out_ptr, amax_g)
-        tl.store(amax_out_ptr + SLOT, amax_u)
-        tl.store(amax_out_ptr + 2 * SLOT, dequant_scale(amax_g, FMAX))
-        tl.store(amax_out_ptr + 3 * SLOT, dequant_scale(amax_u, FMAX))
-        tl.store(prediction_ptr, _next_prediction(seen_g, MARGIN))
-        tl.store(prediction_ptr + 1, _next_prediction(seen_u, MARGIN))
+    seen_g, seen_u, repair_g, repair_u = settle_prediction_pair(seen_ptr, prediction_ptr, amax_out_ptr, FMAX, MARGIN,
+                                                                HEADROOM)
     if repair_g | repair_u:
         num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
         for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
