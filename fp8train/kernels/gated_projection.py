@@ -20,6 +20,9 @@ re-runs the tile only where the prediction was unusable; when it was fine its pr
 Reference: :func:`fp8train.nn.gated_projection.gated_projection_forward` / ``..._backward`` run the same maths as
 ``_scaled_mm`` + the gated-product ops (on CPU: the fp32 emulation).  Results differ from them only by the GEMMs'
 fp32 summation order (and what that flips in one bf16 rounding).
+
+Used with ``Recipe.gated_gemm`` only, which is off by default: Triton 3.6's FP8 main loop with fp32 promotion runs
+at ~2/3 of cuBLAS's speed on Hopper, more than the fusion saves (docs/performance.md, "Session 10").
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class GemmTile:
 
 
 # the shipped tiles: the fastest of the sweep in benchmarks/gpu/gated_gemm.py on an H200 with the 953M MLP's shapes
-# (2026-11-28-h200-session10-gated-gemm.md); small tiles win, more programs per SM hide the long epilogues
+# (2026-11-28-h200-session10-gated-gemm-sweep.md); small tiles win: more programs per SM hide the long epilogues
 TILES = {"forward": GemmTile(64, 64, 128, stages=4, warps=4), "backward": GemmTile(64, 64, 128, stages=4, warps=4)}
 _tiles = dict(TILES)
 

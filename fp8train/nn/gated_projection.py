@@ -38,9 +38,9 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _fused_available(tensor: torch.Tensor, recipe: Recipe, prediction: Optional[torch.Tensor]) -> bool:
-    """Whether the fused kernels apply (``tensor``: a high-precision operand, for the device/dtype checks)."""
-    if (not recipe.gated_gemm or prediction is None or not fp8_gemm_supported(tensor.device)
-            or not mg.use_kernels("gated_product", tensor)):
+    """Whether the fused kernels can run (with ``Recipe.gated_gemm``; ``tensor``: a high-precision operand, for
+    the device/dtype checks)."""
+    if prediction is None or not fp8_gemm_supported(tensor.device) or not mg.use_kernels("gated_product", tensor):
         return False
     (x_fmt, x_gran), (w_fmt, w_gran), _ = linear_formats(recipe)
     return (x_fmt == mg.LINEAR_FORMAT and w_fmt == mg.LINEAR_FORMAT and x_gran.kind == "tensor"
@@ -57,7 +57,7 @@ def gated_projection_forward(x_in: LinearInput, w_gate: torch.Tensor, w_up: torc
     needs of x.  ``prediction``: the 1-element predicted-amax view for h (required by the fused kernel)."""
     x_q = x_in.q
     K, N = x_q.shape[-1], w_gate.shape[0]
-    if (b_gate is None and b_up is None and out_dtype in _OUT_DTYPES and x_q.granularity.kind == "tensor"
+    if (recipe.gated_gemm and b_gate is None and b_up is None and out_dtype in _OUT_DTYPES and x_q.granularity.kind == "tensor"
             and x_q.fmt == mg.LINEAR_FORMAT and x_q.data.is_contiguous() and K % 16 == 0 and N % 16 == 0
             and w_up.shape == w_gate.shape and _fused_available(w_gate, recipe, prediction)):
         return _fused_forward(x_in, w_gate, w_up, activation, recipe, out_dtype, prediction, output_transpose)
@@ -99,7 +99,7 @@ def gated_projection_backward(dout: torch.Tensor, saved_down: LinearSaved, w_dow
     ``quantize_grads``: dgate / dup as per-tensor E5M2 :class:`LinearInput` s (transposed copies with
     ``output_transpose``) instead of tensors in gate's / up's dtype; ``prediction``: their 2-element
     predicted-amax view (required by the fused kernel)."""
-    if (quantize_grads and not has_bias and mg.is_kernel_copy(gated.gate) and mg.is_kernel_copy(gated.up)
+    if (recipe.gated_gemm and quantize_grads and not has_bias and mg.is_kernel_copy(gated.gate) and mg.is_kernel_copy(gated.up)
             and saved_down.input_dtype in _OUT_DTYPES and gated.gate.dtype == gated.up.dtype == saved_down.input_dtype
             and _fused_available(dout, recipe, prediction)):
         return _fused_backward(dout, saved_down, w_down, gated, recipe, needs_weight_grad, output_transpose,

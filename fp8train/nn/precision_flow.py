@@ -208,7 +208,7 @@ class _FlowMLPFunction(torch.autograd.Function):
                 h_in = _product_from_fp8(gated, out_dtype, recipe, transpose)
                 del gate, up
             else:
-                # with predicted scales on an FP8 GPU: one Triton GEMM writing h and the copies from registers
+                # gate/up GEMMs + the one-pass gated product (one fused Triton GEMM with Recipe.gated_gemm)
                 h_in, gated, saved_gate, up_weight_amax = gated_projection_forward(
                     x_in, w_gate, w_up, activation, recipe=recipe, out_dtype=out_dtype, b_gate=b_gate, b_up=b_up,
                     prediction=None if prediction is None else prediction[0:1], output_transpose=transpose)
