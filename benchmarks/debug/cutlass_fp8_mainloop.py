@@ -21,6 +21,7 @@ import torch
 import triton.testing
 
 HERE = pathlib.Path(__file__).resolve().parent
+VARIANTS = ("cooperative", "cooperative_cluster21", "cooperative_256x128", "pingpong", "pingpong_cluster21")
 
 
 def build(wheel: str, build_dir: str):
@@ -36,8 +37,7 @@ def build(wheel: str, build_dir: str):
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
     start = time.time()
     module = load(name="cutlass_fp8_probe", sources=[str(HERE / "cutlass_fp8" / f) for f in
-                                                     ("bindings.cpp", "pingpong.cu", "cooperative.cu",
-                                                      "cooperative_wide.cu")],
+                                                     ("bindings.cpp", *(f"{v}.cu" for v in VARIANTS))],
                   extra_include_paths=[str(source / "include"), str(source / "tools" / "util" / "include")],
                   extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG",
                                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -67,7 +67,7 @@ def main():
         ref = cublas().float()
         ms = triton.testing.do_bench(cublas, return_mode="median")
         print(f"{M}x{K}->{N} _scaled_mm: {ms:.4f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
-        for name in ("pingpong", "cooperative", "cooperative_wide"):
+        for name in VARIANTS:
             fn = getattr(module, name)
             try:
                 got = fn(a, b, 1.0).float()

@@ -1,11 +1,16 @@
 #include <torch/extension.h>
 
-torch::Tensor fp8_gemm_pingpong(torch::Tensor a, torch::Tensor b, double alpha);
+// tile (M x N x K), cluster, warp-group schedule -- see fp8_gemm.cuh
 torch::Tensor fp8_gemm_cooperative(torch::Tensor a, torch::Tensor b, double alpha);
-torch::Tensor fp8_gemm_cooperative_wide(torch::Tensor a, torch::Tensor b, double alpha);
+torch::Tensor fp8_gemm_cooperative_cluster21(torch::Tensor a, torch::Tensor b, double alpha);
+torch::Tensor fp8_gemm_cooperative_256x128(torch::Tensor a, torch::Tensor b, double alpha);
+torch::Tensor fp8_gemm_pingpong(torch::Tensor a, torch::Tensor b, double alpha);
+torch::Tensor fp8_gemm_pingpong_cluster21(torch::Tensor a, torch::Tensor b, double alpha);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pingpong", &fp8_gemm_pingpong, "FP8 GEMM, ping-pong warp groups, 64x128x128 tiles");
-  m.def("cooperative", &fp8_gemm_cooperative, "FP8 GEMM, cooperative warp groups, 128x128x128 tiles");
-  m.def("cooperative_wide", &fp8_gemm_cooperative_wide, "FP8 GEMM, cooperative warp groups, 128x256x128 tiles");
+  m.def("cooperative", &fp8_gemm_cooperative, "128x128x128 tiles, cluster 1x2, cooperative warp groups");
+  m.def("cooperative_cluster21", &fp8_gemm_cooperative_cluster21, "128x128x128, cluster 2x1, cooperative");
+  m.def("cooperative_256x128", &fp8_gemm_cooperative_256x128, "256x128x128, cluster 1x2, cooperative");
+  m.def("pingpong", &fp8_gemm_pingpong, "128x128x128, cluster 1x2, ping-pong warp groups");
+  m.def("pingpong_cluster21", &fp8_gemm_pingpong_cluster21, "128x128x128, cluster 2x1, ping-pong");
 }

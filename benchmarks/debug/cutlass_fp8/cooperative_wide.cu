@@ -1,8 +1,0 @@
-#include "fp8_gemm.cuh"
-
-torch::Tensor fp8_gemm_cooperative_wide(torch::Tensor a, torch::Tensor b, double alpha) {
-  using namespace cute;
-  return run_fp8_gemm<Shape<_128, _256, _128>, Shape<_1, _2, _1>,
-                      cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                      cutlass::epilogue::TmaWarpSpecializedCooperative>(a, b, alpha);
-}
