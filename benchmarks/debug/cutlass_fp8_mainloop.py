@@ -21,7 +21,8 @@ import torch
 import triton.testing
 
 HERE = pathlib.Path(__file__).resolve().parent
-VARIANTS = ("cooperative", "cooperative_cluster21", "cooperative_256x128", "pingpong", "pingpong_cluster21")
+VARIANTS = ("cooperative", "cooperative_stages5", "cooperative_128x256x64", "cooperative_128x192x128",
+            "cooperative_fast_accum", "pingpong", "pingpong_64x256x128")
 
 
 def build(wheel: str, build_dir: str):

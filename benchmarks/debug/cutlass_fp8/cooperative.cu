@@ -2,7 +2,5 @@
 
 torch::Tensor fp8_gemm_cooperative(torch::Tensor a, torch::Tensor b, double alpha) {
   using namespace cute;
-  return run_fp8_gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>,
-                      cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                      cutlass::epilogue::TmaWarpSpecializedCooperative>(a, b, alpha);
+  return run_fp8_gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative, 0>(a, b, alpha);
 }

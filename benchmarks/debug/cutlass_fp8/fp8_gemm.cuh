@@ -20,7 +20,9 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
-template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
+#include <type_traits>
+
+template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule, int Stages = 0>
 struct Fp8Gemm {
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
@@ -38,8 +40,10 @@ struct Fp8Gemm {
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA, kAlignA, ElementB, LayoutB, kAlignB,
       float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      std::conditional_t<Stages == 0,
+                         cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+                             sizeof(typename CollectiveEpilogue::SharedStorage))>,
+                         cutlass::gemm::collective::StageCount<Stages>>,
       KernelSchedule>::CollectiveOp;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
                                                           CollectiveEpilogue>;
@@ -60,9 +64,9 @@ struct Fp8Gemm {
 };
 
 #ifndef FP8_GEMM_NO_TORCH
-template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
+template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule, int Stages = 0>
 torch::Tensor run_fp8_gemm(torch::Tensor a, torch::Tensor b, double alpha) {
-  using Kernel = Fp8Gemm<TileShape, ClusterShape, KernelSchedule, EpilogueSchedule>;
+  using Kernel = Fp8Gemm<TileShape, ClusterShape, KernelSchedule, EpilogueSchedule, Stages>;
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.size(1) == b.size(1), "A (M, K) and B (N, K) contiguous");
   int M = a.size(0), K = a.size(1), N = b.size(0);
   auto d = torch::empty({M, N}, a.options().dtype(torch::kBFloat16));

@@ -2,5 +2,5 @@
 
 torch::Tensor fp8_gemm_pingpong(torch::Tensor a, torch::Tensor b, double alpha) {
   using namespace cute;
-  return run_fp8_gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutlass::epilogue::TmaWarpSpecialized>(a, b, alpha);
+  return run_fp8_gemm<Shape<_64, _128, _128>, Shape<_1, _2, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutlass::epilogue::TmaWarpSpecialized, 0>(a, b, alpha);
 }
