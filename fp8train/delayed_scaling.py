@@ -37,8 +37,7 @@ from typing import Iterator, Mapping
 import torch
 
 __all__ = ["MARGIN", "HEADROOM", "encode_amax", "new_prediction", "every_branch", "prediction_state",
-           "gathered_prediction_state",
-           "load_prediction_state", "predictions_unchanged"]
+           "gathered_prediction_state", "load_prediction_state", "predictions_unchanged"]
 
 # powers of two: amax * MARGIN is exact; a prediction between seen and HEADROOM * seen costs at most 3 binades
 MARGIN = 2.0

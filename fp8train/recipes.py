@@ -144,6 +144,9 @@ class Recipe:
             raise TypeError(f"Recipe.delayed_scaling must be True or False, got {self.delayed_scaling!r}")
         if not isinstance(self.gated_gemm, bool):
             raise TypeError(f"Recipe.gated_gemm must be True or False, got {self.gated_gemm!r}")
+        if self.gated_gemm and not self.delayed_scaling:
+            raise ValueError("Recipe.gated_gemm needs delayed_scaling=True: the fused GEMMs encode their FP8 outputs "
+                             "with predicted scales (e.g. Recipe.named('coat-lean').replace(gated_gemm=True))")
         if not isinstance(self.fp8_attention_saves, bool):
             raise TypeError(f"Recipe.fp8_attention_saves must be True or False, got {self.fp8_attention_saves!r}")
         if not isinstance(self.keep_bf16, tuple):

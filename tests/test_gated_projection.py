@@ -15,6 +15,8 @@ def test_recipe_field_and_bench_suffix():
     assert fp8train.Recipe.named("coat-lean").gated_gemm is False
     with pytest.raises(TypeError, match="gated_gemm"):
         fp8train.Recipe(gated_gemm="yes")
+    with pytest.raises(ValueError, match="delayed_scaling=True"):
+        fp8train.Recipe.named("coat-lean").replace(delayed_scaling=False, gated_gemm=True)
     assert parse_config("fp8train_coat_lean_gated_gemm_graphed") == ("fp8train_coat_lean", {"gated_gemm": True}, True)
 
 

@@ -57,9 +57,10 @@ def gated_projection_forward(x_in: LinearInput, w_gate: torch.Tensor, w_up: torc
     needs of x.  ``prediction``: the 1-element predicted-amax view for h (required by the fused kernel)."""
     x_q = x_in.q
     K, N = x_q.shape[-1], w_gate.shape[0]
-    if (recipe.gated_gemm and b_gate is None and b_up is None and out_dtype in _OUT_DTYPES and x_q.granularity.kind == "tensor"
-            and x_q.fmt == mg.LINEAR_FORMAT and x_q.data.is_contiguous() and K % 16 == 0 and N % 16 == 0
-            and w_up.shape == w_gate.shape and _fused_available(w_gate, recipe, prediction)):
+    if (recipe.gated_gemm and b_gate is None and b_up is None and out_dtype in _OUT_DTYPES
+            and x_q.granularity.kind == "tensor" and x_q.fmt == mg.LINEAR_FORMAT and x_q.data.is_contiguous()
+            and K % 16 == 0 and N % 16 == 0 and w_up.shape == w_gate.shape
+            and _fused_available(w_gate, recipe, prediction)):
         return _fused_forward(x_in, w_gate, w_up, activation, recipe, out_dtype, prediction, output_transpose)
     gate, saved_gate = fp8_linear_forward(x_in, w_gate, b_gate, recipe=recipe, out_dtype=out_dtype)
     up, saved_up = fp8_linear_forward(x_in, w_up, b_up, recipe=recipe, out_dtype=out_dtype)
@@ -99,8 +100,9 @@ def gated_projection_backward(dout: torch.Tensor, saved_down: LinearSaved, w_dow
     ``quantize_grads``: dgate / dup as per-tensor E5M2 :class:`LinearInput` s (transposed copies with
     ``output_transpose``) instead of tensors in gate's / up's dtype; ``prediction``: their 2-element
     predicted-amax view (required by the fused kernel)."""
-    if (recipe.gated_gemm and quantize_grads and not has_bias and mg.is_kernel_copy(gated.gate) and mg.is_kernel_copy(gated.up)
-            and saved_down.input_dtype in _OUT_DTYPES and gated.gate.dtype == gated.up.dtype == saved_down.input_dtype
+    if (recipe.gated_gemm and quantize_grads and not has_bias and mg.is_kernel_copy(gated.gate)
+            and mg.is_kernel_copy(gated.up) and saved_down.input_dtype in _OUT_DTYPES
+            and gated.gate.dtype == gated.up.dtype == saved_down.input_dtype
             and _fused_available(dout, recipe, prediction)):
         return _fused_backward(dout, saved_down, w_down, gated, recipe, needs_weight_grad, output_transpose,
                                prediction)
