@@ -9,11 +9,14 @@ predicted-scale repair (first call, kept, 4x overflow, 1/64 collapse, NaN predic
   copies within two steps (the GEMMs sum in another order, which can move a bf16 rounding); the predictions;
 * dgate / dup (per-tensor E5M2 + transposes) as the ops' own checks (benchmarks/gpu/ops.py);
 * a 2-layer Llama trained 30 steps with coat-lean, fused vs not, from the same weights and batches: losses agree.
-Benchmarks: a sweep of tiles (GemmTile) for both kernels on the 953M model's MLP shapes, then the fused ops
-against the separate ones at the 953M (8192 and 32768 tokens) and 7B (4096 tokens) shapes, with TFLOP/s.
+Benchmarks: the fused ops against the separate ones at the 953M (8192 and 32768 tokens) and 7B (4096 tokens)
+shapes, with TFLOP/s; with ``GATED_GEMM_SWEEP=1`` first a sweep of tiles (GemmTile) for both kernels on the 953M
+model's MLP shapes (~40 s), whose fastest then run the benchmarks (session 10's sweeps: results/*-session10-*).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -251,5 +254,5 @@ def run(report) -> None:
         return
     check_against_separate_ops(report, [(8192, 2048, 5632), (1000, 272, 176)])
     check_training(report)
-    best = sweep(report)
+    best = sweep(report) if os.environ.get("GATED_GEMM_SWEEP") == "1" else {}
     bench(report, best)
