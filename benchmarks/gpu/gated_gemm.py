@@ -33,16 +33,14 @@ BACKWARD_CANDIDATES = [(128, 64, 128, 4, 4, False, False), (64, 128, 128, 4, 4, 
 
 
 def _setup(M, K, N, seed=0):
-    from fp8train.nn.linear import quantize_linear_input
-    from fp8train.recipes import resolve_recipe
-
-    recipe = resolve_recipe("coat-lean")
+    """(recipe without the fused GEMMs, x, W_gate, W_up, W_down, dout): bf16 operands at the given shape."""
+    recipe = _recipe(False)
     x = bf16_input((M, K), seed=seed)
     w_gate = (bf16_input((N, K), seed=seed + 1).float() * 0.02).to(torch.bfloat16)
     w_up = (bf16_input((N, K), seed=seed + 2).float() * 0.02).to(torch.bfloat16)
     w_down = (bf16_input((K, N), seed=seed + 3).float() * 0.02).to(torch.bfloat16)
     dout = bf16_input((M, K), seed=seed + 4)
-    return recipe, x, w_gate, w_up, w_down, dout, quantize_linear_input
+    return recipe, x, w_gate, w_up, w_down, dout
 
 
 def _recipe(fused: bool):
@@ -78,13 +76,13 @@ def _check_copies(report, name, got, ref):
 
 def check_against_separate_ops(report, shapes):
     from fp8train.delayed_scaling import every_branch, new_prediction
-    from fp8train.nn.linear import fp8_linear_forward
+    from fp8train.nn.linear import fp8_linear_forward, quantize_linear_input
 
     for M, K, N in shapes:
-        recipe, x, w_gate, w_up, w_down, dout0, quantize = _setup(M, K, N)
+        recipe, x, w_gate, w_up, w_down, dout0 = _setup(M, K, N)
         pred, pred_r = new_prediction(3, "cuda"), new_prediction(3, "cuda")
         for step, factor in every_branch(pred, pred_r):
-            x_in = quantize((x.float() * factor).to(torch.bfloat16), recipe)
+            x_in = quantize_linear_input((x.float() * factor).to(torch.bfloat16), recipe)
             got = _forward(_recipe(True), x_in, w_gate, w_up, pred[0:1])
             ref = _forward(_recipe(False), x_in, w_gate, w_up, pred_r[0:1])
             tag = f"{M}x{K}->{N} call {step}"
@@ -158,10 +156,10 @@ def sweep(report, M=8192, K=2048, N=5632):
     """Time each candidate tile of both kernels (kernel calls only); keep the fastest for the benchmarks."""
     from fp8train.formats import E5M2
     from fp8train.kernels import gated_projection as kernel
-    from fp8train.nn.linear import fp8_weight, quantize_output_grad
+    from fp8train.nn.linear import fp8_weight, quantize_linear_input, quantize_output_grad
 
-    recipe, x, w_gate, w_up, w_down, dout, quantize = _setup(M, K, N)
-    x_in = quantize(x, recipe)
+    recipe, x, w_gate, w_up, w_down, dout = _setup(M, K, N)
+    x_in = quantize_linear_input(x, recipe)
     wg, wu, wd = (fp8_weight(w, recipe, transpose=True) for w in (w_gate, w_up, w_down))
     scales = torch.ones(3, device="cuda")
     pred = torch.zeros(3, device="cuda")
@@ -211,14 +209,14 @@ def sweep(report, M=8192, K=2048, N=5632):
 def bench(report, best):
     """The fused ops (best tiles of the sweep) against the separate ops, at the nn level (what FlowMLP calls)."""
     from fp8train.kernels import gated_projection as kernel
-    from fp8train.nn.linear import fp8_linear_forward
+    from fp8train.nn.linear import fp8_linear_forward, quantize_linear_input
 
     for direction, t in best.items():
         kernel.set_tile(direction, t)
     for M, K, N, label in ((8192, 2048, 5632, "953M b4"), (32768, 2048, 5632, "953M b16"),
                            (4096, 4096, 11008, "7B b2")):
-        recipe, x, w_gate, w_up, w_down, dout, quantize = _setup(M, K, N)
-        x_in = quantize(x, recipe)
+        recipe, x, w_gate, w_up, w_down, dout = _setup(M, K, N)
+        x_in = quantize_linear_input(x, recipe)
         pred = torch.zeros(3, device="cuda")
         for fused in (True, False):  # warm-up: the second call's prediction holds
             for _ in range(2):
