@@ -46,12 +46,17 @@ SETUPS = {
                                 "--delayed-scaling"],
     "coat-lean-jit-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
                             "--no-delayed-scaling"],
+    "coat-lean-fused-qkv-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph", "--fused-qkv"],
+    "coat-lean-fast-accum-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
+                                   "--fast-accumulation"],
 }
 TITLES = {"bf16": "bf16", "coat": "coat", "coat-lean": "coat-lean (bf16 master weights)",
           "coat-lean-graph": "coat-lean (bf16 master weights), CUDA graph",
           "coat-lean-attention-saves-graph": "coat-lean + FP8-saved attention inputs, CUDA graph",
           "coat-lean-delayed-graph": "coat-lean + delayed scaling of the gated product, CUDA graph",
-          "coat-lean-jit-graph": "coat-lean, just-in-time scales only (no delayed scaling), CUDA graph"}
+          "coat-lean-jit-graph": "coat-lean, just-in-time scales only (no delayed scaling), CUDA graph",
+          "coat-lean-fused-qkv-graph": "coat-lean + q/k/v as one FP8 GEMM, CUDA graph",
+          "coat-lean-fast-accum-graph": "coat-lean + forward GEMMs with fast accumulation, CUDA graph"}
 
 
 def paired_gaps(rows: list) -> dict:

@@ -22,6 +22,7 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
                                                to other recipes)
     fp8train_coat_lean_gated_gemm              ... with gate/up + act(gate)*up (and dh + its backward) as one Triton
                                                FP8 GEMM each (Recipe.gated_gemm; experimental, slower on H100/H200)
+    fp8train_coat_lean_fast_accumulation       ... forward GEMMs without fp32 promotion (Recipe.fast_accumulation)
     <name>_<lever>_<lever>                     lever suffixes combine: fp8train_coat_lean_fused_qkv_saved_product
     <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
@@ -87,7 +88,7 @@ RECIPE_LEVERS = {"_no_weight_cache": ("cache_fp8_weights", False), "_weight_cach
                  "_attention_saves": ("fp8_attention_saves", True), "_fused_qkv": ("fused_qkv", True),
                  "_no_fused_residual": ("fused_residual", False),
                  "_no_delayed_scaling": ("delayed_scaling", False), "_delayed_scaling": ("delayed_scaling", True),
-                 "_gated_gemm": ("gated_gemm", True)}
+                 "_gated_gemm": ("gated_gemm", True), "_fast_accumulation": ("fast_accumulation", True)}
 
 
 def parse_config(name: str) -> tuple[str, dict, bool]:

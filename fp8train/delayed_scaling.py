@@ -5,7 +5,9 @@ the first value can be encoded, so a fused producer reads its inputs twice: once
 For the gated product ``act(gate) * up`` and its two gradients that second read was a quarter to a third of
 their kernels' time (benchmarks/results/2026-11-28-h100-session9-ops-final.md).
 
-With ``Recipe(delayed_scaling=True)`` those three tensors are encoded in the same pass that computes them, with
+With ``Recipe(delayed_scaling=True)`` those three tensors -- and, since session 11, the inputs and output gradients
+of FP8 linear layers whose producer hands over no amax (o_proj's input after attention, v_proj's gradient; see
+:class:`fp8train.nn.linear.FP8Linear`) -- are encoded in the same pass that computes (or first reads) them, with
 a *predicted* amax: ``MARGIN`` x the amax this site saw on its previous call (a per-module device buffer, so CUDA
 graph replays and gradient accumulation keep it up to date).  Unlike TransformerEngine's delayed scaling, nothing
 saturates: the pass also folds the true amax into a slot, and a repair pass that runs right after re-encodes the
@@ -23,8 +25,9 @@ the device (no host synchronisation):
     predicted = MARGIN * seen if that is finite else 0          (0: the next call is re-encoded just in time)
 
 :func:`encode_amax` is the reference (used on CPU and as the oracle of the Triton kernels in
-:mod:`fp8train.kernels.gated_product`).  The predictions live in :class:`fp8train.nn.precision_flow.FlowMLP`'s
-``scale_prediction`` buffer (non-persistent: model checkpoints keep HF's keys); :func:`prediction_state` /
+:mod:`fp8train.kernels.gated_product` and :mod:`fp8train.kernels.predicted_scale`).  The predictions live in the
+``scale_prediction`` buffers of :class:`fp8train.nn.precision_flow.FlowMLP` (3 floats) and
+:class:`fp8train.nn.linear.FP8Linear` (2) (non-persistent: model checkpoints keep HF's keys); :func:`prediction_state` /
 :func:`load_prediction_state` let a trainer checkpoint carry them so that a resumed run continues bit for bit
 (:func:`gathered_prediction_state` under FSDP: every rank's own).
 """
@@ -97,11 +100,16 @@ def gathered_prediction_state(model: torch.nn.Module) -> dict:
     named = list(_buffers(model))
     if not named:
         return {}
-    local = torch.stack([buffer.detach() for _, _, buffer in named])  # [modules, n], on the buffers' device
+    # one flat vector per rank (modules keep buffers of different lengths: FlowMLP 3, FP8Linear 2)
+    local = torch.cat([buffer.detach().reshape(-1) for _, _, buffer in named])
     rows = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, local)
-    every = torch.stack(rows).cpu()  # [world, modules, n]
-    return {name: every[:, i].clone() for i, (name, _, _) in enumerate(named)}
+    every = torch.stack(rows).cpu()  # [world, total]
+    out, start = {}, 0
+    for name, _, buffer in named:
+        out[name] = every[:, start:start + buffer.numel()].reshape(len(rows), *buffer.shape).clone()
+        start += buffer.numel()
+    return out
 
 
 def load_prediction_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], rank: int = 0) -> None:
@@ -109,15 +117,18 @@ def load_prediction_state(model: torch.nn.Module, state: Mapping[str, torch.Tens
 
     A :func:`gathered_prediction_state` (one row per rank) gives each rank its own row; ranks beyond the saved
     world size take rank 0's (any prediction is safe: a wrong one is repaired)."""
+    updates = []  # checked first, so a state that does not fit leaves every buffer as it was
     for name, _, buffer in _buffers(model):
         saved = state.get(name)
         if saved is not None and saved.dim() == buffer.dim() + 1:
             saved = saved[rank] if rank < saved.shape[0] else saved[0]
-        if saved is None:
-            buffer.zero_()
-        elif saved.shape != buffer.shape:
+        if saved is not None and saved.shape != buffer.shape:
             raise ValueError(f"prediction state of {name!r} has shape {tuple(saved.shape)}, the model's buffer "
                              f"{tuple(buffer.shape)}: was the checkpoint written by another fp8train version?")
+        updates.append((buffer, saved))
+    for buffer, saved in updates:
+        if saved is None:
+            buffer.zero_()
         else:
             buffer.copy_(saved.to(buffer.device))
 

@@ -107,11 +107,18 @@ def save_for_nonlinear(x: torch.Tensor) -> QuantizedTensor:
                     nonfinite="propagate")
 
 
-def _per_tensor(x: torch.Tensor, fmt, name: str, amax: Optional[torch.Tensor], with_transpose: bool):
+def _per_tensor(x: torch.Tensor, fmt, name: str, amax: Optional[torch.Tensor], with_transpose: bool,
+                prediction: Optional[torch.Tensor] = None):
+    if amax is not None:
+        prediction = None  # a known amax needs no prediction (and must not update it)
     if use_triton(name, x):
         from .kernels.quantize import quantize_tensorwise
 
-        return quantize_tensorwise(x, fmt, amax=amax, with_transpose=with_transpose)
+        return quantize_tensorwise(x, fmt, amax=amax, with_transpose=with_transpose, prediction=prediction)
+    if prediction is not None and x.numel():
+        from .delayed_scaling import encode_amax
+
+        amax = encode_amax(x.detach().abs().amax().float(), prediction)
     q = quantize(x, fmt, PER_TENSOR, amax=amax, nonfinite="propagate")
     if not with_transpose:
         return q
@@ -119,21 +126,26 @@ def _per_tensor(x: torch.Tensor, fmt, name: str, amax: Optional[torch.Tensor], w
     return q, q.data.reshape(rows, -1).t().contiguous()
 
 
-def quantize_for_linear(x: torch.Tensor, *, amax: Optional[torch.Tensor] = None, with_transpose: bool = False
+def quantize_for_linear(x: torch.Tensor, *, amax: Optional[torch.Tensor] = None, with_transpose: bool = False,
+                        prediction: Optional[torch.Tensor] = None
                         ) -> Union[QuantizedTensor, tuple[QuantizedTensor, torch.Tensor]]:
     """E4M3 per-tensor copy of a linear layer's input (amax: the two-stage group-scaling max, float32 0-d).
 
-    ``amax`` may be given when the producer already knows it.  With ``with_transpose=True`` also returns the
-    transposed data ``(K, M)`` of ``x`` viewed as ``(M, K)`` (row-major), which the weight-gradient GEMM needs:
-    ``torch._scaled_mm`` wants its first operand row-major and its second column-major.
+    ``amax`` may be given when the producer already knows it; else ``prediction`` (a 1-element float32 view of a
+    prediction buffer) encodes with the amax predicted from the previous call, repaired when wrong
+    (:mod:`fp8train.delayed_scaling`; one pass over x on the GPU instead of two).  With ``with_transpose=True``
+    also returns the transposed data ``(K, M)`` of ``x`` viewed as ``(M, K)`` (row-major), which the
+    weight-gradient GEMM needs: ``torch._scaled_mm`` wants its first operand row-major and its second
+    column-major.
     """
-    return _per_tensor(x, LINEAR_FORMAT, "quantize_for_linear", amax, with_transpose)
+    return _per_tensor(x, LINEAR_FORMAT, "quantize_for_linear", amax, with_transpose, prediction)
 
 
-def quantize_grad_for_linear(g: torch.Tensor, *, amax: Optional[torch.Tensor] = None, with_transpose: bool = False
+def quantize_grad_for_linear(g: torch.Tensor, *, amax: Optional[torch.Tensor] = None, with_transpose: bool = False,
+                             prediction: Optional[torch.Tensor] = None
                              ) -> Union[QuantizedTensor, tuple[QuantizedTensor, torch.Tensor]]:
-    """E5M2 per-tensor copy of an output gradient (same layout options as :func:`quantize_for_linear`)."""
-    return _per_tensor(g, GRAD_FORMAT, "quantize_grad_for_linear", amax, with_transpose)
+    """E5M2 per-tensor copy of an output gradient (same options as :func:`quantize_for_linear`)."""
+    return _per_tensor(g, GRAD_FORMAT, "quantize_grad_for_linear", amax, with_transpose, prediction)
 
 
 def use_kernels(op: str, *tensors) -> bool:

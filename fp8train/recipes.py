@@ -53,7 +53,10 @@ class Recipe:
     Scales: ``delayed_scaling`` -- the fast path's gated product encodes act(gate) * up (E4M3) and its two
     gradients (E5M2) with a scale predicted from the previous call, in the pass that computes them, instead of an
     amax pass plus an encoding pass; a repair pass re-encodes just in time whenever the prediction was off, so
-    nothing saturates (:mod:`fp8train.delayed_scaling`).  The predictions are a 3-float buffer per MLP.
+    nothing saturates (:mod:`fp8train.delayed_scaling`).  The same goes for FP8 linear layers' inputs and output
+    gradients that no producer hands an amax (o_proj's input after attention, v_proj's gradient): one pass
+    instead of an amax pass plus an encoding pass.  The predictions are a 3-float buffer per MLP and a 2-float
+    buffer per FP8 linear layer.
     ``gated_gemm`` (experimental, needs ``delayed_scaling``) -- on FP8 GPUs the fast path's MLP computes gate/up
     and act(gate) * up in one Triton FP8 GEMM with the product in its epilogue, and dh with the product's
     backward in another (:mod:`fp8train.nn.gated_projection`): the GEMMs' bf16 outputs are never written.

@@ -121,8 +121,18 @@ def test_flow_mlp_owns_predictions_outside_the_state_dict():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)  # first call: just in time, same forward
     state = ds.prediction_state(delayed)
-    assert sorted(state) == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert all(bool((v > 0).all()) for v in state.values())  # h, dgate, dup all predicted now
+    mlps = ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert [name for name in sorted(state) if name.endswith(".mlp")] == mlps
+    assert all(bool((state[name] > 0).all()) for name in mlps)  # h, dgate, dup all predicted now
+    # every FP8 linear keeps 2 floats (input, output gradient); predicted where no producer hands an amax over:
+    # o_proj's input (attention's output) and v_proj's gradient; the norm hands q/k/v their input, the norm
+    # backward publishes o_proj's gradient amax
+    linears = {name: v for name, v in state.items() if name not in mlps}
+    assert len(linears) == 14 and all(v.shape == (2,) for v in linears.values())
+    for i in range(2):
+        attention = f"model.layers.{i}.self_attn"
+        assert float(linears[f"{attention}.o_proj"][0]) > 0 and float(linears[f"{attention}.o_proj"][1]) == 0
+        assert float(linears[f"{attention}.v_proj"][1]) > 0 and float(linears[f"{attention}.q_proj"][0]) == 0
     for p, q in zip(plain.parameters(), delayed.parameters()):  # first backward: just in time too
         assert torch.equal(p.grad, q.grad)
     # second call: predicted scales; close to just-in-time, not identical
@@ -161,7 +171,9 @@ def test_resume_is_bit_identical_with_predicted_scales(tmp_path, monkeypatch, re
     interrupted = dataclasses.replace(straight, out=str(tmp_path / "b" / "run"))
     loop.train(dataclasses.replace(interrupted, stop_after=3), log=lambda s: None)
     saved = load_tree(latest_checkpoint(tmp_path / "b" / "run" / "checkpoints"), "trainer")["scale_predictions"]
-    assert saved and all(bool((v > 0).all()) for v in saved.values())
+    mlps = [v for name, v in saved.items() if name.endswith(".mlp")]
+    assert mlps and all(bool((v > 0).all()) for v in mlps)
+    assert all(float(v[0]) > 0 for name, v in saved.items() if name.endswith(".o_proj"))  # o_proj's input
     if not restore:  # the control: without the saved predictions the continuation is not the same run
         monkeypatch.setattr(loop, "load_prediction_state", lambda model, state, rank=0: None)
     loop.train(dataclasses.replace(interrupted, resume=True), log=lambda s: None)
@@ -174,7 +186,9 @@ def test_resume_is_bit_identical_with_predicted_scales(tmp_path, monkeypatch, re
 def test_per_rank_rows_go_to_their_rank():
     model = _flow_block(True)
     names = sorted(ds.prediction_state(model))
-    rows = {name: torch.arange(6, dtype=torch.float32).reshape(2, 3) + 10 * i for i, name in enumerate(names)}
+    sizes = {name: v.numel() for name, v in ds.prediction_state(model).items()}  # FlowMLP 3, FP8Linear 2
+    rows = {name: torch.arange(2 * sizes[name], dtype=torch.float32).reshape(2, -1) + 10 * i
+            for i, name in enumerate(names)}
     for rank, row in ((0, 0), (1, 1), (3, 0)):  # a rank the saved run did not have takes rank 0's
         ds.load_prediction_state(model, rows, rank=rank)
         state = ds.prediction_state(model)
@@ -186,8 +200,10 @@ def test_casting_the_model_keeps_float32_predictions():
     ids = torch.randint(0, 128, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=ids, labels=ids).loss.backward()
-    buffers = [b for _, _, b in ds._buffers(model)]
-    assert buffers and all(b.dtype == torch.float32 and bool((b > 0).all()) for b in buffers)
+    buffers = {name: b for name, _, b in ds._buffers(model)}
+    assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
+    assert all(bool((b > 0).all()) for name, b in buffers.items() if name.endswith(".mlp"))
+    assert all(float(b[0]) > 0 for name, b in buffers.items() if name.endswith(".o_proj"))
 
 
 def test_every_branch_takes_each_branch_of_the_rule():

@@ -8,6 +8,8 @@ whole binade), so FP8 data is compared with :func:`fp8_equal_modulo_interpreter`
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -151,6 +153,7 @@ def check_quantize():
                 same_fp8(t, r.data.reshape(-1, shape[-1]).t(), fmt)
                 given = quantize_tensorwise(x, fmt, amax=r.amax * 4)
                 same_fp8(given.data, quantize(x, fmt, "tensor", amax=r.amax * 4).data, fmt)
+    check_quantize_predicted()
     # NaN with every payload bit set (CUDA's canonical float32 NaN) and inf poison exactly their own group
     x = _inputs((4, 64), torch.float32)
     x.view(torch.int32)[1, 20] = 0x7FFFFFFF
@@ -160,6 +163,36 @@ def check_quantize():
         bad = ~out.isfinite()
         assert bool(bad[1, 16:32].all()) and bool(bad[2, 32:48].all()) and int(bad.sum()) == 32, scale_dtype
     assert bool(quantize_tensorwise(x, E4M3).amax.isnan())
+
+
+def check_quantize_predicted():
+    """Per-tensor quantization with predicted amaxes (FP8 linears' inputs and gradients under delayed scaling):
+    each branch of the repair rule gives the reference's bits (row-major and transposed) and the reference's next
+    prediction -- on odd calls with two persistent repair programs looping over every tile."""
+    from unittest import mock
+
+    from fp8train import mixed_granularity as mg
+    from fp8train.delayed_scaling import every_branch
+    from fp8train.formats import E4M3, E5M2
+    from fp8train.kernels import plans
+    from fp8train.kernels.quantize import quantize_tensorwise
+
+    two_programs = mock.patch.object(plans, "partials_capacity", lambda x, family: 2)
+    for shape in ((3, 37, 96), (130, 272)):  # ragged tiles along both dims
+        for dtype in DTYPES:
+            base = _inputs(shape, dtype)
+            for fmt, reference in ((E4M3, mg.quantize_for_linear), (E5M2, mg.quantize_grad_for_linear)):
+                pred, pred_r = torch.zeros(1), torch.zeros(1)
+                for call, factor in every_branch(pred, pred_r):
+                    x = (base * factor).to(dtype)
+                    with two_programs if call % 2 else contextlib.nullcontext():
+                        q, t = quantize_tensorwise(x, fmt, with_transpose=True, prediction=pred)
+                    with mock.patch.object(mg, "use_triton", lambda *args: False):  # the torch reference
+                        r, tr = reference(x, with_transpose=True, prediction=pred_r)
+                    assert torch.equal(q.amax, r.amax), (shape, dtype, fmt.name, call)
+                    assert torch.equal(pred, pred_r), (shape, dtype, fmt.name, call)
+                    same_fp8(q.data, r.data, fmt)
+                    same_fp8(t, tr, fmt)
 
 
 def check_rmsnorm():
@@ -331,28 +364,33 @@ def check_gated_product():
 
 def check_gated_predicted(kernel, ref, fused, dh, dtype):
     """Delayed scaling: each branch of the repair rule (first call, prediction kept, overflow, collapse, NaN
-    prediction) gives the reference's encoding and the reference's next prediction."""
+    prediction) gives the reference's encoding and the reference's next prediction -- with the repair passes'
+    usual programs (here one per tile) and with two persistent programs looping over all tiles."""
+    from unittest import mock
+
     from fp8train.delayed_scaling import every_branch
     from fp8train.formats import E5M2
 
     pred, pred_r = torch.zeros(3), torch.zeros(3)
-    for _, factor in every_branch(pred, pred_r):
-        gate, up = (fused * factor).to(dtype).chunk(2, dim=-1)
-        (q, t), _, _ = kernel.gated_product_forward(gate, up, "silu", quantize_output=True, output_transpose=True,
-                                                    prediction=pred[0:1])
-        (qr, tr), sr = ref.gated_product_forward(gate, up, "silu", quantize_output=True, output_transpose=True,
-                                                 prediction=pred_r[0:1])
-        same_tensorwise(q, t, qr, tr, dtype)
-        close(pred[:1], pred_r[:1], dtype, scale=2)
-        got = kernel.gated_product_backward((dh * factor).to(dtype), sr.gate, sr.up, "silu", quantize_output=True,
-                                            output_transpose=True, prediction=pred[1:3])
-        expected = ref.gated_product_backward((dh * factor).to(dtype), sr, quantize_output=True,
-                                              output_transpose=True, prediction=pred_r[1:3])
-        for (q, t), (qr, tr) in zip(got, expected):
-            close(q.amax, qr.amax, dtype, scale=2)
-            same_fp8(q.data, qr.data, E5M2, steps=2, floor=E5M2.max * 2**-18)
-            same_fp8(t, tr, E5M2, steps=2, floor=E5M2.max * 2**-18)
-        close(pred, pred_r, dtype, scale=2)
+    two_programs = mock.patch.object(kernel.plans, "partials_capacity", lambda x, family: 2)
+    for call, factor in every_branch(pred, pred_r):
+        with two_programs if call % 2 else contextlib.nullcontext():
+            gate, up = (fused * factor).to(dtype).chunk(2, dim=-1)
+            (q, t), _, _ = kernel.gated_product_forward(gate, up, "silu", quantize_output=True, output_transpose=True,
+                                                        prediction=pred[0:1])
+            (qr, tr), sr = ref.gated_product_forward(gate, up, "silu", quantize_output=True, output_transpose=True,
+                                                     prediction=pred_r[0:1])
+            same_tensorwise(q, t, qr, tr, dtype)
+            close(pred[:1], pred_r[:1], dtype, scale=2)
+            got = kernel.gated_product_backward((dh * factor).to(dtype), sr.gate, sr.up, "silu", quantize_output=True,
+                                                output_transpose=True, prediction=pred[1:3])
+            expected = ref.gated_product_backward((dh * factor).to(dtype), sr, quantize_output=True,
+                                                  output_transpose=True, prediction=pred_r[1:3])
+            for (q, t), (qr, tr) in zip(got, expected):
+                close(q.amax, qr.amax, dtype, scale=2)
+                same_fp8(q.data, qr.data, E5M2, steps=2, floor=E5M2.max * 2**-18)
+                same_fp8(t, tr, E5M2, steps=2, floor=E5M2.max * 2**-18)
+            close(pred, pred_r, dtype, scale=2)
 
 
 def check_gated_projection():

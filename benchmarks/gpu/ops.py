@@ -278,6 +278,44 @@ def check_gated_predicted(report, shapes):
                          kernel=pred.tolist(), reference=pred_r.tolist())
 
 
+def check_quantize_predicted(report, shapes):
+    """FP8 linears' inputs / gradients under delayed scaling: the one-pass per-tensor quantizer + its repair pass
+    against the torch reference on every branch of the rule (bits and next prediction equal), then its speed
+    against the two-pass quantizer (amax pass + encoding pass) on the 953M model's shapes at batch 4 and 32."""
+    from fp8train import mixed_granularity as mg
+    from fp8train.delayed_scaling import every_branch, new_prediction
+    from fp8train.formats import E4M3, E5M2
+    from fp8train.kernels import force_reference
+    from fp8train.kernels.quantize import quantize_tensorwise
+
+    for shape in shapes:
+        base = bf16_input(shape)
+        for fmt, reference in ((E4M3, mg.quantize_for_linear), (E5M2, mg.quantize_grad_for_linear)):
+            pred, pred_r = new_prediction(1, "cuda"), new_prediction(1, "cuda")
+            for step, factor in every_branch(pred, pred_r):
+                x = base * factor
+                q, t = quantize_tensorwise(x, fmt, with_transpose=True, prediction=pred)
+                with force_reference():
+                    r, tr = reference(x, with_transpose=True, prediction=pred_r)
+                same, steps = fp8_steps(q.data, r.data, fmt)
+                same_t, steps_t = fp8_steps(t, tr, fmt)
+                ok = (torch.equal(q.amax, r.amax) and torch.equal(pred, pred_r) and steps == 0 and steps_t == 0
+                      and _scale_hint_ok(q))
+                report.check(f"ops: predicted per-tensor {fmt.name} {shape} call {step}", ok,
+                             amax=float(q.amax), amax_reference=float(r.amax), data_identical=round(same, 6),
+                             transposed_identical=round(same_t, 6), prediction=pred.tolist(),
+                             prediction_reference=pred_r.tolist())
+    for rows in (8192, 65536):
+        x = bf16_input((rows, 2048))
+        pred = new_prediction(1, "cuda")
+        quantize_tensorwise(x, E5M2, with_transpose=True, prediction=pred)  # learn the prediction
+        predicted = bench_ms(lambda: quantize_tensorwise(x, E5M2, with_transpose=True, prediction=pred))
+        two_pass = bench_ms(lambda: quantize_tensorwise(x, E5M2, with_transpose=True))
+        report.add_bench(f"ops: per-tensor E5M2 + transpose {rows}x2048, predicted vs amax pass",
+                         predicted_ms=round(predicted, 4), two_pass_ms=round(two_pass, 4),
+                         speedup=round(two_pass / predicted, 3))
+
+
 def check_residual(report, shapes):
     from fp8train.kernels import force_reference
     from fp8train.nn import residual as op
@@ -576,6 +614,7 @@ def run(report) -> None:
     check_activation(report, [(4095, 4096), (8191, 11008)])
     check_gated(report, [(4095, 11008), (1, 7, 1376)])
     check_gated_predicted(report, [(4095, 11008), (1, 7, 1376)])
+    check_quantize_predicted(report, [(4095, 2048), (3, 333, 160)])
     check_residual(report, [(4095, 4096), (2, 1023, 5120)])
     check_no_recompiles(report)
     check_cuda_graph(report)

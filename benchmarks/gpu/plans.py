@@ -9,6 +9,7 @@ each family (a run cut short keeps what it measured).
 
     python benchmarks/gpu_suite.py --out $OUT --only plans
     PLANS_FAMILIES=gated_forward_predicted,gated_backward_predicted python benchmarks/gpu_suite.py --out $OUT --only plans
+    PLANS_TOKENS=65536 python benchmarks/gpu_suite.py --out $OUT --only plans    # batch 32 x 2048's shapes
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ CANDIDATES = {
     "max_cols": (128, 256, 1024, 2048),
     "warps": (2, 4, 16),
     "programs_per_sm": (2, 8, 16, 32),
-    "transposed_tile": ((32, 128), (128, 64), (64, 64), (128, 128), (32, 64), (64, 256)),
+    # (rows, cols): a transposed store writes runs of `rows` bytes, `cols` of them M bytes apart
+    "transposed_tile": ((32, 128), (128, 64), (64, 64), (128, 128), (32, 64), (64, 256), (64, 128), (128, 32),
+                        (256, 32), (256, 64)),
     "transposed_warps": (2, 4, 16),
     "gather_scales": (True,),
 }
@@ -174,7 +177,8 @@ def run(report, *, shapes: dict | None = None, device: str = "cuda") -> None:
     out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))
     copy = copy_tbps(bf16_input((8192, 5632), device=device))
     results = {"copy_tbps": copy, "families": {}}
-    cases = _cases(**(shapes or {}), device=device)
+    tokens = int(os.environ.get("PLANS_TOKENS", "0"))
+    cases = _cases(**(shapes or ({"M": tokens} if tokens else {})), device=device)
     wanted = [f for f in os.environ.get("PLANS_FAMILIES", "").split(",") if f]
     for family, fields in FIELDS.items():
         if wanted and family not in wanted:

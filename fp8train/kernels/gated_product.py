@@ -21,6 +21,7 @@ from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch
 from .activation import ACT_CODE, act_derivative, act_value
+from .predicted_scale import first_program, repair_programs, settle_prediction, settle_prediction_pair
 from .quantize import (E4M3_MAX, SLOT, amax_and_scale, as_rows, dequant_scale, encode_multiplier, fold_amax_bits,
                        global_amax, grid_tile, load_group_copy, loop_tile, quantize_group_tile, shared_amax,
                        store_tensorwise, tile_amax_bits)
@@ -153,68 +154,6 @@ def _gated_bwd_apply_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_
                      FMAX)
 
 
-# -- predicted scales (fp8train.delayed_scaling): one encoding pass, then a repair pass that re-encodes just in time
-# -- when the prediction was unusable.  ``seen`` is a per-call int32 buffer: the true amaxes (float bits, folded by
-# -- atomic max), then the predictions the first pass used -- the repair pass reads those, never the prediction
-# -- buffer that its program (0, 0) overwrites for the next call.  MARGIN and HEADROOM come from delayed_scaling.
-
-@triton.jit
-def _next_prediction(seen, MARGIN: tl.constexpr):
-    following = seen * MARGIN
-    return tl.where(following <= 3.4028234663852886e38, following, 0.0)  # inf / NaN -> 0: just in time next call
-
-
-@triton.jit
-def _needs_repair(seen, predicted, HEADROOM: tl.constexpr):
-    """Whether the prediction was unusable: below the true amax, over HEADROOM x above it, or NaN."""
-    return (seen > predicted) | (predicted > seen * HEADROOM) | (seen != seen) | (predicted != predicted)
-
-
-@triton.jit
-def first_program():
-    return (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
-
-
-@triton.jit
-def settle_prediction(seen_ptr, prediction_ptr, amax_out_ptr, FMAX: tl.constexpr, MARGIN: tl.constexpr,
-                      HEADROOM: tl.constexpr):
-    """Start of a repair pass for one tensor: ``(seen, repair)`` from the per-call slots (seen_ptr[0] the true
-    amax, seen_ptr[1] the prediction the encoding pass used); program 0 publishes the amax the tensor ends up
-    encoded with (and its scale, SLOT floats on) and writes the next call's prediction."""
-    seen = tl.load(seen_ptr).to(tl.float32, bitcast=True)
-    predicted = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
-    repair = _needs_repair(seen, predicted, HEADROOM)
-    if first_program():
-        amax = tl.where(repair, seen, predicted)
-        tl.store(amax_out_ptr, amax)
-        tl.store(amax_out_ptr + SLOT, dequant_scale(amax, FMAX))
-        tl.store(prediction_ptr, _next_prediction(seen, MARGIN))
-    return seen, repair
-
-
-@triton.jit
-def settle_prediction_pair(seen_ptr, prediction_ptr, amax_out_ptr, FMAX: tl.constexpr, MARGIN: tl.constexpr,
-                           HEADROOM: tl.constexpr):
-    """The same for two tensors (dgate, dup): slots seen_g, seen_u, predicted_g, predicted_u; outputs amax_g,
-    amax_u, scale_g, scale_u SLOT floats apart.  Returns ``(seen_g, seen_u, repair_g, repair_u)``."""
-    seen_g = tl.load(seen_ptr).to(tl.float32, bitcast=True)
-    seen_u = tl.load(seen_ptr + 1).to(tl.float32, bitcast=True)
-    predicted_g = tl.load(seen_ptr + 2).to(tl.float32, bitcast=True)
-    predicted_u = tl.load(seen_ptr + 3).to(tl.float32, bitcast=True)
-    repair_g = _needs_repair(seen_g, predicted_g, HEADROOM)
-    repair_u = _needs_repair(seen_u, predicted_u, HEADROOM)
-    if first_program():
-        amax_g = tl.where(repair_g, seen_g, predicted_g)
-        amax_u = tl.where(repair_u, seen_u, predicted_u)
-        tl.store(amax_out_ptr, amax_g)
-        tl.store(amax_out_ptr + SLOT, amax_u)
-        tl.store(amax_out_ptr + 2 * SLOT, dequant_scale(amax_g, FMAX))
-        tl.store(amax_out_ptr + 3 * SLOT, dequant_scale(amax_u, FMAX))
-        tl.store(prediction_ptr, _next_prediction(seen_g, MARGIN))
-        tl.store(prediction_ptr + 1, _next_prediction(seen_u, MARGIN))
-    return seen_g, seen_u, repair_g, repair_u
-
-
 @fast_launch
 @triton.jit(do_not_specialize=["M"])
 def _gated_fwd_predicted_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr,
@@ -240,20 +179,24 @@ def _gated_fwd_predicted_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, g
 
 
 @fast_launch
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "num_tiles", "num_programs"])
 def _gated_fwd_repair_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, seen_ptr, prediction_ptr, amax_out_ptr,
-                             q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
-                             WRITE_T: tl.constexpr, MARGIN: tl.constexpr, HEADROOM: tl.constexpr):
-    """Publish the amax h was encoded with, update the prediction, and re-encode just in time on overflow."""
+                             q_ptr, q_t_ptr, M, N, num_tiles, num_programs, BM: tl.constexpr, BN: tl.constexpr,
+                             ACT: tl.constexpr, WRITE_T: tl.constexpr, MARGIN: tl.constexpr,
+                             HEADROOM: tl.constexpr):
+    """Publish the amax h was encoded with, update the prediction, and re-encode just in time on overflow.
+    Persistent programs (see :func:`repair_programs`): when nothing needs repairing they read four numbers and
+    exit."""
     seen, repair = settle_prediction(seen_ptr, prediction_ptr, amax_out_ptr, E4M3_MAX, MARGIN, HEADROOM)
     if repair:
-        rows, cols, mask = grid_tile(M, N, BM, BN)
-        rows64 = rows[:, None].to(tl.int64)
-        g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        h = (act_value(g, ACT) * u).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
-        store_tensorwise(h, encode_multiplier(seen, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T,
-                         E4M3_MAX)
+        for t in range(tl.program_id(0), num_tiles, num_programs):
+            rows, cols, mask = loop_tile(t, M, N, BM, BN)
+            rows64 = rows[:, None].to(tl.int64)
+            g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = (act_value(g, ACT) * u).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
+            store_tensorwise(h, encode_multiplier(seen, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T,
+                             E4M3_MAX)
 
 
 @fast_launch
@@ -284,28 +227,30 @@ def _gated_bwd_predicted_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, ua
 
 
 @fast_launch
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "num_tiles", "num_programs"])
 def _gated_bwd_repair_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
                              seen_ptr, prediction_ptr, amax_out_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N,
-                             BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr, FMAX: tl.constexpr,
-                             WRITE_T: tl.constexpr, GATHER: tl.constexpr, MARGIN: tl.constexpr,
-                             HEADROOM: tl.constexpr):
-    """Publish the amaxes dgate / dup were encoded with, update the predictions, re-encode whichever missed."""
+                             num_tiles, num_programs, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
+                             FMAX: tl.constexpr, WRITE_T: tl.constexpr, GATHER: tl.constexpr,
+                             MARGIN: tl.constexpr, HEADROOM: tl.constexpr):
+    """Publish the amaxes dgate / dup were encoded with, update the predictions, re-encode whichever missed
+    (persistent programs, as in the forward's repair)."""
     seen_g, seen_u, repair_g, repair_u = settle_prediction_pair(seen_ptr, prediction_ptr, amax_out_ptr, FMAX, MARGIN,
                                                                 HEADROOM)
     if repair_g | repair_u:
-        rows, cols, _ = grid_tile(M, N, BM, BN)
-        gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
-        dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols,
-                                    M, N, BM, BN, ACT, GATHER)
-        if repair_g:
-            dg = dg.to(dg_dtype_ptr.dtype.element_ty).to(tl.float32)
-            store_tensorwise(dg, encode_multiplier(seen_g, FMAX), rows, cols, M, N, qg_ptr, N, qg_t_ptr, True,
-                             WRITE_T, FMAX)
-        if repair_u:
-            du = du.to(du_dtype_ptr.dtype.element_ty).to(tl.float32)
-            store_tensorwise(du, encode_multiplier(seen_u, FMAX), rows, cols, M, N, qu_ptr, N, qu_t_ptr, True,
-                             WRITE_T, FMAX)
+        for t in range(tl.program_id(0), num_tiles, num_programs):
+            rows, cols, _ = loop_tile(t, M, N, BM, BN)
+            gcols = (t % tl.cdiv(N, BN)) * (BN // 16) + tl.arange(0, BN // 16)
+            dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols,
+                                        M, N, BM, BN, ACT, GATHER)
+            if repair_g:
+                dg = dg.to(dg_dtype_ptr.dtype.element_ty).to(tl.float32)
+                store_tensorwise(dg, encode_multiplier(seen_g, FMAX), rows, cols, M, N, qg_ptr, N, qg_t_ptr, True,
+                                 WRITE_T, FMAX)
+            if repair_u:
+                du = du.to(du_dtype_ptr.dtype.element_ty).to(tl.float32)
+                store_tensorwise(du, encode_multiplier(seen_u, FMAX), rows, cols, M, N, qu_ptr, N, qu_t_ptr, True,
+                                 WRITE_T, FMAX)
 
 
 def _copy_tensors(shape, N, dev):
@@ -339,9 +284,11 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
         _gated_fwd_predicted_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax, prediction,
                                           seen, data, data_t, M, N, BM=bm, BN=bn, ACT=ACT_CODE[name],
                                           WRITE_T=output_transpose, num_warps=warps)
-        _gated_fwd_repair_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, seen, prediction, amax, data, data_t,
-                                       M, N, BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_T=output_transpose,
-                                       MARGIN=MARGIN, HEADROOM=HEADROOM, num_warps=warps)
+        num_tiles, nprog = repair_programs(grid, gate)
+        _gated_fwd_repair_kernel[(nprog,)](g2, g2.stride(0), u2, u2.stride(0), h, seen, prediction, amax, data,
+                                           data_t, M, N, num_tiles, nprog, BM=bm, BN=bn, ACT=ACT_CODE[name],
+                                           WRITE_T=output_transpose, MARGIN=MARGIN, HEADROOM=HEADROOM,
+                                           num_warps=warps)
         q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT,
                             granularity=PER_TENSOR, shape=gate.shape, dtype=h_dtype)
         return ((q, data_t) if output_transpose else q), copies[0], copies[1]
@@ -415,9 +362,10 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
         _gated_bwd_predicted_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
                                           up_copy.amax, dg_dtype, du_dtype, prediction, seen, qg, qg_t, qu, qu_t,
                                           M, N, **common)
-        _gated_bwd_repair_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
-                                       up_copy.amax, dg_dtype, du_dtype, seen, prediction, amax, qg, qg_t, qu, qu_t,
-                                       M, N, MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
+        num_tiles, nprog = repair_programs(grid, dh)
+        _gated_bwd_repair_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
+                                           up_copy.amax, dg_dtype, du_dtype, seen, prediction, amax, qg, qg_t, qu,
+                                           qu_t, M, N, num_tiles, nprog, MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
         return _gradient_outputs(qg, qg_t, qu, qu_t, amaxes, scales, gate_copy, up_copy, fmt, output_transpose)
     bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
     grid = (cdiv(M, bm2), cdiv(N, bn2))

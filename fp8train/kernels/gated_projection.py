@@ -36,7 +36,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..delayed_scaling import HEADROOM, MARGIN
 from .activation import ACT_CODE, act_derivative, act_value
-from .gated_product import first_program, store_group_copy, settle_prediction, settle_prediction_pair
+from .gated_product import store_group_copy
+from .predicted_scale import first_program, settle_prediction, settle_prediction_pair
 from .launch import cdiv
 from .plans import sm_count
 from .quantize import (E4M3_MAX, amax_and_scale, encode_multiplier, fold_amax_bits, load_group_copy,

@@ -294,8 +294,10 @@ def tensorwise_amax(x2: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = None, with_transpose: bool = False,
-                        write_rowmajor: bool = True):
-    """Per-tensor quantization with the two-stage group-scaling amax (or a given float32 ``amax``).
+                        write_rowmajor: bool = True, prediction: Optional[torch.Tensor] = None):
+    """Per-tensor quantization with the two-stage group-scaling amax (or a given float32 ``amax``, or -- with
+    ``prediction``, a 1-element float32 buffer view, and no ``amax`` -- in one pass with the amax predicted from
+    the previous call and repaired when wrong: :mod:`fp8train.kernels.predicted_scale`).
 
     Returns a QuantizedTensor, or ``(QuantizedTensor, data_t)`` with ``with_transpose`` where ``data_t`` is the
     (K, M) transposed FP8 copy of ``x`` viewed as (M, K).  ``write_rowmajor=False`` skips the row-major data
@@ -304,7 +306,10 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     fmax = _fmax(fmt)
     x2 = as_rows(x)
     M, N = x2.shape
-    if amax is not None:
+    predicted = prediction is not None and amax is None and M > 0
+    if predicted:
+        partials, num = None, 0
+    elif amax is not None:
         if amax.dtype != torch.float32 or amax.device != x.device or amax.requires_grad:
             amax = amax.detach().to(device=x.device, dtype=torch.float32)
         # the published amaxes (weights, gradients) already are float32 on x's device: no ops but the views
@@ -321,14 +326,19 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
     amax_out, (amax_view,), (scale_view,) = amax_and_scale(x.device)  # the given amax is in partials now
     data = torch.empty(x.shape, dtype=fmt.torch_dtype, device=x.device) if write_rowmajor else None
     data_t = torch.empty(N, M, dtype=fmt.torch_dtype, device=x.device) if with_transpose else None
-    bm, bn = plans.elementwise_tile(N, "quantize", with_transpose)
-    grid = (cdiv(M, bm), cdiv(N, bn))
-    _quantize_tensorwise_kernel[grid](x2, x2.stride(0), partials, num, amax_out,
-                                      data if data is not None else amax_out,
-                                      data_t if data_t is not None else amax_out, M, N,
-                                      BM=bm, BN=bn, BLOCK_P=plans.partials_block(x2, "quantize"), FMAX=fmax,
-                                      WRITE_ROW=write_rowmajor, WRITE_T=with_transpose,
-                                      num_warps=plans.warps("quantize", with_transpose))
+    if predicted:
+        from .predicted_scale import quantize_predicted
+
+        quantize_predicted(x2, fmax, prediction, amax_out, data, data_t, write_rowmajor, with_transpose)
+    else:
+        bm, bn = plans.elementwise_tile(N, "quantize", with_transpose)
+        grid = (cdiv(M, bm), cdiv(N, bn))
+        _quantize_tensorwise_kernel[grid](x2, x2.stride(0), partials, num, amax_out,
+                                          data if data is not None else amax_out,
+                                          data_t if data_t is not None else amax_out, M, N,
+                                          BM=bm, BN=bn, BLOCK_P=plans.partials_block(x2, "quantize"), FMAX=fmax,
+                                          WRITE_ROW=write_rowmajor, WRITE_T=with_transpose,
+                                          num_warps=plans.warps("quantize", with_transpose))
     if transpose_after:
         data_t = data.reshape(M, N).t().contiguous()
         q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax_view, fmt=fmt, granularity=PER_TENSOR,

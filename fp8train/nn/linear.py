@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import mixed_granularity as mg
+from ..delayed_scaling import BUFFER_NAME, encode_amax, new_prediction
 from ..quant import Granularity, QuantizedTensor, group_scaling_amax, quantize
 from ..recipes import Recipe, linear_formats, resolve_recipe
 from . import grad_amax, handoff, weight_amax, weight_cache
@@ -88,16 +89,22 @@ def wants_transpose(device: torch.device, recipe: Recipe) -> bool:
 
 
 def _quantize(x: torch.Tensor, fmt, granularity: Granularity, amax: Optional[torch.Tensor] = None,
-              transpose: bool = False) -> LinearInput:
+              transpose: bool = False, prediction: Optional[torch.Tensor] = None) -> LinearInput:
     """Quantize one GEMM operand; the standard per-tensor E4M3 / E5M2 cases use the shared (Triton on CUDA)
-    quantizers of :mod:`fp8train.mixed_granularity`, anything else the torch reference."""
+    quantizers of :mod:`fp8train.mixed_granularity`, anything else the torch reference.  ``prediction`` (per-tensor
+    only, used when ``amax`` is None): a 1-element view of a prediction buffer -- the amax is predicted from the
+    previous call and repaired when wrong (:mod:`fp8train.delayed_scaling`)."""
+    if granularity.kind != "tensor":
+        prediction = None
     if granularity.kind == "tensor" and fmt in (mg.LINEAR_FORMAT, mg.GRAD_FORMAT):
         quantizer = mg.quantize_for_linear if fmt == mg.LINEAR_FORMAT else mg.quantize_grad_for_linear
         # the kernels read rows of contiguous memory; gradients and transposed weights may be strided views
-        out = quantizer(x.contiguous(), amax=amax, with_transpose=transpose)
+        out = quantizer(x.contiguous(), amax=amax, with_transpose=transpose, prediction=prediction)
         return LinearInput(*out) if transpose else LinearInput(out)
     if granularity.kind == "tensor" and amax is None:
         amax = group_scaling_amax(x)
+        if prediction is not None:
+            amax = encode_amax(amax, prediction)
     # "propagate": no host sync on the hot path; a NaN/inf input turns its group into NaN/inf (never into a
     # finite wrong value), so the loss check of the training loop catches it.
     q = quantize(x, fmt, granularity, amax=amax, nonfinite="propagate")
@@ -115,17 +122,19 @@ def attach_linear_input(x: torch.Tensor, recipe: Recipe, value: LinearInput) -> 
     handoff.attach(x, linear_input_key(resolve_recipe(recipe)), value)
 
 
-def quantize_linear_input(x: torch.Tensor, recipe: Union[Recipe, str] = "fp8") -> LinearInput:
+def quantize_linear_input(x: torch.Tensor, recipe: Union[Recipe, str] = "fp8",
+                          prediction: Optional[torch.Tensor] = None) -> LinearInput:
     """The FP8 copy of a linear input under ``recipe``, shared through :mod:`~fp8train.nn.handoff`.
 
-    Returns the attached copy when ``x`` already has one (quantized by another linear or by its producer).
+    Returns the attached copy when ``x`` already has one (quantized by another linear or by its producer);
+    otherwise quantizes it, with the amax predicted in ``prediction`` when given (see :func:`_quantize`).
     """
     recipe = resolve_recipe(recipe)
     key = linear_input_key(recipe)
     value = handoff.attached(x, key)
     if value is None:
         (fmt, granularity), _, _ = linear_formats(recipe)
-        value = _quantize(x, fmt, granularity, transpose=wants_transpose(x.device, recipe))
+        value = _quantize(x, fmt, granularity, transpose=wants_transpose(x.device, recipe), prediction=prediction)
         handoff.attach(x, key, value)
     return value
 
@@ -177,12 +186,14 @@ def fp8_weight(weight: torch.Tensor, recipe: Recipe, amax: Optional[torch.Tensor
     return _quantize(weight, w_fmt, w_gran, amax=amax, transpose=transpose)
 
 
-def quantize_output_grad(dy: torch.Tensor, recipe: Recipe, transpose: bool) -> LinearInput:
+def quantize_output_grad(dy: torch.Tensor, recipe: Recipe, transpose: bool,
+                         prediction: Optional[torch.Tensor] = None) -> LinearInput:
     """A linear's output gradient in the recipe's gradient format (+ the transposed copy for the weight-gradient
-    GEMM), reusing the amax its producer published (:mod:`fp8train.nn.grad_amax`: no amax pass then)."""
+    GEMM), reusing the amax its producer published (:mod:`fp8train.nn.grad_amax`: no amax pass then), else with
+    the amax predicted in ``prediction`` when given (one pass), else just in time."""
     _, _, (g_fmt, g_gran) = linear_formats(recipe)
     amax = grad_amax.lookup(dy) if g_gran.kind == "tensor" else None
-    return _quantize(dy, g_fmt, g_gran, amax=amax, transpose=transpose)
+    return _quantize(dy, g_fmt, g_gran, amax=amax, transpose=transpose, prediction=prediction)
 
 
 # -- the GEMM ------------------------------------------------------------------------------------------------
@@ -323,20 +334,23 @@ def fp8_linear_forward(x: Union[torch.Tensor, QuantizedTensor, LinearInput], wei
 
 def fp8_linear_backward(dy: Union[torch.Tensor, LinearInput], saved: LinearSaved, weight: torch.Tensor, *,
                         recipe: Union[Recipe, str] = "fp8", has_bias: bool = False,
-                        needs_input_grad: bool = True, needs_weight_grad: bool = True
+                        needs_input_grad: bool = True, needs_weight_grad: bool = True,
+                        prediction: Optional[torch.Tensor] = None
                         ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients ``(dx, dweight, dbias)`` of :func:`fp8_linear_forward` from the output gradient ``dy``.
 
     ``dy`` may also be an already quantized gradient (:class:`LinearInput`, e.g. from a producer that
     quantized it in its own pass).  dx comes back in the forward input's dtype and shape, dweight in the
-    weight's dtype, dbias (an exact fp32 sum of dy) in the weight's dtype.
+    weight's dtype, dbias (an exact fp32 sum of dy) in the weight's dtype.  ``prediction``: see
+    :func:`quantize_output_grad`.
     """
     recipe = resolve_recipe(recipe)
     n = weight.shape[0]
     dy_in = _as_linear_input(dy)
     if dy_in is None:
         dbias = dy.reshape(-1, n).float().sum(0) if has_bias else None
-        dy_in = quantize_output_grad(dy, recipe, transpose=needs_weight_grad and wants_transpose(dy.device, recipe))
+        dy_in = quantize_output_grad(dy, recipe, transpose=needs_weight_grad and wants_transpose(dy.device, recipe),
+                                     prediction=prediction)
     else:
         dbias = dy_in.q.dequantize(torch.float32).reshape(-1, n).sum(0) if has_bias else None
     dy2 = _as_matrix(dy_in.q)
@@ -392,7 +406,7 @@ def load_linear(meta, data, amax, scale, weight_amax) -> LinearSaved:
 
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, x_in, recipe, out_dtype, save_reference):
+    def forward(ctx, x, weight, bias, x_in, recipe, out_dtype, save_reference, prediction):
         with autocast_off(x.device.type):
             y, saved = fp8_linear_forward(x_in if x_in is not None else x, weight, bias, recipe=recipe,
                                           out_dtype=out_dtype)
@@ -407,6 +421,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         # memory accounting of the tests -- see every tensor backward keeps
         ctx.save_for_backward(*tensors, weight)
         ctx.recipe, ctx.has_bias = recipe, bias is not None
+        ctx.grad_prediction = prediction[1:2] if prediction is not None else None
         return y
 
     @staticmethod
@@ -422,8 +437,9 @@ class _FP8LinearFunction(torch.autograd.Function):
                 saved = load_linear(ctx.saved_meta, *tensors)
             dx, dweight, dbias = fp8_linear_backward(
                 dy, saved, weight, recipe=ctx.recipe, has_bias=ctx.has_bias and ctx.needs_input_grad[2],
-                needs_input_grad=ctx.needs_input_grad[0], needs_weight_grad=ctx.needs_input_grad[1])
-        return dx, dweight, dbias, None, None, None, None
+                needs_input_grad=ctx.needs_input_grad[0], needs_weight_grad=ctx.needs_input_grad[1],
+                prediction=ctx.grad_prediction)
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -464,22 +480,26 @@ def kept_by_attention(x: torch.Tensor) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-               recipe: Union[Recipe, str] = "fp8", save_input: str = "auto") -> torch.Tensor:
+               recipe: Union[Recipe, str] = "fp8", save_input: str = "auto",
+               prediction: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Differentiable ``F.linear`` with FP8 GEMMs (what :class:`FP8Linear` calls).
 
     Honours autocast: the output has the autocast dtype when autocast is on, else x's dtype.
     ``save_input="fp8"`` keeps the FP8 copy of x for backward; ``"reference"`` keeps x itself and
     re-quantizes it in backward (free when another op keeps x alive anyway); ``"auto"`` picks
     ``"reference"`` when x is a view of an attention output that the attention kernel saves
-    (:func:`kept_by_attention`), else ``"fp8"``.
+    (:func:`kept_by_attention`), else ``"fp8"``.  ``prediction`` (``Recipe.delayed_scaling``): a 2-element float32
+    prediction buffer -- x's amax (when nothing attached an FP8 copy to x) and the output gradient's (when its
+    producer published none) are predicted from the previous call instead of measured in a pass of their own.
     """
     if save_input not in ("auto", "fp8", "reference"):
         raise ValueError(f"save_input must be 'auto', 'fp8' or 'reference', got {save_input!r}")
     recipe = resolve_recipe(recipe)
-    x_in = quantize_linear_input(x, recipe)
+    x_in = quantize_linear_input(x, recipe, prediction=prediction[0:1] if prediction is not None else None)
     reference = save_input == "reference" or (save_input == "auto" and torch.is_grad_enabled()
                                               and kept_by_attention(x))
-    return _FP8LinearFunction.apply(handoff.grad_input(x), weight, bias, x_in, recipe, compute_dtype(x), reference)
+    return _FP8LinearFunction.apply(handoff.grad_input(x), weight, bias, x_in, recipe, compute_dtype(x), reference,
+                                    prediction)
 
 
 # -- the module ------------------------------------------------------------------------------------------------
@@ -511,6 +531,11 @@ class FP8Linear(nn.Linear):
     when the input is a view of an attention kernel's output that the kernel keeps anyway (o_proj after SDPA
     or FlashAttention): then a reference costs nothing and backward re-quantizes it.  ``"fp8"`` /
     ``"reference"`` force one behaviour.
+
+    With ``Recipe.delayed_scaling`` the layer keeps a 2-float ``scale_prediction`` buffer (non-persistent, like
+    :class:`~fp8train.nn.precision_flow.FlowMLP`'s): the amaxes of its input and output gradient are predicted
+    from the previous call wherever no producer hands them over (o_proj's input after attention, v_proj's
+    gradient), so each is encoded in one pass (:mod:`fp8train.delayed_scaling`).
     """
 
     save_input: str = "auto"
@@ -521,12 +546,24 @@ class FP8Linear(nn.Linear):
         self.recipe = resolve_recipe(recipe)
         if not self.recipe.fp8_linears:
             raise ValueError(f"recipe {self.recipe.name!r} has fp8_linears=False; use nn.Linear instead")
+        self._place_prediction()
 
     def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
         # every assignment of a Parameter lands here: mark the weight for fp8train.AdamW's published amax
         super().register_parameter(name, param)
         if name == "weight" and param is not None:
             weight_amax.want(param)
+            self._place_prediction()
+
+    def _place_prediction(self) -> None:
+        """(Re)create the prediction buffer beside the weight (from_linear builds the layer on the meta device
+        and then hands it the real weight)."""
+        recipe = self.__dict__.get("recipe")
+        if recipe is None or not recipe.delayed_scaling or not recipe.per_tensor:
+            return
+        current = self._buffers.get(BUFFER_NAME)
+        if current is None or current.device != self.weight.device:
+            self.register_buffer(BUFFER_NAME, new_prediction(2, device=self.weight.device), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Union[Recipe, str] = "fp8") -> "FP8Linear":
@@ -542,7 +579,16 @@ class FP8Linear(nn.Linear):
 
     def forward_single(self, x: torch.Tensor) -> torch.Tensor:
         """This layer on its own (what a fused projection group falls back to)."""
-        return fp8_linear(x, self.weight, self.bias, recipe=self.recipe, save_input=self.save_input)
+        return fp8_linear(x, self.weight, self.bias, recipe=self.recipe, save_input=self.save_input,
+                          prediction=self._buffers.get(BUFFER_NAME))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts buffers too; the prediction stays float32 (the kernels read float32 amaxes)
+        super()._apply(fn, recurse)
+        prediction = self._buffers.get(BUFFER_NAME)
+        if prediction is not None and prediction.dtype != torch.float32:
+            self._buffers[BUFFER_NAME] = prediction.float()
+        return self
 
     def extra_repr(self) -> str:
         saves = "" if self.save_input == "auto" else f", save_input={self.save_input}"

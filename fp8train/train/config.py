@@ -46,6 +46,7 @@ class TrainConfig:
     fp8_weight_cache: Optional[bool] = None  # FP8 weight copies made once per step (Recipe.cache_fp8_weights); None: the recipe's
     fp8_attention_saves: bool = False  # attention keeps q/k/v as FP8 copies for backward (Recipe.fp8_attention_saves)
     fused_qkv: bool = False           # q/k/v projections as one FP8 GEMM (Recipe.fused_qkv)
+    fast_accumulation: bool = False   # forward FP8 GEMMs without fp32 promotion (Recipe.fast_accumulation)
     fused_residual: Optional[bool] = None  # residual gradients summed in the norm kernels (Recipe.fused_residual)
     delayed_scaling: Optional[bool] = None  # gated product's FP8 scales predicted (Recipe.delayed_scaling); None: the recipe's
     grad_checkpointing: bool = False
@@ -142,6 +143,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.fused_qkv and (c.recipe == "bf16" or c.simulate_format is not None):
         raise TrainError("--fused-qkv fuses FP8 linear layers: it needs an FP8 recipe (fp8, coat, coat-lean), not bf16 "
                          "or --simulate-format")
+    if c.fast_accumulation and (c.recipe == "bf16" or c.simulate_format is not None):
+        raise TrainError("--fast-accumulation changes the forward GEMMs of FP8 linear layers: it needs an FP8 recipe "
+                         "(fp8, coat, coat-lean), not bf16 or --simulate-format")
     if c.delayed_scaling and (c.recipe not in ("coat", "coat-lean") or c.simulate_format is not None):
         raise TrainError("--delayed-scaling changes how the FP8 fast path of coat / coat-lean scales the MLP's gated "
                          f"product; recipe {c.recipe!r}" + (" with --simulate-format" if c.simulate_format else "")
@@ -294,6 +298,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
     g.add_argument("--fused-qkv", action="store_true", default=S,
                    help="run the q/k/v projections of each attention block as one FP8 GEMM (one scale for the "
                         "stacked weights and one for their gradients; needs an FP8 recipe)")
+    g.add_argument("--fast-accumulation", action="store_true", default=S,
+                   help="forward FP8 GEMMs accumulate in the tensor cores' own precision instead of promoting partial "
+                        "sums to fp32 (TransformerEngine's and torchao's forward default; backward GEMMs keep fp32)")
     g.add_argument("--fused-residual", action=argparse.BooleanOptionalAction, default=S,
                    help="Llama-style layers sum their residual gradients in the norms' backward kernels instead of "
                         "autograd's bf16 adds (same forward, gradients rounded once); on by default with the FP8 "
@@ -364,7 +371,8 @@ _DECIDES_LOSSES = ("model", "recipe", "optimizer", "master_weights", "vocab_size
                    "grad_accum", "lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
 _DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head", "step_in_backward",
-                    "fp8_attention_saves", "fused_qkv", "fused_residual", "delayed_scaling")
+                    "fp8_attention_saves", "fused_qkv", "fused_residual", "delayed_scaling",
+                    "fast_accumulation")
 
 
 def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:
