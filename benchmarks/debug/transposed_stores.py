@@ -14,8 +14,11 @@ slot with one atomic (as the predicted-scale kernels do).  Modes 6 and 7 do mode
 [rows, groups, 16] loaded as such (no ``tl.reshape`` for the group maxima): mode 6 with the transposed store
 (one reshape to 2-D for ``tl.trans``), mode 7 without it.  Modes 8 and 9 read such a group copy instead (as the
 backward kernels do) and write its values per-tensor E4M3 + transposed: mode 8 through ``load_group_copy`` (2-D
-tile, group maxima broadcast through a reshape), mode 9 from a 3-D tile.  Also times fp8train's own quantize_tensorwise on the
-same tensor.  Prints GB/s against a device copy.
+tile, group maxima broadcast through a reshape), mode 9 from a 3-D tile.  Modes 10 and 11 are mode 4 with the group
+copy written differently: 10 stores the encoded copy from the 3-D [rows, groups, 16] view the group maxima were
+taken in (no reshape back to 2-D), 11 stores the group maxima first and reads each element's back (one load per
+element, served by the cache, after a barrier) instead of broadcasting them through a reshape.  Also times
+fp8train's own quantize_tensorwise on the same tensor.  Prints GB/s against a device copy.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def _probe_kernel(x_ptr, q_ptr, qt_ptr, qt_words_ptr, partials_ptr, copy_ptr, co
                   BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr):
     if MODE == 6 or MODE == 7:
         _group_copy_3d(x_ptr, q_ptr, qt_ptr, copy_ptr, copy_amax_ptr, M, N, BM, BN, MODE == 6)
+        return
+    if MODE == 10 or MODE == 11:
+        _group_copy_variant(x_ptr, q_ptr, qt_ptr, copy_ptr, copy_amax_ptr, M, N, BM, BN, MODE == 11)
         return
     if MODE == 8 or MODE == 9:
         _read_group_copy(copy_ptr, copy_amax_ptr, q_ptr, qt_ptr, M, N, BM, BN, MODE == 9)
@@ -100,6 +106,39 @@ def _group_copy_3d(x_ptr, q_ptr, qt_ptr, copy_ptr, copy_amax_ptr, M, N, BM: tl.c
 
 
 @triton.jit
+def _group_copy_variant(x_ptr, q_ptr, qt_ptr, copy_ptr, copy_amax_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
+                        GATHER: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    groups = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    q = tl.minimum(tl.maximum(x * 64.0, -448.0), 448.0).to(tl.float8e4nv)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+    xg = tl.reshape(x, (BM, BN // 16, 16))
+    bits = tl.max(tl.abs(xg).to(tl.int32, bitcast=True), axis=2)
+    bits = tl.where(bits < 0x7F800000, (bits + 0xFFFF) & -65536, bits)
+    amax = bits.to(tl.float32, bitcast=True)
+    amax_offs = rows[:, None].to(tl.int64) * (N // 16) + groups[None, :]
+    tl.store(copy_amax_ptr + amax_offs, amax.to(tl.bfloat16), mask=(rows < M)[:, None] & (groups < N // 16)[None, :])
+    if GATHER:
+        tl.debug_barrier()
+        element_amax = tl.load(copy_amax_ptr + rows[:, None].to(tl.int64) * (N // 16) + (cols // 16)[None, :],
+                               mask=mask, other=0.0).to(tl.float32)
+        inv = tl.where(element_amax > 0, tl.div_rn(tl.full((BM, BN), 1.0, tl.float32), element_amax) * 448.0, 0.0)
+        c = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
+        tl.store(copy_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], c.to(tl.float8e4nv), mask=mask)
+    else:
+        inv = tl.where(amax > 0, tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), amax) * 448.0, 0.0)
+        c = tl.minimum(tl.maximum(xg * inv[:, :, None], -448.0), 448.0)
+        lanes = tl.arange(0, 16)
+        offs = rows[:, None, None].to(tl.int64) * N + groups[None, :, None] * 16 + lanes[None, None, :]
+        mask3 = (rows < M)[:, None, None] & (groups < N // 16)[None, :, None]
+        tl.store(copy_ptr + offs, c.to(tl.float8e4nv), mask=mask3)
+
+
+@triton.jit
 def _read_group_copy(copy_ptr, copy_amax_ptr, q_ptr, qt_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
                      THREE_D: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -125,6 +164,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=65536)
     parser.add_argument("--cols", type=int, default=5632)
+    parser.add_argument("--modes", default="0,1,2,3,4,5,6,7,8,9,10,11")
+    parser.add_argument("--tiles", default="32x128,64x128,64x64")
     args = parser.parse_args()
     M, N = args.rows, args.cols
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, f"M={M} N={N}", flush=True)
@@ -149,10 +190,10 @@ def main():
                                      warmup=10, rep=60)
         print(f"fp8train quantize_tensorwise + transpose ({'published amax' if given is not None else 'amax pass'}):"
               f" {ms:.3f} ms, {x.numel() * 4 / ms / 1e9 / copy_tbps:.2f} of copy", flush=True)
-    reference = None
-    for BM, BN in ((32, 128), (64, 128), (64, 64)):
+    reference = copy_reference = None
+    for BM, BN in (tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")):
         for warps in (4, 8):
-            for mode in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9):
+            for mode in (int(m) for m in args.modes.split(",")):
                 def call():
                     _probe_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
                         x, q, qt, qt_words, partials, group_copy, group_amax, slot, M, N, BM=BM, BN=BN, MODE=mode,
@@ -165,13 +206,22 @@ def main():
                     print(f"tile {BM}x{BN} warps {warps} mode {mode}: failed {str(exc).splitlines()[-1][:160]}",
                           flush=True)
                     continue
-                nbytes = x.numel() * ((2 + 1 + (1 if mode not in (0, 7) else 0) + (1.125 if mode in (4, 6, 7) else 0))
-                                     if mode < 8 else 1.125 + 2)
+                # bytes per element: bf16 read, FP8 row-major, FP8 transposed, 1x16 copy (data + bf16 maxima)
+                per_element = {0: 3, 7: 3 + 1.125, 8: 1.125 + 2, 9: 1.125 + 2}.get(mode, 4)
+                per_element += 1.125 if mode in (4, 6, 10, 11) else 0
+                nbytes = x.numel() * per_element
                 same = ""
                 if mode == 1 and reference is None:
                     reference = qt.clone()
                 if mode == 2:
-                    same = f" same bytes as mode 1: {torch.equal(qt_words.view(torch.float8_e4m3fn).view(torch.uint8), reference.view(torch.uint8))}"
+                    words = qt_words.view(torch.float8_e4m3fn).view(torch.uint8)
+                    same = f" same bytes as mode 1: {torch.equal(words, reference.view(torch.uint8))}"
+                if mode == 4:
+                    copy_reference = (group_copy.clone(), group_amax.clone())
+                if mode in (10, 11) and copy_reference is not None:
+                    equal = (torch.equal(group_copy.view(torch.uint8), copy_reference[0].view(torch.uint8))
+                             and torch.equal(group_amax, copy_reference[1]))
+                    same = f" group copy same bytes as mode 4: {equal}"
                 print(f"tile {BM}x{BN} warps {warps} mode {mode}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s "
                       f"({nbytes / ms / 1e9 / copy_tbps:.2f} of copy){same}", flush=True)
 
