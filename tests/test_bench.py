@@ -60,6 +60,8 @@ def test_configuration_names_combine_recipe_levers_in_any_order():
     assert parse_config("fp8train_coat_lean_saved_product_fused_qkv")[1] == levers
     assert parse_config("fp8train_coat_lean_no_weight_cache_recomputed_product_graphed") == (
         "fp8train_coat_lean", {"recompute_gated_product": True, "cache_fp8_weights": False}, True)
+    assert parse_config("fp8train_coat_lean_fast_accumulation_graphed") == (
+        "fp8train_coat_lean", {"fast_accumulation": True}, True)
     # a configuration whose own name ends like a lever is still its own base
     assert parse_config("fp8train_coat_lean_step_in_backward") == ("fp8train_coat_lean_step_in_backward", {}, False)
     with pytest.raises(ValueError, match="unknown bench configuration 'fp8train_coat_lean_typo'"):

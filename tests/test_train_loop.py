@@ -264,6 +264,28 @@ def test_coat_lean_caches_its_fp8_weights_unless_told_not_to(tmp_path, monkeypat
     assert seen == [True, False]
 
 
+def test_fast_accumulation_flag_reaches_the_recipe(tmp_path, monkeypatch):
+    """--fast-accumulation sets Recipe.fast_accumulation (forward GEMMs without fp32 promotion); off by default;
+    refused without FP8 linear layers."""
+    import fp8train.train.loop as loop_mod
+    from fp8train.nn.linear import FP8Linear
+
+    seen = []
+    original = loop_mod.apply_recipe
+
+    def spy(model, recipe):
+        out = original(model, recipe)
+        seen.append({m.recipe.fast_accumulation for m in out.modules() if isinstance(m, FP8Linear)})
+        return out
+
+    monkeypatch.setattr(loop_mod, "apply_recipe", spy)
+    for name, flag in (("default", False), ("fast", True)):
+        train(resolve(tiny_config(tmp_path / name, steps=1, recipe="coat-lean", fast_accumulation=flag)))
+    assert seen == [{False}, {True}]
+    with pytest.raises(TrainError, match="fast-accumulation"):
+        resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fast_accumulation=True))
+
+
 def test_fused_residual_is_on_unless_told_not_to(tmp_path, monkeypatch):
     """--no-fused-residual reaches the recipe; by default the fast path owns the residual stream."""
     import fp8train.train.loop as loop_mod

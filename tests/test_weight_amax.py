@@ -54,10 +54,10 @@ def weight_quantizations(monkeypatch):
     calls = []
     original = linear_mod._quantize
 
-    def spying(x, fmt, granularity, amax=None, transpose=False):
+    def spying(x, fmt, granularity, amax=None, transpose=False, **options):
         if isinstance(x, torch.nn.Parameter):
             calls.append((x, amax is not None))
-        return original(x, fmt, granularity, amax=amax, transpose=transpose)
+        return original(x, fmt, granularity, amax=amax, transpose=transpose, **options)
 
     monkeypatch.setattr(linear_mod, "_quantize", spying)
     return calls
