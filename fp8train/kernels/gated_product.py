@@ -29,7 +29,6 @@ from .quantize import (E4M3_MAX, SLOT, amax_and_scale, as_rows, dequant_scale, e
 __all__ = ["gated_product_forward", "gated_product_backward"]
 
 
-
 @triton.jit
 def store_group_copy(vals, rows64, rmask, cols, gcols, mask, N, q_ptr, qamax_ptr, BM: tl.constexpr,
                       BN: tl.constexpr):
@@ -189,14 +188,14 @@ def _gated_fwd_repair_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, seen
     exit."""
     seen, repair = settle_prediction(seen_ptr, prediction_ptr, amax_out_ptr, E4M3_MAX, MARGIN, HEADROOM)
     if repair:
+        inv = encode_multiplier(seen, E4M3_MAX)
         for t in range(tl.program_id(0), num_tiles, num_programs):
             rows, cols, mask = loop_tile(t, M, N, BM, BN)
             rows64 = rows[:, None].to(tl.int64)
             g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             h = (act_value(g, ACT) * u).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
-            store_tensorwise(h, encode_multiplier(seen, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T,
-                             E4M3_MAX)
+            store_tensorwise(h, inv, rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T, E4M3_MAX)
 
 
 @fast_launch

@@ -84,8 +84,6 @@ def settle_prediction_pair(seen_ptr, prediction_ptr, amax_out_ptr, FMAX: tl.cons
     return seen_g, seen_u, repair_g, repair_u
 
 
-
-
 def repair_programs(grid, x, family: str = "gated_forward_predicted") -> tuple[int, int]:
     """``(tiles, programs)`` of a repair pass over the encoding pass's 2-D ``grid`` of tiles: a few persistent
     programs per SM that loop over the tiles.  Repairs are rare, and a program per tile only to read four numbers
