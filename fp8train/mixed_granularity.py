@@ -6,7 +6,8 @@
 * Inputs of **linear** layers are **E4M3 per-tensor** (one scalar scale, so the FP8 GEMM stays a plain scaled
   matmul): :func:`quantize_for_linear`.  The scale is just-in-time, from the two-stage "group scaling" amax
   (maxima of 1x16 groups, then the max of those), not a delayed history (``Recipe.delayed_scaling`` predicts the
-  gated product's scales instead, with a just-in-time repair: :mod:`fp8train.delayed_scaling`).
+  gated product's scales instead, and those of linear inputs and gradients whose producer hands over no amax --
+  ``prediction=`` below -- with a just-in-time repair: :mod:`fp8train.delayed_scaling`).
 * Output gradients of linear layers are **E5M2 per-tensor** (gradients need range more than precision):
   :func:`quantize_grad_for_linear`.
 
