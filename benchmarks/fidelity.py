@@ -49,10 +49,6 @@ SETUPS = {
     "coat-lean-fused-qkv-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph", "--fused-qkv"],
     "coat-lean-fast-accum-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
                                    "--fast-accumulation"],
-    "coat-lean-fp8-head-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
-                                 "--fp8-lm-head"],
-    "coat-lean-bf16-head-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
-                                  "--no-fp8-lm-head"],
 }
 TITLES = {"bf16": "bf16", "coat": "coat", "coat-lean": "coat-lean (bf16 master weights)",
           "coat-lean-graph": "coat-lean (bf16 master weights), CUDA graph",
@@ -60,9 +56,7 @@ TITLES = {"bf16": "bf16", "coat": "coat", "coat-lean": "coat-lean (bf16 master w
           "coat-lean-delayed-graph": "coat-lean + delayed scaling of the gated product, CUDA graph",
           "coat-lean-jit-graph": "coat-lean, just-in-time scales only (no delayed scaling), CUDA graph",
           "coat-lean-fused-qkv-graph": "coat-lean + q/k/v as one FP8 GEMM, CUDA graph",
-          "coat-lean-fast-accum-graph": "coat-lean + forward GEMMs with fast accumulation, CUDA graph",
-          "coat-lean-fp8-head-graph": "coat-lean + FP8 lm_head (logits and hidden gradient), CUDA graph",
-          "coat-lean-bf16-head-graph": "coat-lean with a bf16 lm_head, CUDA graph"}
+          "coat-lean-fast-accum-graph": "coat-lean + forward GEMMs with fast accumulation, CUDA graph"}
 
 
 def paired_gaps(rows: list) -> dict:

@@ -23,8 +23,6 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_coat_lean_gated_gemm              ... with gate/up + act(gate)*up (and dh + its backward) as one Triton
                                                FP8 GEMM each (Recipe.gated_gemm; experimental, slower on H100/H200)
     fp8train_coat_lean_fast_accumulation       ... forward GEMMs without fp32 promotion (Recipe.fast_accumulation)
-    fp8train_coat_lean_fp8_lm_head             ... the lm_head's logits and hidden-gradient GEMMs in FP8
-                                               (Recipe.fp8_lm_head; _bf16_lm_head turns it off)
     fp8train_coat_lean_loss_chunk_8192         ... the chunked loss 8192 tokens at a time (Recipe.loss_chunk_rows;
                                                also _loss_chunk_2048 / _4096)
     <name>_<lever>_<lever>                     lever suffixes combine: fp8train_coat_lean_fused_qkv_saved_product
@@ -93,7 +91,6 @@ RECIPE_LEVERS = {"_no_weight_cache": ("cache_fp8_weights", False), "_weight_cach
                  "_no_fused_residual": ("fused_residual", False),
                  "_no_delayed_scaling": ("delayed_scaling", False), "_delayed_scaling": ("delayed_scaling", True),
                  "_gated_gemm": ("gated_gemm", True), "_fast_accumulation": ("fast_accumulation", True),
-                 "_fp8_lm_head": ("fp8_lm_head", True), "_bf16_lm_head": ("fp8_lm_head", False),
                  "_loss_chunk_2048": ("loss_chunk_rows", 2048), "_loss_chunk_4096": ("loss_chunk_rows", 4096),
                  "_loss_chunk_8192": ("loss_chunk_rows", 8192)}
 

@@ -99,7 +99,7 @@ def convert(model: nn.Module, recipe: Union[str, Recipe, None] = "coat", *,
     if recipe.chunked_loss:
         from .nn.chunked_cross_entropy import enable_chunked_loss
 
-        enable_chunked_loss(model, chunk_rows=recipe.loss_chunk_rows, fp8=recipe.fp8_lm_head)
+        enable_chunked_loss(model, chunk_rows=recipe.loss_chunk_rows)
     if recipe.fp8_attention_saves:
         from .nn.fp8_saved_attention import install_on_model
 

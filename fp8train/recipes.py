@@ -66,11 +66,10 @@ class Recipe:
     Loss: ``chunked_loss`` -- compute a causal LM's training loss with the chunked fused lm_head +
     cross-entropy (:mod:`fp8train.nn.chunked_cross_entropy`), so the vocabulary-sized logits are never
     materialised; calls that pass ``labels`` then return ``logits=None``.  ``loss_chunk_rows`` -- tokens per
-    chunk (larger chunks run the head's GEMMs faster and add the fp32 weight-gradient accumulator fewer times, at
-    ~0.26 MB per token of a 32k vocabulary held by the chunk's logits and gradients).  ``fp8_lm_head`` (needs
-    ``chunked_loss``) -- the head's logits GEMM and hidden-state gradient GEMM in FP8 (per-tensor E4M3 hidden
-    states and weight, E5M2 logits gradient with a known bound instead of an amax pass, whatever the linear
-    layers' formats); the weight gradient stays a bf16 GEMM.  COAT and TransformerEngine keep the head in bf16.
+    chunk: larger chunks run the head's GEMMs faster and add into the fp32 weight-gradient accumulator fewer
+    times, and hold more at once (a chunk's bf16 logits and their gradient: 4 bytes per token per vocabulary
+    entry, 0.5 GB at 4096 tokens x 32k).  The default, 4096, was 1.06x faster than 2048 for the 953M model's
+    head + loss on an H100 (8192: 1.07x; docs/performance.md, "Session 12").
     Simulated formats (``simulate``): a :class:`fp8train.lab.SimulatedFormats` or its spec string (``"e3m4"``,
     ``"a=e3m4,w=e3m4,g=e5m2,scaling=1x16"``).  When set, every converted linear becomes a ``SimulatedLinear``
     (GEMM inputs rounded to the given formats, GEMMs in the compute dtype); the FP8 linear fields above are not
@@ -118,8 +117,7 @@ class Recipe:
     recompute_gated_product: bool = True
     keep_bf16: tuple = ("lm_head", "score", "classifier", "qa_outputs")
     chunked_loss: bool = False
-    loss_chunk_rows: int = 2048
-    fp8_lm_head: bool = False
+    loss_chunk_rows: int = 4096
     fused_rotary: bool = True
     fp8_attention_saves: bool = False
     fused_qkv: bool = False
@@ -157,11 +155,6 @@ class Recipe:
         if self.gated_gemm and not self.delayed_scaling:
             raise ValueError("Recipe.gated_gemm needs delayed_scaling=True: the fused GEMMs encode their FP8 outputs "
                              "with predicted scales (e.g. Recipe.named('coat-lean').replace(gated_gemm=True))")
-        if not isinstance(self.fp8_lm_head, bool):
-            raise TypeError(f"Recipe.fp8_lm_head must be True or False, got {self.fp8_lm_head!r}")
-        if self.fp8_lm_head and not (self.chunked_loss and self.fp8_linears):
-            raise ValueError("Recipe.fp8_lm_head runs inside the chunked loss: it needs chunked_loss=True and "
-                             "fp8_linears=True (e.g. Recipe.named('coat-lean').replace(fp8_lm_head=True))")
         if not isinstance(self.loss_chunk_rows, int) or isinstance(self.loss_chunk_rows, bool) \
                 or self.loss_chunk_rows < 1:
             raise ValueError(f"Recipe.loss_chunk_rows must be a positive int, got {self.loss_chunk_rows!r}")

@@ -62,8 +62,8 @@ def test_configuration_names_combine_recipe_levers_in_any_order():
         "fp8train_coat_lean", {"recompute_gated_product": True, "cache_fp8_weights": False}, True)
     assert parse_config("fp8train_coat_lean_fast_accumulation_graphed") == (
         "fp8train_coat_lean", {"fast_accumulation": True}, True)
-    assert parse_config("fp8train_coat_lean_fp8_lm_head_loss_chunk_8192_graphed") == (
-        "fp8train_coat_lean", {"fp8_lm_head": True, "loss_chunk_rows": 8192}, True)
+    assert parse_config("fp8train_coat_lean_fast_accumulation_loss_chunk_8192_graphed") == (
+        "fp8train_coat_lean", {"fast_accumulation": True, "loss_chunk_rows": 8192}, True)
     # a configuration whose own name ends like a lever is still its own base
     assert parse_config("fp8train_coat_lean_step_in_backward") == ("fp8train_coat_lean_step_in_backward", {}, False)
     with pytest.raises(ValueError, match="unknown bench configuration 'fp8train_coat_lean_typo'"):

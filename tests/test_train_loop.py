@@ -286,26 +286,6 @@ def test_fast_accumulation_flag_reaches_the_recipe(tmp_path, monkeypatch):
         resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fast_accumulation=True))
 
 
-def test_fp8_lm_head_flag_reaches_the_chunked_loss(tmp_path, monkeypatch):
-    """--fp8-lm-head makes coat-lean's chunked loss run its head in FP8; off by default; refused elsewhere."""
-    from fp8train.nn import chunked_cross_entropy as chunked
-
-    seen = []
-    original = chunked.chunked_linear_cross_entropy
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["fp8"])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(chunked, "chunked_linear_cross_entropy", spy)
-    for name, flag in (("default", None), ("fp8", True)):
-        train(resolve(tiny_config(tmp_path / name, steps=1, recipe="coat-lean", fp8_lm_head=flag)))
-        assert set(seen) == {bool(flag)}, (name, seen)
-        seen.clear()
-    with pytest.raises(TrainError, match="fp8-lm-head"):
-        resolve(tiny_config(tmp_path / "coat", recipe="coat", fp8_lm_head=True))
-
-
 def test_fused_residual_is_on_unless_told_not_to(tmp_path, monkeypatch):
     """--no-fused-residual reaches the recipe; by default the fast path owns the residual stream."""
     import fp8train.train.loop as loop_mod

@@ -479,9 +479,7 @@ def check_residual():
 
 
 def check_cross_entropy():
-    from fp8train.formats import E5M2
     from fp8train.kernels.cross_entropy import cross_entropy_rows
-    from fp8train.nn.chunked_cross_entropy import fp8_logits_gradient
 
     for rows, vocab in ((7, 50), (4, 300)):
         for dtype in (torch.float32, torch.bfloat16):
@@ -501,14 +499,6 @@ def check_cross_entropy():
             close(grad, ref_grad, dtype, scale=2)
             loss_only, none = cross_entropy_rows(logits, labels, -100, None)
             assert none is None and torch.equal(loss_only, loss)
-            # the FP8 lm_head's copy: (softmax - one_hot) * 57344 in E5M2, zero on the ignored row, same loss/grad
-            loss8, grad_again, grad8 = cross_entropy_rows(logits, labels, -100, scale, torch.float8_e5m2)
-            assert torch.equal(loss8, loss) and torch.equal(grad_again, grad) and grad8.dtype == torch.float8_e5m2
-            valid = labels != -100
-            raw = (ref_grad * 3.0).float()
-            expected = fp8_logits_gradient(raw, valid, scale, dtype).data
-            same_fp8(grad8, expected, E5M2)
-            assert not grad8[1].float().any()
 
 
 def _same_bits(got, ref):

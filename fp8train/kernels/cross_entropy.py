@@ -6,10 +6,6 @@ for the two GEMMs that consume it: about ten passes over a (rows x vocabulary) f
 one row: a first sweep keeps a running maximum and sum of exponentials per lane (online softmax), a second sweep
 writes the gradient straight in the GEMMs' dtype.  Two reads of the bf16 row (the second mostly from L2) and one
 write.  Vocabulary size and row count are runtime values: no recompiles for new shapes.
-
-For an FP8 lm_head (``Recipe.fp8_lm_head``) the same sweep also writes the gradient as per-tensor FP8 for the
-input-gradient GEMM.  It needs no amax: |softmax - one_hot| <= 1, so the stored values are (softmax - one_hot) *
-fmt.max and the GEMM's scale is ``grad_scale / fmt.max`` (the gradient's amax bound is ``grad_scale``).
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 from .launch import fast_launch, next_power_of_2
-from .quantize import saturate
 
 __all__ = ["cross_entropy_rows"]
 
@@ -29,8 +24,7 @@ _LN2 = tl.constexpr(0.6931471805599453)
 @fast_launch
 @triton.jit(do_not_specialize=["V", "ignore_index"])
 def _cross_entropy_rows_kernel(logits_ptr, stride_logits, labels_ptr, scale_ptr, loss_ptr, grad_ptr, stride_grad,
-                               grad8_ptr, stride_grad8, V, ignore_index, BLOCK_V: tl.constexpr,
-                               WRITE_GRAD: tl.constexpr, WRITE_GRAD8: tl.constexpr, FMAX: tl.constexpr):
+                               V, ignore_index, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits
     lanes = tl.arange(0, BLOCK_V)
@@ -57,46 +51,33 @@ def _cross_entropy_rows_kernel(logits_ptr, stride_logits, labels_ptr, scale_ptr,
     picked = tl.load(row_ptr + safe_label).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
 
-    if WRITE_GRAD | WRITE_GRAD8:
+    if WRITE_GRAD:
         # d loss / d logits = (softmax - one_hot) * scale on rows with a label, 0 on ignored rows
         scale = tl.where(valid, tl.load(scale_ptr), 0.0)
         out_ptr = grad_ptr + row * stride_grad
-        out8_ptr = grad8_ptr + row * stride_grad8
-        multiplier8 = tl.where(valid, FMAX, 0.0)
         for start in range(0, V, BLOCK_V):
             cols = start + lanes
             mask = cols < V
             x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
             p = tl.exp2((x - lse) * _LOG2E)
             p = tl.where(cols == safe_label, p - 1.0, p)
-            if WRITE_GRAD:
-                tl.store(out_ptr + cols, (p * scale).to(grad_ptr.dtype.element_ty), mask=mask)
-            if WRITE_GRAD8:  # saturate: exp2 may round p a hair above 1
-                tl.store(out8_ptr + cols, saturate(p * multiplier8, FMAX).to(grad8_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + cols, (p * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                       grad_scale: torch.Tensor | None, grad_fp8_dtype: torch.dtype | None = None
-                       ) -> tuple[torch.Tensor, ...]:
+                       grad_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row loss (float32, 0 on ignored rows) of 2-D ``logits`` and, when ``grad_scale`` (a 0-d float32
-    device tensor) is given, the gradient ``(softmax - one_hot) * grad_scale`` in logits' dtype.
-
-    ``grad_fp8_dtype`` (float8_e5m2 or float8_e4m3fn, with ``grad_scale``): also returns the gradient's FP8 data,
-    ``(softmax - one_hot) * fmt.max`` on rows with a label (0 elsewhere) -- the per-tensor copy whose amax is
-    ``grad_scale`` (reference: :func:`fp8train.nn.chunked_cross_entropy.fp8_logits_gradient`)."""
+    device tensor) is given, the gradient ``(softmax - one_hot) * grad_scale`` in logits' dtype."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits) if grad_scale is not None else None
-    grad8 = torch.empty(logits.shape, dtype=grad_fp8_dtype, device=logits.device) \
-        if grad_fp8_dtype is not None and grad_scale is not None else None
-    fmax = float(torch.finfo(grad_fp8_dtype).max) if grad8 is not None else 1.0
-    if rows > 0:
-        block_v = min(4096, next_power_of_2(vocab))
-        _cross_entropy_rows_kernel[(rows,)](
-            logits, logits.stride(0), labels, grad_scale if grad_scale is not None else loss, loss,
-            grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
-            grad8 if grad8 is not None else logits, grad8.stride(0) if grad8 is not None else 0, vocab, ignore_index,
-            BLOCK_V=block_v, WRITE_GRAD=grad is not None, WRITE_GRAD8=grad8 is not None, FMAX=fmax, num_warps=8)
-    return (loss, grad, grad8) if grad_fp8_dtype is not None else (loss, grad)
+    if rows == 0:
+        return loss, grad
+    block_v = min(4096, next_power_of_2(vocab))
+    _cross_entropy_rows_kernel[(rows,)](
+        logits, logits.stride(0), labels, grad_scale if grad_scale is not None else loss, loss,
+        grad if grad is not None else logits, grad.stride(0) if grad is not None else 0, vocab, ignore_index,
+        BLOCK_V=block_v, WRITE_GRAD=grad is not None, num_warps=8)
+    return loss, grad

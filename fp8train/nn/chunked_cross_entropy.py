@@ -7,30 +7,20 @@ and the head weight is computed at once (softmax - one_hot), so nothing vocabula
 Backward only scales the stored gradients by the incoming scalar.
 
 The reference it is checked against is the plain ``F.cross_entropy(hidden @ weight.T, labels)``.
-
-FP8 head (``fp8=True``, ``Recipe.fp8_lm_head``): the logits GEMM and the hidden-state gradient GEMM run in FP8
-(hidden states and weight E4M3 per-tensor, quantized once per call; the logits' gradient E5M2) -- the two of
-the head's three GEMMs that read the weight.  The gradient needs no amax pass: |softmax - one_hot| <= 1, so
-its FP8 copy stores (softmax - one_hot) * 57344 with the known amax bound ``1 / denominator``
-(:func:`fp8_logits_gradient`).  E5M2 rather than E4M3 because most of a 32k-vocabulary softmax lies below
-E4M3's smallest step at that scale (2^-9 / 448 ~ 4e-6) and would flush to zero.  The weight gradient keeps
-the bf16 GEMM: in FP8 it would need a transposed copy of every chunk's gradient plus an fp32 add per chunk.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels import use_triton
-from ..quant import PER_TENSOR, QuantizedTensor
 
 IGNORE_INDEX = -100
-HEAD_GRAD_DTYPE = torch.float8_e5m2
 
 
 def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -52,55 +42,9 @@ def _fp32_out_gemm() -> bool:
     return hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
-class _FP8Head(NamedTuple):
-    """The FP8 operands of an FP8 lm_head, made once per loss call: the hidden states (M, K), the weight (V, K)
-    for the logits GEMM and its transposed data (K, V) for the input-gradient GEMM."""
-
-    hidden: QuantizedTensor
-    weight: QuantizedTensor
-    weight_t: QuantizedTensor
-
-    @classmethod
-    def make(cls, hidden: torch.Tensor, weight: torch.Tensor) -> "_FP8Head":
-        from .. import mixed_granularity as mg
-
-        x = mg.quantize_for_linear(hidden.detach())
-        w, w_t = mg.quantize_for_linear(weight.detach(), with_transpose=True)
-        return cls(x, w, _with_data(w, w_t, torch.Size(w_t.shape)))
-
-    def logits(self, start: int, stop: int, out_dtype: torch.dtype) -> torch.Tensor:
-        from .linear import scaled_matmul
-
-        rows = self.hidden.data[start:stop]
-        return scaled_matmul(_with_data(self.hidden, rows, rows.shape), self.weight, out_dtype, transpose_b=True)
-
-    def input_grad(self, grad: QuantizedTensor, out_dtype: torch.dtype) -> torch.Tensor:
-        from .linear import scaled_matmul
-
-        # the (V, K) operand as the column-major view of the transposed copy: no copy inside _scaled_mm
-        return scaled_matmul(grad, self.weight_t, out_dtype, transpose_b=True)
-
-
-def _with_data(q: QuantizedTensor, data: torch.Tensor, shape: torch.Size) -> QuantizedTensor:
-    return QuantizedTensor(data, q.amax, q.fmt, q.granularity, shape, q.dtype, scale_hint=q.scale_hint)
-
-
-def fp8_logits_gradient(raw: torch.Tensor, valid: torch.Tensor, grad_scale: torch.Tensor,
-                        dtype: torch.dtype) -> QuantizedTensor:
-    """The per-tensor FP8 (E5M2) copy of ``raw * grad_scale`` on valid rows, where ``raw = softmax - one_hot``:
-    data ``raw * fmt.max`` (0 on ignored rows), amax ``grad_scale`` -- a bound that needs no amax pass, since
-    |raw| <= 1.  Reference of the Triton kernel's FP8 output (:func:`fp8train.kernels.cross_entropy.cross_entropy_rows`)."""
-    from ..formats import E5M2
-
-    fmax = float(E5M2.max)
-    data = (raw.float() * (valid.float() * fmax)[:, None]).clamp(-fmax, fmax).to(HEAD_GRAD_DTYPE)
-    amax = grad_scale.detach().to(torch.float32).reshape(())
-    return QuantizedTensor(data, amax, E5M2, PER_TENSOR, data.shape, dtype)
-
-
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_rows, ignore_index, denominator, fp8):
+    def forward(ctx, hidden, weight, bias, labels, chunk_rows, ignore_index, denominator):
         n_rows = hidden.shape[0]
         compute_dtype = hidden.dtype
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 in exact tests
@@ -115,31 +59,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         wants_grad = grad_hidden is not None or grad_weight is not None
         # one Triton pass per chunk for loss and gradient (no bias: its gradient needs the fp32 rows)
         fused = acc_dtype == torch.float32 and grad_bias is None and use_triton("cross_entropy", hidden, weight)
-        head = _FP8Head.make(hidden, weight) if fp8 else None
         if fused:
             from ..kernels.cross_entropy import cross_entropy_rows
 
             grad_scale = 1.0 / denominator.to(torch.float32) if wants_grad else None
         for start in range(0, n_rows, chunk_rows):
-            stop = min(start + chunk_rows, n_rows)
-            h = hidden[start:stop]
-            y = labels[start:stop]
-            logits = head.logits(start, stop, compute_dtype) if head is not None else F.linear(h, w, b)
+            h = hidden[start:start + chunk_rows]
+            y = labels[start:start + chunk_rows]
             if fused:
-                if head is not None and grad_hidden is not None:
-                    row_loss, grad_logits, grad8 = cross_entropy_rows(logits, y, ignore_index, grad_scale,
-                                                                      HEAD_GRAD_DTYPE)
-                    grad_hidden[start:stop] = head.input_grad(_fp8_grad(grad8, grad_scale, compute_dtype),
-                                                              hidden.dtype)
-                else:
-                    row_loss, grad_logits = cross_entropy_rows(logits, y, ignore_index, grad_scale)
-                    if grad_hidden is not None:
-                        torch.matmul(grad_logits, w, out=grad_hidden[start:stop])
+                row_loss, grad_logits = cross_entropy_rows(F.linear(h, w, b), y, ignore_index, grad_scale)
                 total += row_loss.sum()
+                if grad_hidden is not None:
+                    torch.matmul(grad_logits, w, out=grad_hidden[start:start + chunk_rows])
                 if grad_weight is not None:
                     _accumulate_product(grad_weight, grad_logits.t(), h)
                 continue
-            logits = logits.to(acc_dtype)
+            logits = F.linear(h, w, b).to(acc_dtype)
             valid = y != ignore_index
             safe_y = torch.where(valid, y, 0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -150,12 +85,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # d(loss)/d(logits) = (softmax - one_hot) / denominator on valid rows, 0 elsewhere
             grad_logits = torch.softmax(logits, dim=-1)
             grad_logits.scatter_add_(1, safe_y[:, None], torch.full_like(picked[:, None], -1.0))
-            if head is not None and grad_hidden is not None:
-                grad8 = fp8_logits_gradient(grad_logits, valid, 1.0 / denominator.to(torch.float32), compute_dtype)
-                grad_hidden[start:stop] = head.input_grad(grad8, hidden.dtype)
             grad_logits *= (valid.to(acc_dtype) / denominator.to(acc_dtype))[:, None]
-            if grad_hidden is not None and head is None:
-                grad_hidden[start:stop] = (grad_logits.to(compute_dtype) @ w).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_rows] = (grad_logits.to(compute_dtype) @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.t().to(compute_dtype).matmul(h).to(acc_dtype)
             if grad_bias is not None:
@@ -173,30 +105,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:  # scaled and rounded in one pass (the fp32 product is never stored)
             dw = torch.mul(grad_weight, grad_output, out=torch.empty_like(grad_weight, dtype=ctx.weight_dtype))
         db = (grad_bias * grad_output).to(ctx.bias_dtype) if grad_bias is not None else None
-        return dh, dw, db, None, None, None, None, None
-
-
-def _fp8_grad(data: torch.Tensor, grad_scale: torch.Tensor, dtype: torch.dtype) -> QuantizedTensor:
-    """The Triton kernel's FP8 gradient as the QuantizedTensor :func:`fp8_logits_gradient` returns."""
-    from ..formats import E5M2
-
-    return QuantizedTensor(data, grad_scale.reshape(()), E5M2, PER_TENSOR, data.shape, dtype)
+        return dh, dw, db, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 bias: Optional[torch.Tensor] = None, *, chunk_rows: int = 2048,
+                                 bias: Optional[torch.Tensor] = None, *, chunk_rows: int = 4096,
                                  ignore_index: int = IGNORE_INDEX,
-                                 num_items_in_batch: Optional[int] = None, fp8: bool = False) -> torch.Tensor:
+                                 num_items_in_batch: Optional[int] = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (rows = tokens).
 
     ``hidden`` is (tokens, H) or (..., H) with labels of the same leading shape.  Rows whose label is
     ``ignore_index`` do not count.  ``num_items_in_batch`` replaces the mean's denominator (transformers
-    passes it for gradient accumulation).  ``fp8``: the logits and hidden-gradient GEMMs in FP8 (see the module
-    docstring); needs a 2-D weight and no bias.
+    passes it for gradient accumulation).
     """
-    if fp8 and bias is not None:
-        raise ValueError("chunked_linear_cross_entropy(fp8=True) needs a head without bias; pass fp8=False for "
-                         "this model (Recipe.fp8_lm_head=False)")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device)
     if hidden.shape[0] != labels.shape[0]:
@@ -210,17 +131,16 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     # torch.autocast, not eager_ops.autocast_off: this runs inside torch.compile'd models too (dynamo knows autocast)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_rows, ignore_index, denominator,
-                                                fp8)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_rows, ignore_index, denominator)
 
 
-def enable_chunked_loss(model, chunk_rows: int = 2048, fp8: bool = False):
+def enable_chunked_loss(model, chunk_rows: int = 4096):
     """Make a Hugging Face causal LM compute its training loss with the chunked fused head + loss.
 
     Only calls that pass ``labels`` change: they return ``loss`` and ``logits=None``.  Everything else
     (generation, evaluation without labels) runs the model's own forward.  Models whose head is not a plain
-    linear (e.g. logit soft-capping) are left alone with a warning.  ``fp8``: the head's logits and
-    hidden-gradient GEMMs in FP8 (heads with a bias keep bf16, with a warning).
+    linear (e.g. logit soft-capping) are left alone with a warning.  ``chunk_rows``: tokens per chunk
+    (``Recipe.loss_chunk_rows``).
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -233,12 +153,8 @@ def enable_chunked_loss(model, chunk_rows: int = 2048, fp8: bool = False):
         return model
     if getattr(model, "_fp8train_chunked_loss", False):
         return model
-    if fp8 and head.bias is not None:
-        warnings.warn(f"{type(model).__name__}: the lm_head has a bias; it stays bf16 (the FP8 head takes none)",
-                      stacklevel=2)
-        fp8 = False
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     original_forward = model.forward
 
     def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, shift_labels=None,
@@ -258,7 +174,7 @@ def enable_chunked_loss(model, chunk_rows: int = 2048, fp8: bool = False):
             # label (cheaper than slicing the hidden states, which would copy them and their gradient)
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         loss = chunked_linear_cross_entropy(hidden, head.weight, targets, head.bias, chunk_rows=chunk_rows,
-                                            num_items_in_batch=num_items_in_batch, fp8=fp8)
+                                            num_items_in_batch=num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
 
     model.forward = forward

@@ -47,7 +47,6 @@ class TrainConfig:
     fp8_attention_saves: bool = False  # attention keeps q/k/v as FP8 copies for backward (Recipe.fp8_attention_saves)
     fused_qkv: bool = False           # q/k/v projections as one FP8 GEMM (Recipe.fused_qkv)
     fast_accumulation: bool = False   # forward FP8 GEMMs without fp32 promotion (Recipe.fast_accumulation)
-    fp8_lm_head: Optional[bool] = None  # lm_head's logits + hidden-gradient GEMMs in FP8 (Recipe.fp8_lm_head); None: the recipe's
     fused_residual: Optional[bool] = None  # residual gradients summed in the norm kernels (Recipe.fused_residual)
     delayed_scaling: Optional[bool] = None  # gated product's FP8 scales predicted (Recipe.delayed_scaling); None: the recipe's
     grad_checkpointing: bool = False
@@ -147,9 +146,6 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.fast_accumulation and (c.recipe == "bf16" or c.simulate_format is not None):
         raise TrainError("--fast-accumulation changes the forward GEMMs of FP8 linear layers: it needs an FP8 recipe "
                          "(fp8, coat, coat-lean), not bf16 or --simulate-format")
-    if c.fp8_lm_head and (c.recipe != "coat-lean" or c.simulate_format is not None):
-        raise TrainError("--fp8-lm-head runs the lm_head in FP8 inside the chunked loss: it needs --recipe coat-lean "
-                         "(the recipe with the chunked loss), not --simulate-format")
     if c.delayed_scaling and (c.recipe not in ("coat", "coat-lean") or c.simulate_format is not None):
         raise TrainError("--delayed-scaling changes how the FP8 fast path of coat / coat-lean scales the MLP's gated "
                          f"product; recipe {c.recipe!r}" + (" with --simulate-format" if c.simulate_format else "")
@@ -305,9 +301,6 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
     g.add_argument("--fast-accumulation", action="store_true", default=S,
                    help="forward FP8 GEMMs accumulate in the tensor cores' own precision instead of promoting partial "
                         "sums to fp32 (TransformerEngine's and torchao's forward default; backward GEMMs keep fp32)")
-    g.add_argument("--fp8-lm-head", action=argparse.BooleanOptionalAction, default=S,
-                   help="coat-lean: the lm_head's logits and hidden-state gradient GEMMs in FP8 (E4M3 hidden states "
-                        "and weight, E5M2 logits gradient; the weight gradient stays bf16)")
     g.add_argument("--fused-residual", action=argparse.BooleanOptionalAction, default=S,
                    help="Llama-style layers sum their residual gradients in the norms' backward kernels instead of "
                         "autograd's bf16 adds (same forward, gradients rounded once); on by default with the FP8 "
@@ -379,7 +372,7 @@ _DECIDES_LOSSES = ("model", "recipe", "optimizer", "master_weights", "vocab_size
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
 _DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head", "step_in_backward",
                     "fp8_attention_saves", "fused_qkv", "fused_residual", "delayed_scaling",
-                    "fast_accumulation", "fp8_lm_head")
+                    "fast_accumulation")
 
 
 def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:
