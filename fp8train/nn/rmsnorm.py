@@ -82,7 +82,8 @@ def _reference_forward(x, weight, eps, style):
 
 def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, style: str = "llama",
                     quantize_output: bool = False, output_transpose: bool = False,
-                    x_saved: Optional[QuantizedTensor] = None, dequantized_dtype: Optional[torch.dtype] = None):
+                    x_saved: Optional[QuantizedTensor] = None, dequantized_dtype: Optional[torch.dtype] = None,
+                    prediction: Optional[torch.Tensor] = None):
     """RMSNorm forward that returns ``(y, saved)``.
 
     ``quantize_output=True`` returns ``y`` as the per-tensor E4M3 QuantizedTensor that the next linear layer
@@ -91,6 +92,9 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
     producer of ``x`` already wrote it (:func:`fp8train.nn.residual.residual_add` with ``emit_fp8_copy``).
     ``dequantized_dtype`` (with ``quantize_output``): return ``(y, saved, y_values)`` where ``y_values`` is
     ``y_q.dequantize(dequantized_dtype)`` -- on CUDA written by the same pass that writes the FP8 y.
+    ``prediction`` (with ``quantize_output``): a 1-element float32 view of a prediction buffer -- y's amax is
+    predicted from the previous call and repaired when wrong (:mod:`fp8train.delayed_scaling`; on CUDA one launch
+    instead of two passes over x).
     """
     _check(x, weight, style)
     if dequantized_dtype is not None and not quantize_output:
@@ -101,7 +105,8 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
         y, rstd, copy, *values = kernel.rmsnorm_forward(x, weight, eps, style, quantize_output=quantize_output,
                                                         output_transpose=output_transpose,
                                                         write_copy=x_saved is None,
-                                                        dequantized_dtype=dequantized_dtype)
+                                                        dequantized_dtype=dequantized_dtype,
+                                                        prediction=prediction if quantize_output else None)
         saved = RMSNormSaved(x=copy if x_saved is None else x_saved, rstd=rstd, style=style)
         return (y, saved, *values)
     y, rstd = _reference_forward(x, weight, eps, style)
@@ -109,7 +114,7 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
         x_saved = mg.save_for_nonlinear(x)
     saved = RMSNormSaved(x=x_saved, rstd=rstd, style=style)
     if quantize_output:
-        y = mg.quantize_for_linear(y, with_transpose=output_transpose)
+        y = mg.quantize_for_linear(y, with_transpose=output_transpose, prediction=prediction)
     if dequantized_dtype is not None:
         return y, saved, (y[0] if output_transpose else y).dequantize(dequantized_dtype)
     return y, saved
