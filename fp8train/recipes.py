@@ -66,10 +66,9 @@ class Recipe:
     Loss: ``chunked_loss`` -- compute a causal LM's training loss with the chunked fused lm_head +
     cross-entropy (:mod:`fp8train.nn.chunked_cross_entropy`), so the vocabulary-sized logits are never
     materialised; calls that pass ``labels`` then return ``logits=None``.  ``loss_chunk_rows`` -- tokens per
-    chunk: larger chunks run the head's GEMMs faster and add into the fp32 weight-gradient accumulator fewer
-    times, and hold more at once (a chunk's bf16 logits and their gradient: 4 bytes per token per vocabulary
-    entry, 0.5 GB at 4096 tokens x 32k).  The default, 4096, was 1.06x faster than 2048 for the 953M model's
-    head + loss on an H100 (8192: 1.07x; docs/performance.md, "Session 12").
+    chunk: larger chunks hold more at once (a chunk's bf16 logits and their gradient: 4 bytes per token per
+    vocabulary entry, 0.26 GB at 2048 tokens x 32k) and run the head's GEMMs a little faster (on the 953M
+    model's head 1.02-1.07x with 8192-token chunks, within noise end to end: docs/performance.md, "Session 12").
     Simulated formats (``simulate``): a :class:`fp8train.lab.SimulatedFormats` or its spec string (``"e3m4"``,
     ``"a=e3m4,w=e3m4,g=e5m2,scaling=1x16"``).  When set, every converted linear becomes a ``SimulatedLinear``
     (GEMM inputs rounded to the given formats, GEMMs in the compute dtype); the FP8 linear fields above are not
@@ -117,7 +116,7 @@ class Recipe:
     recompute_gated_product: bool = True
     keep_bf16: tuple = ("lm_head", "score", "classifier", "qa_outputs")
     chunked_loss: bool = False
-    loss_chunk_rows: int = 4096
+    loss_chunk_rows: int = 2048
     fused_rotary: bool = True
     fp8_attention_saves: bool = False
     fused_qkv: bool = False

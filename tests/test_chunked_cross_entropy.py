@@ -122,7 +122,7 @@ def test_recipe_chunk_rows_reach_the_loss():
 
     with pytest.raises(ValueError, match="loss_chunk_rows"):
         fp8train.Recipe(chunked_loss=True, loss_chunk_rows=0)
-    assert fp8train.Recipe().loss_chunk_rows == 4096
+    assert fp8train.Recipe().loss_chunk_rows == 2048
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -135,7 +135,7 @@ def test_recipe_chunk_rows_reach_the_loss():
 
     chunked.chunked_linear_cross_entropy = spy
     try:
-        for rows in (4096, 5):
+        for rows in (2048, 5):
             torch.manual_seed(0)
             model = LlamaForCausalLM(cfg)
             fp8train.convert(model, recipe=fp8train.Recipe(name="loss", fp8_linears=False, chunked_loss=True,
@@ -143,5 +143,5 @@ def test_recipe_chunk_rows_reach_the_loss():
             losses.append(model(input_ids=ids, labels=ids).loss.item())
     finally:
         chunked.chunked_linear_cross_entropy = original
-    assert seen == [4096, 5]
+    assert seen == [2048, 5]
     assert abs(losses[0] - losses[1]) < 1e-5

@@ -284,10 +284,16 @@ def _backward_row_plan(dy: torch.Tensor, M: int, N: int, plan: Optional[tuple] =
     return block_n, bm, warps, nprog, cdiv(row_blocks, nprog)
 
 
-def _predicted_plan(N: int, plan: Optional[tuple]) -> tuple[int, int, int]:
+def _predicted_plan(x: torch.Tensor, M: int, N: int, plan: Optional[tuple]) -> tuple[int, int, int]:
     """(rows per program, chunk width, warps) of the one-launch predicted forward.  32 rows give the transposed
-    stores whole 32-byte sectors; ``plan`` overrides it (a tuning aid: benchmarks/gpu/ops.py sweeps it)."""
-    bm, bn, warps = plan if plan is not None else (32, 128, 4)
+    stores whole 32-byte sectors, but a program sweeps its rows one chunk after another, so there must be enough
+    programs to keep the memory busy: 16 rows when 32-row blocks would leave fewer than 4 programs per SM
+    (H200, 953M shapes: 8192 x 2048 took 0.066 ms with 16 rows, 0.162 with 32; 65536 x 2048 0.380 with 32 rows,
+    0.616 with 16 -- benchmarks/results/2026-11-28-h200-session12-ops.log).  ``plan`` overrides it (a tuning aid:
+    benchmarks/gpu/ops.py sweeps it)."""
+    if plan is None:
+        plan = (32 if cdiv(M, 32) >= 4 * plans.sm_count(x) else 16, 128, 4)
+    bm, bn, warps = plan
     return bm, min(bn, max(16, next_power_of_2(N))), warps
 
 
@@ -380,7 +386,7 @@ def _forward_predicted(x, weight, eps, style, output_transpose, dequantized_dtyp
     y_dummy = torch.empty(1, dtype=y_dtype, device=dev)
     seen = torch.zeros(2, dtype=torch.int32, device=dev)
     w = weight if weight is not None else rstd
-    bm, bn, warps = _predicted_plan(N, plan)
+    bm, bn, warps = _predicted_plan(x2, M, N, plan)
     flags = dict(STYLE=_STYLE_CODE[style], HAS_W=weight is not None, WRITE_T=output_transpose,
                  WRITE_DEQ=dequantized_dtype is not None)
     if M > 0:

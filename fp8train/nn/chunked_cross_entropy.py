@@ -109,7 +109,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 bias: Optional[torch.Tensor] = None, *, chunk_rows: int = 4096,
+                                 bias: Optional[torch.Tensor] = None, *, chunk_rows: int = 2048,
                                  ignore_index: int = IGNORE_INDEX,
                                  num_items_in_batch: Optional[int] = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (rows = tokens).
@@ -134,7 +134,7 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_rows, ignore_index, denominator)
 
 
-def enable_chunked_loss(model, chunk_rows: int = 4096):
+def enable_chunked_loss(model, chunk_rows: int = 2048):
     """Make a Hugging Face causal LM compute its training loss with the chunked fused head + loss.
 
     Only calls that pass ``labels`` change: they return ``loss`` and ``logits=None``.  Everything else

@@ -90,6 +90,9 @@ class NormOutput(NamedTuple):
 # autograd's two bf16 adds of full activations before the norm's backward runs.  FP8TRAIN_NORM_GRAD_FANIN=0 in
 # the environment turns it off (for comparisons: the values differ only by the adds' bf16 rounding).
 SPARE_OUTPUTS = 0 if os.environ.get("FP8TRAIN_NORM_GRAD_FANIN", "1") == "0" else 2
+# FP8TRAIN_NORM_PREDICTION=0 in the environment: flow norms scale their output just in time (two passes over x)
+# even under Recipe.delayed_scaling -- for A/B comparisons of the one-launch forward.
+NORM_PREDICTION = os.environ.get("FP8TRAIN_NORM_PREDICTION", "1") != "0"
 
 
 class _FlowNormFunction(torch.autograd.Function):
@@ -188,7 +191,8 @@ class FlowRMSNorm(FP8RMSNorm):
             out_dtype = x.dtype
         box: list = []
         y, *spares = _FlowNormFunction.apply(x, self.weight, eps, self.style, wants_transpose(x.device, recipe),
-                                             out_dtype, box, residual, self._buffers.get(BUFFER_NAME))
+                                             out_dtype, box, residual,
+                                             self._buffers.get(BUFFER_NAME) if NORM_PREDICTION else None)
         x_residual = spares.pop() if residual else x
         y_in, saved = box[0]
         attach_linear_input(y, recipe, y_in)
