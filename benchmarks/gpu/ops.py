@@ -358,7 +358,7 @@ def check_rmsnorm_predicted(report, shapes):
             report.check(f"ops: rmsnorm predicted y {shape} call {step}", ok, amax_rel=amax_rel, pred_rel=pred_rel,
                          max_steps=steps, transposed_max_steps=steps_t, copy_identical=round(copy_same, 6),
                          rstd_rel=max_rel(rstd, rstd_r), prediction=pred.tolist())
-    for rows in (8192, 16384, 32768, 65536):
+    for rows in (8192, 65536):
         x = bf16_input((rows, 2048))
         w = (1 + 0.3 * bf16_input((2048,), seed=2).float()).to(torch.bfloat16)
         pred = new_prediction(1, "cuda")
@@ -367,7 +367,7 @@ def check_rmsnorm_predicted(report, shapes):
         nbytes = x.numel() * (2 + 1.125 + 1 + 1 + 2)  # x; 1x16 copy; y row-major, transposed, dequantized bf16
         two_pass = bench_ms(lambda: forward(x, w, None))
         _row(report, f"ops: flow rmsnorm fwd {rows}x2048, two passes (amax, then encode)", two_pass, nbytes, copy)
-        for plan in (None, (16, 128, 4), (32, 128, 4), (32, 128, 8), (8, 128, 4), (16, 64, 4), (32, 256, 8)):
+        for plan in (None, (16, 128, 4), (32, 128, 8), (32, 256, 8)):
             ms = bench_ms(lambda: forward(x, w, pred, plan))
             _row(report, f"ops: flow rmsnorm fwd {rows}x2048, predicted, plan {plan or 'default'}", ms, nbytes, copy,
                  speedup_vs_two_passes=round(two_pass / ms, 3))

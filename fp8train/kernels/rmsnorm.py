@@ -287,12 +287,14 @@ def _backward_row_plan(dy: torch.Tensor, M: int, N: int, plan: Optional[tuple] =
 def _predicted_plan(x: torch.Tensor, M: int, N: int, plan: Optional[tuple]) -> tuple[int, int, int]:
     """(rows per program, chunk width, warps) of the one-launch predicted forward.  32 rows give the transposed
     stores whole 32-byte sectors, but a program sweeps its rows one chunk after another, so there must be enough
-    programs to keep the memory busy: 16 rows when 32-row blocks would leave fewer than 4 programs per SM
-    (H200, 953M shapes: 8192 x 2048 took 0.066 ms with 16 rows, 0.162 with 32; 65536 x 2048 0.380 with 32 rows,
-    0.616 with 16 -- benchmarks/results/2026-11-28-h200-session12-ops.log).  ``plan`` overrides it (a tuning aid:
+    programs to keep the memory busy: 16 rows when 32-row blocks would leave fewer than 2 programs per SM.
+    Measured on the 953M shapes (x 2048 columns; benchmarks/results/2026-11-28-h100-session12-ops.log and
+    -h200-session12-ops.log): from 16384 rows up 32-row blocks are 1.05-1.07x faster than the two-pass forward on
+    an H100 and 16-row ones 0.67-0.77x; at 8192 rows the plans are within 10 % of each other on the H100, while
+    on an H200 16-row blocks took 0.066 ms and 32-row ones 0.13-0.16.  ``plan`` overrides it (a tuning aid:
     benchmarks/gpu/ops.py sweeps it)."""
     if plan is None:
-        plan = (32 if cdiv(M, 32) >= 4 * plans.sm_count(x) else 16, 128, 4)
+        plan = (32, 128, 8) if cdiv(M, 32) >= 2 * plans.sm_count(x) else (16, 128, 4)
     bm, bn, warps = plan
     return bm, min(bn, max(16, next_power_of_2(N))), warps
 
