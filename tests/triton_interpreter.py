@@ -271,60 +271,6 @@ def check_rmsnorm():
                         close(dw4, dw4r, dtype, scale=4)
                     if w is not None:
                         close(dw, dwr, dtype, scale=4)
-    check_rmsnorm_predicted()
-
-
-def check_rmsnorm_predicted():
-    """The flow norm's one-launch forward with a predicted amax: on each branch of the repair rule the same rstd,
-    1x16 copy, per-tensor y (row-major, transposed, dequantized), published amax and next prediction as the torch
-    reference -- with the rows swept in several chunks (plans of 16- and 32-wide chunks) and, on odd calls, two
-    persistent repair programs looping over every tile.  The weight is scaled per call (y does not change with
-    x's scale)."""
-    from unittest import mock
-
-    from fp8train.kernels import plans
-
-    two_programs = mock.patch.object(plans, "partials_capacity", lambda x, family: 2)
-    # small repair tiles: the repair pass loops over many of them
-    small_tiles = mock.patch.object(plans, "elementwise_tile", lambda N, family, transposed=False, group=16: (8, 32))
-    with small_tiles:
-        _check_rmsnorm_predicted(two_programs)
-
-
-def _check_rmsnorm_predicted(two_programs):
-    from unittest import mock
-
-    from fp8train import mixed_granularity as mg
-    from fp8train.delayed_scaling import every_branch
-    from fp8train.kernels import rmsnorm as kernel
-    from fp8train.nn import rmsnorm as ref
-
-    for shape, plan in (((5, 48), None), ((3, 3, 64), (2, 16, 4)), ((33, 160), (16, 32, 4))):
-        for dtype in DTYPES:
-            x = _inputs(shape, dtype)
-            base_w = (1 + 0.3 * _inputs(shape[-1:], torch.float32, seed=2)).to(dtype)
-            for style in ref.STYLES:
-                pred, pred_r = torch.zeros(1), torch.zeros(1)
-                for call, factor in every_branch(pred, pred_r):
-                    w = (base_w.float() * factor).to(dtype)
-                    with two_programs if call % 2 else contextlib.nullcontext():
-                        (q, t), rstd, copy, deq = kernel.rmsnorm_forward(
-                            x, w, 1e-5, style, quantize_output=True, output_transpose=True,
-                            dequantized_dtype=torch.float32, prediction=pred, plan=plan)
-                    with mock.patch.object(mg, "use_kernels", lambda *args: False):  # the torch reference
-                        (qr, tr), saved, deq_r = ref.rmsnorm_forward(
-                            x, w, 1e-5, style=style, quantize_output=True, output_transpose=True,
-                            dequantized_dtype=torch.float32, prediction=pred_r)
-                    where = (shape, dtype, style, call)
-                    close(rstd, saved.rstd, dtype)
-                    same_copy(copy, saved.x)
-                    same_tensorwise(q, t, qr, tr, dtype)
-                    close(pred, pred_r, dtype, scale=2)
-                    close(q.scale, qr.scale, dtype, scale=2)
-                    # the dequantized output is the kernel's own FP8 y (whose bits may differ from the reference's
-                    # by the reduction order's rounding, as same_tensorwise allows)
-                    torch.testing.assert_close(deq, q.dequantize(torch.float32), rtol=1e-6, atol=0, msg=str(where))
-                    assert deq_r.shape == deq.shape
 
 
 def check_layernorm():

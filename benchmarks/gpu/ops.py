@@ -316,63 +316,6 @@ def check_quantize_predicted(report, shapes):
                          speedup=round(two_pass / predicted, 3))
 
 
-def check_rmsnorm_predicted(report, shapes):
-    """The flow norm under delayed scaling: the one-launch forward + its repair pass against the torch reference on
-    every branch of the rule (rstd, 1x16 copy, per-tensor y row-major / transposed / dequantized, published amax and
-    next prediction; y may differ by a rounding of the reduction order, as the two-pass kernel's), then its speed
-    against the two-pass forward on the 953M model's shapes at batch 4 and 32, with a sweep of its plans."""
-    from fp8train.delayed_scaling import every_branch, new_prediction
-    from fp8train.formats import E4M3
-    from fp8train.kernels import force_reference
-    from fp8train.kernels import rmsnorm as kernel
-    from fp8train.nn import rmsnorm as op
-
-    def forward(x, w, prediction, plan=None, reference=False):
-        if reference:
-            with force_reference():
-                (q, t), saved, deq = op.rmsnorm_forward(x, w, 1e-5, style="llama", quantize_output=True,
-                                                         output_transpose=True, dequantized_dtype=torch.bfloat16,
-                                                         prediction=prediction)
-            return q, t, saved.rstd, saved.x, deq
-        (q, t), rstd, copy, deq = kernel.rmsnorm_forward(x, w, 1e-5, "llama", quantize_output=True,
-                                                         output_transpose=True, dequantized_dtype=torch.bfloat16,
-                                                         prediction=prediction, plan=plan)
-        return q, t, rstd, copy, deq
-
-    for shape in shapes:
-        x = bf16_input(shape)
-        base_w = (1 + 0.3 * bf16_input(shape[-1:], seed=2).float()).to(torch.bfloat16)
-        pred, pred_r = new_prediction(1, "cuda"), new_prediction(1, "cuda")
-        for step, factor in every_branch(pred, pred_r):
-            w = (base_w.float() * factor).to(torch.bfloat16)  # y does not change with x's scale: scale the weight
-            q, t, rstd, copy, deq = forward(x, w, pred)
-            qr, tr, rstd_r, copy_r, _ = forward(x, w, pred_r, reference=True)
-            _, steps = fp8_steps(q.data, qr.data, E4M3)
-            same_t, steps_t = fp8_steps(t, tr, E4M3)
-            amax_rel = abs(float(q.amax) - float(qr.amax)) / float(qr.amax)
-            pred_rel = float(((pred - pred_r).abs() / pred_r.abs().clamp_min(1e-30)).max())
-            copy_same, copy_steps = fp8_steps(copy.data, copy_r.data, E4M3)
-            ok = (amax_rel <= 2**-7 and pred_rel <= 2**-7 and steps <= 1 and steps_t <= 1 and _scale_hint_ok(q)
-                  and max_rel(rstd, rstd_r) <= 1e-5 and torch.equal(copy.amax, copy_r.amax) and copy_steps == 0
-                  and torch.equal(deq, q.dequantize(torch.bfloat16)))
-            report.check(f"ops: rmsnorm predicted y {shape} call {step}", ok, amax_rel=amax_rel, pred_rel=pred_rel,
-                         max_steps=steps, transposed_max_steps=steps_t, copy_identical=round(copy_same, 6),
-                         rstd_rel=max_rel(rstd, rstd_r), prediction=pred.tolist())
-    for rows in (8192, 65536):
-        x = bf16_input((rows, 2048))
-        w = (1 + 0.3 * bf16_input((2048,), seed=2).float()).to(torch.bfloat16)
-        pred = new_prediction(1, "cuda")
-        forward(x, w, pred)  # learn the prediction
-        copy = copy_tbps(x)
-        nbytes = x.numel() * (2 + 1.125 + 1 + 1 + 2)  # x; 1x16 copy; y row-major, transposed, dequantized bf16
-        two_pass = bench_ms(lambda: forward(x, w, None))
-        _row(report, f"ops: flow rmsnorm fwd {rows}x2048, two passes (amax, then encode)", two_pass, nbytes, copy)
-        for plan in (None, (16, 128, 4), (32, 128, 8), (32, 256, 8)):
-            ms = bench_ms(lambda: forward(x, w, pred, plan))
-            _row(report, f"ops: flow rmsnorm fwd {rows}x2048, predicted, plan {plan or 'default'}", ms, nbytes, copy,
-                 speedup_vs_two_passes=round(two_pass / ms, 3))
-
-
 def check_residual(report, shapes):
     from fp8train.kernels import force_reference
     from fp8train.nn import residual as op
@@ -393,8 +336,7 @@ def check_no_recompiles(report):
     from fp8train.nn.residual import residual_add_forward
     from fp8train.nn.rmsnorm import add_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward
 
-    kernels = [kn._rmsnorm_fwd_kernel, kn._rmsnorm_apply_kernel, kn._rmsnorm_bwd_kernel,
-               kn._rmsnorm_fwd_predicted_kernel, kn._rmsnorm_fwd_repair_kernel, ka._activation_fwd_kernel,
+    kernels = [kn._rmsnorm_fwd_kernel, kn._rmsnorm_apply_kernel, kn._rmsnorm_bwd_kernel, ka._activation_fwd_kernel,
                ka._activation_apply_kernel, ka._activation_bwd_kernel, kg._gated_fwd_kernel, kg._gated_apply_kernel,
                kg._gated_bwd_kernel, kg._gated_bwd_apply_kernel, kg._gated_fwd_predicted_kernel,
                kg._gated_fwd_repair_kernel, kg._gated_bwd_predicted_kernel, kg._gated_bwd_repair_kernel,
@@ -415,8 +357,6 @@ def check_no_recompiles(report):
         prediction = torch.zeros(3, device="cuda")
         gated_product_forward(x, x, "silu", quantize_output=True, output_transpose=True, prediction=prediction[:1])
         gated_product_backward(x, sg, quantize_output=True, output_transpose=True, prediction=prediction[1:])
-        rmsnorm_forward(x, w, 1e-5, quantize_output=True, output_transpose=True, dequantized_dtype=torch.bfloat16,
-                        prediction=torch.zeros(1, device="cuda"))
         residual_add_forward(x, x, emit_fp8_copy=True)
 
     run_all(4095)
@@ -679,7 +619,6 @@ def run(report) -> None:
     check_gated(report, [(4095, 11008), (1, 7, 1376)])
     check_gated_predicted(report, [(4095, 11008), (1, 7, 1376)])
     check_quantize_predicted(report, [(4095, 2048), (3, 333, 160)])
-    check_rmsnorm_predicted(report, [(4095, 2048), (3, 333, 160)])
     check_residual(report, [(4095, 4096), (2, 1023, 5120)])
     check_no_recompiles(report)
     check_cuda_graph(report)

@@ -8,11 +8,6 @@ argument, so new batch sizes or sequence lengths never recompile).
 quantize_output: pass 1 (this row kernel) also folds max |y| into per-program partial maxima; pass 2
 (``_rmsnorm_apply_kernel``, 2-D tiles) recomputes y from x and the saved rstd and writes FP8 y, row-major and/or
 transposed, with the global amax -- the two-stage group-scaling amax without a bf16 y round trip.
-
-quantize_output with a predicted amax (``prediction=``, :mod:`fp8train.delayed_scaling`): one kernel whose
-programs own BM whole rows and sweep them twice in BN-wide chunks -- first for rstd and the 1x16 copy, then to
-encode y with the predicted scale (the second read of the same rows mostly hits L2) -- followed by the repair
-pass shared by every predicted-scale kernel (:mod:`fp8train.kernels.predicted_scale`).
 """
 
 from __future__ import annotations
@@ -23,14 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..delayed_scaling import HEADROOM, MARGIN
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch, next_power_of_2
-from .predicted_scale import first_program, repair_programs, settle_prediction
 from .quantize import (E4M3_MAX, INV_E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, fold_amax_bits,
-                       grid_tile, load_group_copy, loop_tile, quantize_group_tile, saturate, shared_amax,
-                       store_tensorwise, tile_amax_bits)
+                       grid_tile, load_group_copy, quantize_group_tile, saturate, shared_amax, store_tensorwise,
+                       tile_amax_bits)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
@@ -124,88 +117,6 @@ def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partial
                  ((q * INV_E4M3_MAX) * amax).to(deq_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _encode_normed_tile(x, rstd, w_ptr, y_dtype_ptr, inv, amax, rows, cols, M, N, q_ptr, q_t_ptr, deq_ptr,
-                        X_DTYPE: tl.constexpr, BN: tl.constexpr, STYLE: tl.constexpr, HAS_W: tl.constexpr,
-                        WRITE_T: tl.constexpr, WRITE_DEQ: tl.constexpr):
-    """y of one tile (x float32 [BM, BN] loaded from X_DTYPE, rstd [BM]) encoded with ``inv`` into q (+ transposed)
-    and, with WRITE_DEQ, its FP8 values times ``amax`` / 448 (the apply kernel's roundings).  Returns y's amax
-    bits."""
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    else:
-        w = tl.zeros((BN,), tl.float32)
-    y = _normed_output(x * rstd[:, None], w, X_DTYPE, y_dtype_ptr.dtype.element_ty, STYLE, HAS_W)
-    store_tensorwise(y, inv, rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T, E4M3_MAX)
-    if WRITE_DEQ:
-        q = saturate(y * inv, E4M3_MAX).to(q_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(deq_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
-                 ((q * INV_E4M3_MAX) * amax).to(deq_ptr.dtype.element_ty), mask=mask)
-    return tile_amax_bits(tl.where(mask, y, 0.0))
-
-
-@fast_launch
-@triton.jit(do_not_specialize=["M"])
-def _rmsnorm_fwd_predicted_kernel(x_ptr, stride_x, w_ptr, y_dtype_ptr, rstd_ptr, copy_ptr, copy_amax_ptr,
-                                  prediction_ptr, seen_ptr, q_ptr, q_t_ptr, deq_ptr, M, eps, N: tl.constexpr,
-                                  BM: tl.constexpr, BN: tl.constexpr, STYLE: tl.constexpr, HAS_W: tl.constexpr,
-                                  WRITE_T: tl.constexpr, WRITE_DEQ: tl.constexpr):
-    """The whole flow-norm forward in one launch: BM rows, swept twice in BN-wide chunks -- rstd and the E4M3 1x16
-    copy of x, then y encoded with the predicted amax (row-major, transposed, dequantized); y's true amax is
-    folded into seen[0]."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rmask = rows < M
-    rows64 = rows[:, None].to(tl.int64)
-    squares = tl.zeros((BM,), tl.float32)
-    for start in range(0, N, BN):
-        cols = start + tl.arange(0, BN)
-        mask = rmask[:, None] & (cols < N)[None, :]
-        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        squares += tl.sum(x * x, axis=1)
-        q, group_amax = quantize_group_tile(x, BM, BN, 16, 448.0, True)
-        tl.store(copy_ptr + rows64 * N + cols[None, :], q.to(copy_ptr.dtype.element_ty), mask=mask)
-        gcols = start // 16 + tl.arange(0, BN // 16)
-        tl.store(copy_amax_ptr + rows64 * (N // 16) + gcols[None, :], group_amax.to(copy_amax_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & (gcols < N // 16)[None, :])
-    rstd = tl.math.rsqrt(squares / N + eps)
-    tl.store(rstd_ptr + rows, rstd, mask=rmask)
-    predicted = tl.load(prediction_ptr)
-    if first_program():
-        tl.store(seen_ptr + 1, predicted.to(tl.int32, bitcast=True))
-    inv = encode_multiplier(predicted, E4M3_MAX)
-    bits = tl.full((), 0, tl.int32)
-    for start in range(0, N, BN):
-        cols = start + tl.arange(0, BN)
-        mask = rmask[:, None] & (cols < N)[None, :]
-        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        bits = tl.maximum(bits, _encode_normed_tile(x, rstd, w_ptr, y_dtype_ptr, inv, predicted, rows, cols, M, N,
-                                                    q_ptr, q_t_ptr, deq_ptr, x_ptr.dtype.element_ty, BN, STYLE,
-                                                    HAS_W, WRITE_T, WRITE_DEQ))
-    fold_amax_bits(seen_ptr, bits)
-
-
-@fast_launch
-@triton.jit(do_not_specialize=["M", "num_tiles", "num_programs"])
-def _rmsnorm_fwd_repair_kernel(x_ptr, stride_x, w_ptr, y_dtype_ptr, rstd_ptr, seen_ptr, prediction_ptr,
-                               amax_out_ptr, q_ptr, q_t_ptr, deq_ptr, M, N, num_tiles, num_programs,
-                               BM: tl.constexpr, BN: tl.constexpr, STYLE: tl.constexpr, HAS_W: tl.constexpr,
-                               WRITE_T: tl.constexpr, WRITE_DEQ: tl.constexpr, MARGIN: tl.constexpr,
-                               HEADROOM: tl.constexpr):
-    """Publish the amax y was encoded with, update the prediction, and re-encode y just in time (from x and the
-    saved rstd) when the prediction was unusable; persistent programs, as every repair pass."""
-    seen, repair = settle_prediction(seen_ptr, prediction_ptr, amax_out_ptr, E4M3_MAX, MARGIN, HEADROOM)
-    if repair:
-        inv = encode_multiplier(seen, E4M3_MAX)
-        for t in range(tl.program_id(0), num_tiles, num_programs):
-            rows, cols, mask = loop_tile(t, M, N, BM, BN)
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
-            _encode_normed_tile(x, rstd, w_ptr, y_dtype_ptr, inv, seen, rows, cols, M, N, q_ptr, q_t_ptr, deq_ptr,
-                                x_ptr.dtype.element_ty, BN, STYLE, HAS_W, WRITE_T, WRITE_DEQ)
-
-
 @fast_launch
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _rmsnorm_bwd_kernel(dy_ptr, stride_dy, dy2_ptr, stride_dy2, dy3_ptr, stride_dy3, q_ptr, qamax_ptr, rstd_ptr,
@@ -284,36 +195,17 @@ def _backward_row_plan(dy: torch.Tensor, M: int, N: int, plan: Optional[tuple] =
     return block_n, bm, warps, nprog, cdiv(row_blocks, nprog)
 
 
-def _predicted_plan(x: torch.Tensor, M: int, N: int, plan: Optional[tuple]) -> tuple[int, int, int]:
-    """(rows per program, chunk width, warps) of the one-launch predicted forward.  32 rows give the transposed
-    stores whole 32-byte sectors, but a program sweeps its rows one chunk after another, so there must be enough
-    programs to keep the memory busy: 16 rows when 32-row blocks would leave fewer than 2 programs per SM.
-    Measured on the 953M shapes (x 2048 columns; benchmarks/results/2026-11-28-h100-session12-ops.log and
-    -h200-session12-ops.log): from 16384 rows up 32-row blocks are 1.05-1.07x faster than the two-pass forward on
-    an H100 and 16-row ones 0.67-0.77x; at 8192 rows the plans are within 10 % of each other on the H100, while
-    on an H200 16-row blocks took 0.066 ms and 32-row ones 0.13-0.16.  ``plan`` overrides it (a tuning aid:
-    benchmarks/gpu/ops.py sweeps it)."""
-    if plan is None:
-        plan = (32, 128, 8) if cdiv(M, 32) >= 2 * plans.sm_count(x) else (16, 128, 4)
-    bm, bn, warps = plan
-    return bm, min(bn, max(16, next_power_of_2(N))), warps
-
-
 def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_transpose=False, write_copy=True,
-                    residual=None, dequantized_dtype=None, prediction=None, plan=None):
+                    residual=None, dequantized_dtype=None):
     """Returns ``(y, rstd, x_copy)``: y as a tensor (promoted dtype for llama style), or the per-tensor E4M3
     QuantizedTensor (``(q, data_t)`` with ``output_transpose``); rstd float32 ``x.shape[:-1]``; x_copy the E4M3
     1x16 QuantizedTensor of x (None when ``write_copy`` is False).
 
     With ``residual``, the norm's input is ``h = residual + x`` and the result is ``(h, y, rstd, h_copy)``.
     ``dequantized_dtype`` (with ``quantize_output``): also return the FP8 y's values in that dtype, last --
-    the bits of ``q.dequantize(dtype)``.  ``prediction`` (with ``quantize_output``, without ``residual``): a
-    1-element float32 buffer view -- y is encoded with the amax predicted from the previous call in one launch,
-    repaired just in time when unusable (:mod:`fp8train.delayed_scaling`).  ``plan``: see :func:`_predicted_plan`."""
+    the bits of ``q.dequantize(dtype)``."""
     from ..mixed_granularity import NONLINEAR_FORMAT, NONLINEAR_GRANULARITY, LINEAR_FORMAT
 
-    if prediction is not None and quantize_output and residual is None and write_copy:
-        return _forward_predicted(x, weight, eps, style, output_transpose, dequantized_dtype, prediction, plan)
     x2 = as_rows(x)
     M, N = x2.shape
     dev = x.device
@@ -368,45 +260,6 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
                         dtype=y_dtype, scale_hint=scale_view)
     tail = (deq,) if dequantized_dtype is not None else ()
     return (*lead, ((q, data_t) if output_transpose else q), rstd, copy, *tail)
-
-
-def _forward_predicted(x, weight, eps, style, output_transpose, dequantized_dtype, prediction, plan):
-    """:func:`rmsnorm_forward` with a predicted amax: the one-launch forward, then the repair pass."""
-    from ..mixed_granularity import NONLINEAR_FORMAT, NONLINEAR_GRANULARITY, LINEAR_FORMAT
-
-    x2 = as_rows(x)
-    M, N = x2.shape
-    dev = x.device
-    y_dtype = torch.promote_types(weight.dtype, x.dtype) if (style == "llama" and weight is not None) else x.dtype
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=dev)
-    copy_data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
-    copy_amax = torch.empty(*x.shape[:-1], N // 16, dtype=torch.bfloat16, device=dev)
-    amax, (amax_view,), (scale_view,) = amax_and_scale(dev)
-    data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
-    data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
-    deq = torch.empty(x.shape, dtype=dequantized_dtype, device=dev) if dequantized_dtype is not None else amax
-    y_dummy = torch.empty(1, dtype=y_dtype, device=dev)
-    seen = torch.zeros(2, dtype=torch.int32, device=dev)
-    w = weight if weight is not None else rstd
-    bm, bn, warps = _predicted_plan(x2, M, N, plan)
-    flags = dict(STYLE=_STYLE_CODE[style], HAS_W=weight is not None, WRITE_T=output_transpose,
-                 WRITE_DEQ=dequantized_dtype is not None)
-    if M > 0:
-        _rmsnorm_fwd_predicted_kernel[(cdiv(M, bm),)](x2, x2.stride(0), w, y_dummy, rstd, copy_data, copy_amax,
-                                                      prediction, seen, data, data_t, deq, M, float(eps), N=N,
-                                                      BM=bm, BN=bn, num_warps=warps, **flags)
-    bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
-    num_tiles, programs = repair_programs((cdiv(M, bm2), cdiv(N, bn2)), x2, "norm")
-    _rmsnorm_fwd_repair_kernel[(programs,)](x2, x2.stride(0), w, y_dummy, rstd, seen, prediction, amax, data, data_t,
-                                            deq, M, N, num_tiles, programs, BM=bm2, BN=bn2, MARGIN=MARGIN,
-                                            HEADROOM=HEADROOM, num_warps=plans.warps("norm", output_transpose),
-                                            **flags)
-    copy = QuantizedTensor(data=copy_data, amax=copy_amax, fmt=NONLINEAR_FORMAT, granularity=NONLINEAR_GRANULARITY,
-                           shape=x.shape, dtype=x.dtype)
-    q = QuantizedTensor(data=data, amax=amax_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
-                        dtype=y_dtype, scale_hint=scale_view)
-    tail = (deq,) if dequantized_dtype is not None else ()
-    return (((q, data_t) if output_transpose else q), rstd, copy, *tail)
 
 
 def rmsnorm_backward(dy, x_copy: QuantizedTensor, rstd, weight, style, residual_grad=None, second_dy=None,

@@ -90,18 +90,14 @@ class NormOutput(NamedTuple):
 # autograd's two bf16 adds of full activations before the norm's backward runs.  FP8TRAIN_NORM_GRAD_FANIN=0 in
 # the environment turns it off (for comparisons: the values differ only by the adds' bf16 rounding).
 SPARE_OUTPUTS = 0 if os.environ.get("FP8TRAIN_NORM_GRAD_FANIN", "1") == "0" else 2
-# FP8TRAIN_NORM_PREDICTION=0 in the environment: flow norms scale their output just in time (two passes over x)
-# even under Recipe.delayed_scaling -- for A/B comparisons of the one-launch forward.
-NORM_PREDICTION = os.environ.get("FP8TRAIN_NORM_PREDICTION", "1") != "0"
 
 
 class _FlowNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, style, transpose, out_dtype, box, residual, prediction):
+    def forward(ctx, x, weight, eps, style, transpose, out_dtype, box, residual):
         with autocast_off(x.device.type):
             out, saved, y = rmsnorm_forward(x, weight, eps, style=style, quantize_output=True,
-                                            output_transpose=transpose, dequantized_dtype=out_dtype,
-                                            prediction=prediction)
+                                            output_transpose=transpose, dequantized_dtype=out_dtype)
             y_in = LinearInput(*out) if transpose else LinearInput(out)
         (data, amax), ctx.x_meta = mg.pack(saved.x)
         ctx.save_for_backward(data, amax, saved.rstd, weight)
@@ -120,7 +116,7 @@ class _FlowNormFunction(torch.autograd.Function):
         dres = grads[-1] if ctx.residual else None
         dys = [g for g in (grads[:-1] if ctx.residual else grads) if g is not None]
         if not dys:
-            return (dres, *(None,) * 8)
+            return (dres, *(None,) * 7)
         data, amax, rstd, weight = ctx.saved_tensors
         saved = RMSNormSaved(mg.unpack(ctx.x_meta, data, amax), rstd, ctx.style)
         # x's whole gradient when the residual one is in: publish its amax for the FP8 linear quantizing it next
@@ -131,7 +127,7 @@ class _FlowNormFunction(torch.autograd.Function):
                                            third_dy=dys[2] if len(dys) > 2 else None, amax_slot=slot)
         if slot is not None:
             grad_amax.publish(dx, slot)
-        return dx, dweight, None, None, None, None, None, None, None
+        return dx, dweight, None, None, None, None, None, None
 
 
 class FlowRMSNorm(FP8RMSNorm):
@@ -139,9 +135,7 @@ class FlowRMSNorm(FP8RMSNorm):
 
     ``FlowRMSNorm.from_module(norm, recipe=...)`` keeps ``norm.weight`` (the same Parameter).  The output is
     the dequantized per-tensor E4M3 values in the compute dtype; the FP8 form and the norm's state are
-    attached to it (see the module docstring).  With ``Recipe.delayed_scaling`` the norm keeps a 1-float
-    ``scale_prediction`` buffer (non-persistent, like FlowMLP's): the output's amax is predicted from the previous
-    call, so the forward is one launch instead of two passes over x (:mod:`fp8train.delayed_scaling`).
+    attached to it (see the module docstring).
     """
 
     recipe: Recipe
@@ -151,18 +145,7 @@ class FlowRMSNorm(FP8RMSNorm):
                     recipe: Union[Recipe, str] = "coat") -> "FlowRMSNorm":
         new = super().from_module(norm, style=style)
         new.recipe = resolve_recipe(recipe)
-        if new.recipe.delayed_scaling:
-            device = new.weight.device if new.weight is not None else None
-            new.register_buffer(BUFFER_NAME, new_prediction(1, device), persistent=False)
         return new
-
-    def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) casts buffers too; the prediction stays float32 (the kernels read float32 amaxes)
-        super()._apply(fn, recurse)
-        prediction = self._buffers.get(BUFFER_NAME)
-        if prediction is not None and prediction.dtype != torch.float32:
-            self._buffers[BUFFER_NAME] = prediction.float()
-        return self
 
     @eager_op  # eager FP8 ops; torch.compile compiles the model around them
     def forward(self, x: torch.Tensor, x_saved=None) -> torch.Tensor:
@@ -191,8 +174,7 @@ class FlowRMSNorm(FP8RMSNorm):
             out_dtype = x.dtype
         box: list = []
         y, *spares = _FlowNormFunction.apply(x, self.weight, eps, self.style, wants_transpose(x.device, recipe),
-                                             out_dtype, box, residual,
-                                             self._buffers.get(BUFFER_NAME) if NORM_PREDICTION else None)
+                                             out_dtype, box, residual)
         x_residual = spares.pop() if residual else x
         y_in, saved = box[0]
         attach_linear_input(y, recipe, y_in)

@@ -82,8 +82,7 @@ def _reference_forward(x, weight, eps, style):
 
 def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, *, style: str = "llama",
                     quantize_output: bool = False, output_transpose: bool = False,
-                    x_saved: Optional[QuantizedTensor] = None, dequantized_dtype: Optional[torch.dtype] = None,
-                    prediction: Optional[torch.Tensor] = None):
+                    x_saved: Optional[QuantizedTensor] = None, dequantized_dtype: Optional[torch.dtype] = None):
     """RMSNorm forward that returns ``(y, saved)``.
 
     ``quantize_output=True`` returns ``y`` as the per-tensor E4M3 QuantizedTensor that the next linear layer
@@ -92,9 +91,6 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
     producer of ``x`` already wrote it (:func:`fp8train.nn.residual.residual_add` with ``emit_fp8_copy``).
     ``dequantized_dtype`` (with ``quantize_output``): return ``(y, saved, y_values)`` where ``y_values`` is
     ``y_q.dequantize(dequantized_dtype)`` -- on CUDA written by the same pass that writes the FP8 y.
-    ``prediction`` (with ``quantize_output``): a 1-element float32 view of a prediction buffer -- y's amax is
-    predicted from the previous call and repaired when wrong (:mod:`fp8train.delayed_scaling`; on CUDA one launch
-    instead of two passes over x).
     """
     _check(x, weight, style)
     if dequantized_dtype is not None and not quantize_output:
@@ -105,8 +101,7 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
         y, rstd, copy, *values = kernel.rmsnorm_forward(x, weight, eps, style, quantize_output=quantize_output,
                                                         output_transpose=output_transpose,
                                                         write_copy=x_saved is None,
-                                                        dequantized_dtype=dequantized_dtype,
-                                                        prediction=prediction if quantize_output else None)
+                                                        dequantized_dtype=dequantized_dtype)
         saved = RMSNormSaved(x=copy if x_saved is None else x_saved, rstd=rstd, style=style)
         return (y, saved, *values)
     y, rstd = _reference_forward(x, weight, eps, style)
@@ -114,7 +109,7 @@ def rmsnorm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
         x_saved = mg.save_for_nonlinear(x)
     saved = RMSNormSaved(x=x_saved, rstd=rstd, style=style)
     if quantize_output:
-        y = mg.quantize_for_linear(y, with_transpose=output_transpose, prediction=prediction)
+        y = mg.quantize_for_linear(y, with_transpose=output_transpose)
     if dequantized_dtype is not None:
         return y, saved, (y[0] if output_transpose else y).dequantize(dequantized_dtype)
     return y, saved
