@@ -113,8 +113,7 @@ def test_accumulate_product_adds_the_product_into_fp32():
     assert torch.equal(acc, expected)
 
 
-
-def test_recipe_chunk_rows_reach_the_loss():
+def test_recipe_chunk_rows_reach_the_loss(monkeypatch):
     """Recipe.loss_chunk_rows sets the chunk size (checked, and the same loss whatever the chunking)."""
     import fp8train
     from fp8train.nn import chunked_cross_entropy as chunked
@@ -133,15 +132,12 @@ def test_recipe_chunk_rows_reach_the_loss():
         seen.append(kwargs["chunk_rows"])
         return original(*args, **kwargs)
 
-    chunked.chunked_linear_cross_entropy = spy
-    try:
-        for rows in (2048, 5):
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(cfg)
-            fp8train.convert(model, recipe=fp8train.Recipe(name="loss", fp8_linears=False, chunked_loss=True,
-                                                           loss_chunk_rows=rows))
-            losses.append(model(input_ids=ids, labels=ids).loss.item())
-    finally:
-        chunked.chunked_linear_cross_entropy = original
+    monkeypatch.setattr(chunked, "chunked_linear_cross_entropy", spy)
+    for rows in (2048, 5):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        fp8train.convert(model, recipe=fp8train.Recipe(name="loss", fp8_linears=False, chunked_loss=True,
+                                                       loss_chunk_rows=rows))
+        losses.append(model(input_ids=ids, labels=ids).loss.item())
     assert seen == [2048, 5]
     assert abs(losses[0] - losses[1]) < 1e-5
