@@ -26,7 +26,6 @@ import triton.language as tl
 from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch
-from .plans import sm_count
 
 __all__ = ["INV_E4M3_MAX", "quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile",
            "load_group_copy", "as_rows", "tensorwise_amax", "amax_and_scale", "dequant_scale", "SLOT",

@@ -45,7 +45,6 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import mixed_granularity as mg
 from ..delayed_scaling import BUFFER_NAME, encode_amax, new_prediction

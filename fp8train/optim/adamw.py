@@ -36,7 +36,7 @@ import collections
 import functools
 import os
 import warnings
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 

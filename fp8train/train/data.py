@@ -24,7 +24,7 @@ import warnings
 from typing import Optional
 
 from .config import TrainError
-from .tokenizer import encode_documents, load_tokenizer, train_bpe, training_slice
+from .tokenizer import encode_documents, train_bpe, training_slice
 
 CACHE_FORMAT = 1
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}

@@ -20,7 +20,6 @@ processes; rank 0 writes the run's files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -40,7 +39,7 @@ from .config import TrainConfig, TrainError, resolve, simulated_recipe
 from .data import WindowSampler, eval_batches, prepare_corpus, split_for_training
 from .distributed import DistributedRun, clip_grad_norm, grad_norm, launch, load_optimizer_state_dict, under_launcher
 from .metrics import MetricsLog, ProgressDisplay, format_bytes, memory_breakdown, peak_memory, write_summary
-from .models import PRESETS, build_model
+from .models import build_model
 from .report import plot_loss
 
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "failure.json", "loss.png",
