@@ -22,8 +22,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
+import sys
 
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # benchmarks/: the shared GPU helpers
+from gpu.quant import back_to_back_ms  # noqa: E402
 import torch.nn.functional as F
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -33,13 +38,7 @@ LARGEST = {E4M3: 448.0, E5M2: 57344.0}
 def elapsed_ms(fn, repeat=20):
     fn()
     torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / repeat
+    return back_to_back_ms(fn, repeat)
 
 
 def scalar(value):

@@ -32,6 +32,7 @@ import torch
 from fp8train.formats import E4M3, E5M2
 from fp8train.optim import AdamW
 from fp8train.optim import moment_storage as storage
+from gpu.quant import back_to_back_ms
 
 DEVICE = "cuda"  # a CPU dry run of the checks: DEVICE = "cpu" with TRITON_INTERPRET=1 (tiny shapes, few steps)
 CHECK_STEPS = 100
@@ -311,13 +312,7 @@ def _gpu_step_ms(step, n: int = 10) -> tuple[float, float]:
     torch.cuda.synchronize()
     host_s = sorted(host)[2]
     torch.cuda._sleep(int((2 * n * host_s + 0.02) * torch.cuda.clock_rate() * 1e6))  # clock_rate: MHz
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(n):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) / n, host_s * 1e6
+    return back_to_back_ms(step, n), host_s * 1e6
 
 
 def _bench_published_amax(report, params, label):

@@ -43,6 +43,18 @@ def event_times_ms(step, iters: int, warmup: int) -> list[float]:
     return times
 
 
+def back_to_back_ms(step, n: int) -> float:
+    """Mean CUDA-event time of ``n`` calls of ``step`` queued back to back (one event pair around them all, one
+    synchronization at the end): GPU time where the host keeps ahead of the GPU."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(n):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / n
+
+
 def tiny_llama(seed: int = 0, kv_heads: int = 4):
     """A 2-layer Llama (hidden 256, 4 heads) on the GPU with SDPA attention, for training checks."""
     from transformers import LlamaConfig, LlamaForCausalLM
