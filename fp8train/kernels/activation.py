@@ -7,6 +7,7 @@ runtime argument.  ``act_value`` / ``act_derivative`` are shared with the gated 
 
 from __future__ import annotations
 
+
 import torch
 import triton
 import triton.language as tl
@@ -14,12 +15,27 @@ import triton.language as tl
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch
-from .quantize import (E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, grid_tile, load_group_copy, loop_tile,
+from .quantize import (E4M3_MAX, GPU_SHORTCUTS, amax_and_scale, as_rows, encode_multiplier, grid_tile,
+                       load_group_copy, loop_tile,
                        quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
 
 __all__ = ["activation_forward", "activation_backward", "act_value", "act_derivative", "ACT_CODE"]
 
 ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+# SiLU's sigmoid as two MUFU approximations on the GPU (ex2.approx.ftz, rcp.approx.ftz: ~2 float32 ulps, far below
+# the bf16 rounding of what the kernels store); tl.sigmoid's exact-range exp and division cost ~14 instructions
+# per element in kernels that are instruction-bound (benchmarks/debug/sass_census.py).  The interpreter has no
+# inline PTX: the CPU tests (and FP8TRAIN_PRECISE_KERNELS=1) run tl.sigmoid.
+@triton.jit
+def _sigmoid(x):
+    if GPU_SHORTCUTS:
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * -1.4426950408889634],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.sigmoid(x)
 
 
 @triton.jit
@@ -31,7 +47,7 @@ def _tanh(z):
 @triton.jit
 def act_value(x, ACT: tl.constexpr):
     if ACT == 0:
-        return x * tl.sigmoid(x)
+        return x * _sigmoid(x)
     elif ACT == 1:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     else:
@@ -41,7 +57,7 @@ def act_value(x, ACT: tl.constexpr):
 @triton.jit
 def act_derivative(x, ACT: tl.constexpr):
     if ACT == 0:
-        s = tl.sigmoid(x)
+        s = _sigmoid(x)
         return s * (1.0 + x * (1.0 - s))
     elif ACT == 1:
         return (0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))

@@ -17,6 +17,7 @@ group size; leading dims are flattened into rows; the last dim must be contiguou
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -36,6 +37,11 @@ INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # what dequantize_tensorwise multiplie
 # floats between the values a per-tensor kernel stores (amax, GEMM scale): 256 bytes, so each is an aligned
 # pointer -- cuBLASLt refuses a scale pointer 4 bytes into an allocation (CUBLAS_STATUS_NOT_SUPPORTED)
 SLOT = tl.constexpr(64)
+# Shortcuts the GPU allows and the CPU interpreter does not: the float32 -> FP8 cast saturates by itself
+# (``saturate``), SiLU's sigmoid runs on the MUFU approximations (:mod:`.activation`).  FP8TRAIN_PRECISE_KERNELS=1
+# turns them off on the GPU too (A/B checks; the clamps give the same bits, the exact sigmoid ~1 float32 ulp less).
+GPU_SHORTCUTS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1"
+                             and os.environ.get("FP8TRAIN_PRECISE_KERNELS", "0") != "1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -44,7 +50,14 @@ SLOT = tl.constexpr(64)
 
 @triton.jit
 def saturate(x, FMAX: tl.constexpr):
-    """Clamp to [-FMAX, FMAX]; NaN stays NaN."""
+    """Clamp to [-FMAX, FMAX] (NaN stays NaN) for a cast to FP8 right after.
+
+    On the GPU the cast does this itself: Triton lowers float32 -> E4M3 / E5M2 to ``cvt.rn.satfinite`` (SASS
+    ``F2FP.SATFINITE``), which clamps +-inf and overflow to +-FMAX and keeps NaN -- the same bits as clamping
+    first -- so the two min/max instructions per element are skipped there (the one-pass producer kernels are
+    instruction-bound, ``benchmarks/debug/sass_census.py``).  The CPU interpreter's cast does not saturate."""
+    if GPU_SHORTCUTS:
+        return x
     x = tl.maximum(x, -FMAX, propagate_nan=tl.PropagateNan.ALL)
     return tl.minimum(x, FMAX, propagate_nan=tl.PropagateNan.ALL)
 
