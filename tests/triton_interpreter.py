@@ -135,8 +135,7 @@ def check_quantize():
         # and within one float32 ulp of the CPU reference, which divides
         close(got, q.dequantize(torch.float32), torch.float32, scale=1)
 
-    # (48, 160): a row count divisible by 16 takes store_tensorwise's aligned transposed stores, in a ragged tile
-    for shape in SHAPES + ((1, 16), (48, 160)):
+    for shape in SHAPES + ((1, 16),):
         for dtype in DTYPES:
             x = _inputs(shape, dtype)
             for scale_dtype in (torch.bfloat16, torch.float32):
@@ -179,7 +178,7 @@ def check_quantize_predicted():
     from fp8train.kernels.quantize import quantize_tensorwise
 
     two_programs = mock.patch.object(plans, "partials_capacity", lambda x, family: 2)
-    for shape in ((3, 37, 96), (130, 272), (2, 24, 160)):  # ragged tiles along both dims; 48 rows: aligned stores
+    for shape in ((3, 37, 96), (130, 272)):  # ragged tiles along both dims
         for dtype in DTYPES:
             base = _inputs(shape, dtype)
             for fmt, reference in ((E4M3, mg.quantize_for_linear), (E5M2, mg.quantize_grad_for_linear)):

@@ -190,17 +190,7 @@ def store_tensorwise(vals, inv, rows, cols, M, N, out_ptr, stride_out, out_t_ptr
                  q.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_T:
         q_t = tl.trans(q.to(out_t_ptr.dtype.element_ty))
-        if M % 16 == 0:
-            # The row count is not a specialisation key (no recompiles for new batch shapes), so the compiler
-            # cannot tell the transposed rows are 16-byte aligned and stores them one byte per instruction --
-            # most of these passes' cost (benchmarks/debug/sass_census.py).  Batch x sequence is nearly always
-            # a multiple of 16; there, M16 (== M) is written so the compiler can prove it (tl.multiple_of on an
-            # argument does not carry through) and the stores become 8- or 16-byte ones.
-            M16 = (M // 16) * 16
-            tl.store(out_t_ptr + cols[:, None].to(tl.int64) * M16 + rows[None, :], q_t,
-                     mask=(cols < N)[:, None] & (rows < M16)[None, :])
-        else:
-            tl.store(out_t_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], q_t, mask=tl.trans(mask))
+        tl.store(out_t_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], q_t, mask=tl.trans(mask))
 
 
 # --------------------------------------------------------------------------------------------------------------
