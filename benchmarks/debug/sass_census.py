@@ -4,7 +4,7 @@
 
 Compiles each kernel for an H100 (sm_90a) with the tile, warps and specialisations it runs with at the 953M
 model's batch-32 shapes (integer arguments and pointers divisible by 16, as Triton's launcher specialises them;
-the row count M too, which the kernels do not specialise on but test at run time),
+not the row count M, which the kernels do not specialise on),
 disassembles it with the nvdisasm that ships with Triton, and prints per kernel: SASS instructions per thread,
 *warp instructions issued per tensor element* (instructions x warps / tile elements: the number that decides
 whether a one-pass kernel can keep up with HBM), registers per thread, shared memory, and the largest instruction
@@ -15,6 +15,11 @@ profile); this census showed them issuing ~2.2 warp instructions per element, of
 (the cast saturates by itself) and tl.sigmoid's exact-range exp and division were a quarter.  An H100 issues
 ~0.9 T warp instructions/s in all, a one-pass kernel moving 8.25 bytes per element at 2.7 TB/s needs ~330 G
 elements/s: above ~2 instructions per element it is issue-bound, not memory-bound.
+
+An instruction count is a hint, not a timing: the transposed FP8 stores (one byte per thread, since M is not
+known to be a multiple of 16) are many instructions, but 8/16-byte stores that a run-time alignment branch
+allowed ran slower on an H200 (gated backward 0.41 vs 0.53 of copy; 2026-11-28-h200-session13-*) -- a warp
+storing one 32-byte run of a transposed row writes whole sectors already.  Time what the census suggests.
 """
 
 from __future__ import annotations
@@ -144,10 +149,8 @@ def main():
     print(f"{'kernel':20s} {'instr/thread':>12s} {'warp instr/element':>19s} {'regs':>5s} {'smem':>6s}  largest classes")
     for name in names:
         kernel, types, constexprs, warps, elements = table[name]
-        # M marked divisible by 16 as well: the kernels branch on M % 16 at run time (aligned transposed stores),
-        # and this counts the branch a batch of whole sequences takes
         compiled = compile_for_hopper(kernel, types, constexprs, warps,
-                                      unspecialized=("num_programs", "iters", "num_partials"))
+                                      unspecialized=("M", "num_programs", "iters", "num_partials"))
         ops, regs, sass = census(compiled)
         total = sum(ops.values())
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
