@@ -24,7 +24,7 @@ __all__ = ["activation_forward", "activation_backward", "act_value", "act_deriva
 ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
-# SiLU's sigmoid as two MUFU approximations on the GPU (ex2.approx.ftz, rcp.approx.ftz: ~2 float32 ulps, far below
+# SiLU's (and GELU-tanh's) sigmoid as two MUFU approximations on the GPU (ex2.approx.ftz, rcp.approx.ftz: ~2 float32 ulps, far below
 # the bf16 rounding of what the kernels store); tl.sigmoid's exact-range exp and division cost ~14 instructions
 # per element in kernels that are instruction-bound (benchmarks/debug/sass_census.py).  The interpreter has no
 # inline PTX: the CPU tests (and FP8TRAIN_PRECISE_KERNELS=1) run tl.sigmoid.
@@ -41,7 +41,7 @@ def _sigmoid(x):
 @triton.jit
 def _tanh(z):
     # tanh via the logistic function (no libdevice dependency); exact limits +-1 for large |z|
-    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+    return 2.0 * _sigmoid(2.0 * z) - 1.0
 
 
 @triton.jit
