@@ -146,7 +146,8 @@ def main():
     args = parser.parse_args()
     table = kernels()
     names = args.kernels.split(",") if args.kernels else list(table)
-    print(f"{'kernel':20s} {'instr/thread':>12s} {'warp instr/element':>19s} {'regs':>5s} {'smem':>6s}  largest classes")
+    header = ("kernel", "instr/thread", "warp instr/element", "regs", "smem")
+    print(f"{header[0]:20s} {header[1]:>12s} {header[2]:>19s} {header[3]:>5s} {header[4]:>6s}  largest classes")
     for name in names:
         kernel, types, constexprs, warps, elements = table[name]
         compiled = compile_for_hopper(kernel, types, constexprs, warps,

@@ -7,7 +7,6 @@ runtime argument.  ``act_value`` / ``act_derivative`` are shared with the gated 
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -16,18 +15,17 @@ from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch
 from .quantize import (E4M3_MAX, GPU_SHORTCUTS, amax_and_scale, as_rows, encode_multiplier, grid_tile,
-                       load_group_copy, loop_tile,
-                       quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
+                       load_group_copy, loop_tile, quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
 
 __all__ = ["activation_forward", "activation_backward", "act_value", "act_derivative", "ACT_CODE"]
 
 ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
-# SiLU's (and GELU-tanh's) sigmoid as two MUFU approximations on the GPU (ex2.approx.ftz, rcp.approx.ftz: ~2 float32 ulps, far below
-# the bf16 rounding of what the kernels store); tl.sigmoid's exact-range exp and division cost ~14 instructions
-# per element in kernels that are instruction-bound (benchmarks/debug/sass_census.py).  The interpreter has no
-# inline PTX: the CPU tests (and FP8TRAIN_PRECISE_KERNELS=1) run tl.sigmoid.
+# SiLU's and GELU-tanh's sigmoid as two MUFU approximations on the GPU (ex2.approx.ftz, rcp.approx.ftz: ~2 float32
+# ulps, far below the bf16 rounding of what the kernels store); tl.sigmoid's exact-range exp and division cost ~14
+# instructions per element in kernels that are instruction-bound (benchmarks/debug/sass_census.py).  The
+# interpreter has no inline PTX: the CPU tests (and FP8TRAIN_PRECISE_KERNELS=1) run tl.sigmoid.
 @triton.jit
 def _sigmoid(x):
     if GPU_SHORTCUTS:

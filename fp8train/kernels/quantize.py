@@ -38,8 +38,9 @@ INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # what dequantize_tensorwise multiplie
 # pointer -- cuBLASLt refuses a scale pointer 4 bytes into an allocation (CUBLAS_STATUS_NOT_SUPPORTED)
 SLOT = tl.constexpr(64)
 # Shortcuts the GPU allows and the CPU interpreter does not: the float32 -> FP8 cast saturates by itself
-# (``saturate``), SiLU's sigmoid runs on the MUFU approximations (:mod:`.activation`).  FP8TRAIN_PRECISE_KERNELS=1
-# turns them off on the GPU too (A/B checks; the clamps give the same bits, the exact sigmoid ~1 float32 ulp less).
+# (``saturate``), SiLU's and GELU-tanh's sigmoid runs on the MUFU approximations (:mod:`.activation`).
+# FP8TRAIN_PRECISE_KERNELS=1 turns them off on the GPU too (A/B checks: the clamps give the same bits, the exact
+# sigmoid differs by ~2 float32 ulps).
 GPU_SHORTCUTS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1"
                              and os.environ.get("FP8TRAIN_PRECISE_KERNELS", "0") != "1")
 
@@ -74,7 +75,8 @@ def quantize_group_tile(x, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, 
                         ROUND_BF16: tl.constexpr):
     """Quantize a float32 tile [BM, BN] in 1xG groups along its columns.
 
-    Returns (q, amax): q is float32 [BM, BN] on the FP8 grid's scale (saturated, not yet cast), amax float32
+    Returns (q, amax): q is float32 [BM, BN] on the FP8 grid's scale, to be cast to FP8 right away (``saturate``
+    leaves the clamping to the GPU's cast), amax float32
     [BM, BN // G] (rounded up to bf16 when ROUND_BF16).  Masked-out elements must be loaded as 0.
     """
     xg = tl.reshape(x, (BM, BN // G, G))
