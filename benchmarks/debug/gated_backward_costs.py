@@ -1,0 +1,108 @@
+"""Where the gated backward's time goes: the one-pass kernel with its parts switched on one at a time.
+
+    python benchmarks/debug/gated_backward_costs.py [--rows 65536] [--cols 5632] [--tiles 32x64x8,...]
+
+The predicted-scale gated backward (``_gated_bwd_predicted_kernel``: dgate and dup from dh and the two E4M3 1x16
+copies, written per-tensor E5M2 row-major and transposed) ran at 0.56 of copy bandwidth on an H200 in session 13,
+the same pass with bf16 outputs at 0.93 -- the same bytes written.  This probe runs the production helpers
+(``_gated_grads``, ``store_tensorwise``, ``fold_amax_bits``) in one kernel whose outputs are chosen by a constexpr:
+
+* ``bf16``      -- dgate, dup in bf16, row-major (4 B/element written, like the bf16 backward);
+* ``fp8``       -- per-tensor E5M2, row-major only (2 B);
+* ``fp8+t``     -- E5M2 row-major and transposed (4 B: the production pass, without its amax);
+* ``none``      -- nothing stored (reads and arithmetic only; the compiler keeps them through the amax);
+
+each with and without the two tile-amax folds (``+amax``), for a few (rows, cols, warps) tiles.  Prints ms and the
+bytes moved as a fraction of a device copy.  Timing only: the values are not checked (the production kernels are,
+in gpu_suite --only ops).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from fp8train.kernels.gated_product import _gated_grads
+from fp8train.kernels.quantize import fold_amax_bits, store_tensorwise, tile_amax_bits
+
+OUTPUTS = {"none": 0, "bf16": 1, "fp8": 2, "fp8+t": 3}
+
+
+@triton.jit(do_not_specialize=["M"])
+def _probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_ptr, du_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr,
+                  seen_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, OUT: tl.constexpr, AMAX: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
+    dg, du, mask = _gated_grads(dh_ptr, N, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N, BM, BN, 0,
+                                False)
+    dg = dg.to(tl.bfloat16)
+    du = du.to(tl.bfloat16)
+    if OUT == 1:
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        tl.store(dg_ptr + offs, dg, mask=mask)
+        tl.store(du_ptr + offs, du, mask=mask)
+    dg = dg.to(tl.float32)
+    du = du.to(tl.float32)
+    if AMAX or OUT == 0:
+        fold_amax_bits(seen_ptr, tile_amax_bits(tl.where(mask, dg, 0.0)))
+        fold_amax_bits(seen_ptr + 1, tile_amax_bits(tl.where(mask, du, 0.0)))
+    if OUT >= 2:
+        store_tensorwise(dg, 1.0, rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, OUT == 3, 57344.0)
+        store_tensorwise(du, 1.0, rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, OUT == 3, 57344.0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=65536)
+    parser.add_argument("--cols", type=int, default=5632)
+    parser.add_argument("--tiles", default="32x64x8,32x128x8,64x64x4,8x256x4")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    M, N, dev = args.rows, args.cols, args.device
+    if dev == "cuda":
+        print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, f"M={M} N={N}", flush=True)
+    dh = (torch.randn(M, N, device=dev) * 1e-3).to(torch.bfloat16)
+    gq = torch.randn(M, N, device=dev).clamp(-400, 400).to(torch.float8_e4m3fn)
+    uq = torch.randn(M, N, device=dev).clamp(-400, 400).to(torch.float8_e4m3fn)
+    gamax = torch.rand(M, N // 16, device=dev).to(torch.bfloat16) + 1
+    uamax = torch.rand(M, N // 16, device=dev).to(torch.bfloat16) + 1
+    dg, du = torch.empty_like(dh), torch.empty_like(dh)
+    qg, qu = (torch.empty(M, N, device=dev, dtype=torch.float8_e5m2) for _ in range(2))
+    qg_t, qu_t = (torch.empty(N, M, device=dev, dtype=torch.float8_e5m2) for _ in range(2))
+    seen = torch.zeros(2, dtype=torch.int32, device=dev)
+    copy_dst = torch.empty_like(dh)
+    copy_ms = triton.testing.do_bench(lambda: copy_dst.copy_(dh), warmup=10, rep=50) if dev == "cuda" else 1.0
+    copy_tbps = 2 * dh.numel() * 2 / copy_ms / 1e9
+    print(f"device copy {copy_tbps:.2f} TB/s", flush=True)
+    read_bytes = 2 + 2 * (1 + 2 / 16)  # dh bf16 + two E4M3 copies with bf16 group maxima
+    written = {"none": 0, "bf16": 4, "fp8": 2, "fp8+t": 4}
+    for tile in args.tiles.split(","):
+        bm, bn, warps = (int(v) for v in tile.split("x"))
+        for out, code in OUTPUTS.items():
+            for amax in (False, True):
+                if out == "none" and amax:
+                    continue  # "none" always folds the amax (or nothing would be kept)
+
+                def call():
+                    _probe_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+                        dh, gq, gamax, uq, uamax, dg, du, qg, qg_t, qu, qu_t, seen, M, N, BM=bm, BN=bn, OUT=code,
+                        AMAX=amax, num_warps=warps)
+
+                call()
+                if dev != "cuda":
+                    print(f"tile {tile} {out}{'+amax' if amax else ''}: ran", flush=True)
+                    continue
+                torch.cuda.synchronize()
+                ms = triton.testing.do_bench(call, warmup=10, rep=50)
+                nbytes = M * N * (read_bytes + written[out])
+                print(f"tile {tile:9s} {out + ('+amax' if amax else ''):11s} {ms:.3f} ms  "
+                      f"{nbytes / ms / 1e9 / copy_tbps:.2f} of copy", flush=True)
+
+
+if __name__ == "__main__":
+    main()
