@@ -10,6 +10,7 @@ the same pass with bf16 outputs at 0.93 -- the same bytes written.  This probe r
 * ``bf16``      -- dgate, dup in bf16, row-major (4 B/element written, like the bf16 backward);
 * ``fp8``       -- per-tensor E5M2, row-major only (2 B);
 * ``fp8+t``     -- E5M2 row-major and transposed (4 B: the production pass, without its amax);
+* ``fp8+tv``    -- as ``fp8+t`` with the transposed row stride provably 16-byte aligned (vector stores);
 * ``none``      -- nothing stored (reads and arithmetic only; the compiler keeps them through the amax);
 
 each with and without the two tile-amax folds (``+amax``), for a few (rows, cols, warps) tiles.  Prints ms and the
@@ -29,7 +30,7 @@ import triton.testing
 from fp8train.kernels.gated_product import _gated_grads
 from fp8train.kernels.quantize import fold_amax_bits, store_tensorwise, tile_amax_bits
 
-OUTPUTS = {"none": 0, "bf16": 1, "fp8": 2, "fp8+t": 3}
+OUTPUTS = {"none": 0, "bf16": 1, "fp8": 2, "fp8+t": 3, "fp8+tv": 4}
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -54,6 +55,12 @@ def _probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_ptr, du_ptr, 
     if OUT >= 2:
         store_tensorwise(dg, 1.0, rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, OUT == 3, 57344.0)
         store_tensorwise(du, 1.0, rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, OUT == 3, 57344.0)
+    if OUT == 4:  # transposes with a row stride the compiler can prove 16-byte aligned (M % 16 == 0 here)
+        M16 = (M // 16) * 16
+        tmask = (cols < N)[:, None] & (rows < M16)[None, :]
+        toffs = cols[:, None].to(tl.int64) * M16 + rows[None, :]
+        tl.store(qg_t_ptr + toffs, tl.trans(dg.to(qg_t_ptr.dtype.element_ty)), mask=tmask)
+        tl.store(qu_t_ptr + toffs, tl.trans(du.to(qu_t_ptr.dtype.element_ty)), mask=tmask)
 
 
 def main():
@@ -80,7 +87,8 @@ def main():
     copy_tbps = 2 * dh.numel() * 2 / copy_ms / 1e9
     print(f"device copy {copy_tbps:.2f} TB/s", flush=True)
     read_bytes = 2 + 2 * (1 + 2 / 16)  # dh bf16 + two E4M3 copies with bf16 group maxima
-    written = {"none": 0, "bf16": 4, "fp8": 2, "fp8+t": 4}
+    written = {"none": 0, "bf16": 4, "fp8": 2, "fp8+t": 4, "fp8+tv": 4}
+    assert M % 16 == 0, "fp8+tv assumes a row count divisible by 16"
     for tile in args.tiles.split(","):
         bm, bn, warps = (int(v) for v in tile.split("x"))
         for out, code in OUTPUTS.items():
