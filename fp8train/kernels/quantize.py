@@ -112,10 +112,7 @@ def tile_amax_bits(x):
 def fold_amax_bits(slot_ptr, bits):
     """Fold one program's amax bits into an int32 slot (fp8train.nn.grad_amax): one atomic max, skipped when the
     slot already holds as much."""
-    # relaxed: only a later launch reads the slot (launch order makes it visible).  Triton's default acq_rel puts a
-    # GPU-wide fence before the atomic and a cache invalidation after it: the program then waits for every store
-    # it issued -- 0.1-0.7 ms per 65536 x 5632 gated backward on an H200 (benchmarks/debug/gated_backward_costs.py)
-    tl.atomic_max(slot_ptr, bits, mask=bits > tl.load(slot_ptr), sem="relaxed")
+    tl.atomic_max(slot_ptr, bits, mask=bits > tl.load(slot_ptr))
 
 
 @triton.jit
