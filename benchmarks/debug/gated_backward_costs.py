@@ -13,9 +13,10 @@ the same pass with bf16 outputs at 0.93 -- the same bytes written.  This probe r
 * ``fp8+tv``    -- as ``fp8+t`` with the transposed row stride provably 16-byte aligned (vector stores);
 * ``none``      -- nothing stored (reads and arithmetic only; the compiler keeps them through the amax);
 
-each with and without the two tile-amax folds (``+amax``), for a few (rows, cols, warps) tiles.  Prints ms and the
-bytes moved as a fraction of a device copy.  Timing only: the values are not checked (the production kernels are,
-in gpu_suite --only ops).
+each with and without the two tile-amax folds (``+amax``), for a few (rows, cols, warps) tiles; then ``fp8+tv+amax``
+with persistent programs that keep element-wise running maxima over their tiles and reduce once at the end.
+Prints ms and the bytes moved as a fraction of a device copy.  Timing only: the values are not checked (the
+production kernels are, in gpu_suite --only ops).  Results: benchmarks/results/2026-11-28-h200-session13-gated-*.
 """
 
 from __future__ import annotations
@@ -61,6 +62,38 @@ def _probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_ptr, du_ptr, 
         toffs = cols[:, None].to(tl.int64) * M16 + rows[None, :]
         tl.store(qg_t_ptr + toffs, tl.trans(dg.to(qg_t_ptr.dtype.element_ty)), mask=tmask)
         tl.store(qu_t_ptr + toffs, tl.trans(du.to(qu_t_ptr.dtype.element_ty)), mask=tmask)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs", "iters"])
+def _persistent_probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr,
+                             seen_ptr, M, N, num_programs, iters, BM: tl.constexpr, BN: tl.constexpr):
+    """fp8+tv+amax with programs that loop over tiles and keep element-wise running maxima, reduced once per
+    program at the end (no reduction per tile)."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BN)
+    M16 = (M // 16) * 16
+    run_g = tl.zeros((BM, BN), dtype=tl.int32)
+    run_u = tl.zeros((BM, BN), dtype=tl.int32)
+    for i in range(0, iters):
+        t = pid + i * num_programs
+        rows = (t // tiles_n) * BM + tl.arange(0, BM)
+        cols = (t % tiles_n) * BN + tl.arange(0, BN)
+        gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
+        dg, du, mask = _gated_grads(dh_ptr, N, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N, BM, BN,
+                                    0, False)
+        dg = dg.to(tl.bfloat16).to(tl.float32)
+        du = du.to(tl.bfloat16).to(tl.float32)
+        run_g = tl.maximum(run_g, tl.where(mask, tl.abs(dg), 0.0).to(tl.int32, bitcast=True))
+        run_u = tl.maximum(run_u, tl.where(mask, tl.abs(du), 0.0).to(tl.int32, bitcast=True))
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        tl.store(qg_ptr + offs, dg.to(qg_ptr.dtype.element_ty), mask=mask)
+        tl.store(qu_ptr + offs, du.to(qu_ptr.dtype.element_ty), mask=mask)
+        tmask = (cols < N)[:, None] & (rows < M16)[None, :]
+        toffs = cols[:, None].to(tl.int64) * M16 + rows[None, :]
+        tl.store(qg_t_ptr + toffs, tl.trans(dg.to(qg_t_ptr.dtype.element_ty)), mask=tmask)
+        tl.store(qu_t_ptr + toffs, tl.trans(du.to(qu_t_ptr.dtype.element_ty)), mask=tmask)
+    fold_amax_bits(seen_ptr, tl.max(tl.max(run_g, axis=1), axis=0))
+    fold_amax_bits(seen_ptr + 1, tl.max(tl.max(run_u, axis=1), axis=0))
 
 
 def main():
@@ -110,6 +143,22 @@ def main():
                 nbytes = M * N * (read_bytes + written[out])
                 print(f"tile {tile:9s} {out + ('+amax' if amax else ''):11s} {ms:.3f} ms  "
                       f"{nbytes / ms / 1e9 / copy_tbps:.2f} of copy", flush=True)
+        if dev != "cuda":
+            continue  # the interpreter cannot loop over a runtime bound without tests/triton_interpreter.py's patch
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for per_sm in (2, 4, 8):
+            nprog = min(tiles, per_sm * sms)
+
+            def persistent():
+                _persistent_probe_kernel[(nprog,)](dh, gq, gamax, uq, uamax, qg, qg_t, qu, qu_t, seen, M, N, nprog,
+                                                   triton.cdiv(tiles, nprog), BM=bm, BN=bn, num_warps=warps)
+
+            persistent()
+            ms = triton.testing.do_bench(persistent, warmup=10, rep=50)
+            nbytes = M * N * (read_bytes + 4)
+            print(f"tile {tile:9s} fp8+tv+amax, persistent {per_sm}/SM, one reduction per program {ms:.3f} ms  "
+                  f"{nbytes / ms / 1e9 / copy_tbps:.2f} of copy", flush=True)
 
 
 if __name__ == "__main__":
