@@ -14,7 +14,8 @@ the same pass with bf16 outputs at 0.93 -- the same bytes written.  This probe r
 * ``none``      -- nothing stored (reads and arithmetic only; the compiler keeps them through the amax);
 
 each with and without the two tile-amax folds (``+amax``), for a few (rows, cols, warps) tiles; then ``fp8+tv+amax``
-with persistent programs that keep element-wise running maxima over their tiles and reduce once at the end.
+and ``fp8+t+amax`` with persistent programs that keep element-wise running maxima over their tiles and reduce once
+at the end.
 Prints ms and the bytes moved as a fraction of a device copy.  Timing only: the values are not checked (the
 production kernels are, in gpu_suite --only ops).  Results: benchmarks/results/2026-11-28-h200-session13-gated-*.
 """
@@ -66,9 +67,10 @@ def _probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_ptr, du_ptr, 
 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
 def _persistent_probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr,
-                             seen_ptr, M, N, num_programs, iters, BM: tl.constexpr, BN: tl.constexpr):
-    """fp8+tv+amax with programs that loop over tiles and keep element-wise running maxima, reduced once per
-    program at the end (no reduction per tile)."""
+                             seen_ptr, M, N, num_programs, iters, BM: tl.constexpr, BN: tl.constexpr,
+                             ALIGNED_T: tl.constexpr):
+    """fp8+tv+amax (ALIGNED_T) or fp8+t+amax with programs that loop over tiles and keep element-wise running
+    maxima, reduced once per program at the end (no reduction per tile)."""
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BN)
     M16 = (M // 16) * 16
@@ -85,13 +87,17 @@ def _persistent_probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_pt
         du = du.to(tl.bfloat16).to(tl.float32)
         run_g = tl.maximum(run_g, tl.where(mask, tl.abs(dg), 0.0).to(tl.int32, bitcast=True))
         run_u = tl.maximum(run_u, tl.where(mask, tl.abs(du), 0.0).to(tl.int32, bitcast=True))
-        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-        tl.store(qg_ptr + offs, dg.to(qg_ptr.dtype.element_ty), mask=mask)
-        tl.store(qu_ptr + offs, du.to(qu_ptr.dtype.element_ty), mask=mask)
-        tmask = (cols < N)[:, None] & (rows < M16)[None, :]
-        toffs = cols[:, None].to(tl.int64) * M16 + rows[None, :]
-        tl.store(qg_t_ptr + toffs, tl.trans(dg.to(qg_t_ptr.dtype.element_ty)), mask=tmask)
-        tl.store(qu_t_ptr + toffs, tl.trans(du.to(qu_t_ptr.dtype.element_ty)), mask=tmask)
+        if ALIGNED_T:
+            offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+            tl.store(qg_ptr + offs, dg.to(qg_ptr.dtype.element_ty), mask=mask)
+            tl.store(qu_ptr + offs, du.to(qu_ptr.dtype.element_ty), mask=mask)
+            tmask = (cols < N)[:, None] & (rows < M16)[None, :]
+            toffs = cols[:, None].to(tl.int64) * M16 + rows[None, :]
+            tl.store(qg_t_ptr + toffs, tl.trans(dg.to(qg_t_ptr.dtype.element_ty)), mask=tmask)
+            tl.store(qu_t_ptr + toffs, tl.trans(du.to(qu_t_ptr.dtype.element_ty)), mask=tmask)
+        else:  # the shipped stores: row stride M of the transposes unknown to the compiler, one byte per element
+            store_tensorwise(dg, 1.0, rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, True, 57344.0)
+            store_tensorwise(du, 1.0, rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, True, 57344.0)
     fold_amax_bits(seen_ptr, tl.max(tl.max(run_g, axis=1), axis=0))
     fold_amax_bits(seen_ptr + 1, tl.max(tl.max(run_u, axis=1), axis=0))
 
@@ -147,18 +153,20 @@ def main():
             continue  # the interpreter cannot loop over a runtime bound without tests/triton_interpreter.py's patch
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for per_sm in (2, 4, 8):
-            nprog = min(tiles, per_sm * sms)
+        for aligned in (True, False):
+            for per_sm in (2, 4, 8):
+                nprog = min(tiles, per_sm * sms)
 
-            def persistent():
-                _persistent_probe_kernel[(nprog,)](dh, gq, gamax, uq, uamax, qg, qg_t, qu, qu_t, seen, M, N, nprog,
-                                                   triton.cdiv(tiles, nprog), BM=bm, BN=bn, num_warps=warps)
+                def persistent():
+                    _persistent_probe_kernel[(nprog,)](dh, gq, gamax, uq, uamax, qg, qg_t, qu, qu_t, seen, M, N,
+                                                       nprog, triton.cdiv(tiles, nprog), BM=bm, BN=bn,
+                                                       ALIGNED_T=aligned, num_warps=warps)
 
-            persistent()
-            ms = triton.testing.do_bench(persistent, warmup=10, rep=50)
-            nbytes = M * N * (read_bytes + 4)
-            print(f"tile {tile:9s} fp8+tv+amax, persistent {per_sm}/SM, one reduction per program {ms:.3f} ms  "
-                  f"{nbytes / ms / 1e9 / copy_tbps:.2f} of copy", flush=True)
+                persistent()
+                ms = triton.testing.do_bench(persistent, warmup=10, rep=50)
+                nbytes = M * N * (read_bytes + 4)
+                print(f"tile {tile:9s} {'fp8+tv' if aligned else 'fp8+t'}+amax, persistent {per_sm}/SM, one "
+                      f"reduction per program {ms:.3f} ms  {nbytes / ms / 1e9 / copy_tbps:.2f} of copy", flush=True)
 
 
 if __name__ == "__main__":
