@@ -47,7 +47,9 @@ class Plan:
     of a pass that loops over tiles (the amax pre-passes; their partial maxima are reduced by every program of
     the next pass); ``transposed_tile`` / ``transposed_warps`` -- (rows, cols) and warps of passes that also
     write a transposed copy; ``gather_scales`` -- read 1x16 group scales once per element (cached loads, no
-    reshape of the tile) instead of once per group and broadcast through a [rows, groups, 16] reshape."""
+    reshape of the tile) instead of once per group and broadcast through a [rows, groups, 16] reshape;
+    ``persistent`` -- (one-pass predicted-scale kernels) ``programs_per_sm`` programs loop over the tiles keeping
+    running maxima, one amax fold per program instead of one per tile."""
 
     tile_elements: int = 8192
     max_cols: int = 512
@@ -56,6 +58,7 @@ class Plan:
     transposed_tile: tuple = (64, 128)
     transposed_warps: int = 8
     gather_scales: bool = False
+    persistent: bool = False
 
     def __post_init__(self):
         for name in ("tile_elements", "max_cols"):
@@ -88,7 +91,7 @@ TUNED = {
     # one-pass kernels with predicted scales, swept on an H100 (2026-11-28-h100-session9-plans-predicted.md):
     # (32, 128) 1.06x over the two-pass forward's (64, 64); the backward's (32, 64) stayed best
     "gated_forward_predicted": Plan(transposed_tile=(32, 128)),
-    "gated_backward_predicted": Plan(transposed_tile=(32, 64)),
+    "gated_backward_predicted": Plan(transposed_tile=(32, 64), persistent=True),
 }
 _plans: dict[str, Plan] = dict(TUNED)
 
