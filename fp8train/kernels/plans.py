@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Iterator
 
 import torch
@@ -93,12 +94,48 @@ TUNED = {
     "gated_forward_predicted": Plan(transposed_tile=(32, 128)),
     "gated_backward_predicted": Plan(transposed_tile=(32, 64), persistent=True),
 }
-_plans: dict[str, Plan] = dict(TUNED)
+
+
+def _parse_field(family: str, name: str, text: str):
+    """One ``field=value`` of FP8TRAIN_PLANS as the type of that Plan field (tuples as ``32x64``)."""
+    fields = {f.name: f for f in dataclasses.fields(Plan)}
+    if name not in fields:
+        raise ValueError(f"FP8TRAIN_PLANS: {family}.{name} is not a Plan field; fields: {', '.join(fields)}")
+    default = getattr(DEFAULT, name)
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("0", "1", "true", "false"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true")
+        if isinstance(default, tuple):
+            return tuple(int(v) for v in text.split("x"))
+        return int(text)
+    except ValueError:
+        raise ValueError(f"FP8TRAIN_PLANS: bad value {text!r} for {family}.{name} (e.g. persistent=0, warps=4, "
+                         f"transposed_tile=32x64)") from None
+
+
+def overrides_from_env(text: str) -> dict[str, Plan]:
+    """Plans changed by a spec like ``gated_backward_predicted.persistent=0,quantize.warps=4`` (the
+    ``FP8TRAIN_PLANS`` environment variable: A/B runs of a plan field without code changes)."""
+    changes: dict[str, dict] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        family, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"FP8TRAIN_PLANS: expected family.field=value, got {item!r}")
+        _check_family(family)
+        changes.setdefault(family, {})[name] = _parse_field(family, name, value.strip())
+    return {family: dataclasses.replace(TUNED.get(family, DEFAULT), **c) for family, c in changes.items()}
 
 
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
         raise ValueError(f"unknown kernel family {family!r}; one of {', '.join(FAMILIES)}")
+
+
+# FP8TRAIN_PLANS changes shipped plans for this process (A/B runs; docs/performance.md "How to measure")
+_plans: dict[str, Plan] = {**TUNED, **overrides_from_env(os.environ.get("FP8TRAIN_PLANS", ""))}
 
 
 def plan(family: str) -> Plan:
