@@ -102,13 +102,139 @@ def _persistent_probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_pt
     fold_amax_bits(seen_ptr + 1, tl.max(tl.max(run_u, axis=1), axis=0))
 
 
+AMAX_MODES = {"none": 0, "tile+fold": 1, "tile+atomic": 2, "tile+store": 3, "elementwise-run": 4,
+              "row-run": 5}
+
+
+@triton.jit
+def _aligned_tile(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, t, M, N, M16,
+                  BM: tl.constexpr, BN: tl.constexpr):
+    """One tile of the backward with E5M2 row-major and provably aligned transposed stores; returns |dg|, |du|
+    bits (int32, masked to 0 outside) for the amax variants."""
+    tiles_n = tl.cdiv(N, BN)
+    rows = (t // tiles_n) * BM + tl.arange(0, BM)
+    cols = (t % tiles_n) * BN + tl.arange(0, BN)
+    gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
+    dg, du, mask = _gated_grads(dh_ptr, N, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N, BM, BN, 0,
+                                False)
+    dg = dg.to(tl.bfloat16).to(tl.float32)
+    du = du.to(tl.bfloat16).to(tl.float32)
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    tl.store(qg_ptr + offs, dg.to(qg_ptr.dtype.element_ty), mask=mask)
+    tl.store(qu_ptr + offs, du.to(qu_ptr.dtype.element_ty), mask=mask)
+    tmask = (cols < N)[:, None] & (rows < M16)[None, :]
+    toffs = cols[:, None].to(tl.int64) * M16 + rows[None, :]
+    tl.store(qg_t_ptr + toffs, tl.trans(dg.to(qg_t_ptr.dtype.element_ty)), mask=tmask)
+    tl.store(qu_t_ptr + toffs, tl.trans(du.to(qu_t_ptr.dtype.element_ty)), mask=tmask)
+    return (tl.where(mask, tl.abs(dg), 0.0).to(tl.int32, bitcast=True),
+            tl.where(mask, tl.abs(du), 0.0).to(tl.int32, bitcast=True))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _amax_tile_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, seen_ptr,
+                      partials_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr):
+    """One program per tile; MODE: 0 no amax, 1 tile reduction + load-guarded atomic (shipped), 2 tile reduction +
+    plain atomic, 3 tile reduction stored to a per-tile partial (no atomic)."""
+    t = tl.program_id(0)
+    bits_g, bits_u = _aligned_tile(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, t,
+                                   M, N, (M // 16) * 16, BM, BN)
+    if MODE >= 1:
+        g = tl.max(tl.max(bits_g, axis=1), axis=0)
+        u = tl.max(tl.max(bits_u, axis=1), axis=0)
+        if MODE == 1:
+            fold_amax_bits(seen_ptr, g)
+            fold_amax_bits(seen_ptr + 1, u)
+        elif MODE == 2:
+            tl.atomic_max(seen_ptr, g)
+            tl.atomic_max(seen_ptr + 1, u)
+        else:
+            tl.store(partials_ptr + 2 * t, g)
+            tl.store(partials_ptr + 2 * t + 1, u)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs", "iters"])
+def _amax_persistent_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr,
+                            seen_ptr, M, N, num_programs, iters, BM: tl.constexpr, BN: tl.constexpr,
+                            MODE: tl.constexpr):
+    """Programs loop over tiles; MODE: 0 no amax, 4 element-wise running maxima, 5 running maxima per row (a
+    reduction along the tile's columns each tile: warp shuffles, no shared memory); one fold per program."""
+    pid = tl.program_id(0)
+    M16 = (M // 16) * 16
+    run_g = tl.zeros((BM, BN), dtype=tl.int32)
+    run_u = tl.zeros((BM, BN), dtype=tl.int32)
+    row_g = tl.zeros((BM,), dtype=tl.int32)
+    row_u = tl.zeros((BM,), dtype=tl.int32)
+    for i in range(0, iters):
+        bits_g, bits_u = _aligned_tile(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr,
+                                       qu_t_ptr, pid + i * num_programs, M, N, M16, BM, BN)
+        if MODE == 4:
+            run_g = tl.maximum(run_g, bits_g)
+            run_u = tl.maximum(run_u, bits_u)
+        if MODE == 5:
+            row_g = tl.maximum(row_g, tl.max(bits_g, axis=1))
+            row_u = tl.maximum(row_u, tl.max(bits_u, axis=1))
+    if MODE == 4:
+        fold_amax_bits(seen_ptr, tl.max(tl.max(run_g, axis=1), axis=0))
+        fold_amax_bits(seen_ptr + 1, tl.max(tl.max(run_u, axis=1), axis=0))
+    if MODE == 5:
+        fold_amax_bits(seen_ptr, tl.max(row_g, axis=0))
+        fold_amax_bits(seen_ptr + 1, tl.max(row_u, axis=0))
+
+
+def amax_variants(args):
+    """Time the amax strategies with aligned transposed stores (M % 16 == 0)."""
+    M, N = args.rows, args.cols
+    dh = (torch.randn(M, N, device="cuda") * 1e-3).to(torch.bfloat16)
+    gq = torch.randn(M, N, device="cuda").clamp(-400, 400).to(torch.float8_e4m3fn)
+    uq = torch.randn(M, N, device="cuda").clamp(-400, 400).to(torch.float8_e4m3fn)
+    gamax = torch.rand(M, N // 16, device="cuda").to(torch.bfloat16) + 1
+    uamax = torch.rand(M, N // 16, device="cuda").to(torch.bfloat16) + 1
+    qg, qu = (torch.empty(M, N, device="cuda", dtype=torch.float8_e5m2) for _ in range(2))
+    qg_t, qu_t = (torch.empty(N, M, device="cuda", dtype=torch.float8_e5m2) for _ in range(2))
+    seen = torch.zeros(2, dtype=torch.int32, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for tile in args.amax_tiles.split(","):
+        bm, bn, warps = (int(v) for v in tile.split("x"))
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        partials = torch.zeros(2 * tiles, dtype=torch.int32, device="cuda")
+        for name, mode in AMAX_MODES.items():
+            runs = []
+            for maxnreg in ((None, 80, 64) if mode in (1, 3) else (None,)) if mode <= 3 else ():
+                def call(maxnreg=maxnreg):
+                    extra = {} if maxnreg is None else {"maxnreg": maxnreg}
+                    _amax_tile_kernel[(tiles,)](dh, gq, gamax, uq, uamax, qg, qg_t, qu, qu_t, seen, partials, M, N,
+                                                BM=bm, BN=bn, MODE=mode, num_warps=warps, **extra)
+                runs.append((f"per tile{'' if maxnreg is None else f' maxnreg {maxnreg}'}", call))
+            if mode in (0, 4, 5):
+                for per_sm in (2, 4, 8):
+                    nprog = min(tiles, per_sm * sms)
+
+                    def persistent(nprog=nprog):
+                        _amax_persistent_kernel[(nprog,)](dh, gq, gamax, uq, uamax, qg, qg_t, qu, qu_t, seen, M, N,
+                                                          nprog, triton.cdiv(tiles, nprog), BM=bm, BN=bn, MODE=mode,
+                                                          num_warps=warps)
+                    runs.append((f"persistent {per_sm}/SM", persistent))
+            for label, fn in runs:
+                fn()
+                torch.cuda.synchronize()
+                ms = triton.testing.do_bench(fn, warmup=10, rep=50)
+                print(f"aligned tile {tile:9s} amax {name:15s} {label:22s} {ms:.3f} ms", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=65536)
     parser.add_argument("--cols", type=int, default=5632)
     parser.add_argument("--tiles", default="32x64x8,32x128x8,64x64x4,8x256x4")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--amax-tiles", default="",  # e.g. 32x64x8,32x128x8,32x128x4,64x128x8,64x64x4
+                        help="also time the amax strategies (with aligned transposes) in these tiles, GPU only")
+    parser.add_argument("--skip-parts", action="store_true", help="skip the parts sweep (only --amax-tiles)")
     args = parser.parse_args()
+    if args.amax_tiles:
+        amax_variants(args)
+    if args.skip_parts:
+        return
     M, N, dev = args.rows, args.cols, args.device
     if dev == "cuda":
         print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, f"M={M} N={N}", flush=True)
