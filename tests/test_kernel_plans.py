@@ -12,9 +12,9 @@ from triton_interpreter import run_under_interpreter
 # two plans far from the default on every field
 OTHER_PLANS = (
     dict(tile_elements=2048, max_cols=64, warps=4, programs_per_sm=1, transposed_tile=(32, 64), transposed_warps=4,
-         gather_scales=True, persistent=True),
+         gather_scales=True),
     dict(tile_elements=16384, max_cols=256, warps=16, programs_per_sm=16, transposed_tile=(128, 32),
-         transposed_warps=8, gather_scales=False, persistent=False),
+         transposed_warps=8, gather_scales=False),
 )
 
 
@@ -54,22 +54,22 @@ def test_plans_from_environment():
 
     from fp8train.kernels import plans
 
-    got = plans.overrides_from_env(" gated_backward_predicted.persistent=0, quantize.warps=4,"
+    got = plans.overrides_from_env(" gated_backward_predicted.gather_scales=1, quantize.warps=4,"
                                    "gated_forward_predicted.transposed_tile=32x64,quantize.gather_scales=true")
-    assert got["gated_backward_predicted"] == plans.Plan(transposed_tile=(32, 64), persistent=False)
+    assert got["gated_backward_predicted"] == plans.Plan(transposed_tile=(32, 64), gather_scales=True)
     assert got["quantize"] == plans.Plan(warps=4, gather_scales=True)
     assert got["gated_forward_predicted"].transposed_tile == (32, 64)
     assert plans.overrides_from_env("") == {}
     for bad, message in (("quantize.bogus=1", "not a Plan field"), ("quantize.warps=four", "bad value"),
-                         ("quantize.persistent=2", "bad value"), ("quantize=1", "family.field=value"),
+                         ("quantize.gather_scales=2", "bad value"), ("quantize=1", "family.field=value"),
                          ("gated.warps=4", "unknown kernel family"), ("quantize.warps=3", "power of two")):
         with pytest.raises(ValueError, match=message):
             plans.overrides_from_env(bad)
     # read once at import: the process's plans are the shipped ones changed by the variable
-    code = "from fp8train.kernels import plans; print(plans.plan('gated_backward_predicted').persistent)"
-    env = dict(os.environ, FP8TRAIN_PLANS="gated_backward_predicted.persistent=0")
+    code = "from fp8train.kernels import plans; print(plans.plan('gated_backward_predicted').gather_scales)"
+    env = dict(os.environ, FP8TRAIN_PLANS="gated_backward_predicted.gather_scales=1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False" and plans.plan("gated_backward_predicted").persistent
+    assert out.stdout.strip() == "True" and not plans.plan("gated_backward_predicted").gather_scales
 
 
 def test_plans_give_identical_bits_under_interpreter():

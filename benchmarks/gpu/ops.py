@@ -339,8 +339,7 @@ def check_no_recompiles(report):
     kernels = [kn._rmsnorm_fwd_kernel, kn._rmsnorm_apply_kernel, kn._rmsnorm_bwd_kernel, ka._activation_fwd_kernel,
                ka._activation_apply_kernel, ka._activation_bwd_kernel, kg._gated_fwd_kernel, kg._gated_apply_kernel,
                kg._gated_bwd_kernel, kg._gated_bwd_apply_kernel, kg._gated_fwd_predicted_kernel,
-               kg._gated_fwd_repair_kernel, kg._gated_bwd_predicted_kernel, kg._gated_bwd_persistent_kernel,
-               kg._gated_bwd_repair_kernel,
+               kg._gated_fwd_repair_kernel, kg._gated_bwd_predicted_kernel, kg._gated_bwd_repair_kernel,
                kr._residual_add_kernel]
     w = torch.ones(4096, dtype=torch.bfloat16, device="cuda")  # the hidden size the checks compiled for
 

@@ -34,7 +34,6 @@ CANDIDATES = {
                         (256, 32), (256, 64)),
     "transposed_warps": (2, 4, 16),
     "gather_scales": (True,),
-    "persistent": (False, True),
 }
 
 # the fields each family's kernels read (others would only re-time the same launch)
@@ -51,8 +50,7 @@ FIELDS = {
     "gated_forward": ("tile_elements", "max_cols", "warps", "programs_per_sm", "transposed_tile",
                       "transposed_warps"),
     "gated_forward_predicted": ("transposed_tile", "transposed_warps"),
-    "gated_backward_predicted": ("persistent", "programs_per_sm", "gather_scales", "transposed_tile",
-                                 "transposed_warps"),
+    "gated_backward_predicted": ("gather_scales", "transposed_tile", "transposed_warps"),
 }
 
 

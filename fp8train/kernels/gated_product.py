@@ -226,45 +226,6 @@ def _gated_bwd_predicted_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, ua
 
 
 @fast_launch
-@triton.jit(do_not_specialize=["M", "num_programs", "iters"])
-def _gated_bwd_persistent_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr,
-                                 du_dtype_ptr, prediction_ptr, seen_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N,
-                                 num_programs, iters, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
-                                 FMAX: tl.constexpr, WRITE_T: tl.constexpr, GATHER: tl.constexpr):
-    """The one-pass backward with a few programs per SM looping over the tiles: each keeps element-wise running
-    maxima of |dgate| and |dup| and folds them into seen[0] / seen[1] once at the end, instead of a tile-wide
-    reduction and a fold per tile (0.2-0.7 ms per 65536 x 5632 call on an H200,
-    benchmarks/debug/gated_backward_costs.py).  Same outputs as _gated_bwd_predicted_kernel."""
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BN)
-    predicted_g = tl.load(prediction_ptr)
-    predicted_u = tl.load(prediction_ptr + 1)
-    if pid == 0:
-        tl.store(seen_ptr + 2, predicted_g.to(tl.int32, bitcast=True))
-        tl.store(seen_ptr + 3, predicted_u.to(tl.int32, bitcast=True))
-    inv_g = encode_multiplier(predicted_g, FMAX)
-    inv_u = encode_multiplier(predicted_u, FMAX)
-    # |value| bits as int32 order like the values, NaN above inf: running int maxima propagate NaN as the
-    # per-tile folds do
-    run_g = tl.zeros((BM, BN), dtype=tl.int32)
-    run_u = tl.zeros((BM, BN), dtype=tl.int32)
-    for i in range(0, iters):
-        t = pid + i * num_programs
-        rows, cols, _ = loop_tile(t, M, N, BM, BN)
-        gcols = (t % tiles_n) * (BN // 16) + tl.arange(0, BN // 16)
-        dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N,
-                                    BM, BN, ACT, GATHER)
-        dg = dg.to(dg_dtype_ptr.dtype.element_ty).to(tl.float32)
-        du = du.to(du_dtype_ptr.dtype.element_ty).to(tl.float32)
-        run_g = tl.maximum(run_g, tl.where(mask, tl.abs(dg), 0.0).to(tl.int32, bitcast=True))
-        run_u = tl.maximum(run_u, tl.where(mask, tl.abs(du), 0.0).to(tl.int32, bitcast=True))
-        store_tensorwise(dg, inv_g, rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, WRITE_T, FMAX)
-        store_tensorwise(du, inv_u, rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, WRITE_T, FMAX)
-    fold_amax_bits(seen_ptr, tl.max(tl.max(run_g, axis=1), axis=0))
-    fold_amax_bits(seen_ptr + 1, tl.max(tl.max(run_u, axis=1), axis=0))
-
-
-@fast_launch
 @triton.jit(do_not_specialize=["M", "num_tiles", "num_programs"])
 def _gated_bwd_repair_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
                              seen_ptr, prediction_ptr, amax_out_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N,
@@ -397,16 +358,9 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
         common = dict(BM=bm2, BN=bn2, ACT=ACT_CODE[name], FMAX=float(fmt.max), WRITE_T=output_transpose,
                       GATHER=predicted.gather_scales, num_warps=predicted.transposed_warps)
         grid = (cdiv(M, bm2), cdiv(N, bn2))
-        if predicted.persistent:
-            tiles = grid[0] * grid[1]
-            nprog = max(1, min(tiles, plans.partials_capacity(dh, "gated_backward_predicted")))
-            _gated_bwd_persistent_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
-                                                   up_copy.amax, dg_dtype, du_dtype, prediction, seen, qg, qg_t, qu,
-                                                   qu_t, M, N, nprog, cdiv(tiles, nprog), **common)
-        else:
-            _gated_bwd_predicted_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
-                                              up_copy.amax, dg_dtype, du_dtype, prediction, seen, qg, qg_t, qu, qu_t,
-                                              M, N, **common)
+        _gated_bwd_predicted_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
+                                          up_copy.amax, dg_dtype, du_dtype, prediction, seen, qg, qg_t, qu, qu_t,
+                                          M, N, **common)
         num_tiles, nprog = repair_programs(grid, dh)
         _gated_bwd_repair_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
                                            up_copy.amax, dg_dtype, du_dtype, seen, prediction, amax, qg, qg_t, qu,

@@ -48,9 +48,7 @@ class Plan:
     of a pass that loops over tiles (the amax pre-passes; their partial maxima are reduced by every program of
     the next pass); ``transposed_tile`` / ``transposed_warps`` -- (rows, cols) and warps of passes that also
     write a transposed copy; ``gather_scales`` -- read 1x16 group scales once per element (cached loads, no
-    reshape of the tile) instead of once per group and broadcast through a [rows, groups, 16] reshape;
-    ``persistent`` -- (one-pass predicted-scale kernels) ``programs_per_sm`` programs loop over the tiles keeping
-    running maxima, one amax fold per program instead of one per tile."""
+    reshape of the tile) instead of once per group and broadcast through a [rows, groups, 16] reshape."""
 
     tile_elements: int = 8192
     max_cols: int = 512
@@ -59,7 +57,6 @@ class Plan:
     transposed_tile: tuple = (64, 128)
     transposed_warps: int = 8
     gather_scales: bool = False
-    persistent: bool = False
 
     def __post_init__(self):
         for name in ("tile_elements", "max_cols"):
@@ -92,7 +89,7 @@ TUNED = {
     # one-pass kernels with predicted scales, swept on an H100 (2026-11-28-h100-session9-plans-predicted.md):
     # (32, 128) 1.06x over the two-pass forward's (64, 64); the backward's (32, 64) stayed best
     "gated_forward_predicted": Plan(transposed_tile=(32, 128)),
-    "gated_backward_predicted": Plan(transposed_tile=(32, 64), persistent=True),
+    "gated_backward_predicted": Plan(transposed_tile=(32, 64)),
 }
 
 
@@ -111,12 +108,12 @@ def _parse_field(family: str, name: str, text: str):
             return tuple(int(v) for v in text.split("x"))
         return int(text)
     except ValueError:
-        raise ValueError(f"FP8TRAIN_PLANS: bad value {text!r} for {family}.{name} (e.g. persistent=0, warps=4, "
+        raise ValueError(f"FP8TRAIN_PLANS: bad value {text!r} for {family}.{name} (e.g. gather_scales=1, warps=4, "
                          f"transposed_tile=32x64)") from None
 
 
 def overrides_from_env(text: str) -> dict[str, Plan]:
-    """Plans changed by a spec like ``gated_backward_predicted.persistent=0,quantize.warps=4`` (the
+    """Plans changed by a spec like ``gated_backward_predicted.gather_scales=1,quantize.warps=4`` (the
     ``FP8TRAIN_PLANS`` environment variable: A/B runs of a plan field without code changes)."""
     changes: dict[str, dict] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
