@@ -84,7 +84,8 @@ def fp8_mismatches(got: torch.Tensor, ref: torch.Tensor, fmt, steps: int = 1, fl
 # float32 / float16 inputs: numpy rounds these exactly; the interpreter truncates float32 -> bfloat16 casts, so
 # bfloat16 outputs are compared to within one bf16 step.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SHAPES = ((5, 48), (3, 3, 64), (33, 160))
+# (2, 16, 96): 32 rows, a multiple of 16 -- the transposed stores' aligned variant (T_ALIGNED); the others are not
+SHAPES = ((5, 48), (3, 3, 64), (33, 160), (2, 16, 96))
 
 
 def close(got, ref, dtype, scale=1.0):
@@ -178,7 +179,7 @@ def check_quantize_predicted():
     from fp8train.kernels.quantize import quantize_tensorwise
 
     two_programs = mock.patch.object(plans, "partials_capacity", lambda x, family: 2)
-    for shape in ((3, 37, 96), (130, 272)):  # ragged tiles along both dims
+    for shape in ((3, 37, 96), (130, 272), (4, 16, 96)):  # ragged tiles along both dims; 64 rows: aligned transposes
         for dtype in DTYPES:
             base = _inputs(shape, dtype)
             for fmt, reference in ((E4M3, mg.quantize_for_linear), (E5M2, mg.quantize_grad_for_linear)):

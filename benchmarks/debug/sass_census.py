@@ -97,11 +97,11 @@ def kernels():
     p = plans.plan("gated_forward_predicted")
     bm, bn = p.transposed_tile
     out["gated_fwd"] = (gated_product._gated_fwd_predicted_kernel, _gated_types(False),
-                        dict(BM=bm, BN=bn, ACT=0, WRITE_T=True), p.transposed_warps, bm * bn)
+                        dict(BM=bm, BN=bn, ACT=0, WRITE_T=True, T_ALIGNED=True), p.transposed_warps, bm * bn)
     p = plans.plan("gated_backward_predicted")
     bm, bn = p.transposed_tile
     out["gated_bwd"] = (gated_product._gated_bwd_predicted_kernel, _gated_types(True),
-                        dict(BM=bm, BN=bn, ACT=0, FMAX=57344.0, WRITE_T=True, GATHER=p.gather_scales),
+                        dict(BM=bm, BN=bn, ACT=0, FMAX=57344.0, WRITE_T=True, GATHER=p.gather_scales, T_ALIGNED=True),
                         p.transposed_warps, bm * bn)
     block_n, bm, warps = rmsnorm._row_plan(M_ROWS, HIDDEN)
     norm_types = dict(x_ptr="*bf16", stride_x="i32", w_ptr="*bf16", y_ptr="*bf16", rstd_ptr="*fp32",

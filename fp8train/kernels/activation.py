@@ -14,8 +14,9 @@ import triton.language as tl
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch
-from .quantize import (E4M3_MAX, GPU_SHORTCUTS, amax_and_scale, as_rows, encode_multiplier, grid_tile,
-                       load_group_copy, loop_tile, quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
+from .quantize import (E4M3_MAX, GPU_SHORTCUTS, amax_and_scale, as_rows, encode_multiplier, load_group_copy, loop_tile,
+                       quantize_group_tile, row_major_tile, shared_amax, store_tensorwise, tile_amax_bits,
+                       transposes_aligned)
 
 __all__ = ["activation_forward", "activation_backward", "act_value", "act_derivative", "ACT_CODE"]
 
@@ -97,13 +98,13 @@ def _activation_fwd_kernel(x_ptr, stride_x, y_ptr, q_ptr, qamax_ptr, partials_pt
 @triton.jit(do_not_specialize=["M", "num_partials"])
 def _activation_apply_kernel(x_ptr, stride_x, partials_ptr, num_partials, amax_out_ptr, q_ptr, q_t_ptr, M, N,
                              BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr,
-                             WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
+                             WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr, T_ALIGNED: tl.constexpr):
     amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P, E4M3_MAX)
-    rows, cols, mask = grid_tile(M, N, BM, BN)
+    rows, cols, mask, _ = row_major_tile(M, N, BM, BN)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
     y = act_value(x.to(tl.float32), ACT).to(x_ptr.dtype.element_ty).to(tl.float32)
     store_tensorwise(y, encode_multiplier(amax, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr,
-                     WRITE_ROW, WRITE_T, E4M3_MAX)
+                     WRITE_ROW, WRITE_T, E4M3_MAX, T_ALIGNED)
 
 
 @fast_launch
@@ -156,9 +157,11 @@ def activation_forward(x, name, *, quantize_output=False, output_transpose=False
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "activation", output_transpose)
     grid = (cdiv(M, bm2), cdiv(N, bn2))
-    _activation_apply_kernel[grid](x2, x2.stride(0), partials, nprog, amax, data, data_t, M, N, BM=bm2, BN=bn2,
-                                   BLOCK_P=plans.partials_block(x, "activation"), ACT=ACT_CODE[name], WRITE_ROW=True,
-                                   WRITE_T=output_transpose, num_warps=plans.warps("activation", output_transpose))
+    _activation_apply_kernel[(grid[0] * grid[1],)](x2, x2.stride(0), partials, nprog, amax, data, data_t, M, N,
+                                                   BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x, "activation"),
+                                                   ACT=ACT_CODE[name], WRITE_ROW=True, WRITE_T=output_transpose,
+                                                   T_ALIGNED=transposes_aligned(M),
+                                                   num_warps=plans.warps("activation", output_transpose))
     q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
                         shape=x.shape, dtype=x.dtype)
     return ((q, data_t) if output_transpose else q), copy

@@ -20,8 +20,8 @@ from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch
 from .activation import ACT_CODE, act_value
-from .quantize import (E4M3_MAX, amax_and_scale, encode_multiplier, grid_tile, load_group_copy, loop_tile, shared_amax,
-                       store_tensorwise, tile_amax_bits)
+from .quantize import (E4M3_MAX, amax_and_scale, encode_multiplier, load_group_copy, loop_tile, row_major_tile,
+                       shared_amax, store_tensorwise, tile_amax_bits, transposes_aligned)
 
 __all__ = ["product_from_copies"]
 
@@ -61,14 +61,14 @@ def _product_amax_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, part
 def _product_apply_kernel(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, partials_ptr, num_partials,
                           amax_out_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
                           BLOCK_P: tl.constexpr, ACT: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr,
-                          GATHER: tl.constexpr):
+                          GATHER: tl.constexpr, T_ALIGNED: tl.constexpr):
     amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P, E4M3_MAX)
-    rows, cols, _ = grid_tile(M, N, BM, BN)
-    gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
+    rows, cols, _, tile_n = row_major_tile(M, N, BM, BN)
+    gcols = tile_n * (BN // 16) + tl.arange(0, BN // 16)
     h = _product_tile(gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, h_dtype_ptr, rows, cols, gcols, M, N, BM, BN, ACT,
                           GATHER)
     store_tensorwise(h, encode_multiplier(amax, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr,
-                     WRITE_ROW, WRITE_T, E4M3_MAX)
+                     WRITE_ROW, WRITE_T, E4M3_MAX, T_ALIGNED)
 
 
 def product_from_copies(gate: QuantizedTensor, up: QuantizedTensor, name: str, out_dtype: torch.dtype, *,
@@ -101,11 +101,14 @@ def product_from_copies(gate: QuantizedTensor, up: QuantizedTensor, name: str, o
     if M:
         bm2, bn2 = plans.elementwise_tile(N, family, with_transpose)
         grid = (cdiv(M, bm2), cdiv(N, bn2))
-        _product_apply_kernel[grid](gate.data, gate.amax, up.data, up.amax, h_dtype, partials, nprog, amax,
-                                    data if data is not None else amax, data_t if data_t is not None else amax,
-                                    M, N, BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(gate.data, family),
-                                    ACT=ACT_CODE[name], WRITE_ROW=write_rowmajor, WRITE_T=with_transpose,
-                                    GATHER=plan.gather_scales, num_warps=plans.warps(family, with_transpose))
+        _product_apply_kernel[(grid[0] * grid[1],)](gate.data, gate.amax, up.data, up.amax, h_dtype, partials, nprog,
+                                                    amax, data if data is not None else amax,
+                                                    data_t if data_t is not None else amax, M, N, BM=bm2, BN=bn2,
+                                                    BLOCK_P=plans.partials_block(gate.data, family),
+                                                    ACT=ACT_CODE[name], WRITE_ROW=write_rowmajor,
+                                                    WRITE_T=with_transpose, GATHER=plan.gather_scales,
+                                                    T_ALIGNED=transposes_aligned(M),
+                                                    num_warps=plans.warps(family, with_transpose))
     else:  # an empty tensor: amax 0 (no kernel runs)
         amax.zero_()
     q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR,

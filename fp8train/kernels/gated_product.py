@@ -23,8 +23,8 @@ from .launch import cdiv, fast_launch
 from .activation import ACT_CODE, act_derivative, act_value
 from .predicted_scale import first_program, repair_programs, settle_prediction, settle_prediction_pair
 from .quantize import (E4M3_MAX, SLOT, amax_and_scale, as_rows, dequant_scale, encode_multiplier, fold_amax_bits,
-                       global_amax, grid_tile, load_group_copy, loop_tile, quantize_group_tile, shared_amax,
-                       store_tensorwise, tile_amax_bits)
+                       global_amax, grid_tile, load_group_copy, loop_tile, quantize_group_tile, row_major_tile,
+                       shared_amax, store_tensorwise, tile_amax_bits, transposes_aligned)
 
 __all__ = ["gated_product_forward", "gated_product_backward"]
 
@@ -157,32 +157,33 @@ def _gated_bwd_apply_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_
 @triton.jit(do_not_specialize=["M"])
 def _gated_fwd_predicted_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr,
                                 prediction_ptr, seen_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
-                                ACT: tl.constexpr, WRITE_T: tl.constexpr):
+                                ACT: tl.constexpr, WRITE_T: tl.constexpr, T_ALIGNED: tl.constexpr):
     """The whole forward in one pass: h encoded with the predicted amax (row-major, optionally transposed), the
-    two 1x16 copies, h's true amax folded into seen[0]."""
-    rows, cols, mask = grid_tile(M, N, BM, BN)
+    two 1x16 copies, h's true amax folded into seen[0].  A 1-D grid of row-major tiles."""
+    rows, cols, mask, tile_n = row_major_tile(M, N, BM, BN)
     rmask = rows < M
     rows64 = rows[:, None].to(tl.int64)
-    gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
+    gcols = tile_n * (BN // 16) + tl.arange(0, BN // 16)
     g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = (act_value(g, ACT) * u).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
     predicted = tl.load(prediction_ptr)
     if first_program():
         tl.store(seen_ptr + 1, predicted.to(tl.int32, bitcast=True))
-    fold_amax_bits(seen_ptr, tile_amax_bits(tl.where(mask, h, 0.0)))
     store_tensorwise(h, encode_multiplier(predicted, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T,
-                     E4M3_MAX)
+                     E4M3_MAX, T_ALIGNED)
     store_group_copy(g, rows64, rmask, cols, gcols, mask, N, gq_ptr, gamax_ptr, BM, BN)
     store_group_copy(u, rows64, rmask, cols, gcols, mask, N, uq_ptr, uamax_ptr, BM, BN)
+    # the amax after the stores: fewer registers live across the reduction (gated_backward_costs.py)
+    fold_amax_bits(seen_ptr, tile_amax_bits(tl.where(mask, h, 0.0)))
 
 
 @fast_launch
 @triton.jit(do_not_specialize=["M", "num_tiles", "num_programs"])
 def _gated_fwd_repair_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, seen_ptr, prediction_ptr, amax_out_ptr,
                              q_ptr, q_t_ptr, M, N, num_tiles, num_programs, BM: tl.constexpr, BN: tl.constexpr,
-                             ACT: tl.constexpr, WRITE_T: tl.constexpr, MARGIN: tl.constexpr,
-                             HEADROOM: tl.constexpr):
+                             ACT: tl.constexpr, WRITE_T: tl.constexpr, T_ALIGNED: tl.constexpr,
+                             MARGIN: tl.constexpr, HEADROOM: tl.constexpr):
     """Publish the amax h was encoded with, update the prediction, and re-encode just in time on overflow.
     Persistent programs (see :func:`repair_programs`): when nothing needs repairing they read four numbers and
     exit."""
@@ -195,7 +196,7 @@ def _gated_fwd_repair_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, seen
             g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             h = (act_value(g, ACT) * u).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
-            store_tensorwise(h, inv, rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T, E4M3_MAX)
+            store_tensorwise(h, inv, rows, cols, M, N, q_ptr, N, q_t_ptr, True, WRITE_T, E4M3_MAX, T_ALIGNED)
 
 
 @fast_launch
@@ -203,11 +204,11 @@ def _gated_fwd_repair_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, seen
 def _gated_bwd_predicted_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
                                 prediction_ptr, seen_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N, BM: tl.constexpr,
                                 BN: tl.constexpr, ACT: tl.constexpr, FMAX: tl.constexpr, WRITE_T: tl.constexpr,
-                                GATHER: tl.constexpr):
+                                GATHER: tl.constexpr, T_ALIGNED: tl.constexpr):
     """The whole backward in one pass: dgate / dup encoded with their predicted amaxes, their true amaxes folded
-    into seen[0] / seen[1]."""
-    rows, cols, _ = grid_tile(M, N, BM, BN)
-    gcols = tl.program_id(1) * (BN // 16) + tl.arange(0, BN // 16)
+    into seen[0] / seen[1].  A 1-D grid of row-major tiles."""
+    rows, cols, _, tile_n = row_major_tile(M, N, BM, BN)
+    gcols = tile_n * (BN // 16) + tl.arange(0, BN // 16)
     dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N,
                                 BM, BN, ACT, GATHER)
     dg = dg.to(dg_dtype_ptr.dtype.element_ty).to(tl.float32)
@@ -217,12 +218,13 @@ def _gated_bwd_predicted_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, ua
     if first_program():
         tl.store(seen_ptr + 2, predicted_g.to(tl.int32, bitcast=True))
         tl.store(seen_ptr + 3, predicted_u.to(tl.int32, bitcast=True))
+    store_tensorwise(dg, encode_multiplier(predicted_g, FMAX), rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, WRITE_T,
+                     FMAX, T_ALIGNED)
+    store_tensorwise(du, encode_multiplier(predicted_u, FMAX), rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, WRITE_T,
+                     FMAX, T_ALIGNED)
+    # the amaxes after the stores: fewer registers live across the reductions (gated_backward_costs.py)
     fold_amax_bits(seen_ptr, tile_amax_bits(tl.where(mask, dg, 0.0)))
     fold_amax_bits(seen_ptr + 1, tile_amax_bits(tl.where(mask, du, 0.0)))
-    store_tensorwise(dg, encode_multiplier(predicted_g, FMAX), rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, WRITE_T,
-                     FMAX)
-    store_tensorwise(du, encode_multiplier(predicted_u, FMAX), rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, WRITE_T,
-                     FMAX)
 
 
 @fast_launch
@@ -231,7 +233,7 @@ def _gated_bwd_repair_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax
                              seen_ptr, prediction_ptr, amax_out_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N,
                              num_tiles, num_programs, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
                              FMAX: tl.constexpr, WRITE_T: tl.constexpr, GATHER: tl.constexpr,
-                             MARGIN: tl.constexpr, HEADROOM: tl.constexpr):
+                             T_ALIGNED: tl.constexpr, MARGIN: tl.constexpr, HEADROOM: tl.constexpr):
     """Publish the amaxes dgate / dup were encoded with, update the predictions, re-encode whichever missed
     (persistent programs, as in the forward's repair)."""
     seen_g, seen_u, repair_g, repair_u = settle_prediction_pair(seen_ptr, prediction_ptr, amax_out_ptr, FMAX, MARGIN,
@@ -245,11 +247,11 @@ def _gated_bwd_repair_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax
             if repair_g:
                 dg = dg.to(dg_dtype_ptr.dtype.element_ty).to(tl.float32)
                 store_tensorwise(dg, encode_multiplier(seen_g, FMAX), rows, cols, M, N, qg_ptr, N, qg_t_ptr, True,
-                                 WRITE_T, FMAX)
+                                 WRITE_T, FMAX, T_ALIGNED)
             if repair_u:
                 du = du.to(du_dtype_ptr.dtype.element_ty).to(tl.float32)
                 store_tensorwise(du, encode_multiplier(seen_u, FMAX), rows, cols, M, N, qu_ptr, N, qu_t_ptr, True,
-                                 WRITE_T, FMAX)
+                                 WRITE_T, FMAX, T_ALIGNED)
 
 
 def _copy_tensors(shape, N, dev):
@@ -279,15 +281,13 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
         data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
         bm, bn = plans.elementwise_tile(N, "gated_forward_predicted", True)
         grid = (cdiv(M, bm), cdiv(N, bn))
-        warps = plans.warps("gated_forward_predicted", True)
-        _gated_fwd_predicted_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax, prediction,
-                                          seen, data, data_t, M, N, BM=bm, BN=bn, ACT=ACT_CODE[name],
-                                          WRITE_T=output_transpose, num_warps=warps)
+        common = dict(BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_T=output_transpose, T_ALIGNED=transposes_aligned(M),
+                      num_warps=plans.warps("gated_forward_predicted", True))
+        _gated_fwd_predicted_kernel[(grid[0] * grid[1],)](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax,
+                                                          prediction, seen, data, data_t, M, N, **common)
         num_tiles, nprog = repair_programs(grid, gate)
         _gated_fwd_repair_kernel[(nprog,)](g2, g2.stride(0), u2, u2.stride(0), h, seen, prediction, amax, data,
-                                           data_t, M, N, num_tiles, nprog, BM=bm, BN=bn, ACT=ACT_CODE[name],
-                                           WRITE_T=output_transpose, MARGIN=MARGIN, HEADROOM=HEADROOM,
-                                           num_warps=warps)
+                                           data_t, M, N, num_tiles, nprog, MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
         q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT,
                             granularity=PER_TENSOR, shape=gate.shape, dtype=h_dtype)
         return ((q, data_t) if output_transpose else q), copies[0], copies[1]
@@ -356,11 +356,12 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
         predicted = plans.plan("gated_backward_predicted")
         bm2, bn2 = predicted.transposed_tile
         common = dict(BM=bm2, BN=bn2, ACT=ACT_CODE[name], FMAX=float(fmt.max), WRITE_T=output_transpose,
-                      GATHER=predicted.gather_scales, num_warps=predicted.transposed_warps)
+                      GATHER=predicted.gather_scales, T_ALIGNED=transposes_aligned(M),
+                      num_warps=predicted.transposed_warps)
         grid = (cdiv(M, bm2), cdiv(N, bn2))
-        _gated_bwd_predicted_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
-                                          up_copy.amax, dg_dtype, du_dtype, prediction, seen, qg, qg_t, qu, qu_t,
-                                          M, N, **common)
+        _gated_bwd_predicted_kernel[(grid[0] * grid[1],)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax,
+                                                          up_copy.data, up_copy.amax, dg_dtype, du_dtype, prediction,
+                                                          seen, qg, qg_t, qu, qu_t, M, N, **common)
         num_tiles, nprog = repair_programs(grid, dh)
         _gated_bwd_repair_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
                                            up_copy.amax, dg_dtype, du_dtype, seen, prediction, amax, qg, qg_t, qu,

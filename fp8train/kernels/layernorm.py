@@ -13,8 +13,8 @@ import triton.language as tl
 
 from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
-from .quantize import (E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, grid_tile, load_group_copy,
-                       quantize_group_tile, shared_amax, store_tensorwise, tile_amax_bits)
+from .quantize import (E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, load_group_copy, quantize_group_tile,
+                       row_major_tile, shared_amax, store_tensorwise, tile_amax_bits, transposes_aligned)
 from .rmsnorm import _backward_row_plan, _row_plan
 from .launch import cdiv, fast_launch
 
@@ -76,9 +76,9 @@ def _layernorm_fwd_kernel(x_ptr, stride_x, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_p
 def _layernorm_apply_kernel(x_ptr, stride_x, w_ptr, b_ptr, mean_ptr, rstd_ptr, partials_ptr, num_partials,
                             amax_out_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
                             BLOCK_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                            WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
+                            WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr, T_ALIGNED: tl.constexpr):
     amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P, E4M3_MAX)
-    rows, cols, mask = grid_tile(M, N, BM, BN)
+    rows, cols, mask, _ = row_major_tile(M, N, BM, BN)
     rmask = rows < M
     cmask = cols < N
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
@@ -89,7 +89,7 @@ def _layernorm_apply_kernel(x_ptr, stride_x, w_ptr, b_ptr, mean_ptr, rstd_ptr, p
     centered = x.to(tl.float32) - mean[:, None]
     y = _affine(centered * rstd[:, None], w, b, HAS_W, HAS_B).to(x_ptr.dtype.element_ty).to(tl.float32)
     store_tensorwise(y, encode_multiplier(amax, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr,
-                     WRITE_ROW, WRITE_T, E4M3_MAX)
+                     WRITE_ROW, WRITE_T, E4M3_MAX, T_ALIGNED)
 
 
 @fast_launch
@@ -167,10 +167,12 @@ def layernorm_forward(x, weight, bias, eps, *, quantize_output=False, output_tra
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
     grid = (cdiv(M, bm2), cdiv(N, bn2))
-    _layernorm_apply_kernel[grid](x2, x2.stride(0), w, b, mean, rstd, partials, nprog, amax, data, data_t, M, N,
-                                  BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), HAS_W=weight is not None,
-                                  HAS_B=bias is not None, WRITE_ROW=True, WRITE_T=output_transpose,
-                                num_warps=plans.warps("norm", output_transpose))
+    _layernorm_apply_kernel[(grid[0] * grid[1],)](x2, x2.stride(0), w, b, mean, rstd, partials, nprog, amax, data,
+                                                  data_t, M, N, BM=bm2, BN=bn2,
+                                                  BLOCK_P=plans.partials_block(x2, "norm"), HAS_W=weight is not None,
+                                                  HAS_B=bias is not None, WRITE_ROW=True, WRITE_T=output_transpose,
+                                                  T_ALIGNED=transposes_aligned(M),
+                                                  num_warps=plans.warps("norm", output_transpose))
     q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
                         shape=x.shape, dtype=x.dtype)
     return ((q, data_t) if output_transpose else q), rstd, copy

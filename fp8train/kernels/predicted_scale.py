@@ -21,8 +21,8 @@ import triton.language as tl
 from ..delayed_scaling import HEADROOM, MARGIN
 from . import plans
 from .launch import cdiv, fast_launch
-from .quantize import (SLOT, dequant_scale, encode_multiplier, fold_amax_bits, grid_tile, loop_tile, store_tensorwise,
-                       tile_amax_bits)
+from .quantize import (SLOT, dequant_scale, encode_multiplier, fold_amax_bits, loop_tile, row_major_tile,
+                       store_tensorwise, tile_amax_bits, transposes_aligned)
 
 __all__ = ["first_program", "settle_prediction", "settle_prediction_pair", "repair_programs", "quantize_predicted"]
 
@@ -97,24 +97,25 @@ def repair_programs(grid, x, family: str = "gated_forward_predicted") -> tuple[i
 @fast_launch
 @triton.jit(do_not_specialize=["M"])
 def _quantize_predicted_kernel(x_ptr, stride_x, prediction_ptr, seen_ptr, q_ptr, q_t_ptr, M, N, BM: tl.constexpr,
-                               BN: tl.constexpr, FMAX: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
+                               BN: tl.constexpr, FMAX: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr,
+                               T_ALIGNED: tl.constexpr):
     """x encoded with the predicted amax (row-major and/or transposed); x's true amax folded into seen[0]."""
-    rows, cols, mask = grid_tile(M, N, BM, BN)
+    rows, cols, mask, _ = row_major_tile(M, N, BM, BN)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     predicted = tl.load(prediction_ptr)
     if first_program():
         tl.store(seen_ptr + 1, predicted.to(tl.int32, bitcast=True))
-    fold_amax_bits(seen_ptr, tile_amax_bits(x))
     store_tensorwise(x, encode_multiplier(predicted, FMAX), rows, cols, M, N, q_ptr, N, q_t_ptr, WRITE_ROW, WRITE_T,
-                     FMAX)
+                     FMAX, T_ALIGNED)
+    fold_amax_bits(seen_ptr, tile_amax_bits(x))  # after the stores: fewer registers live across the reduction
 
 
 @fast_launch
 @triton.jit(do_not_specialize=["M", "num_tiles", "num_programs"])
 def _quantize_repair_kernel(x_ptr, stride_x, seen_ptr, prediction_ptr, amax_out_ptr, q_ptr, q_t_ptr, M, N, num_tiles,
                             num_programs, BM: tl.constexpr, BN: tl.constexpr, FMAX: tl.constexpr,
-                            WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr, MARGIN: tl.constexpr,
-                            HEADROOM: tl.constexpr):
+                            WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr, T_ALIGNED: tl.constexpr,
+                            MARGIN: tl.constexpr, HEADROOM: tl.constexpr):
     """Publish the amax x was encoded with, update the prediction, re-encode just in time when it missed."""
     seen, repair = settle_prediction(seen_ptr, prediction_ptr, amax_out_ptr, FMAX, MARGIN, HEADROOM)
     if repair:
@@ -123,7 +124,7 @@ def _quantize_repair_kernel(x_ptr, stride_x, seen_ptr, prediction_ptr, amax_out_
             rows, cols, mask = loop_tile(t, M, N, BM, BN)
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask,
                         other=0.0).to(tl.float32)
-            store_tensorwise(x, inv, rows, cols, M, N, q_ptr, N, q_t_ptr, WRITE_ROW, WRITE_T, FMAX)
+            store_tensorwise(x, inv, rows, cols, M, N, q_ptr, N, q_t_ptr, WRITE_ROW, WRITE_T, FMAX, T_ALIGNED)
 
 
 def quantize_predicted(x2: torch.Tensor, fmax: float, prediction: torch.Tensor, amax_out: torch.Tensor,
@@ -138,8 +139,8 @@ def quantize_predicted(x2: torch.Tensor, fmax: float, prediction: torch.Tensor, 
     grid = (cdiv(M, bm), cdiv(N, bn))
     outputs = (data if data is not None else amax_out, data_t if data_t is not None else amax_out)
     common = dict(BM=bm, BN=bn, FMAX=fmax, WRITE_ROW=write_rowmajor, WRITE_T=with_transpose,
-                  num_warps=plans.warps("quantize", with_transpose))
-    _quantize_predicted_kernel[grid](x2, x2.stride(0), prediction, seen, *outputs, M, N, **common)
+                  T_ALIGNED=transposes_aligned(M), num_warps=plans.warps("quantize", with_transpose))
+    _quantize_predicted_kernel[(grid[0] * grid[1],)](x2, x2.stride(0), prediction, seen, *outputs, M, N, **common)
     num_tiles, nprog = repair_programs(grid, x2, "quantize")
     _quantize_repair_kernel[(nprog,)](x2, x2.stride(0), seen, prediction, amax_out, *outputs, M, N, num_tiles, nprog,
                                       MARGIN=MARGIN, HEADROOM=HEADROOM, **common)

@@ -22,8 +22,8 @@ from ..quant import PER_TENSOR, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch, next_power_of_2
 from .quantize import (E4M3_MAX, INV_E4M3_MAX, amax_and_scale, as_rows, encode_multiplier, fold_amax_bits,
-                       grid_tile, load_group_copy, quantize_group_tile, saturate, shared_amax, store_tensorwise,
-                       tile_amax_bits)
+                       load_group_copy, quantize_group_tile, row_major_tile, saturate, shared_amax, store_tensorwise,
+                       tile_amax_bits, transposes_aligned)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
@@ -96,11 +96,11 @@ def _rmsnorm_fwd_kernel(x_ptr, stride_x, w_ptr, y_ptr, rstd_ptr, q_ptr, qamax_pt
 def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
                           q_ptr, q_t_ptr, deq_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
                           STYLE: tl.constexpr, HAS_W: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr,
-                          WRITE_DEQ: tl.constexpr):
+                          WRITE_DEQ: tl.constexpr, T_ALIGNED: tl.constexpr):
     """WRITE_DEQ: also write the FP8 values back in ``deq_ptr``'s dtype, with dequantize_tensorwise's roundings
     (the flow norm returns them as its output tensor: one more write here instead of a pass of its own)."""
     amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P, E4M3_MAX)
-    rows, cols, mask = grid_tile(M, N, BM, BN)
+    rows, cols, mask, _ = row_major_tile(M, N, BM, BN)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
     if HAS_W:
@@ -110,7 +110,7 @@ def _rmsnorm_apply_kernel(x_ptr, stride_x, w_ptr, rstd_ptr, y_dtype_ptr, partial
     y = _normed_output(x.to(tl.float32) * rstd[:, None], w, x_ptr.dtype.element_ty, y_dtype_ptr.dtype.element_ty,
                        STYLE, HAS_W)
     inv = encode_multiplier(amax, E4M3_MAX)
-    store_tensorwise(y, inv, rows, cols, M, N, q_ptr, N, q_t_ptr, WRITE_ROW, WRITE_T, E4M3_MAX)
+    store_tensorwise(y, inv, rows, cols, M, N, q_ptr, N, q_t_ptr, WRITE_ROW, WRITE_T, E4M3_MAX, T_ALIGNED)
     if WRITE_DEQ:
         q = saturate(y * inv, E4M3_MAX).to(q_ptr.dtype.element_ty).to(tl.float32)
         tl.store(deq_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
@@ -252,10 +252,13 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
     grid = (cdiv(M, bm2), cdiv(N, bn2))
     deq = torch.empty(x.shape, dtype=dequantized_dtype, device=dev) if dequantized_dtype is not None else amax
-    _rmsnorm_apply_kernel[grid](x2, x2.stride(0), w, rstd, y_dummy, partials, nprog, amax, data, data_t, deq, M, N,
-                                BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x2, "norm"), STYLE=_STYLE_CODE[style],
-                                HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose,
-                                WRITE_DEQ=dequantized_dtype is not None, num_warps=plans.warps("norm", output_transpose))
+    _rmsnorm_apply_kernel[(grid[0] * grid[1],)](x2, x2.stride(0), w, rstd, y_dummy, partials, nprog, amax, data,
+                                                data_t, deq, M, N, BM=bm2, BN=bn2,
+                                                BLOCK_P=plans.partials_block(x2, "norm"), STYLE=_STYLE_CODE[style],
+                                                HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose,
+                                                WRITE_DEQ=dequantized_dtype is not None,
+                                                T_ALIGNED=transposes_aligned(M),
+                                                num_warps=plans.warps("norm", output_transpose))
     q = QuantizedTensor(data=data, amax=amax_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
                         dtype=y_dtype, scale_hint=scale_view)
     tail = (deq,) if dequantized_dtype is not None else ()
