@@ -12,7 +12,7 @@ from triton_interpreter import run_under_interpreter
 # two plans far from the default on every field
 OTHER_PLANS = (
     dict(tile_elements=2048, max_cols=64, warps=4, programs_per_sm=1, transposed_tile=(32, 64), transposed_warps=4,
-         gather_scales=True),
+         gather_scales=True, max_registers=80),
     dict(tile_elements=16384, max_cols=256, warps=16, programs_per_sm=16, transposed_tile=(128, 32),
          transposed_warps=8, gather_scales=False),
 )
@@ -28,6 +28,11 @@ def test_plan_validation():
         plans.Plan(transposed_tile=(8, 128))
     with pytest.raises(ValueError, match="warps"):
         plans.Plan(warps=3)
+    with pytest.raises(ValueError, match="max_registers"):
+        plans.Plan(max_registers=8)
+    assert plans.register_cap("gated_backward_predicted") == {}
+    with plans.using_plan("gated_backward_predicted", max_registers=80):
+        assert plans.register_cap("gated_backward_predicted") == {"maxnreg": 80}
     with pytest.raises(ValueError, match="unknown kernel family"):
         plans.plan("gated")
     before = plans.plan("quantize")

@@ -34,6 +34,7 @@ CANDIDATES = {
                         (256, 32), (256, 64)),
     "transposed_warps": (2, 4, 16),
     "gather_scales": (True,),
+    "max_registers": (64, 80, 96, 128),
 }
 
 # the fields each family's kernels read (others would only re-time the same launch)
@@ -49,8 +50,8 @@ FIELDS = {
     "dequantize": ("tile_elements", "warps"),
     "gated_forward": ("tile_elements", "max_cols", "warps", "programs_per_sm", "transposed_tile",
                       "transposed_warps"),
-    "gated_forward_predicted": ("transposed_tile", "transposed_warps"),
-    "gated_backward_predicted": ("gather_scales", "transposed_tile", "transposed_warps"),
+    "gated_forward_predicted": ("transposed_tile", "transposed_warps", "max_registers"),
+    "gated_backward_predicted": ("gather_scales", "transposed_tile", "transposed_warps", "max_registers"),
 }
 
 

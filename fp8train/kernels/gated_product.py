@@ -282,7 +282,8 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
         bm, bn = plans.elementwise_tile(N, "gated_forward_predicted", True)
         grid = (cdiv(M, bm), cdiv(N, bn))
         common = dict(BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_T=output_transpose, T_ALIGNED=transposes_aligned(M),
-                      num_warps=plans.warps("gated_forward_predicted", True))
+                      num_warps=plans.warps("gated_forward_predicted", True),
+                      **plans.register_cap("gated_forward_predicted"))
         _gated_fwd_predicted_kernel[(grid[0] * grid[1],)](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax,
                                                           prediction, seen, data, data_t, M, N, **common)
         num_tiles, nprog = repair_programs(grid, gate)
@@ -357,7 +358,7 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
         bm2, bn2 = predicted.transposed_tile
         common = dict(BM=bm2, BN=bn2, ACT=ACT_CODE[name], FMAX=float(fmt.max), WRITE_T=output_transpose,
                       GATHER=predicted.gather_scales, T_ALIGNED=transposes_aligned(M),
-                      num_warps=predicted.transposed_warps)
+                      num_warps=predicted.transposed_warps, **plans.register_cap("gated_backward_predicted"))
         grid = (cdiv(M, bm2), cdiv(N, bn2))
         _gated_bwd_predicted_kernel[(grid[0] * grid[1],)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax,
                                                           up_copy.data, up_copy.amax, dg_dtype, du_dtype, prediction,

@@ -36,7 +36,7 @@ import torch
 from .launch import next_power_of_2
 
 __all__ = ["Plan", "FAMILIES", "plan", "set_plan", "using_plan", "elementwise_tile", "sm_count", "partials_capacity",
-           "partials_block", "warps"]
+           "partials_block", "warps", "register_cap"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,10 @@ class Plan:
     of a pass that loops over tiles (the amax pre-passes; their partial maxima are reduced by every program of
     the next pass); ``transposed_tile`` / ``transposed_warps`` -- (rows, cols) and warps of passes that also
     write a transposed copy; ``gather_scales`` -- read 1x16 group scales once per element (cached loads, no
-    reshape of the tile) instead of once per group and broadcast through a [rows, groups, 16] reshape."""
+    reshape of the tile) instead of once per group and broadcast through a [rows, groups, 16] reshape;
+    ``max_registers`` -- (one-pass predicted-scale kernels) cap on registers per thread (Triton's ``maxnreg``; 0:
+    the compiler's choice): a lower cap fits more programs per SM (a 32 x 128 gated backward tile 1.35 -> 1.09 ms
+    at 80 in benchmarks/debug/gated_backward_costs.py), too low a cap spills."""
 
     tile_elements: int = 8192
     max_cols: int = 512
@@ -57,6 +60,7 @@ class Plan:
     transposed_tile: tuple = (64, 128)
     transposed_warps: int = 8
     gather_scales: bool = False
+    max_registers: int = 0
 
     def __post_init__(self):
         for name in ("tile_elements", "max_cols"):
@@ -69,6 +73,8 @@ class Plan:
         for name in ("warps", "transposed_warps"):
             if getattr(self, name) not in (1, 2, 4, 8, 16, 32):
                 raise ValueError(f"Plan.{name} must be a power of two from 1 to 32, got {getattr(self, name)}")
+        if self.max_registers and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"Plan.max_registers must be 0 (no cap) or in 24..255, got {self.max_registers}")
         if not 1 <= self.programs_per_sm <= 64:
             raise ValueError(f"Plan.programs_per_sm must be in 1..64, got {self.programs_per_sm}")
 
@@ -166,6 +172,12 @@ def elementwise_tile(N: int, family: str, transposed: bool = False, group: int =
         return p.transposed_tile
     cols = max(group, min(p.max_cols, next_power_of_2(N)))
     return max(1, p.tile_elements // cols), cols
+
+
+def register_cap(family: str) -> dict:
+    """Launch options capping registers per thread under ``family``'s plan ({} when it sets no cap)."""
+    cap = plan(family).max_registers
+    return {"maxnreg": cap} if cap else {}
 
 
 def warps(family: str, transposed: bool = False) -> int:
