@@ -46,23 +46,26 @@ def test_plan_validation():
     assert plans.plan("gated_backward") == plans.DEFAULT
     plans.set_plan("gated_backward", None)
     assert plans.plan("gated_backward") == tuned
-    assert plans.elementwise_tile(5632, "quantize") == (16, 512)
-    assert plans.elementwise_tile(48, "quantize", group=128) == (64, 128)
-    assert plans.elementwise_tile(48, "quantize", transposed=True) == plans.DEFAULT.transposed_tile
+    assert plans.elementwise_tile(5632, "residual") == (16, 512)
+    assert plans.elementwise_tile(48, "residual", group=128) == (64, 128)
+    assert plans.elementwise_tile(48, "residual", transposed=True) == plans.DEFAULT.transposed_tile
+    assert plans.elementwise_tile(5632, "quantize") == (8, 2048)  # TUNED
 
 
 def test_plans_from_environment():
     """FP8TRAIN_PLANS changes single fields of the shipped plans, typed like the fields; mistakes are errors."""
     pytest.importorskip("triton")
+    import dataclasses
     import subprocess
     import sys
 
     from fp8train.kernels import plans
 
-    got = plans.overrides_from_env(" gated_backward_predicted.gather_scales=1, quantize.warps=4,"
-                                   "gated_forward_predicted.transposed_tile=32x64,quantize.gather_scales=true")
-    assert got["gated_backward_predicted"] == plans.Plan(transposed_tile=(32, 64), gather_scales=True)
-    assert got["quantize"] == plans.Plan(warps=4, gather_scales=True)
+    got = plans.overrides_from_env(" gated_backward_predicted.gather_scales=1, residual.warps=4,"
+                                   "gated_forward_predicted.transposed_tile=32x64,residual.gather_scales=true")
+    assert got["gated_backward_predicted"] == dataclasses.replace(plans.TUNED["gated_backward_predicted"],
+                                                                  gather_scales=True)
+    assert got["residual"] == plans.Plan(warps=4, gather_scales=True)
     assert got["gated_forward_predicted"].transposed_tile == (32, 64)
     assert plans.overrides_from_env("") == {}
     for bad, message in (("quantize.bogus=1", "not a Plan field"), ("quantize.warps=four", "bad value"),

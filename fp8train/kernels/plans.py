@@ -92,10 +92,13 @@ TUNED = {
     "product_from_copies": Plan(transposed_tile=(32, 128), transposed_warps=4),
     "gated_forward": Plan(tile_elements=4096, transposed_tile=(64, 64)),
     "dequantize": Plan(tile_elements=4096),  # the block it always had; not swept yet
-    # one-pass kernels with predicted scales, swept on an H100 (2026-11-28-h100-session9-plans-predicted.md):
-    # (32, 128) 1.06x over the two-pass forward's (64, 64); the backward's (32, 64) stayed best
-    "gated_forward_predicted": Plan(transposed_tile=(32, 128)),
-    "gated_backward_predicted": Plan(transposed_tile=(32, 64)),
+    # one-pass kernels with predicted scales, swept on an H100 (2026-11-28-h100-session9-plans-predicted.md) and,
+    # after the vector transposed stores, on an H200 at batch 32 x 2048 (2026-11-28-h200-session14-plans-b32.json):
+    # forward 1.12x with a cap of 80 registers, backward 1.22x with (32, 128); the quantizer's row-major passes
+    # 1.03x with bigger tiles
+    "gated_forward_predicted": Plan(transposed_tile=(32, 128), max_registers=80),
+    "gated_backward_predicted": Plan(transposed_tile=(32, 128)),
+    "quantize": Plan(tile_elements=16384, max_cols=2048),
 }
 
 
