@@ -68,6 +68,9 @@ def test_plans_from_environment():
     assert got["residual"] == plans.Plan(warps=4, gather_scales=True)
     assert got["gated_forward_predicted"].transposed_tile == (32, 64)
     assert plans.overrides_from_env("") == {}
+    chosen = {"quantize": plans.Plan(tile_elements=2048, transposed_tile=(32, 64), gather_scales=True),
+              "gated_forward_predicted": plans.Plan(max_registers=80)}
+    assert plans.overrides_from_env(plans.env_spec(chosen)) == chosen
     for bad, message in (("quantize.bogus=1", "not a Plan field"), ("quantize.warps=four", "bad value"),
                          ("quantize.gather_scales=2", "bad value"), ("quantize=1", "family.field=value"),
                          ("gated.warps=4", "unknown kernel family"), ("quantize.warps=3", "power of two")):

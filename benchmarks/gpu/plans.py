@@ -5,7 +5,10 @@ are timed under the shipped plan, then one plan field at a time is varied, keepi
 next field (coordinate descent; each candidate timed alternately with the current best).  Every candidate must
 give the shipped plan's exact bits (a check per family), so only speed is being chosen.  The best plan per
 family is printed as a ``plans.set_plan`` line and written with every timing to ``$OUT/plans-sweep.json`` after
-each family (a run cut short keeps what it measured).
+each family (a run cut short keeps what it measured); at the end all of them as one ``FP8TRAIN_PLANS=...`` line
+(also the json's ``fp8train_plans``), which an end-to-end A/B run can take as it is:
+
+    FP8TRAIN_PLANS=<that text> python -m fp8train bench --configs fp8train_coat_lean_graphed --batch 32
 
     python benchmarks/gpu_suite.py --out $OUT --only plans
     PLANS_FAMILIES=gated_forward_predicted,gated_backward_predicted python benchmarks/gpu_suite.py --out $OUT --only plans
@@ -222,5 +225,10 @@ def run(report, *, shapes: dict | None = None, device: str = "cuda") -> None:
         print(f"plans.set_plan({family!r}, plans.Plan(**{changes}))", flush=True)
         results["families"][family] = {"shipped_ms": shipped_ms, "best_ms": best_ms, "best": changes,
                                        "trials": trials}
+        results["fp8train_plans"] = plans.env_spec({f: dataclasses.replace(plans.DEFAULT, **{
+            k: tuple(v) if isinstance(v, list) else v for k, v in r["best"].items()})
+            for f, r in results["families"].items()})
         out.mkdir(parents=True, exist_ok=True)
         (out / "plans-sweep.json").write_text(json.dumps(results, indent=1, default=str))
+    if results["families"]:
+        print(f"FP8TRAIN_PLANS={results['fp8train_plans']}", flush=True)  # the best plans, for an A/B run

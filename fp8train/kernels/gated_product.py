@@ -23,7 +23,7 @@ from .launch import cdiv, fast_launch
 from .activation import ACT_CODE, act_derivative, act_value
 from .predicted_scale import first_program, repair_programs, settle_prediction, settle_prediction_pair
 from .quantize import (E4M3_MAX, SLOT, amax_and_scale, as_rows, dequant_scale, encode_multiplier, fold_amax_bits,
-                       global_amax, grid_tile, load_group_copy, loop_tile, quantize_group_tile, row_major_tile,
+                       global_amax, load_group_copy, loop_tile, quantize_group_tile, row_major_tile,
                        shared_amax, store_tensorwise, tile_amax_bits, transposes_aligned)
 
 __all__ = ["gated_product_forward", "gated_product_backward"]
@@ -69,15 +69,16 @@ def _gated_fwd_kernel(g_ptr, stride_g, u_ptr, stride_u, h_ptr, gq_ptr, gamax_ptr
 @triton.jit(do_not_specialize=["M", "num_partials"])
 def _gated_apply_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, partials_ptr, num_partials, amax_out_ptr,
                         q_ptr, q_t_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr,
-                        ACT: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr):
+                        ACT: tl.constexpr, WRITE_ROW: tl.constexpr, WRITE_T: tl.constexpr,
+                        T_ALIGNED: tl.constexpr):
     amax = shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P, E4M3_MAX)
-    rows, cols, mask = grid_tile(M, N, BM, BN)
+    rows, cols, mask, _ = row_major_tile(M, N, BM, BN)
     rows64 = rows[:, None].to(tl.int64)
     g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = (act_value(g, ACT) * u).to(h_dtype_ptr.dtype.element_ty).to(tl.float32)
     store_tensorwise(h, encode_multiplier(amax, E4M3_MAX), rows, cols, M, N, q_ptr, N, q_t_ptr,
-                     WRITE_ROW, WRITE_T, E4M3_MAX)
+                     WRITE_ROW, WRITE_T, E4M3_MAX, T_ALIGNED)
 
 
 @triton.jit
@@ -129,28 +130,26 @@ def _gated_bwd_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, d
 def _gated_bwd_apply_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
                             partials_ptr, num_partials, amax_out_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N,
                             BM: tl.constexpr, BN: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr,
-                            FMAX: tl.constexpr, WRITE_T: tl.constexpr, GATHER: tl.constexpr):
+                            FMAX: tl.constexpr, WRITE_T: tl.constexpr, GATHER: tl.constexpr,
+                            T_ALIGNED: tl.constexpr):
     """Pass 2: recompute dgate / dup and write them per-tensor FP8 (row-major and optionally transposed)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    rows, cols, _, tile_n = row_major_tile(M, N, BM, BN)
     amax_g = global_amax(partials_ptr, num_partials, BLOCK_P)
     amax_u = global_amax(partials_ptr + num_partials, num_partials, BLOCK_P)
-    if (pid_m == 0) & (pid_n == 0):  # amax_g, amax_u, scale_g, scale_u, SLOT floats apart
+    if tl.program_id(0) == 0:  # amax_g, amax_u, scale_g, scale_u, SLOT floats apart
         tl.store(amax_out_ptr, amax_g)
         tl.store(amax_out_ptr + SLOT, amax_u)
         tl.store(amax_out_ptr + 2 * SLOT, dequant_scale(amax_g, FMAX))
         tl.store(amax_out_ptr + 3 * SLOT, dequant_scale(amax_u, FMAX))
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    gcols = pid_n * (BN // 16) + tl.arange(0, BN // 16)
+    gcols = tile_n * (BN // 16) + tl.arange(0, BN // 16)
     dg, du, mask = _gated_grads(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, rows, cols, gcols, M, N,
                                 BM, BN, ACT, GATHER)
     dg = dg.to(dg_dtype_ptr.dtype.element_ty).to(tl.float32)
     du = du.to(du_dtype_ptr.dtype.element_ty).to(tl.float32)
     store_tensorwise(dg, encode_multiplier(amax_g, FMAX), rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, WRITE_T,
-                     FMAX)
+                     FMAX, T_ALIGNED)
     store_tensorwise(du, encode_multiplier(amax_u, FMAX), rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, WRITE_T,
-                     FMAX)
+                     FMAX, T_ALIGNED)
 
 
 @fast_launch
@@ -313,10 +312,12 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
     grid = (cdiv(M, bm2), cdiv(N, bn2))
-    _gated_apply_kernel[grid](g2, g2.stride(0), u2, u2.stride(0), h, partials, nprog, amax, data, data_t, M, N,
-                              BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(gate, family), ACT=ACT_CODE[name],
-                              WRITE_ROW=True, WRITE_T=output_transpose,
-                              num_warps=plans.warps(family, output_transpose))
+    _gated_apply_kernel[(grid[0] * grid[1],)](g2, g2.stride(0), u2, u2.stride(0), h, partials, nprog, amax, data,
+                                              data_t, M, N, BM=bm2, BN=bn2,
+                                              BLOCK_P=plans.partials_block(gate, family), ACT=ACT_CODE[name],
+                                              WRITE_ROW=True, WRITE_T=output_transpose,
+                                              T_ALIGNED=transposes_aligned(M),
+                                              num_warps=plans.warps(family, output_transpose))
     q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
                         shape=gate.shape, dtype=h_dtype)
     return ((q, data_t) if output_transpose else q), copies[0], copies[1]
@@ -376,11 +377,13 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
                                 dg_dtype, du_dtype, partials, M, N, nprog, cdiv(num_tiles, nprog), BM=bm,
                                 BN=bn, ACT=ACT_CODE[name], WRITE_GRADS=False, WRITE_AMAX=True,
                                 GATHER=plan.gather_scales, num_warps=plan.warps)
-    _gated_bwd_apply_kernel[grid](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
-                                  dg_dtype, du_dtype, partials, nprog, amax, qg, qg_t, qu, qu_t, M, N, BM=bm2, BN=bn2,
-                                  BLOCK_P=plans.partials_block(dh, family), ACT=ACT_CODE[name], FMAX=float(fmt.max),
-                                  WRITE_T=output_transpose, GATHER=plan.gather_scales,
-                                  num_warps=plans.warps(family, output_transpose))
+    _gated_bwd_apply_kernel[(grid[0] * grid[1],)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
+                                                  up_copy.amax, dg_dtype, du_dtype, partials, nprog, amax, qg, qg_t,
+                                                  qu, qu_t, M, N, BM=bm2, BN=bn2,
+                                                  BLOCK_P=plans.partials_block(dh, family), ACT=ACT_CODE[name],
+                                                  FMAX=float(fmt.max), WRITE_T=output_transpose,
+                                                  GATHER=plan.gather_scales, T_ALIGNED=transposes_aligned(M),
+                                                  num_warps=plans.warps(family, output_transpose))
     return _gradient_outputs(qg, qg_t, qu, qu_t, amaxes, scales, gate_copy, up_copy, fmt, output_transpose)
 
 

@@ -36,7 +36,7 @@ import torch
 from .launch import next_power_of_2
 
 __all__ = ["Plan", "FAMILIES", "plan", "set_plan", "using_plan", "elementwise_tile", "sm_count", "partials_capacity",
-           "partials_block", "warps", "register_cap"]
+           "partials_block", "warps", "register_cap", "overrides_from_env", "env_spec"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +138,22 @@ def overrides_from_env(text: str) -> dict[str, Plan]:
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
         raise ValueError(f"unknown kernel family {family!r}; one of {', '.join(FAMILIES)}")
+
+
+def env_spec(chosen: dict[str, Plan]) -> str:
+    """The FP8TRAIN_PLANS text that sets every field of each given plan (the plans sweep prints it for its best
+    plans, so an A/B run of them needs no code change); ``overrides_from_env(env_spec(p)) == p``."""
+    items = []
+    for family, p in chosen.items():
+        _check_family(family)
+        for field in dataclasses.fields(Plan):
+            value = getattr(p, field.name)
+            if isinstance(value, tuple):
+                text = "x".join(str(v) for v in value)
+            else:
+                text = str(int(value)) if isinstance(value, bool) else str(value)
+            items.append(f"{family}.{field.name}={text}")
+    return ",".join(items)
 
 
 # FP8TRAIN_PLANS changes shipped plans for this process (A/B runs; docs/performance.md "How to measure")

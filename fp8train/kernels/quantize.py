@@ -28,10 +28,9 @@ from ..quant import PER_TENSOR, Granularity, QuantizedTensor
 from . import plans
 from .launch import cdiv, fast_launch
 
-__all__ = ["INV_E4M3_MAX", "quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax", "grid_tile", "loop_tile", "row_major_tile",
-          
-           "load_group_copy", "as_rows", "tensorwise_amax", "amax_and_scale", "dequant_scale", "SLOT",
-           "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise",
+__all__ = ["INV_E4M3_MAX", "quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax",
+           "loop_tile", "row_major_tile", "load_group_copy", "as_rows", "tensorwise_amax", "amax_and_scale",
+           "dequant_scale", "SLOT", "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise",
            "transposes_aligned"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
@@ -162,14 +161,6 @@ def shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P: tl.constexpr,
         tl.store(amax_out_ptr, amax)
         tl.store(amax_out_ptr + SLOT, dequant_scale(amax, FMAX))
     return amax
-
-
-@triton.jit
-def grid_tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
-    """``(rows, cols, mask)`` of this program's BM x BN tile on a 2-D grid over an (M, N) tensor."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    return rows, cols, (rows < M)[:, None] & (cols < N)[None, :]
 
 
 @triton.jit
