@@ -16,8 +16,13 @@ the same pass with bf16 outputs at 0.93 -- the same bytes written.  This probe r
 each with and without the two tile-amax folds (``+amax``), for a few (rows, cols, warps) tiles; then ``fp8+tv+amax``
 and ``fp8+t+amax`` with persistent programs that keep element-wise running maxima over their tiles and reduce once
 at the end.
+``--amax-tiles`` (``--skip-parts``: only that) times the ways to get the tensor's amax with vector transposed
+stores: one program per tile with a tile reduction and a load-guarded fold (what production does since session
+14), a plain atomic, a per-tile partial store, a cap on registers (``maxnreg``), and persistent programs with
+element-wise or per-row running maxima.
 Prints ms and the bytes moved as a fraction of a device copy.  Timing only: the values are not checked (the
-production kernels are, in gpu_suite --only ops).  Results: benchmarks/results/2026-11-28-h200-session13-gated-*.
+production kernels are, in gpu_suite --only ops).  Results: benchmarks/results/2026-11-28-h200-session13-gated-*,
+-session14-gated-backward-costs-{1,2}.txt.
 """
 
 from __future__ import annotations
