@@ -156,12 +156,12 @@ def activation_forward(x, name, *, quantize_output=False, output_transpose=False
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "activation", output_transpose)
-    grid = (cdiv(M, bm2), cdiv(N, bn2))
-    _activation_apply_kernel[(grid[0] * grid[1],)](x2, x2.stride(0), partials, nprog, amax, data, data_t, M, N,
-                                                   BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x, "activation"),
-                                                   ACT=ACT_CODE[name], WRITE_ROW=True, WRITE_T=output_transpose,
-                                                   T_ALIGNED=transposes_aligned(M),
-                                                   num_warps=plans.warps("activation", output_transpose))
+    tiles = cdiv(M, bm2) * cdiv(N, bn2)
+    _activation_apply_kernel[(tiles,)](x2, x2.stride(0), partials, nprog, amax, data, data_t, M, N,
+                                       BM=bm2, BN=bn2, BLOCK_P=plans.partials_block(x, "activation"),
+                                       ACT=ACT_CODE[name], WRITE_ROW=True, WRITE_T=output_transpose,
+                                       T_ALIGNED=transposes_aligned(M),
+                                       num_warps=plans.warps("activation", output_transpose))
     q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
                         shape=x.shape, dtype=x.dtype)
     return ((q, data_t) if output_transpose else q), copy

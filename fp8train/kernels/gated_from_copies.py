@@ -100,15 +100,15 @@ def product_from_copies(gate: QuantizedTensor, up: QuantizedTensor, name: str, o
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if with_transpose else None
     if M:
         bm2, bn2 = plans.elementwise_tile(N, family, with_transpose)
-        grid = (cdiv(M, bm2), cdiv(N, bn2))
-        _product_apply_kernel[(grid[0] * grid[1],)](gate.data, gate.amax, up.data, up.amax, h_dtype, partials, nprog,
-                                                    amax, data if data is not None else amax,
-                                                    data_t if data_t is not None else amax, M, N, BM=bm2, BN=bn2,
-                                                    BLOCK_P=plans.partials_block(gate.data, family),
-                                                    ACT=ACT_CODE[name], WRITE_ROW=write_rowmajor,
-                                                    WRITE_T=with_transpose, GATHER=plan.gather_scales,
-                                                    T_ALIGNED=transposes_aligned(M),
-                                                    num_warps=plans.warps(family, with_transpose))
+        tiles = cdiv(M, bm2) * cdiv(N, bn2)
+        _product_apply_kernel[(tiles,)](gate.data, gate.amax, up.data, up.amax, h_dtype, partials, nprog,
+                                        amax, data if data is not None else amax,
+                                        data_t if data_t is not None else amax, M, N, BM=bm2, BN=bn2,
+                                        BLOCK_P=plans.partials_block(gate.data, family),
+                                        ACT=ACT_CODE[name], WRITE_ROW=write_rowmajor,
+                                        WRITE_T=with_transpose, GATHER=plan.gather_scales,
+                                        T_ALIGNED=transposes_aligned(M),
+                                        num_warps=plans.warps(family, with_transpose))
     else:  # an empty tensor: amax 0 (no kernel runs)
         amax.zero_()
     q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR,

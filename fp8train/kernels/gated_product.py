@@ -279,13 +279,13 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
         data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev)
         data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
         bm, bn = plans.elementwise_tile(N, "gated_forward_predicted", True)
-        grid = (cdiv(M, bm), cdiv(N, bn))
+        tiles = cdiv(M, bm) * cdiv(N, bn)
         common = dict(BM=bm, BN=bn, ACT=ACT_CODE[name], WRITE_T=output_transpose, T_ALIGNED=transposes_aligned(M),
                       num_warps=plans.warps("gated_forward_predicted", True),
                       **plans.register_cap("gated_forward_predicted"))
-        _gated_fwd_predicted_kernel[(grid[0] * grid[1],)](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax,
-                                                          prediction, seen, data, data_t, M, N, **common)
-        num_tiles, nprog = repair_programs(grid, gate)
+        _gated_fwd_predicted_kernel[(tiles,)](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax,
+                                              prediction, seen, data, data_t, M, N, **common)
+        num_tiles, nprog = repair_programs(tiles, gate)
         _gated_fwd_repair_kernel[(nprog,)](g2, g2.stride(0), u2, u2.stride(0), h, seen, prediction, amax, data,
                                            data_t, M, N, num_tiles, nprog, MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
         q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT,
@@ -311,13 +311,13 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
     data = torch.empty(gate.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
-    grid = (cdiv(M, bm2), cdiv(N, bn2))
-    _gated_apply_kernel[(grid[0] * grid[1],)](g2, g2.stride(0), u2, u2.stride(0), h, partials, nprog, amax, data,
-                                              data_t, M, N, BM=bm2, BN=bn2,
-                                              BLOCK_P=plans.partials_block(gate, family), ACT=ACT_CODE[name],
-                                              WRITE_ROW=True, WRITE_T=output_transpose,
-                                              T_ALIGNED=transposes_aligned(M),
-                                              num_warps=plans.warps(family, output_transpose))
+    tiles = cdiv(M, bm2) * cdiv(N, bn2)
+    _gated_apply_kernel[(tiles,)](g2, g2.stride(0), u2, u2.stride(0), h, partials, nprog, amax, data,
+                                  data_t, M, N, BM=bm2, BN=bn2,
+                                  BLOCK_P=plans.partials_block(gate, family), ACT=ACT_CODE[name],
+                                  WRITE_ROW=True, WRITE_T=output_transpose,
+                                  T_ALIGNED=transposes_aligned(M),
+                                  num_warps=plans.warps(family, output_transpose))
     q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR,
                         shape=gate.shape, dtype=h_dtype)
     return ((q, data_t) if output_transpose else q), copies[0], copies[1]
@@ -360,30 +360,30 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
         common = dict(BM=bm2, BN=bn2, ACT=ACT_CODE[name], FMAX=float(fmt.max), WRITE_T=output_transpose,
                       GATHER=predicted.gather_scales, T_ALIGNED=transposes_aligned(M),
                       num_warps=predicted.transposed_warps, **plans.register_cap("gated_backward_predicted"))
-        grid = (cdiv(M, bm2), cdiv(N, bn2))
-        _gated_bwd_predicted_kernel[(grid[0] * grid[1],)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax,
-                                                          up_copy.data, up_copy.amax, dg_dtype, du_dtype, prediction,
-                                                          seen, qg, qg_t, qu, qu_t, M, N, **common)
-        num_tiles, nprog = repair_programs(grid, dh)
+        tiles = cdiv(M, bm2) * cdiv(N, bn2)
+        _gated_bwd_predicted_kernel[(tiles,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax,
+                                              up_copy.data, up_copy.amax, dg_dtype, du_dtype, prediction,
+                                              seen, qg, qg_t, qu, qu_t, M, N, **common)
+        num_tiles, nprog = repair_programs(tiles, dh)
         _gated_bwd_repair_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
                                            up_copy.amax, dg_dtype, du_dtype, seen, prediction, amax, qg, qg_t, qu,
                                            qu_t, M, N, num_tiles, nprog, MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
         return _gradient_outputs(qg, qg_t, qu, qu_t, amaxes, scales, gate_copy, up_copy, fmt, output_transpose)
     bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
-    grid = (cdiv(M, bm2), cdiv(N, bn2))
+    tiles = cdiv(M, bm2) * cdiv(N, bn2)
     nprog = max(1, min(num_tiles, plans.partials_capacity(dh, family)))
     partials = torch.empty(2, nprog, dtype=torch.int32, device=dev)
     _gated_bwd_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data, up_copy.amax,
                                 dg_dtype, du_dtype, partials, M, N, nprog, cdiv(num_tiles, nprog), BM=bm,
                                 BN=bn, ACT=ACT_CODE[name], WRITE_GRADS=False, WRITE_AMAX=True,
                                 GATHER=plan.gather_scales, num_warps=plan.warps)
-    _gated_bwd_apply_kernel[(grid[0] * grid[1],)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
-                                                  up_copy.amax, dg_dtype, du_dtype, partials, nprog, amax, qg, qg_t,
-                                                  qu, qu_t, M, N, BM=bm2, BN=bn2,
-                                                  BLOCK_P=plans.partials_block(dh, family), ACT=ACT_CODE[name],
-                                                  FMAX=float(fmt.max), WRITE_T=output_transpose,
-                                                  GATHER=plan.gather_scales, T_ALIGNED=transposes_aligned(M),
-                                                  num_warps=plans.warps(family, output_transpose))
+    _gated_bwd_apply_kernel[(tiles,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
+                                      up_copy.amax, dg_dtype, du_dtype, partials, nprog, amax, qg, qg_t,
+                                      qu, qu_t, M, N, BM=bm2, BN=bn2,
+                                      BLOCK_P=plans.partials_block(dh, family), ACT=ACT_CODE[name],
+                                      FMAX=float(fmt.max), WRITE_T=output_transpose,
+                                      GATHER=plan.gather_scales, T_ALIGNED=transposes_aligned(M),
+                                      num_warps=plans.warps(family, output_transpose))
     return _gradient_outputs(qg, qg_t, qu, qu_t, amaxes, scales, gate_copy, up_copy, fmt, output_transpose)
 
 

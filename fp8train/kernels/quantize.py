@@ -166,8 +166,9 @@ def shared_amax(partials_ptr, num_partials, amax_out_ptr, BLOCK_P: tl.constexpr,
 @triton.jit
 def row_major_tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
     """``(rows, cols, mask, column tile)`` of this program's tile on a 1-D grid numbering the tiles row-major:
-    programs running side by side read neighbouring memory (1.3x faster than the 2-D grid's column-wise order
-    for the gated backward on an H200, benchmarks/debug/gated_backward_costs.py)."""
+    programs running side by side read neighbouring memory.  Launch with ``cdiv(M, BM) * cdiv(N, BN)`` programs.
+    (The gated backward's stores took 1.00 ms this way, 1.33 ms on a 2-D grid in column order, on an H200:
+    benchmarks/debug/gated_backward_costs.py, session 14.)"""
     t = tl.program_id(0)
     rows, cols, mask = loop_tile(t, M, N, BM, BN)
     return rows, cols, mask, t % tl.cdiv(N, BN)
@@ -365,14 +366,14 @@ def quantize_tensorwise(x: torch.Tensor, fmt, *, amax: Optional[torch.Tensor] = 
         quantize_predicted(x2, fmax, prediction, amax_out, data, data_t, write_rowmajor, with_transpose)
     else:
         bm, bn = plans.elementwise_tile(N, "quantize", with_transpose)
-        grid = (cdiv(M, bm), cdiv(N, bn))
-        _quantize_tensorwise_kernel[(grid[0] * grid[1],)](x2, x2.stride(0), partials, num, amax_out,
-                                                          data if data is not None else amax_out,
-                                                          data_t if data_t is not None else amax_out, M, N,
-                                                          BM=bm, BN=bn, BLOCK_P=plans.partials_block(x2, "quantize"),
-                                                          FMAX=fmax, WRITE_ROW=write_rowmajor, WRITE_T=with_transpose,
-                                                          T_ALIGNED=transposes_aligned(M),
-                                                          num_warps=plans.warps("quantize", with_transpose))
+        tiles = cdiv(M, bm) * cdiv(N, bn)
+        _quantize_tensorwise_kernel[(tiles,)](x2, x2.stride(0), partials, num, amax_out,
+                                              data if data is not None else amax_out,
+                                              data_t if data_t is not None else amax_out, M, N,
+                                              BM=bm, BN=bn, BLOCK_P=plans.partials_block(x2, "quantize"),
+                                              FMAX=fmax, WRITE_ROW=write_rowmajor, WRITE_T=with_transpose,
+                                              T_ALIGNED=transposes_aligned(M),
+                                              num_warps=plans.warps("quantize", with_transpose))
     if transpose_after:
         data_t = data.reshape(M, N).t().contiguous()
         q = QuantizedTensor(data=data if keep_rowmajor else None, amax=amax_view, fmt=fmt, granularity=PER_TENSOR,

@@ -250,15 +250,15 @@ def rmsnorm_forward(x, weight, eps, style, *, quantize_output=False, output_tran
     data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     data_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=dev) if output_transpose else amax
     bm2, bn2 = plans.elementwise_tile(N, "norm", output_transpose)
-    grid = (cdiv(M, bm2), cdiv(N, bn2))
+    tiles = cdiv(M, bm2) * cdiv(N, bn2)
     deq = torch.empty(x.shape, dtype=dequantized_dtype, device=dev) if dequantized_dtype is not None else amax
-    _rmsnorm_apply_kernel[(grid[0] * grid[1],)](x2, x2.stride(0), w, rstd, y_dummy, partials, nprog, amax, data,
-                                                data_t, deq, M, N, BM=bm2, BN=bn2,
-                                                BLOCK_P=plans.partials_block(x2, "norm"), STYLE=_STYLE_CODE[style],
-                                                HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose,
-                                                WRITE_DEQ=dequantized_dtype is not None,
-                                                T_ALIGNED=transposes_aligned(M),
-                                                num_warps=plans.warps("norm", output_transpose))
+    _rmsnorm_apply_kernel[(tiles,)](x2, x2.stride(0), w, rstd, y_dummy, partials, nprog, amax, data,
+                                    data_t, deq, M, N, BM=bm2, BN=bn2,
+                                    BLOCK_P=plans.partials_block(x2, "norm"), STYLE=_STYLE_CODE[style],
+                                    HAS_W=weight is not None, WRITE_ROW=True, WRITE_T=output_transpose,
+                                    WRITE_DEQ=dequantized_dtype is not None,
+                                    T_ALIGNED=transposes_aligned(M),
+                                    num_warps=plans.warps("norm", output_transpose))
     q = QuantizedTensor(data=data, amax=amax_view, fmt=LINEAR_FORMAT, granularity=PER_TENSOR, shape=x.shape,
                         dtype=y_dtype, scale_hint=scale_view)
     tail = (deq,) if dequantized_dtype is not None else ()
