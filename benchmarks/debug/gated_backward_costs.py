@@ -59,15 +59,9 @@ def _probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_ptr, du_ptr, 
     if AMAX or OUT == 0:
         fold_amax_bits(seen_ptr, tile_amax_bits(tl.where(mask, dg, 0.0)))
         fold_amax_bits(seen_ptr + 1, tile_amax_bits(tl.where(mask, du, 0.0)))
-    if OUT >= 2:
-        store_tensorwise(dg, 1.0, rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, OUT == 3, 57344.0)
-        store_tensorwise(du, 1.0, rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, OUT == 3, 57344.0)
-    if OUT == 4:  # transposes with a row stride the compiler can prove 16-byte aligned (M % 16 == 0 here)
-        M16 = (M // 16) * 16
-        tmask = (cols < N)[:, None] & (rows < M16)[None, :]
-        toffs = cols[:, None].to(tl.int64) * M16 + rows[None, :]
-        tl.store(qg_t_ptr + toffs, tl.trans(dg.to(qg_t_ptr.dtype.element_ty)), mask=tmask)
-        tl.store(qu_t_ptr + toffs, tl.trans(du.to(qu_t_ptr.dtype.element_ty)), mask=tmask)
+    if OUT >= 2:  # OUT == 4: transposes the compiler can prove 16-byte aligned (M % 16 == 0 here, T_ALIGNED)
+        store_tensorwise(dg, 1.0, rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, OUT >= 3, 57344.0, OUT == 4)
+        store_tensorwise(du, 1.0, rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, OUT >= 3, 57344.0, OUT == 4)
 
 
 @triton.jit(do_not_specialize=["M", "num_programs", "iters"])
@@ -78,7 +72,6 @@ def _persistent_probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_pt
     maxima, reduced once per program at the end (no reduction per tile)."""
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BN)
-    M16 = (M // 16) * 16
     run_g = tl.zeros((BM, BN), dtype=tl.int32)
     run_u = tl.zeros((BM, BN), dtype=tl.int32)
     for i in range(0, iters):
@@ -92,17 +85,9 @@ def _persistent_probe_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_pt
         du = du.to(tl.bfloat16).to(tl.float32)
         run_g = tl.maximum(run_g, tl.where(mask, tl.abs(dg), 0.0).to(tl.int32, bitcast=True))
         run_u = tl.maximum(run_u, tl.where(mask, tl.abs(du), 0.0).to(tl.int32, bitcast=True))
-        if ALIGNED_T:
-            offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-            tl.store(qg_ptr + offs, dg.to(qg_ptr.dtype.element_ty), mask=mask)
-            tl.store(qu_ptr + offs, du.to(qu_ptr.dtype.element_ty), mask=mask)
-            tmask = (cols < N)[:, None] & (rows < M16)[None, :]
-            toffs = cols[:, None].to(tl.int64) * M16 + rows[None, :]
-            tl.store(qg_t_ptr + toffs, tl.trans(dg.to(qg_t_ptr.dtype.element_ty)), mask=tmask)
-            tl.store(qu_t_ptr + toffs, tl.trans(du.to(qu_t_ptr.dtype.element_ty)), mask=tmask)
-        else:  # the shipped stores: row stride M of the transposes unknown to the compiler, one byte per element
-            store_tensorwise(dg, 1.0, rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, True, 57344.0)
-            store_tensorwise(du, 1.0, rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, True, 57344.0)
+        # without ALIGNED_T, session 13's stores: one byte per transposed element
+        store_tensorwise(dg, 1.0, rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, True, 57344.0, ALIGNED_T)
+        store_tensorwise(du, 1.0, rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, True, 57344.0, ALIGNED_T)
     fold_amax_bits(seen_ptr, tl.max(tl.max(run_g, axis=1), axis=0))
     fold_amax_bits(seen_ptr + 1, tl.max(tl.max(run_u, axis=1), axis=0))
 
@@ -112,7 +97,7 @@ AMAX_MODES = {"none": 0, "tile+fold": 1, "tile+atomic": 2, "tile+store": 3, "ele
 
 
 @triton.jit
-def _aligned_tile(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, t, M, N, M16,
+def _aligned_tile(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, t, M, N,
                   BM: tl.constexpr, BN: tl.constexpr):
     """One tile of the backward with E5M2 row-major and provably aligned transposed stores; returns |dg|, |du|
     bits (int32, masked to 0 outside) for the amax variants."""
@@ -124,13 +109,8 @@ def _aligned_tile(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr
                                 False)
     dg = dg.to(tl.bfloat16).to(tl.float32)
     du = du.to(tl.bfloat16).to(tl.float32)
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-    tl.store(qg_ptr + offs, dg.to(qg_ptr.dtype.element_ty), mask=mask)
-    tl.store(qu_ptr + offs, du.to(qu_ptr.dtype.element_ty), mask=mask)
-    tmask = (cols < N)[:, None] & (rows < M16)[None, :]
-    toffs = cols[:, None].to(tl.int64) * M16 + rows[None, :]
-    tl.store(qg_t_ptr + toffs, tl.trans(dg.to(qg_t_ptr.dtype.element_ty)), mask=tmask)
-    tl.store(qu_t_ptr + toffs, tl.trans(du.to(qu_t_ptr.dtype.element_ty)), mask=tmask)
+    store_tensorwise(dg, 1.0, rows, cols, M, N, qg_ptr, N, qg_t_ptr, True, True, 57344.0, True)
+    store_tensorwise(du, 1.0, rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, True, 57344.0, True)
     return (tl.where(mask, tl.abs(dg), 0.0).to(tl.int32, bitcast=True),
             tl.where(mask, tl.abs(du), 0.0).to(tl.int32, bitcast=True))
 
@@ -142,7 +122,7 @@ def _amax_tile_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t
     plain atomic, 3 tile reduction stored to a per-tile partial (no atomic)."""
     t = tl.program_id(0)
     bits_g, bits_u = _aligned_tile(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, t,
-                                   M, N, (M // 16) * 16, BM, BN)
+                                   M, N, BM, BN)
     if MODE >= 1:
         g = tl.max(tl.max(bits_g, axis=1), axis=0)
         u = tl.max(tl.max(bits_u, axis=1), axis=0)
@@ -164,14 +144,13 @@ def _amax_persistent_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr
     """Programs loop over tiles; MODE: 0 no amax, 4 element-wise running maxima, 5 running maxima per row (a
     reduction along the tile's columns each tile: warp shuffles, no shared memory); one fold per program."""
     pid = tl.program_id(0)
-    M16 = (M // 16) * 16
     run_g = tl.zeros((BM, BN), dtype=tl.int32)
     run_u = tl.zeros((BM, BN), dtype=tl.int32)
     row_g = tl.zeros((BM,), dtype=tl.int32)
     row_u = tl.zeros((BM,), dtype=tl.int32)
     for i in range(0, iters):
         bits_g, bits_u = _aligned_tile(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr,
-                                       qu_t_ptr, pid + i * num_programs, M, N, M16, BM, BN)
+                                       qu_t_ptr, pid + i * num_programs, M, N, BM, BN)
         if MODE == 4:
             run_g = tl.maximum(run_g, bits_g)
             run_u = tl.maximum(run_u, bits_u)
