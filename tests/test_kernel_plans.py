@@ -12,7 +12,7 @@ from triton_interpreter import run_under_interpreter
 # two plans far from the default on every field
 OTHER_PLANS = (
     dict(tile_elements=2048, max_cols=64, warps=4, programs_per_sm=1, transposed_tile=(32, 64), transposed_warps=4,
-         gather_scales=True, max_registers=80),
+         gather_scales=True, max_registers=80, joint_amax=True),
     dict(tile_elements=16384, max_cols=256, warps=16, programs_per_sm=16, transposed_tile=(128, 32),
          transposed_warps=8, gather_scales=False),
 )

@@ -42,10 +42,12 @@ HOPPER = GPUTarget("cuda", 90, 32)
 M_ROWS, HIDDEN, FFN = 65536, 2048, 5632  # batch 32 x 2048 tokens of the 953M Llama
 
 
-def compile_for_hopper(kernel, types: dict, constexprs: dict, num_warps: int, unspecialized=("M",)):
+def compile_for_hopper(kernel, types: dict, constexprs: dict, num_warps: int, unspecialized=("M",),
+                       max_registers: int = 0):
     """Compile a @triton.jit kernel (or fp8train's FastKernel wrapper) for sm_90a.  ``types``: Triton type
     strings of the runtime arguments ('*bf16', 'i32', 'fp32', ...); every argument not in ``unspecialized`` is
-    marked divisible by 16, as the launcher does for aligned pointers and such integers."""
+    marked divisible by 16, as the launcher does for aligned pointers and such integers; ``max_registers``: a
+    plan's register cap (Triton's ``maxnreg``, 0: none)."""
     fn = kernel.fn if type(kernel).__name__ == "FastKernel" else kernel
     signature = {}
     for name in fn.arg_names:
@@ -58,7 +60,8 @@ def compile_for_hopper(kernel, types: dict, constexprs: dict, num_warps: int, un
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if signature[name] != "constexpr" and name not in unspecialized and not signature[name].startswith("fp")}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=HOPPER, options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, **({"maxnreg": max_registers} if max_registers else {})}
+    return triton.compile(source, target=HOPPER, options=options)
 
 
 def census(compiled) -> tuple[collections.Counter, int]:
@@ -90,6 +93,10 @@ def _gated_types(grad: bool):
                 M="i32", N="i32")
 
 
+# census rows launched with a plan that may cap registers
+REGISTER_CAPS = {"gated_fwd": "gated_forward_predicted", "gated_bwd": "gated_backward_predicted"}
+
+
 def kernels():
     """name -> (kernel, types, constexprs, warps, tile elements): the hot element-wise kernels of a coat-lean
     step at batch 32, with the plans they launch with."""
@@ -101,7 +108,8 @@ def kernels():
     p = plans.plan("gated_backward_predicted")
     bm, bn = p.transposed_tile
     out["gated_bwd"] = (gated_product._gated_bwd_predicted_kernel, _gated_types(True),
-                        dict(BM=bm, BN=bn, ACT=0, FMAX=57344.0, WRITE_T=True, GATHER=p.gather_scales, T_ALIGNED=True),
+                        dict(BM=bm, BN=bn, ACT=0, FMAX=57344.0, WRITE_T=True, GATHER=p.gather_scales, T_ALIGNED=True,
+                             JOINT_AMAX=p.joint_amax),
                         p.transposed_warps, bm * bn)
     block_n, bm, warps = rmsnorm._row_plan(M_ROWS, HIDDEN)
     norm_types = dict(x_ptr="*bf16", stride_x="i32", w_ptr="*bf16", y_ptr="*bf16", rstd_ptr="*fp32",
@@ -116,7 +124,7 @@ def kernels():
                               partials_ptr="*i32", num_partials="i32", amax_out_ptr="*fp32", q_ptr="*fp8e4nv",
                               q_t_ptr="*fp8e4nv", deq_ptr="*bf16", M="i32", N="i32"),
                          dict(BM=bm, BN=bn, BLOCK_P=512, STYLE=0, HAS_W=True, WRITE_ROW=True, WRITE_T=True,
-                              WRITE_DEQ=False), plans.warps("norm", True), bm * bn)
+                              WRITE_DEQ=False, T_ALIGNED=True), plans.warps("norm", True), bm * bn)
     block_n, bm, warps = rmsnorm.next_power_of_2(HIDDEN), 1, 4
     out["norm_bwd"] = (rmsnorm._rmsnorm_bwd_kernel,
                        dict(dy_ptr="*bf16", stride_dy="i32", dy2_ptr="*bf16", stride_dy2="i32", dy3_ptr="*bf16",
@@ -129,12 +137,13 @@ def kernels():
     out["quantize_tensorwise"] = (quantize._quantize_tensorwise_kernel,
                                   dict(x_ptr="*bf16", stride_x="i32", partials_ptr="*i32", num_partials="i32",
                                        amax_out_ptr="*fp32", q_ptr="*fp8e5", q_t_ptr="*fp8e5", M="i32", N="i32"),
-                                  dict(BM=bm, BN=bn, BLOCK_P=512, FMAX=57344.0, WRITE_ROW=True, WRITE_T=True),
+                                  dict(BM=bm, BN=bn, BLOCK_P=512, FMAX=57344.0, WRITE_ROW=True, WRITE_T=True,
+                                       T_ALIGNED=True),
                                   plans.warps("quantize", True), bm * bn)
     out["quantize_predicted"] = (predicted_scale._quantize_predicted_kernel,
                                  dict(x_ptr="*bf16", stride_x="i32", prediction_ptr="*fp32", seen_ptr="*i32",
                                       q_ptr="*fp8e5", q_t_ptr="*fp8e5", M="i32", N="i32"),
-                                 dict(BM=bm, BN=bn, FMAX=57344.0, WRITE_ROW=True, WRITE_T=True),
+                                 dict(BM=bm, BN=bn, FMAX=57344.0, WRITE_ROW=True, WRITE_T=True, T_ALIGNED=True),
                                  plans.warps("quantize", True), bm * bn)
     return out
 
@@ -150,8 +159,9 @@ def main():
     print(f"{header[0]:20s} {header[1]:>12s} {header[2]:>19s} {header[3]:>5s} {header[4]:>6s}  largest classes")
     for name in names:
         kernel, types, constexprs, warps, elements = table[name]
+        cap = plans.plan(REGISTER_CAPS[name]).max_registers if name in REGISTER_CAPS else 0
         compiled = compile_for_hopper(kernel, types, constexprs, warps,
-                                      unspecialized=("M", "num_programs", "iters", "num_partials"))
+                                      unspecialized=("M", "num_programs", "iters", "num_partials"), max_registers=cap)
         ops, regs, sass = census(compiled)
         total = sum(ops.values())
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))

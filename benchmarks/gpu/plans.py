@@ -38,6 +38,7 @@ CANDIDATES = {
     "transposed_warps": (2, 4, 16),
     "gather_scales": (True,),
     "max_registers": (64, 80, 96, 128),
+    "joint_amax": (True,),
 }
 
 # the fields each family's kernels read (others would only re-time the same launch)
@@ -54,7 +55,8 @@ FIELDS = {
     "gated_forward": ("tile_elements", "max_cols", "warps", "programs_per_sm", "transposed_tile",
                       "transposed_warps"),
     "gated_forward_predicted": ("transposed_tile", "transposed_warps", "max_registers"),
-    "gated_backward_predicted": ("gather_scales", "transposed_tile", "transposed_warps", "max_registers"),
+    "gated_backward_predicted": ("gather_scales", "transposed_tile", "transposed_warps", "max_registers",
+                                 "joint_amax"),
 }
 
 

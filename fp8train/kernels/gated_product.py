@@ -24,7 +24,7 @@ from .activation import ACT_CODE, act_derivative, act_value
 from .predicted_scale import first_program, repair_programs, settle_prediction, settle_prediction_pair
 from .quantize import (E4M3_MAX, SLOT, amax_and_scale, as_rows, dequant_scale, encode_multiplier, fold_amax_bits,
                        global_amax, load_group_copy, loop_tile, quantize_group_tile, row_major_tile,
-                       shared_amax, store_tensorwise, tile_amax_bits, transposes_aligned)
+                       shared_amax, store_tensorwise, tile_amax_bits, tile_amax_bits_pair, transposes_aligned)
 
 __all__ = ["gated_product_forward", "gated_product_backward"]
 
@@ -203,7 +203,7 @@ def _gated_fwd_repair_kernel(g_ptr, stride_g, u_ptr, stride_u, h_dtype_ptr, seen
 def _gated_bwd_predicted_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, dg_dtype_ptr, du_dtype_ptr,
                                 prediction_ptr, seen_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, M, N, BM: tl.constexpr,
                                 BN: tl.constexpr, ACT: tl.constexpr, FMAX: tl.constexpr, WRITE_T: tl.constexpr,
-                                GATHER: tl.constexpr, T_ALIGNED: tl.constexpr):
+                                GATHER: tl.constexpr, T_ALIGNED: tl.constexpr, JOINT_AMAX: tl.constexpr):
     """The whole backward in one pass: dgate / dup encoded with their predicted amaxes, their true amaxes folded
     into seen[0] / seen[1].  A 1-D grid of row-major tiles."""
     rows, cols, _, tile_n = row_major_tile(M, N, BM, BN)
@@ -222,8 +222,13 @@ def _gated_bwd_predicted_kernel(dh_ptr, stride_dh, gq_ptr, gamax_ptr, uq_ptr, ua
     store_tensorwise(du, encode_multiplier(predicted_u, FMAX), rows, cols, M, N, qu_ptr, N, qu_t_ptr, True, WRITE_T,
                      FMAX, T_ALIGNED)
     # the amaxes after the stores: fewer registers live across the reductions (gated_backward_costs.py)
-    fold_amax_bits(seen_ptr, tile_amax_bits(tl.where(mask, dg, 0.0)))
-    fold_amax_bits(seen_ptr + 1, tile_amax_bits(tl.where(mask, du, 0.0)))
+    if JOINT_AMAX:
+        amax_g, amax_u = tile_amax_bits_pair(tl.where(mask, dg, 0.0), tl.where(mask, du, 0.0))
+    else:
+        amax_g = tile_amax_bits(tl.where(mask, dg, 0.0))
+        amax_u = tile_amax_bits(tl.where(mask, du, 0.0))
+    fold_amax_bits(seen_ptr, amax_g)
+    fold_amax_bits(seen_ptr + 1, amax_u)
 
 
 @fast_launch
@@ -363,7 +368,8 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
         tiles = cdiv(M, bm2) * cdiv(N, bn2)
         _gated_bwd_predicted_kernel[(tiles,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax,
                                               up_copy.data, up_copy.amax, dg_dtype, du_dtype, prediction,
-                                              seen, qg, qg_t, qu, qu_t, M, N, **common)
+                                              seen, qg, qg_t, qu, qu_t, M, N, JOINT_AMAX=predicted.joint_amax,
+                                              **common)
         num_tiles, nprog = repair_programs(tiles, dh)
         _gated_bwd_repair_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
                                            up_copy.amax, dg_dtype, du_dtype, seen, prediction, amax, qg, qg_t, qu,

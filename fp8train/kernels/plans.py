@@ -49,7 +49,8 @@ class Plan:
     the next pass); ``transposed_tile`` / ``transposed_warps`` -- (rows, cols) and warps of passes that also
     write a transposed copy; ``gather_scales`` -- read 1x16 group scales once per element (cached loads, no
     reshape of the tile) instead of once per group and broadcast through a [rows, groups, 16] reshape;
-    ``max_registers`` -- (one-pass predicted-scale kernels) cap on registers per thread (Triton's ``maxnreg``; 0:
+    ``joint_amax`` -- (the gated backward with predicted scales) reduce dgate's and dup's tile maxima in one
+    reduction instead of two; ``max_registers`` -- (one-pass predicted-scale kernels) cap on registers per thread (Triton's ``maxnreg``; 0:
     the compiler's choice): a lower cap fits more programs per SM (a 32 x 128 gated backward tile 1.35 -> 1.09 ms
     at 80 in benchmarks/debug/gated_backward_costs.py), too low a cap spills."""
 
@@ -61,6 +62,7 @@ class Plan:
     transposed_warps: int = 8
     gather_scales: bool = False
     max_registers: int = 0
+    joint_amax: bool = False
 
     def __post_init__(self):
         for name in ("tile_elements", "max_cols"):

@@ -30,7 +30,7 @@ from .launch import cdiv, fast_launch
 
 __all__ = ["INV_E4M3_MAX", "quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax",
            "loop_tile", "row_major_tile", "load_group_copy", "as_rows", "tensorwise_amax", "amax_and_scale",
-           "dequant_scale", "SLOT", "quantize_group_tile", "tile_amax_bits", "global_amax", "store_tensorwise",
+           "dequant_scale", "SLOT", "quantize_group_tile", "tile_amax_bits", "tile_amax_bits_pair", "global_amax", "store_tensorwise",
            "transposes_aligned"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
@@ -107,6 +107,19 @@ def dequantize_group_tile(q, amax, BM: tl.constexpr, BN: tl.constexpr, G: tl.con
 def tile_amax_bits(x):
     """max |x| over a whole tile as the int32 bit pattern of a non-negative float32 (NaN-propagating)."""
     return tl.max(tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1), axis=0)
+
+
+@triton.jit
+def _max_pair(a0, b0, a1, b1):
+    return tl.maximum(a0, a1), tl.maximum(b0, b1)
+
+
+@triton.jit
+def tile_amax_bits_pair(x, y):
+    """``(tile_amax_bits(x), tile_amax_bits(y))`` in one reduction: one round of warp shuffles and shared memory
+    for both (6 barriers per gated backward tile instead of 9 in the SASS census)."""
+    bits = tl.reduce((tl.abs(x).to(tl.int32, bitcast=True), tl.abs(y).to(tl.int32, bitcast=True)), 1, _max_pair)
+    return tl.reduce(bits, 0, _max_pair)
 
 
 @triton.jit
