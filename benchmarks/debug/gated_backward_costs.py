@@ -35,7 +35,7 @@ import triton.language as tl
 import triton.testing
 
 from fp8train.kernels.gated_product import _gated_grads
-from fp8train.kernels.quantize import fold_amax_bits, store_tensorwise, tile_amax_bits
+from fp8train.kernels.quantize import fold_amax_bits, store_tensorwise, tile_amax_bits, tile_amax_bits_pair
 
 OUTPUTS = {"none": 0, "bf16": 1, "fp8": 2, "fp8+t": 3, "fp8+tv": 4}
 
@@ -97,11 +97,6 @@ AMAX_MODES = {"none": 0, "tile+fold": 1, "tile+atomic": 2, "tile+store": 3, "ele
 
 
 @triton.jit
-def _max_pair(a0, b0, a1, b1):
-    return tl.maximum(a0, a1), tl.maximum(b0, b1)
-
-
-@triton.jit
 def _aligned_tile(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, t, M, N,
                   BM: tl.constexpr, BN: tl.constexpr):
     """One tile of the backward with E5M2 row-major and provably aligned transposed stores; returns |dg|, |du|
@@ -130,8 +125,8 @@ def _amax_tile_kernel(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t
     bits_g, bits_u = _aligned_tile(dh_ptr, gq_ptr, gamax_ptr, uq_ptr, uamax_ptr, qg_ptr, qg_t_ptr, qu_ptr, qu_t_ptr, t,
                                    M, N, BM, BN)
     if MODE == 6:
-        g, u = tl.reduce((bits_g, bits_u), 1, _max_pair)
-        g, u = tl.reduce((g, u), 0, _max_pair)
+        # bits_* are already |x| bit patterns: reading them back as floats gives the same maxima
+        g, u = tile_amax_bits_pair(bits_g.to(tl.float32, bitcast=True), bits_u.to(tl.float32, bitcast=True))
         fold_amax_bits(seen_ptr, g)
         fold_amax_bits(seen_ptr + 1, u)
     elif MODE >= 1:
