@@ -49,10 +49,10 @@ class Plan:
     the next pass); ``transposed_tile`` / ``transposed_warps`` -- (rows, cols) and warps of passes that also
     write a transposed copy; ``gather_scales`` -- read 1x16 group scales once per element (cached loads, no
     reshape of the tile) instead of once per group and broadcast through a [rows, groups, 16] reshape;
-    ``joint_amax`` -- (the gated backward with predicted scales) reduce dgate's and dup's tile maxima in one
-    reduction instead of two; ``max_registers`` -- (one-pass predicted-scale kernels) cap on registers per thread (Triton's ``maxnreg``; 0:
+    ``max_registers`` -- (one-pass predicted-scale kernels) cap on registers per thread (Triton's ``maxnreg``; 0:
     the compiler's choice): a lower cap fits more programs per SM (a 32 x 128 gated backward tile 1.35 -> 1.09 ms
-    at 80 in benchmarks/debug/gated_backward_costs.py), too low a cap spills."""
+    at 80 in benchmarks/debug/gated_backward_costs.py), too low a cap spills; ``joint_amax`` -- (the gated
+    backward with predicted scales) reduce dgate's and dup's tile maxima in one reduction instead of two."""
 
     tile_elements: int = 8192
     max_cols: int = 512

@@ -30,8 +30,8 @@ from .launch import cdiv, fast_launch
 
 __all__ = ["INV_E4M3_MAX", "quantize_groups", "quantize_tensorwise", "dequantize_tensorwise", "shared_amax",
            "loop_tile", "row_major_tile", "load_group_copy", "as_rows", "tensorwise_amax", "amax_and_scale",
-           "dequant_scale", "SLOT", "quantize_group_tile", "tile_amax_bits", "tile_amax_bits_pair", "global_amax", "store_tensorwise",
-           "transposes_aligned"]
+           "dequant_scale", "SLOT", "quantize_group_tile", "tile_amax_bits", "tile_amax_bits_pair", "global_amax",
+           "store_tensorwise", "transposes_aligned"]
 
 E4M3_MAX = tl.constexpr(448.0)  # globals read inside @triton.jit must be constexpr
 INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # what dequantize_tensorwise multiplies by (its INV_FMAX for E4M3)
