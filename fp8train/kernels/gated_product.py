@@ -290,9 +290,9 @@ def gated_product_forward(gate, up, name, *, quantize_output=False, output_trans
                       **plans.register_cap("gated_forward_predicted"))
         _gated_fwd_predicted_kernel[(tiles,)](g2, g2.stride(0), u2, u2.stride(0), h, gq, gamax, uq, uamax,
                                               prediction, seen, data, data_t, M, N, **common)
-        num_tiles, nprog = repair_programs(tiles, gate)
+        nprog = repair_programs(tiles, gate)
         _gated_fwd_repair_kernel[(nprog,)](g2, g2.stride(0), u2, u2.stride(0), h, seen, prediction, amax, data,
-                                           data_t, M, N, num_tiles, nprog, MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
+                                           data_t, M, N, tiles, nprog, MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
         q = QuantizedTensor(data=data, amax=amax_view, scale_hint=scale_view, fmt=LINEAR_FORMAT,
                             granularity=PER_TENSOR, shape=gate.shape, dtype=h_dtype)
         return ((q, data_t) if output_transpose else q), copies[0], copies[1]
@@ -370,10 +370,10 @@ def gated_product_backward(dh, gate_copy: QuantizedTensor, up_copy: QuantizedTen
                                               up_copy.data, up_copy.amax, dg_dtype, du_dtype, prediction,
                                               seen, qg, qg_t, qu, qu_t, M, N, JOINT_AMAX=predicted.joint_amax,
                                               **common)
-        num_tiles, nprog = repair_programs(tiles, dh)
+        nprog = repair_programs(tiles, dh)
         _gated_bwd_repair_kernel[(nprog,)](dh2, dh2.stride(0), gate_copy.data, gate_copy.amax, up_copy.data,
                                            up_copy.amax, dg_dtype, du_dtype, seen, prediction, amax, qg, qg_t, qu,
-                                           qu_t, M, N, num_tiles, nprog, MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
+                                           qu_t, M, N, tiles, nprog, MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
         return _gradient_outputs(qg, qg_t, qu, qu_t, amaxes, scales, gate_copy, up_copy, fmt, output_transpose)
     bm2, bn2 = plans.elementwise_tile(N, family, output_transpose)
     tiles = cdiv(M, bm2) * cdiv(N, bn2)

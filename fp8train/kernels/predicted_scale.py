@@ -84,11 +84,11 @@ def settle_prediction_pair(seen_ptr, prediction_ptr, amax_out_ptr, FMAX: tl.cons
     return seen_g, seen_u, repair_g, repair_u
 
 
-def repair_programs(num_tiles: int, x, family: str = "gated_forward_predicted") -> tuple[int, int]:
-    """``(tiles, programs)`` of a repair pass over the encoding pass's ``num_tiles`` tiles: a few persistent
-    programs per SM that loop over the tiles.  Repairs are rare, and a program per tile only to read four numbers
-    and exit cost 80-170 us per call at batch 32 x 2048 (0.5 ms per 8,192 tokens of the 953M step, H100)."""
-    return num_tiles, max(1, min(num_tiles, plans.partials_capacity(x, family)))
+def repair_programs(num_tiles: int, x, family: str = "gated_forward_predicted") -> int:
+    """Programs of a repair pass over the encoding pass's ``num_tiles`` tiles: a few persistent programs per SM
+    that loop over the tiles.  Repairs are rare, and a program per tile only to read four numbers and exit cost
+    80-170 us per call at batch 32 x 2048 (0.5 ms per 8,192 tokens of the 953M step, H100)."""
+    return max(1, min(num_tiles, plans.partials_capacity(x, family)))
 
 
 # -- the per-tensor quantizer --------------------------------------------------------------------------------------
@@ -140,6 +140,6 @@ def quantize_predicted(x2: torch.Tensor, fmax: float, prediction: torch.Tensor, 
     common = dict(BM=bm, BN=bn, FMAX=fmax, WRITE_ROW=write_rowmajor, WRITE_T=with_transpose,
                   T_ALIGNED=transposes_aligned(M), num_warps=plans.warps("quantize", with_transpose))
     _quantize_predicted_kernel[(tiles,)](x2, x2.stride(0), prediction, seen, *outputs, M, N, **common)
-    num_tiles, nprog = repair_programs(tiles, x2, "quantize")
-    _quantize_repair_kernel[(nprog,)](x2, x2.stride(0), seen, prediction, amax_out, *outputs, M, N, num_tiles, nprog,
+    nprog = repair_programs(tiles, x2, "quantize")
+    _quantize_repair_kernel[(nprog,)](x2, x2.stride(0), seen, prediction, amax_out, *outputs, M, N, tiles, nprog,
                                       MARGIN=MARGIN, HEADROOM=HEADROOM, **common)
