@@ -230,10 +230,13 @@ def make_step(name: str, shape: str, batch: int, seq: int, master: str = "fp32",
 
 
 def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int,
-            master: str = "fp32", optimizer_options: dict | None = None, masks: str = "plain-causal") -> dict:
+            master: str = "fp32", optimizer_options: dict | None = None, masks: str = "plain-causal",
+            memory_limit_gb: float | None = None) -> dict:
     """Train ``steps`` timed steps of one configuration in this process; return its row."""
     import torch
 
+    if memory_limit_gb is not None:
+        limit_memory(memory_limit_gb)
     torch.cuda.reset_peak_memory_stats()
     step, row = make_step(name, shape, batch, seq, master, optimizer_options, masks)
     for _ in range(warmup):
@@ -249,7 +252,21 @@ def run_one(name: str, shape: str, batch: int, seq: int, steps: int, warmup: int
     row.update(tokens_per_s=batch * seq * steps / elapsed, peak_memory_bytes=torch.cuda.max_memory_allocated(),
                peak_memory_reserved_bytes=torch.cuda.max_memory_reserved(),
                step_ms=1000 * elapsed / steps, final_loss=float(loss), status="ok")
+    if memory_limit_gb is not None:
+        row["memory_limit_gb"] = memory_limit_gb
     return row
+
+
+def limit_memory(gb: float) -> None:
+    """Cap this process's CUDA caching allocator at ``gb`` GB (CUDA graph pools, cuBLAS and cuDNN workspaces
+    included: they allocate through it).  A cap above the card's memory is an error, not a silent no-op."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if not 0 < gb * 1e9 <= total:
+        raise SystemExit(f"--memory-limit-gb {gb}: this GPU has {total / 1e9:.1f} GB; give a positive cap at most "
+                         "that")
+    torch.cuda.set_per_process_memory_fraction(gb * 1e9 / total)
 
 
 def run_isolated(name: str, args) -> dict:
@@ -257,6 +274,8 @@ def run_isolated(name: str, args) -> dict:
     cmd = [sys.executable, "-m", "fp8train.bench", "--one", name, "--model", args.model, "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--master", args.master,
            "--masks", args.masks]
+    if getattr(args, "memory_limit_gb", None) is not None:
+        cmd += ["--memory-limit-gb", str(args.memory_limit_gb)]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     for line in proc.stdout.splitlines():
@@ -342,6 +361,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run every configuration N times, interleaved; report each one's fastest run (with all "
                              "runs and the median in the row): eager steps are host-bound and the lent hosts' speed "
                              "drifts")
+    parser.add_argument("--memory-limit-gb", type=float, default=None,
+                        help="let each configuration's allocator use at most this many GB (1e9 bytes) of the GPU -- "
+                             "to find on a larger card the batches a smaller one fits (an H100 80GB: 84.5)")
     parser.add_argument("--max-batch", action="store_true",
                         help="per configuration, double --batch until it runs out of memory (one bisection step "
                              "after); rows at the largest batch get max_batch=true and a speed ratio against "
@@ -452,7 +474,7 @@ def _main() -> int:
     args = parser.parse_args()
     if args.one:
         row = run_one(args.one, args.model, args.batch, args.seq, args.steps, args.warmup, master=args.master,
-                      masks=args.masks)
+                      masks=args.masks, memory_limit_gb=args.memory_limit_gb)
         print("BENCH_ROW " + json.dumps(row), flush=True)
         return 0
     print_table(bench(args))

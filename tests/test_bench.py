@@ -116,3 +116,33 @@ def test_a_single_run_is_reported_as_it_is_and_failed_repeats_do_not_count():
                                            "tokens_per_s": 9.0 if s == "ok" else 0.0})
     assert rows[0]["status"] == "ok" and rows[0]["tokens_per_s_median"] == 9.0
     assert rows[0]["tokens_per_s_runs"] == [0.0, 9.0]
+
+
+def test_memory_cap_reaches_the_child_process_and_an_impossible_cap_is_refused(monkeypatch):
+    import subprocess
+    import types
+
+    import torch
+
+    from fp8train import bench
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return types.SimpleNamespace(stdout='BENCH_ROW {"name": "x", "status": "ok"}\n', stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    a = args(40)
+    a.masks, a.memory_limit_gb = "plain-causal", 84.5
+    assert bench.run_isolated("x", a)["status"] == "ok"
+    assert seen["cmd"][-2:] == ["--memory-limit-gb", "84.5"]
+
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=150e9))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", fractions.append)
+    bench.limit_memory(75.0)
+    assert fractions == [0.5]
+    with pytest.raises(SystemExit, match="150.0 GB"):
+        bench.limit_memory(200.0)
