@@ -610,22 +610,6 @@ def check_cross_entropy(report):
         report.add_bench(f"ops: chunked lm_head + cross-entropy fwd+bwd, {rows}-token chunks", ms=round(chunk_ms, 3),
                          vs_2048_token_chunks=round(ms / chunk_ms, 3))
 
-    # the loss kernel alone on one 2048-token chunk of logits: one read per row vs the two-sweep kernel
-    from fp8train.kernels.cross_entropy import cross_entropy_rows
-
-    logits = (bf16_input((2048, 32000), seed=2).float() * 3).to(torch.bfloat16)
-    chunk_labels = labels[:2048]
-    scale = torch.tensor(1 / 8191, device="cuda")
-    one = cross_entropy_rows(logits, chunk_labels, -100, scale, one_sweep=True)
-    two = cross_entropy_rows(logits, chunk_labels, -100, scale, one_sweep=False)
-    _check_close(report, "ops: cross-entropy kernel, one read vs two sweeps: loss", one[0], two[0], tol=2**-20)
-    _check_close(report, "ops: cross-entropy kernel, one read vs two sweeps: grad", one[1], two[1], tol=2**-7)
-    copy = copy_tbps(logits)
-    two_ms = bench_ms(lambda: cross_entropy_rows(logits, chunk_labels, -100, scale, one_sweep=False))
-    one_ms = bench_ms(lambda: cross_entropy_rows(logits, chunk_labels, -100, scale, one_sweep=True))
-    _row(report, "ops: cross-entropy kernel, one read per row, 2048x32000", one_ms, 2 * 2 * logits.numel(), copy,
-         two_sweeps_ms=round(two_ms, 4), speedup=round(two_ms / one_ms, 3))
-
 
 def run(report) -> None:
     if not torch.cuda.is_available():
