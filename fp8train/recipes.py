@@ -66,9 +66,10 @@ class Recipe:
     Loss: ``chunked_loss`` -- compute a causal LM's training loss with the chunked fused lm_head +
     cross-entropy (:mod:`fp8train.nn.chunked_cross_entropy`), so the vocabulary-sized logits are never
     materialised; calls that pass ``labels`` then return ``logits=None``.  ``loss_chunk_rows`` -- tokens per
-    chunk: larger chunks hold more at once (a chunk's bf16 logits and their gradient: 4 bytes per token per
-    vocabulary entry, 0.26 GB at 2048 tokens x 32k) and run the head's GEMMs a little faster (on the 953M
-    model's head 1.02-1.07x with 8192-token chunks, within noise end to end: docs/performance.md, "Session 12").
+    chunk, None (default): an eighth of the batch's tokens, from 2048 to 8192.  Larger chunks hold more at once
+    (a chunk's bf16 logits and their gradient: 4 bytes per token per vocabulary entry, 0.26 GB at 2048 tokens x
+    32k) and run the head's GEMMs faster (953M, batch 32 on an H200: 8192-token chunks +0.85 % end to end;
+    batch 4: +0.5 % for 0.65 GB more peak, which the default does not take: docs/performance.md, "Session 15").
     Simulated formats (``simulate``): a :class:`fp8train.lab.SimulatedFormats` or its spec string (``"e3m4"``,
     ``"a=e3m4,w=e3m4,g=e5m2,scaling=1x16"``).  When set, every converted linear becomes a ``SimulatedLinear``
     (GEMM inputs rounded to the given formats, GEMMs in the compute dtype); the FP8 linear fields above are not
@@ -116,7 +117,7 @@ class Recipe:
     recompute_gated_product: bool = True
     keep_bf16: tuple = ("lm_head", "score", "classifier", "qa_outputs")
     chunked_loss: bool = False
-    loss_chunk_rows: int = 2048
+    loss_chunk_rows: Optional[int] = None
     fused_rotary: bool = True
     fp8_attention_saves: bool = False
     fused_qkv: bool = False
@@ -154,9 +155,10 @@ class Recipe:
         if self.gated_gemm and not self.delayed_scaling:
             raise ValueError("Recipe.gated_gemm needs delayed_scaling=True: the fused GEMMs encode their FP8 outputs "
                              "with predicted scales (e.g. Recipe.named('coat-lean').replace(gated_gemm=True))")
-        if not isinstance(self.loss_chunk_rows, int) or isinstance(self.loss_chunk_rows, bool) \
-                or self.loss_chunk_rows < 1:
-            raise ValueError(f"Recipe.loss_chunk_rows must be a positive int, got {self.loss_chunk_rows!r}")
+        if self.loss_chunk_rows is not None and (not isinstance(self.loss_chunk_rows, int)
+                                                 or isinstance(self.loss_chunk_rows, bool) or self.loss_chunk_rows < 1):
+            raise ValueError(f"Recipe.loss_chunk_rows must be a positive int or None (an eighth of the batch's "
+                             f"tokens, 2048 to 8192), got {self.loss_chunk_rows!r}")
         if not isinstance(self.fp8_attention_saves, bool):
             raise TypeError(f"Recipe.fp8_attention_saves must be True or False, got {self.fp8_attention_saves!r}")
         if not isinstance(self.keep_bf16, tuple):

@@ -121,7 +121,9 @@ def test_recipe_chunk_rows_reach_the_loss(monkeypatch):
 
     with pytest.raises(ValueError, match="loss_chunk_rows"):
         fp8train.Recipe(chunked_loss=True, loss_chunk_rows=0)
-    assert fp8train.Recipe().loss_chunk_rows == 2048
+    assert fp8train.Recipe().loss_chunk_rows is None  # scaled with the batch
+    assert [chunked.auto_chunk_rows(n) for n in (1, 8192, 16384, 32768, 65536, 90112)] == \
+        [2048, 2048, 2048, 4096, 8192, 8192]
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -133,11 +135,11 @@ def test_recipe_chunk_rows_reach_the_loss(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(chunked, "chunked_linear_cross_entropy", spy)
-    for rows in (2048, 5):
+    for rows in (None, 2048, 5):
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg)
         fp8train.convert(model, recipe=fp8train.Recipe(name="loss", fp8_linears=False, chunked_loss=True,
                                                        loss_chunk_rows=rows))
         losses.append(model(input_ids=ids, labels=ids).loss.item())
-    assert seen == [2048, 5]
-    assert abs(losses[0] - losses[1]) < 1e-5
+    assert seen == [None, 2048, 5]
+    assert max(losses) - min(losses) < 1e-5

@@ -108,17 +108,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, db, None, None, None, None
 
 
+def auto_chunk_rows(rows: int) -> int:
+    """Tokens per chunk when none is given: an eighth of the batch, from 2048 to 8192.  Small batches keep
+    2048-token chunks (the least memory: a chunk's bf16 logits and gradient, 0.26 GB at a 32k vocabulary);
+    large ones take 8192, whose longer head GEMMs ran a 953M batch-32 step 0.85 % faster for 0.4 GB
+    (docs/performance.md, "Session 15")."""
+    return min(8192, max(2048, rows // 8))
+
+
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 bias: Optional[torch.Tensor] = None, *, chunk_rows: int = 2048,
+                                 bias: Optional[torch.Tensor] = None, *, chunk_rows: Optional[int] = None,
                                  ignore_index: int = IGNORE_INDEX,
                                  num_items_in_batch: Optional[int] = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (rows = tokens).
 
     ``hidden`` is (tokens, H) or (..., H) with labels of the same leading shape.  Rows whose label is
     ``ignore_index`` do not count.  ``num_items_in_batch`` replaces the mean's denominator (transformers
-    passes it for gradient accumulation).
+    passes it for gradient accumulation).  ``chunk_rows``: tokens per chunk (None: :func:`auto_chunk_rows`);
+    it changes memory and speed, and the result only by the order of fp32 sums.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    if chunk_rows is None:
+        chunk_rows = auto_chunk_rows(hidden.shape[0])
     labels = labels.reshape(-1).to(hidden.device)
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but labels has {labels.shape[0]}")
@@ -134,7 +145,7 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_rows, ignore_index, denominator)
 
 
-def enable_chunked_loss(model, chunk_rows: int = 2048):
+def enable_chunked_loss(model, chunk_rows: Optional[int] = None):
     """Make a Hugging Face causal LM compute its training loss with the chunked fused head + loss.
 
     Only calls that pass ``labels`` change: they return ``loss`` and ``logits=None``.  Everything else
@@ -153,8 +164,8 @@ def enable_chunked_loss(model, chunk_rows: int = 2048):
         return model
     if getattr(model, "_fp8train_chunked_loss", False):
         return model
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int or None (scaled with the batch), got {chunk_rows!r}")
     original_forward = model.forward
 
     def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, shift_labels=None,
