@@ -25,6 +25,8 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_coat_lean_fast_accumulation       ... forward GEMMs without fp32 promotion (Recipe.fast_accumulation)
     fp8train_coat_lean_loss_chunk_8192         ... the chunked loss 8192 tokens at a time (Recipe.loss_chunk_rows;
                                                also _loss_chunk_2048 / _4096)
+    fp8train_coat_lean_no_flash_attention      ... SDPA's attention even where FlashAttention-4 is installed
+                                               (Recipe.flash_attention; _flash_attention: warn when unusable)
     <name>_<lever>_<lever>                     lever suffixes combine: fp8train_coat_lean_fused_qkv_saved_product
     <any eager name>_graphed                   forward + backward replayed as one CUDA graph (GraphedStep)
 
@@ -92,7 +94,8 @@ RECIPE_LEVERS = {"_no_weight_cache": ("cache_fp8_weights", False), "_weight_cach
                  "_no_delayed_scaling": ("delayed_scaling", False), "_delayed_scaling": ("delayed_scaling", True),
                  "_gated_gemm": ("gated_gemm", True), "_fast_accumulation": ("fast_accumulation", True),
                  "_loss_chunk_2048": ("loss_chunk_rows", 2048), "_loss_chunk_4096": ("loss_chunk_rows", 4096),
-                 "_loss_chunk_8192": ("loss_chunk_rows", 8192)}
+                 "_loss_chunk_8192": ("loss_chunk_rows", 8192),
+                 "_no_flash_attention": ("flash_attention", False), "_flash_attention": ("flash_attention", True)}
 
 
 def parse_config(name: str) -> tuple[str, dict, bool]:

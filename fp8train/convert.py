@@ -17,6 +17,8 @@ What it does (details and the saved-tensor accounting in docs/convert.md):
 4. ``Recipe.fp8_attention_saves``: Llama-style attention modules of Hugging Face models using ``"sdpa"`` switch
    to the FP8-saving attention of :mod:`fp8train.nn.fp8_saved_attention` (through transformers' attention
    registry: the config's ``_attn_implementation`` and a mark on each module; no forked classes).
+   Otherwise, where FlashAttention-4 is installed and the GPU is sm90/sm100 (``Recipe.flash_attention``), they
+   switch to it the same way (:mod:`fp8train.nn.flash_attention`; SDPA for every call it does not cover).
 
 Every replacement reuses the original Parameters, so parameter names, state_dict keys, optimizer param
 groups and checkpoints are unchanged.  A linear whose in/out features are not multiples of 16 (what FP8
@@ -61,6 +63,8 @@ class ConversionReport(dict):
             parts.append(f"fused residual stream: {self['fused_residual']} blocks")
         if self.get("fp8_attention_saves"):
             parts.append(f"FP8-saved attention: {len(self['fp8_attention_saves']['installed'])}")
+        if self.get("flash_attention", {}).get("installed"):
+            parts.append(f"FlashAttention-4: {len(self['flash_attention']['installed'])}")
         return ", ".join(parts) or "nothing converted"
 
 
@@ -108,6 +112,14 @@ def convert(model: nn.Module, recipe: Union[str, Recipe, None] = "coat", *,
             report = _empty_report()
         report["fp8_attention_saves"] = install_on_model(
             model, lambda name, module: any(rule(name, module) for rule in rules))
+    elif recipe.flash_attention is not False:
+        from .nn.flash_attention import install_on_model as install_flash
+
+        rules = _compile_rules(exclude)
+        if report is None:
+            report = _empty_report()
+        report["flash_attention"] = install_flash(
+            model, lambda name, module: any(rule(name, module) for rule in rules), warn=recipe.flash_attention is True)
     object.__setattr__(model, _MARK, recipe)
     object.__setattr__(model, _REPORT, report)
     return model

@@ -88,7 +88,12 @@ class Recipe:
     memory lever, off by default; costs gradient fidelity (about 5 % relative error on
     the attention's input gradients for unit-variance q/k, more for sharp attention; docs/convert.md).  A
     padding mask, dropout, a KV cache or a backend other than cuDNN/flash falls back to HF's SDPA with a
-    one-time warning.  Works with every recipe, ``"bf16"`` included.
+    one-time warning.  Works with every recipe, ``"bf16"`` included.  ``flash_attention`` -- the attention core
+    of Llama-style blocks runs FlashAttention-4 (PyPI ``flash-attn-4``) where it is installed and the GPU is
+    sm90/sm100: exact attention, 1.11x SDPA's cuDNN kernels forward + backward on an H200
+    (:mod:`fp8train.nn.flash_attention`).  None (default): where installed, quietly SDPA elsewhere (the
+    ``"bf16"`` recipe converts nothing, so keeps SDPA); True: also warn once per reason a call falls back; False:
+    SDPA.  ``fp8_attention_saves`` takes precedence.
 
     Fusion: ``fused_qkv`` -- the q/k/v projections of Llama-style attention blocks run as one FP8 GEMM against
     their stacked weights (one scale for the stack and one for the three output gradients; not bit-identical to
@@ -120,6 +125,7 @@ class Recipe:
     loss_chunk_rows: Optional[int] = None
     fused_rotary: bool = True
     fp8_attention_saves: bool = False
+    flash_attention: Optional[bool] = None
     fused_qkv: bool = False
     fused_residual: bool = True
     delayed_scaling: bool = False
@@ -161,6 +167,9 @@ class Recipe:
                              f"tokens, 2048 to 8192), got {self.loss_chunk_rows!r}")
         if not isinstance(self.fp8_attention_saves, bool):
             raise TypeError(f"Recipe.fp8_attention_saves must be True or False, got {self.fp8_attention_saves!r}")
+        if self.flash_attention not in (None, True, False):
+            raise TypeError(f"Recipe.flash_attention must be None (where installed), True or False, got "
+                            f"{self.flash_attention!r}")
         if not isinstance(self.keep_bf16, tuple):
             object.__setattr__(self, "keep_bf16", tuple(self.keep_bf16))
         if self.compress_activations and not self.fp8_linears:
@@ -182,7 +191,7 @@ class Recipe:
     @property
     def is_noop(self) -> bool:
         return (not self.fp8_linears and not self.compress_activations and not self.chunked_loss
-                and self.simulate is None and not self.fp8_attention_saves)
+                and self.simulate is None and not self.fp8_attention_saves and self.flash_attention is not True)
 
     @property
     def per_tensor(self) -> bool:

@@ -29,7 +29,8 @@ def ms_per_call(fn, repeats: int = 20) -> float:
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+    got, ref = got.detach().float(), ref.detach().float()
+    return float((got - ref).abs().max() / ref.abs().max())
 
 
 def main() -> int:
@@ -99,17 +100,19 @@ def main() -> int:
     print(f"fa4 / cudnn speed: forward {results['cudnn'][0] / results['fa4'][0]:.3f}x, forward+backward "
           f"{results['cudnn'][1] / results['fa4'][1]:.3f}x", flush=True)
 
-    # CUDA graph capture of forward + backward (the training step is replayed as one graph)
+    # CUDA graph capture of forward + backward (the training step is replayed as one graph), with fresh leaves
+    # first used on the side stream (leaves used on the default stream make autograd sync it inside the capture)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
+        qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
         for _ in range(2):
-            fa4(q, k, v)
+            torch.autograd.grad(fa4(qg, kg, vg), (qg, kg, vg), dout)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_out = fa4(q, k, v)
-        g_grads = torch.autograd.grad(g_out, (q, k, v), dout)
+        g_out = fa4(qg, kg, vg)
+        g_grads = torch.autograd.grad(g_out, (qg, kg, vg), dout)
     graph.replay()
     torch.cuda.synchronize()
     same = torch.equal(g_out, out) and all(torch.equal(x, y) for x, y in zip(g_grads, grads))
