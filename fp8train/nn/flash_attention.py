@@ -122,16 +122,9 @@ def flash4_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
 def register_attention_function() -> bool:
     """Register :func:`flash4_attention_forward` (and SDPA's mask function) under ``"fp8train_flash4"``; False
     when this transformers has no mask registry (< 4.53)."""
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-    except ImportError:
-        return False
-    if ALL_ATTENTION_FUNCTIONS.get(ATTENTION_NAME) is not flash4_attention_forward:
-        AttentionInterface.register(ATTENTION_NAME, flash4_attention_forward)
-    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return True
+    from .attention_registry import register
+
+    return register(ATTENTION_NAME, flash4_attention_forward)
 
 
 def uses_flash_attention(module: nn.Module) -> bool:
@@ -172,12 +165,6 @@ def install_on_model(model: nn.Module, is_excluded=None, warn: bool = False) -> 
 
 def remove_flash_attention(model: nn.Module) -> int:
     """Unmark every attention module of ``model`` and set their configs back to ``"sdpa"``; returns how many."""
-    count = 0
-    for module in model.modules():
-        if _MARK in vars(module):
-            delattr(module, _MARK)
-            count += 1
-            config = getattr(module, "config", None)
-            if getattr(config, "_attn_implementation", None) == ATTENTION_NAME:
-                config._attn_implementation = "sdpa"
-    return count
+    from .attention_registry import unmark_all
+
+    return unmark_all(model, _MARK, ATTENTION_NAME)

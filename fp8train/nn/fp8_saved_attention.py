@@ -504,18 +504,11 @@ def fp8_saved_sdpa_attention_forward(module: nn.Module, query: torch.Tensor, key
 
 def register_attention_function() -> bool:
     """Register :func:`fp8_saved_sdpa_attention_forward` as ``"fp8train_fp8_saved_sdpa"`` with transformers, and
-    SDPA's mask function under the same name (so masks are built as for ``"sdpa"``; a name without a mask function
-    would get *no* mask at all).  False when this transformers has no mask registry (< 4.53)."""
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-    except ImportError:
-        return False
-    if ALL_ATTENTION_FUNCTIONS.get(ATTENTION_NAME) is not fp8_saved_sdpa_attention_forward:
-        AttentionInterface.register(ATTENTION_NAME, fp8_saved_sdpa_attention_forward)
-    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return True
+    SDPA's mask function under the same name (so masks are built as for ``"sdpa"``).  False when this transformers
+    has no mask registry (< 4.53)."""
+    from .attention_registry import register
+
+    return register(ATTENTION_NAME, fp8_saved_sdpa_attention_forward)
 
 
 def uses_fp8_saved_attention(module: nn.Module) -> bool:
@@ -545,15 +538,9 @@ def install_fp8_saved_attention(attention: nn.Module, mode: str = "recompute", s
 
 def remove_fp8_saved_attention(model: nn.Module) -> int:
     """Unmark every attention module of ``model`` and set their configs back to ``"sdpa"``; returns how many."""
-    count = 0
-    for module in model.modules():
-        if _MARK in vars(module):
-            delattr(module, _MARK)
-            count += 1
-            config = getattr(module, "config", None)
-            if getattr(config, "_attn_implementation", None) == ATTENTION_NAME:
-                config._attn_implementation = "sdpa"
-    return count
+    from .attention_registry import unmark_all
+
+    return unmark_all(model, _MARK, ATTENTION_NAME)
 
 
 def attention_saved_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, *, mode: Optional[str],
