@@ -58,7 +58,11 @@ def available(device: Optional[torch.device] = None) -> bool:
     """Whether FlashAttention-4 is installed and ``device`` (default: the current CUDA device) can run it."""
     if not torch.cuda.is_available():
         return False
-    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _capable(device.index if device is not None and device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capable(index: int) -> bool:  # asked on every attention call: answered once per GPU
     return torch.cuda.get_device_capability(index)[0] in (9, 10) and _flash_attn_func() is not None
 
 
