@@ -111,8 +111,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 def auto_chunk_rows(rows: int) -> int:
     """Tokens per chunk when none is given: an eighth of the batch, from 2048 to 8192.  Small batches keep
     2048-token chunks (the least memory: a chunk's bf16 logits and gradient, 0.26 GB at a 32k vocabulary);
-    large ones take 8192, whose longer head GEMMs ran a 953M batch-32 step 0.85 % faster for 0.4 GB
-    (docs/performance.md, "Session 15")."""
+    large ones take 8192, whose longer head GEMMs ran a 953M batch-32 step 0.85 % faster at the same peak
+    (at batch 4 they would add 0.65 GB to a 10.75 GB peak for 0.5 %; docs/performance.md, "Session 15")."""
     return min(8192, max(2048, rows // 8))
 
 
