@@ -159,6 +159,9 @@ def test_fp8_weight_cache_flag_has_three_states():
     states = [config_from_args(parser.parse_args(argv)).fused_residual
               for argv in ([], ["--fused-residual"], ["--no-fused-residual"])]
     assert states == [None, True, False]
+    states = [config_from_args(parser.parse_args(argv)).flash_attention
+              for argv in ([], ["--flash-attention"], ["--no-flash-attention"])]
+    assert states == [None, True, False]
 
 
 def test_resume_on_fewer_processes_drops_an_inherited_cuda_graph(tmp_path):

@@ -286,6 +286,24 @@ def test_fast_accumulation_flag_reaches_the_recipe(tmp_path, monkeypatch):
         resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fast_accumulation=True))
 
 
+def test_flash_attention_flag_reaches_the_recipe(tmp_path, monkeypatch):
+    """--[no-]flash-attention sets Recipe.flash_attention; without it the recipe's default (None: where installed)."""
+    import fp8train.train.loop as loop_mod
+    from fp8train.recipes import resolve_recipe
+
+    seen = []
+    original = loop_mod.apply_recipe
+
+    def spy(model, recipe):
+        seen.append(resolve_recipe(recipe).flash_attention)
+        return original(model, recipe)
+
+    monkeypatch.setattr(loop_mod, "apply_recipe", spy)
+    for name, flag in (("default", None), ("off", False), ("on", True)):
+        train(resolve(tiny_config(tmp_path / name, steps=1, recipe="bf16", flash_attention=flag)))
+    assert seen == [None, False, True]
+
+
 def test_fused_residual_is_on_unless_told_not_to(tmp_path, monkeypatch):
     """--no-fused-residual reaches the recipe; by default the fast path owns the residual stream."""
     import fp8train.train.loop as loop_mod

@@ -49,6 +49,7 @@ class TrainConfig:
     fast_accumulation: bool = False   # forward FP8 GEMMs without fp32 promotion (Recipe.fast_accumulation)
     fused_residual: Optional[bool] = None  # residual gradients summed in the norm kernels (Recipe.fused_residual)
     delayed_scaling: Optional[bool] = None  # gated product's FP8 scales predicted (Recipe.delayed_scaling); None: the recipe's
+    flash_attention: Optional[bool] = None  # FlashAttention-4 for the attention core (Recipe.flash_attention); None: where installed
     grad_checkpointing: bool = False
     # optimisation
     steps: int = 300
@@ -305,6 +306,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
                    help="Llama-style layers sum their residual gradients in the norms' backward kernels instead of "
                         "autograd's bf16 adds (same forward, gradients rounded once); on by default with the FP8 "
                         "recipes' fast path, --no-fused-residual turns it off")
+    g.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=S,
+                   help="the attention core of Llama-style blocks runs FlashAttention-4 (pip install fp8train[flash], "
+                        "sm90/sm100 GPUs); by default wherever it is installed, --flash-attention also warns when a "
+                        "call falls back to SDPA, --no-flash-attention keeps SDPA")
     g.add_argument("--delayed-scaling", action=argparse.BooleanOptionalAction, default=S,
                    help="the MLP's act(gate)*up and its two gradients are encoded to FP8 in the pass that computes "
                         "them, with a scale predicted from the previous step (2x its amax), instead of an amax pass "

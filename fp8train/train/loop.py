@@ -340,6 +340,8 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
         levers["cache_fp8_weights"] = bool(c.fp8_weight_cache)
     if c.fused_residual is not None and c.recipe != "bf16" and c.simulate_format is None:
         levers["fused_residual"] = bool(c.fused_residual)
+    if c.flash_attention is not None and c.simulate_format is None:
+        levers["flash_attention"] = bool(c.flash_attention)
     if levers:
         from ..recipes import resolve_recipe
 
