@@ -246,19 +246,25 @@ def test_fused_qkv_flag(tmp_path):
         resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fused_qkv=True))
 
 
-def test_coat_lean_caches_its_fp8_weights_unless_told_not_to(tmp_path, monkeypatch):
+def spy_on_recipes(monkeypatch, look) -> list:
+    """``look(recipe, converted model)`` for every model the training loop converts, in order."""
     import fp8train.train.loop as loop_mod
+    from fp8train.recipes import resolve_recipe
 
     seen = []
     original = loop_mod.apply_recipe
 
     def spy(model, recipe):
-        from fp8train.recipes import resolve_recipe
-
-        seen.append(resolve_recipe(recipe).cache_fp8_weights)
-        return original(model, recipe)
+        out = original(model, recipe)
+        seen.append(look(resolve_recipe(recipe), out))
+        return out
 
     monkeypatch.setattr(loop_mod, "apply_recipe", spy)
+    return seen
+
+
+def test_coat_lean_caches_its_fp8_weights_unless_told_not_to(tmp_path, monkeypatch):
+    seen = spy_on_recipes(monkeypatch, lambda recipe, model: recipe.cache_fp8_weights)
     for name, flag in (("default", None), ("off", False)):
         train(resolve(tiny_config(tmp_path / name, steps=1, recipe="coat-lean", fp8_weight_cache=flag)))
     assert seen == [True, False]
@@ -267,18 +273,10 @@ def test_coat_lean_caches_its_fp8_weights_unless_told_not_to(tmp_path, monkeypat
 def test_fast_accumulation_flag_reaches_the_recipe(tmp_path, monkeypatch):
     """--fast-accumulation sets Recipe.fast_accumulation (forward GEMMs without fp32 promotion); off by default;
     refused without FP8 linear layers."""
-    import fp8train.train.loop as loop_mod
     from fp8train.nn.linear import FP8Linear
 
-    seen = []
-    original = loop_mod.apply_recipe
-
-    def spy(model, recipe):
-        out = original(model, recipe)
-        seen.append({m.recipe.fast_accumulation for m in out.modules() if isinstance(m, FP8Linear)})
-        return out
-
-    monkeypatch.setattr(loop_mod, "apply_recipe", spy)
+    seen = spy_on_recipes(monkeypatch, lambda recipe, model: {m.recipe.fast_accumulation for m in model.modules()
+                                                              if isinstance(m, FP8Linear)})
     for name, flag in (("default", False), ("fast", True)):
         train(resolve(tiny_config(tmp_path / name, steps=1, recipe="coat-lean", fast_accumulation=flag)))
     assert seen == [{False}, {True}]
@@ -288,17 +286,7 @@ def test_fast_accumulation_flag_reaches_the_recipe(tmp_path, monkeypatch):
 
 def test_flash_attention_flag_reaches_the_recipe(tmp_path, monkeypatch):
     """--[no-]flash-attention sets Recipe.flash_attention; without it the recipe's default (None: where installed)."""
-    import fp8train.train.loop as loop_mod
-    from fp8train.recipes import resolve_recipe
-
-    seen = []
-    original = loop_mod.apply_recipe
-
-    def spy(model, recipe):
-        seen.append(resolve_recipe(recipe).flash_attention)
-        return original(model, recipe)
-
-    monkeypatch.setattr(loop_mod, "apply_recipe", spy)
+    seen = spy_on_recipes(monkeypatch, lambda recipe, model: recipe.flash_attention)
     for name, flag in (("default", None), ("off", False), ("on", True)):
         train(resolve(tiny_config(tmp_path / name, steps=1, recipe="bf16", flash_attention=flag)))
     assert seen == [None, False, True]
@@ -306,18 +294,10 @@ def test_flash_attention_flag_reaches_the_recipe(tmp_path, monkeypatch):
 
 def test_fused_residual_is_on_unless_told_not_to(tmp_path, monkeypatch):
     """--no-fused-residual reaches the recipe; by default the fast path owns the residual stream."""
-    import fp8train.train.loop as loop_mod
     from fp8train.nn import residual_stream
 
-    seen = []
-    original = loop_mod.apply_recipe
-
-    def spy(model, recipe):
-        out = original(model, recipe)
-        seen.append(any(residual_stream.is_installed(m) for m in out.modules()))
-        return out
-
-    monkeypatch.setattr(loop_mod, "apply_recipe", spy)
+    seen = spy_on_recipes(monkeypatch, lambda recipe, model: any(residual_stream.is_installed(m)
+                                                                 for m in model.modules()))
     for name, flag in (("default", None), ("off", False)):
         train(resolve(tiny_config(tmp_path / name, steps=1, recipe="coat", fused_residual=flag)))
     assert seen == [True, False]
