@@ -167,7 +167,7 @@ class Recipe:
                              f"tokens, 2048 to 8192), got {self.loss_chunk_rows!r}")
         if not isinstance(self.fp8_attention_saves, bool):
             raise TypeError(f"Recipe.fp8_attention_saves must be True or False, got {self.fp8_attention_saves!r}")
-        if self.flash_attention not in (None, True, False):
+        if not (self.flash_attention is None or isinstance(self.flash_attention, bool)):
             raise TypeError(f"Recipe.flash_attention must be None (where installed), True or False, got "
                             f"{self.flash_attention!r}")
         if not isinstance(self.keep_bf16, tuple):

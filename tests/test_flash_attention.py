@@ -103,5 +103,6 @@ def test_not_installed_leaves_sdpa_and_false_turns_it_off(monkeypatch):
     off = fp8train.convert(tiny_llama(), fp8train.Recipe.named("fp8").replace(flash_attention=False))
     assert "flash_attention" not in off._fp8train_report and off.config._attn_implementation == "sdpa"
     assert fp8train.Recipe.named("bf16").is_noop  # None does not make the bf16 recipe convert anything
-    with pytest.raises(TypeError, match="flash_attention"):
-        fp8train.Recipe(flash_attention="yes")
+    for wrong in ("yes", 1):
+        with pytest.raises(TypeError, match="flash_attention"):
+            fp8train.Recipe(flash_attention=wrong)
