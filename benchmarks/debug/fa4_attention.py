@@ -7,6 +7,7 @@ docs/performance.md "Session 15").
 """
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -14,18 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # benchmarks/: the shared GPU helpers
+from gpu.quant import back_to_back_ms  # noqa: E402
+
 
 def ms_per_call(fn, repeats: int = 20) -> float:
-    for _ in range(3):
+    for _ in range(3):  # warm-up (first calls compile)
         fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+    return back_to_back_ms(fn, repeats)
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:

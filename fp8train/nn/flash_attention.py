@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import warn_once
+from .attention_registry import hf_sdpa, is_llama_style_attention, plain_causal_fallback
 
 __all__ = ["ATTENTION_NAME", "available", "flash4_attention_forward", "install_on_model", "remove_flash_attention",
            "uses_flash_attention"]
@@ -68,9 +69,7 @@ def _capable(index: int) -> bool:  # asked on every attention call: answered onc
 
 def _unsupported(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> Optional[str]:
     """Why this call cannot run FlashAttention-4, or None."""
-    from .fp8_saved_attention import _fallback_reason
-
-    why = _fallback_reason(module, query, key, attention_mask, dropout, is_causal, kwargs)
+    why = plain_causal_fallback(module, query, key, attention_mask, dropout, is_causal, kwargs)
     if why is not None:
         return why
     if torch.compiler.is_compiling():
@@ -96,12 +95,6 @@ def _runs_on(device: torch.device) -> bool:
     return device.type == "cuda" and available(device)
 
 
-def _hf_sdpa():
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-
 def flash4_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                              scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
@@ -113,7 +106,7 @@ def flash4_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if why is not None:
         if setting is True:
             warn_once(f"flash-attention-{why}", f"fp8train flash attention: {why}; this call runs SDPA instead")
-        return _hf_sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return hf_sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                           is_causal=is_causal, **kwargs)
     # HF's (batch, heads, sequence, dim) tensors are transposed views of the projections' (batch, sequence,
     # heads, dim) outputs: transposing back is free
@@ -143,12 +136,10 @@ def install_on_model(model: nn.Module, is_excluded=None, warn: bool = False) -> 
     config.  ``warn``: warn once per reason when a call has to fall back to SDPA.  Returns
     ``{"installed": [names], "skipped": {name: why}}``; installs nothing (quietly) where FlashAttention-4 cannot
     run, unless ``warn``."""
-    from .fp8_saved_attention import _is_llama_style_attention
-
     installed, skipped = [], {}
     usable = available()  # the current CUDA device: where the model trains
     for name, module in model.named_modules():
-        if not _is_llama_style_attention(module) or (is_excluded is not None and is_excluded(name, module)):
+        if not is_llama_style_attention(module) or (is_excluded is not None and is_excluded(name, module)):
             continue
         current = getattr(module.config, "_attn_implementation", None)
         if not usable:

@@ -73,6 +73,7 @@ from torch import nn
 from ..formats import E4M3, INT8
 from ..kernels import warn_once
 from ..quant import Granularity, QuantizedTensor, quantize
+from .attention_registry import hf_sdpa, is_llama_style_attention, plain_causal_fallback
 from .eager_ops import autocast_off
 
 __all__ = ["ATTENTION_NAME", "SAVED_FORMAT", "SAVED_FORMATS", "MODES", "saved_group_size", "choose_backend",
@@ -453,42 +454,19 @@ def fp8_saved_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 # -- Hugging Face attention interface -------------------------------------------------------------------------------
 
-def _hf_sdpa():
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-
-def _fallback_reason(module, query, key, attention_mask, dropout, is_causal, kwargs) -> Optional[str]:
-    if attention_mask is not None:
-        return "an attention mask (padding, packed sequences, sliding window) was given"
-    if dropout:
-        return "attention dropout > 0"
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
-    if not is_causal:
-        return "non-causal attention"
-    for name in ("position_bias", "softcap", "s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            return f"'{name}' is not supported"
-    if kwargs.get("output_attentions"):
-        return "output_attentions=True"
-    return None
-
-
 def fp8_saved_sdpa_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                                      scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """Hugging Face attention function (the ``"fp8train_fp8_saved_sdpa"`` entry of ``ALL_ATTENTION_FUNCTIONS``):
     HF's ``sdpa_attention_forward`` for unmarked modules, inference and unsupported cases; the FP8-saving causal
     attention otherwise.  Returns ``(attn_output (batch, seq, heads, head_dim), None)`` as HF's does."""
-    sdpa = _hf_sdpa()
+    sdpa = hf_sdpa()
     setting = getattr(module, _MARK, None)
     if setting is None or not (
             torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                     **kwargs)
-    why = _fallback_reason(module, query, key, attention_mask, dropout, is_causal, kwargs)
+    why = plain_causal_fallback(module, query, key, attention_mask, dropout, is_causal, kwargs)
     backend = None
     if why is None:
         q, k, v = _autocast_inputs(query, key, value)
@@ -562,13 +540,6 @@ def attention_saved_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_
     return fp8 + (out + lse if _check_mode(mode) == "saved_lse" else 0)
 
 
-def _is_llama_style_attention(module: nn.Module) -> bool:
-    from .adapters.llama import ATTENTION_PROJECTIONS
-
-    return (all(isinstance(getattr(module, n, None), nn.Module) for n in ATTENTION_PROJECTIONS)
-            and hasattr(getattr(module, "config", None), "_attn_implementation"))
-
-
 def install_on_model(model: nn.Module, is_excluded=None, mode: str = "recompute", saved_format: str = "e4m3") -> dict:
     """What ``fp8train.convert`` does for ``Recipe.fp8_attention_saves``: switch every Llama-style attention
     module of ``model`` (linear ``q_proj``/``k_proj``/``v_proj``/``o_proj`` and a Hugging Face ``config``) that
@@ -576,7 +547,7 @@ def install_on_model(model: nn.Module, is_excluded=None, mode: str = "recompute"
     and warns once, listing the modules left on their own attention."""
     installed, skipped = [], {}
     for name, module in model.named_modules():
-        if not _is_llama_style_attention(module):
+        if not is_llama_style_attention(module):
             continue
         if is_excluded is not None and is_excluded(name, module):
             continue
