@@ -315,6 +315,30 @@ def test_attention_output_is_saved_by_reference_with_identical_gradients():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_saved_reference_does_not_keep_the_inputs_fp8_copies_alive():
+    """In "reference" mode backward keeps x's memory (the attention kernel keeps it anyway), but not x's Python
+    object: that would keep the FP8 copies forward attached to it (nn.handoff) alive until backward."""
+    import gc
+    import weakref
+
+    from fp8train.nn.linear import linear_input_key
+
+    qkv = torch.randn(2, 4, 16, 32).requires_grad_()
+    attn = torch.nn.functional.scaled_dot_product_attention(qkv, qkv, qkv, is_causal=True)
+    viewed = attn.transpose(1, 2).reshape(2, 16, 128)
+    fp8 = FP8Linear.from_linear(make_layer(128, 64))
+    fp8.save_input = "reference"
+    y = fp8(viewed)
+    copies = handoff.attached(viewed, linear_input_key(fp8.recipe))
+    assert copies is not None
+    copy_ref, viewed_ref = weakref.ref(copies.q.data), weakref.ref(viewed)
+    del viewed, copies
+    gc.collect()
+    assert viewed_ref() is None and copy_ref() is None
+    y.sum().backward()  # and backward still finds its input
+    assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
+
+
 def test_backward_uses_a_gradient_amax_published_by_its_producer():
     """A kernel that wrote dy may publish max|dy| (fp8train.nn.grad_amax): the backward then quantizes dy with it
     instead of running its own amax pass -- found through views of dy, never for a part of it or after a change."""

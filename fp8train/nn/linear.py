@@ -411,8 +411,10 @@ class _FP8LinearFunction(torch.autograd.Function):
                                           out_dtype=out_dtype)
         if save_reference:
             # x is kept alive by another op anyway (attention's output): keep a reference and its amax, and
-            # re-quantize in backward -- the same FP8 values, no second copy
-            tensors, ctx.saved_meta = [x, saved.x.amax, saved.weight_amax], None
+            # re-quantize in backward -- the same FP8 values, no second copy.  A detached alias, not x: saving x
+            # would keep x's Python object alive, and with it the FP8 copies attached to it (nn.handoff) --
+            # 2 bytes per element held until backward instead of none
+            tensors, ctx.saved_meta = [x.detach(), saved.x.amax, saved.weight_amax], None
             ctx.input_shape = saved.input_shape
         else:
             tensors, ctx.saved_meta = save_linear(saved)
