@@ -12,7 +12,9 @@ weights with stochastic rounding, chunked loss), ``coat-lean-graph`` (the same r
 ``coat-lean-attention-saves-graph`` (that, with q/k/v kept as FP8 copies for the attention backward) and
 ``coat-lean-delayed-graph`` (coat-lean-graph with the gated product's scales predicted, ``--delayed-scaling``;
 coat-lean's default since session 9, when ``coat-lean-graph`` became the same run) and ``coat-lean-jit-graph``
-(``--no-delayed-scaling``: just-in-time scales everywhere, coat-lean before session 9).
+(``--no-delayed-scaling``: just-in-time scales everywhere, coat-lean before session 9); ``coat-lean-fp32-accum-graph``
+(``--no-fast-accumulation --no-fast-accumulation-grad-input``: every GEMM promoting to fp32, coat-lean before
+session 16; ``coat-lean-fast-accum[-grad]-graph`` name the fast accumulation explicitly).
 
 Why seeds: GPU runs of this benchmark are not deterministic -- two runs of the same code, flags and seed on one
 H100 ended 0.26 % apart (benchmarks/results/2026-11-27-h100-session5-fidelity-reruns.md) -- so one run per
@@ -49,6 +51,10 @@ SETUPS = {
     "coat-lean-fused-qkv-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph", "--fused-qkv"],
     "coat-lean-fast-accum-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
                                    "--fast-accumulation"],
+    "coat-lean-fast-accum-grad-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
+                                        "--fast-accumulation", "--fast-accumulation-grad-input"],
+    "coat-lean-fp32-accum-graph": ["--recipe", "coat-lean", "--master-weights", "bf16", "--cuda-graph",
+                                   "--no-fast-accumulation", "--no-fast-accumulation-grad-input"],
 }
 TITLES = {"bf16": "bf16", "coat": "coat", "coat-lean": "coat-lean (bf16 master weights)",
           "coat-lean-graph": "coat-lean (bf16 master weights), CUDA graph",
@@ -56,7 +62,10 @@ TITLES = {"bf16": "bf16", "coat": "coat", "coat-lean": "coat-lean (bf16 master w
           "coat-lean-delayed-graph": "coat-lean + delayed scaling of the gated product, CUDA graph",
           "coat-lean-jit-graph": "coat-lean, just-in-time scales only (no delayed scaling), CUDA graph",
           "coat-lean-fused-qkv-graph": "coat-lean + q/k/v as one FP8 GEMM, CUDA graph",
-          "coat-lean-fast-accum-graph": "coat-lean + forward GEMMs with fast accumulation, CUDA graph"}
+          "coat-lean-fast-accum-graph": "coat-lean + forward GEMMs with fast accumulation, CUDA graph",
+          "coat-lean-fast-accum-grad-graph": "coat-lean + forward and input-gradient GEMMs with fast accumulation, "
+                                             "CUDA graph",
+          "coat-lean-fp32-accum-graph": "coat-lean with every GEMM promoting to fp32 (before session 16), CUDA graph"}
 
 
 def paired_gaps(rows: list) -> dict:

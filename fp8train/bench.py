@@ -17,14 +17,19 @@ tokens: throughput does not depend on the data) with fp32 master weights and bf1
     fp8train_coat_lean_fused_qkv               ... q/k/v as one FP8 GEMM (Recipe.fused_qkv)
     fp8train_coat_lean_no_fused_residual       ... with autograd's residual-gradient adds (Recipe.fused_residual off)
     fp8train_coat_lean_saved_product           ... (coat-lean's default since session 5; also _weight_cache)
+    fp8train_coat_lean_saved_attention_output  ... o_proj keeps its FP8 input for backward instead of requantizing the
+                                               attention output (Recipe.requantize_attention_output off)
     fp8train_coat_lean_no_delayed_scaling      ... with just-in-time scales for the gated product (coat-lean predicts
                                                them since session 9: Recipe.delayed_scaling; _delayed_scaling adds it
                                                to other recipes)
     fp8train_coat_lean_gated_gemm              ... with gate/up + act(gate)*up (and dh + its backward) as one Triton
                                                FP8 GEMM each (Recipe.gated_gemm; experimental, slower on H100/H200)
-    fp8train_coat_lean_fast_accumulation       ... forward GEMMs without fp32 promotion (Recipe.fast_accumulation)
+    fp8train_coat_fast_accumulation            ... forward GEMMs without fp32 promotion (Recipe.fast_accumulation;
+                                               coat-lean's default since session 16, _no_fast_accumulation: off)
+    fp8train_coat_fast_accumulation_grad_input ... input-gradient GEMMs too (Recipe.fast_accumulation_grad_input;
+                                               coat-lean's default, _no_fast_accumulation_grad_input: off)
     fp8train_coat_lean_loss_chunk_8192         ... the chunked loss 8192 tokens at a time (Recipe.loss_chunk_rows;
-                                               also _loss_chunk_2048 / _4096)
+                                               any size: _loss_chunk_<tokens>)
     fp8train_coat_lean_no_flash_attention      ... SDPA's attention even where FlashAttention-4 is installed
                                                (Recipe.flash_attention; _flash_attention: warn when unusable)
     <name>_<lever>_<lever>                     lever suffixes combine: fp8train_coat_lean_fused_qkv_saved_product
@@ -44,10 +49,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from typing import Any, Optional
 
 MODEL_SHAPES = {
     # name: (hidden, layers, heads, ffn, vocab)
@@ -86,16 +93,31 @@ CONFIGS = {
 # (fp8train_coat_lean_fused_qkv_saved_product_graphed)
 # (coat-lean has the weight cache, the saved product and delayed scaling on by default; the "_no_..." /
 # "_recomputed_..." suffixes turn them off.  Longer suffixes first: "_no_weight_cache" also ends in "_weight_cache".)
-RECIPE_LEVERS = {"_no_weight_cache": ("cache_fp8_weights", False), "_weight_cache": ("cache_fp8_weights", True),
+RECIPE_LEVERS = {"_no_fast_accumulation_grad_input": ("fast_accumulation_grad_input", False),
+                 "_no_fast_accumulation": ("fast_accumulation", False),
+                 "_no_weight_cache": ("cache_fp8_weights", False), "_weight_cache": ("cache_fp8_weights", True),
                  "_recomputed_product": ("recompute_gated_product", True),
                  "_saved_product": ("recompute_gated_product", False),
+                 "_saved_attention_output": ("requantize_attention_output", False),
                  "_attention_saves": ("fp8_attention_saves", True), "_fused_qkv": ("fused_qkv", True),
                  "_no_fused_residual": ("fused_residual", False),
                  "_no_delayed_scaling": ("delayed_scaling", False), "_delayed_scaling": ("delayed_scaling", True),
                  "_gated_gemm": ("gated_gemm", True), "_fast_accumulation": ("fast_accumulation", True),
-                 "_loss_chunk_2048": ("loss_chunk_rows", 2048), "_loss_chunk_4096": ("loss_chunk_rows", 4096),
-                 "_loss_chunk_8192": ("loss_chunk_rows", 8192),
+                 "_fast_accumulation_grad_input": ("fast_accumulation_grad_input", True),
                  "_no_flash_attention": ("flash_attention", False), "_flash_attention": ("flash_attention", True)}
+
+
+# "_loss_chunk_<tokens>": Recipe.loss_chunk_rows, any positive size
+_LOSS_CHUNK = re.compile(r"_loss_chunk_([1-9][0-9]*)$")
+
+
+def _lever_suffix(rest: str) -> Optional[tuple[str, str, Any]]:
+    """``(suffix, Recipe field, value)`` of the lever ``rest`` ends with, or None."""
+    chunk = _LOSS_CHUNK.search(rest)
+    if chunk is not None:
+        return chunk.group(0), "loss_chunk_rows", int(chunk.group(1))
+    suffix = next((s for s in RECIPE_LEVERS if rest.endswith(s)), None)
+    return None if suffix is None else (suffix, *RECIPE_LEVERS[suffix])
 
 
 def parse_config(name: str) -> tuple[str, dict, bool]:
@@ -103,12 +125,12 @@ def parse_config(name: str) -> tuple[str, dict, bool]:
     graphed = name.endswith("_graphed")
     rest = name.removesuffix("_graphed")
     levers: dict = {}
-    while rest not in CONFIGS or any(rest.endswith(suffix) for suffix in RECIPE_LEVERS):
-        suffix = next((s for s in RECIPE_LEVERS if rest.endswith(s)), None)
-        if suffix is None:
+    while rest not in CONFIGS or _lever_suffix(rest) is not None:
+        lever = _lever_suffix(rest)
+        if lever is None:
             raise ValueError(f"unknown bench configuration {name!r}; choose from {', '.join(CONFIGS)}, "
-                             f"optionally with {', '.join(RECIPE_LEVERS)} and _graphed")
-        field, value = RECIPE_LEVERS[suffix]
+                             f"optionally with {', '.join(RECIPE_LEVERS)}, _loss_chunk_<tokens> and _graphed")
+        suffix, field, value = lever
         levers[field] = value
         rest = rest.removesuffix(suffix)
     return rest, levers, graphed

@@ -39,7 +39,9 @@ class Recipe:
       ``*_granularity`` -- their scale groups: ``"tensor"`` (the fast path, ``torch._scaled_mm``), or
       ``"1x128"`` / ``"128x128"`` (emulated: dequantize and matmul in fp32);
       ``fast_accumulation`` -- let the forward GEMM use the tensor cores' faster, less precise accumulation
-      (off: every GEMM accumulates in fp32, as COAT does);
+      (off: every GEMM accumulates in fp32, as COAT does); ``fast_accumulation_grad_input`` -- the same for the
+      input-gradient GEMMs (dX = dY W, contracting over a layer's output width); the weight-gradient GEMMs, which
+      contract over every token of the batch, always promote to fp32;
       ``cache_fp8_weights`` -- make every weight's FP8 copies (row-major for forward, transposed for backward)
       once per optimizer step, in one batched pass, and reuse them until the next step, CUDA-graph replays
       included (see :mod:`fp8train.nn.weight_cache`); costs 2 bytes per linear weight parameter, kept between
@@ -49,6 +51,10 @@ class Recipe:
     * up) save their inputs in FP8 E4M3 with 1x16 group scales.  ``precision_flow`` enables the Llama-style
     fast path for decoder blocks whose structure it recognizes; ``recompute_gated_product`` makes the fast
     path's MLP rebuild act(gate) * up from the saved FP8 gate/up in backward instead of saving its FP8 copy.
+    ``requantize_attention_output`` -- o_proj (any FP8 linear reading an attention kernel's output through
+    views) keeps a reference to the bf16 output, which the attention kernel keeps for its own backward anyway,
+    and quantizes it again in backward; off: it keeps the FP8 copy its forward made (hidden bytes per token per
+    layer more, one quantize pass per layer less; same bits either way).
 
     Scales: ``delayed_scaling`` -- the fast path's gated product encodes act(gate) * up (E4M3) and its two
     gradients (E5M2) with a scale predicted from the previous call, in the pass that computes them, instead of an
@@ -118,8 +124,10 @@ class Recipe:
     weight_granularity: str = "tensor"
     grad_granularity: str = "tensor"
     fast_accumulation: bool = False
+    fast_accumulation_grad_input: bool = False
     cache_fp8_weights: bool = False
     recompute_gated_product: bool = True
+    requantize_attention_output: bool = True
     keep_bf16: tuple = ("lm_head", "score", "classifier", "qa_outputs")
     chunked_loss: bool = False
     loss_chunk_rows: Optional[int] = None
@@ -150,8 +158,14 @@ class Recipe:
             raise ValueError("inputs and weights cannot both be E5M2: FP8 GEMMs take E5M2 x E4M3 at most")
         if not isinstance(self.fused_rotary, bool):
             raise TypeError(f"Recipe.fused_rotary must be True or False, got {self.fused_rotary!r}")
+        for field in ("fast_accumulation", "fast_accumulation_grad_input"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"Recipe.{field} must be True or False, got {getattr(self, field)!r}")
         if not isinstance(self.fused_qkv, bool):
             raise TypeError(f"Recipe.fused_qkv must be True or False, got {self.fused_qkv!r}")
+        if not isinstance(self.requantize_attention_output, bool):
+            raise TypeError(f"Recipe.requantize_attention_output must be True or False, got "
+                            f"{self.requantize_attention_output!r}")
         if not isinstance(self.fused_residual, bool):
             raise TypeError(f"Recipe.fused_residual must be True or False, got {self.fused_residual!r}")
         if not isinstance(self.delayed_scaling, bool):
@@ -226,8 +240,13 @@ PRESETS = {
     # Since session 9 also delayed scaling of the gated product (one encoding pass with predicted scales, repaired
     # when wrong): 108,261 -> 111,350 tokens/s (1.03x) under a CUDA graph, loss gap vs bf16 +0.13 % +- 0.09 (4
     # seeds; +0.04 % +- 0.12 without, same call: benchmarks/results/2026-11-28-h200-session9-delayed-*.md).
+    # Since session 16 the forward and input-gradient GEMMs accumulate in the tensor cores' own precision
+    # (fast_accumulation, fast_accumulation_grad_input): +2.1-2.2 % tokens/s at batch 44 (H200); loss gap vs bf16
+    # +0.04 % +- 0.11 over 8 seeds, against +0.34 % +- 0.07 with fp32 promotion in the same call's 4 seeds
+    # (benchmarks/results/2026-11-28-h200-session16-*); weight gradients, which contract over every token, keep fp32.
     "coat-lean": Recipe(name="coat-lean", fp8_linears=True, compress_activations=True, chunked_loss=True,
-                        recompute_gated_product=False, cache_fp8_weights=True, delayed_scaling=True),
+                        recompute_gated_product=False, cache_fp8_weights=True, delayed_scaling=True,
+                        fast_accumulation=True, fast_accumulation_grad_input=True),
     "fp8-block": Recipe(name="fp8-block", fp8_linears=True, compress_activations=False,
                         input_granularity="1x128", weight_granularity="128x128", grad_granularity="1x128",
                         grad_format="e4m3"),

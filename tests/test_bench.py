@@ -64,6 +64,10 @@ def test_configuration_names_combine_recipe_levers_in_any_order():
         "fp8train_coat_lean", {"fast_accumulation": True}, True)
     assert parse_config("fp8train_coat_lean_fast_accumulation_loss_chunk_8192_graphed") == (
         "fp8train_coat_lean", {"fast_accumulation": True, "loss_chunk_rows": 8192}, True)
+    assert parse_config("fp8train_coat_lean_loss_chunk_12000_saved_attention_output_graphed") == (
+        "fp8train_coat_lean", {"loss_chunk_rows": 12000, "requantize_attention_output": False}, True)
+    with pytest.raises(ValueError, match="unknown bench configuration"):
+        parse_config("fp8train_coat_lean_loss_chunk_0")
     # a configuration whose own name ends like a lever is still its own base
     assert parse_config("fp8train_coat_lean_step_in_backward") == ("fp8train_coat_lean_step_in_backward", {}, False)
     with pytest.raises(ValueError, match="unknown bench configuration 'fp8train_coat_lean_typo'"):

@@ -284,6 +284,31 @@ def test_scaled_mm_path_matches_reference_path(monkeypatch):
         torch.testing.assert_close(gpu, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("forward, grad_input", [(False, False), (True, False), (True, True), (False, True)])
+def test_fast_accumulation_reaches_exactly_the_gemms_it_names(monkeypatch, forward, grad_input):
+    """Recipe.fast_accumulation: the forward GEMM; fast_accumulation_grad_input: dX = dY W; the weight gradient
+    (contracting over all tokens) always promotes to fp32.  Checked on the _scaled_mm path (CPU torch has one)."""
+    import fp8train.nn.linear as linear_mod
+
+    monkeypatch.setattr(linear_mod, "fp8_gemm_supported", lambda device: True)
+    calls = []
+    real = torch._scaled_mm
+
+    def spy(a, b, **kwargs):
+        calls.append((tuple(a.shape), tuple(b.shape), kwargs["use_fast_accum"]))
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    recipe = Recipe.named("fp8").replace(fast_accumulation=forward, fast_accumulation_grad_input=grad_input)
+    layer = FP8Linear.from_linear(make_layer(96, 64), recipe=recipe)
+    x = torch.randn(48, 96, requires_grad=True)
+    layer(x).backward(torch.randn(48, 64))
+    # forward (48x96 @ 96x64), input gradient (48x64 @ 64x96), weight gradient (64x48 @ 48x96)
+    assert calls == [((48, 96), (96, 64), forward), ((48, 64), (64, 96), grad_input), ((64, 48), (48, 96), False)]
+    with pytest.raises(TypeError, match="fast_accumulation_grad_input"):
+        Recipe(fast_accumulation_grad_input=1)
+
+
 def test_attention_output_is_saved_by_reference_with_identical_gradients():
     """o_proj after SDPA: the input is a view of SDPA's (saved) output -> keep a reference, not an FP8 copy."""
     from fp8train.nn.linear import kept_by_attention
@@ -298,9 +323,11 @@ def test_attention_output_is_saved_by_reference_with_identical_gradients():
 
     o_proj = make_layer(128, 64)
     grads, fp8_saved = {}, {}
-    for mode in ("fp8", "reference", "auto"):
-        fp8 = FP8Linear.from_linear(o_proj)
-        fp8.save_input = mode
+    # "auto_kept": Recipe.requantize_attention_output off -- auto keeps the FP8 copy forward made
+    for mode in ("fp8", "reference", "auto", "auto_kept"):
+        recipe = Recipe.named("fp8").replace(requantize_attention_output=mode != "auto_kept")
+        fp8 = FP8Linear.from_linear(o_proj, recipe=recipe)
+        fp8.save_input = mode.removesuffix("_kept")
         o_proj.weight.grad = None
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -309,8 +336,8 @@ def test_attention_output_is_saved_by_reference_with_identical_gradients():
         (dx,) = torch.autograd.grad(y, viewed, torch.ones_like(y), retain_graph=True)
         y.backward(torch.ones_like(y), retain_graph=True)
         grads[mode] = (dx, o_proj.weight.grad.clone())
-    assert fp8_saved == {"fp8": 1, "reference": 0, "auto": 0}
-    for mode in ("reference", "auto"):
+    assert fp8_saved == {"fp8": 1, "reference": 0, "auto": 0, "auto_kept": 1}
+    for mode in ("reference", "auto", "auto_kept"):
         for a, b in zip(grads[mode], grads["fp8"]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 

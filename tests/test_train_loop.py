@@ -271,17 +271,24 @@ def test_coat_lean_caches_its_fp8_weights_unless_told_not_to(tmp_path, monkeypat
 
 
 def test_fast_accumulation_flag_reaches_the_recipe(tmp_path, monkeypatch):
-    """--fast-accumulation sets Recipe.fast_accumulation (forward GEMMs without fp32 promotion); off by default;
-    refused without FP8 linear layers."""
+    """--[no-]fast-accumulation sets Recipe.fast_accumulation (forward GEMMs without fp32 promotion),
+    --[no-]fast-accumulation-grad-input Recipe.fast_accumulation_grad_input; without them the recipe's (coat-lean:
+    both on, coat: off); refused without FP8 linear layers."""
     from fp8train.nn.linear import FP8Linear
 
-    seen = spy_on_recipes(monkeypatch, lambda recipe, model: {m.recipe.fast_accumulation for m in model.modules()
-                                                              if isinstance(m, FP8Linear)})
-    for name, flag in (("default", False), ("fast", True)):
-        train(resolve(tiny_config(tmp_path / name, steps=1, recipe="coat-lean", fast_accumulation=flag)))
-    assert seen == [{False}, {True}]
+    seen = spy_on_recipes(monkeypatch, lambda recipe, model: {(m.recipe.fast_accumulation,
+                                                               m.recipe.fast_accumulation_grad_input)
+                                                              for m in model.modules() if isinstance(m, FP8Linear)})
+    runs = (("coat-lean", None, None), ("coat-lean", False, None), ("coat-lean", False, False),
+            ("coat", None, None), ("coat", True, None), ("coat", True, True))
+    for i, (recipe, forward, grad_input) in enumerate(runs):
+        train(resolve(tiny_config(tmp_path / str(i), steps=1, recipe=recipe, fast_accumulation=forward,
+                                  fast_accumulation_grad_input=grad_input)))
+    assert seen == [{(True, True)}, {(False, True)}, {(False, False)}, {(False, False)}, {(True, False)}, {(True, True)}]
     with pytest.raises(TrainError, match="fast-accumulation"):
         resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fast_accumulation=True))
+    with pytest.raises(TrainError, match="fast-accumulation-grad-input"):
+        resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fast_accumulation_grad_input=True))
 
 
 def test_flash_attention_flag_reaches_the_recipe(tmp_path, monkeypatch):

@@ -358,7 +358,8 @@ def fp8_linear_backward(dy: Union[torch.Tensor, LinearInput], saved: LinearSaved
         # dX = dY W: W is the second operand and must be column-major, i.e. the transposed FP8 weight
         w_in = fp8_weight(weight, recipe, amax=saved.weight_amax, transpose=wants_transpose(weight.device, recipe))
         w_q = w_in.q if w_in.data_t is None else _as_matrix(w_in.q, w_in.data_t)
-        dx = scaled_matmul(dy2, w_q, saved.input_dtype).reshape(saved.input_shape)
+        dx = scaled_matmul(dy2, w_q, saved.input_dtype,
+                           fast_accumulation=recipe.fast_accumulation_grad_input).reshape(saved.input_shape)
     if needs_weight_grad:
         dweight = _weight_grad(dy_in, saved.x, weight.dtype)
     if dbias is not None:
@@ -489,7 +490,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     ``save_input="fp8"`` keeps the FP8 copy of x for backward; ``"reference"`` keeps x itself and
     re-quantizes it in backward (free when another op keeps x alive anyway); ``"auto"`` picks
     ``"reference"`` when x is a view of an attention output that the attention kernel saves
-    (:func:`kept_by_attention`), else ``"fp8"``.  ``prediction`` (``Recipe.delayed_scaling``): a 2-element float32
+    (:func:`kept_by_attention`) and ``recipe.requantize_attention_output`` is on, else ``"fp8"``.  ``prediction`` (``Recipe.delayed_scaling``): a 2-element float32
     prediction buffer -- x's amax (when nothing attached an FP8 copy to x) and the output gradient's (when its
     producer published none) are predicted from the previous call instead of measured in a pass of their own.
     """
@@ -497,8 +498,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"save_input must be 'auto', 'fp8' or 'reference', got {save_input!r}")
     recipe = resolve_recipe(recipe)
     x_in = quantize_linear_input(x, recipe, prediction=prediction[0:1] if prediction is not None else None)
-    reference = save_input == "reference" or (save_input == "auto" and torch.is_grad_enabled()
-                                              and kept_by_attention(x))
+    reference = save_input == "reference" or (save_input == "auto" and recipe.requantize_attention_output
+                                              and torch.is_grad_enabled() and kept_by_attention(x))
     return _FP8LinearFunction.apply(handoff.grad_input(x), weight, bias, x_in, recipe, compute_dtype(x), reference,
                                     prediction)
 
@@ -530,7 +531,8 @@ class FP8Linear(nn.Linear):
 
     ``save_input`` (attribute): ``"auto"`` (default) saves the FP8 copy of the input for backward, except
     when the input is a view of an attention kernel's output that the kernel keeps anyway (o_proj after SDPA
-    or FlashAttention): then a reference costs nothing and backward re-quantizes it.  ``"fp8"`` /
+    or FlashAttention) and ``Recipe.requantize_attention_output`` is on: then a reference costs no memory and
+    backward re-quantizes it.  ``"fp8"`` /
     ``"reference"`` force one behaviour.
 
     With ``Recipe.delayed_scaling`` the layer keeps a 2-float ``scale_prediction`` buffer (non-persistent, like

@@ -46,7 +46,10 @@ class TrainConfig:
     fp8_weight_cache: Optional[bool] = None  # FP8 weight copies made once per step (Recipe.cache_fp8_weights); None: the recipe's
     fp8_attention_saves: bool = False  # attention keeps q/k/v as FP8 copies for backward (Recipe.fp8_attention_saves)
     fused_qkv: bool = False           # q/k/v projections as one FP8 GEMM (Recipe.fused_qkv)
-    fast_accumulation: bool = False   # forward FP8 GEMMs without fp32 promotion (Recipe.fast_accumulation)
+    # forward / input-gradient FP8 GEMMs without fp32 promotion (Recipe.fast_accumulation[_grad_input]); None: the
+    # recipe's (coat-lean: on)
+    fast_accumulation: Optional[bool] = None
+    fast_accumulation_grad_input: Optional[bool] = None
     fused_residual: Optional[bool] = None  # residual gradients summed in the norm kernels (Recipe.fused_residual)
     delayed_scaling: Optional[bool] = None  # gated product's FP8 scales predicted (Recipe.delayed_scaling); None: the recipe's
     flash_attention: Optional[bool] = None  # FlashAttention-4 for the attention core (Recipe.flash_attention); None: where installed
@@ -144,9 +147,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.fused_qkv and (c.recipe == "bf16" or c.simulate_format is not None):
         raise TrainError("--fused-qkv fuses FP8 linear layers: it needs an FP8 recipe (fp8, coat, coat-lean), not bf16 "
                          "or --simulate-format")
-    if c.fast_accumulation and (c.recipe == "bf16" or c.simulate_format is not None):
-        raise TrainError("--fast-accumulation changes the forward GEMMs of FP8 linear layers: it needs an FP8 recipe "
-                         "(fp8, coat, coat-lean), not bf16 or --simulate-format")
+    for flag, on, which in (("--fast-accumulation", c.fast_accumulation, "forward"),
+                            ("--fast-accumulation-grad-input", c.fast_accumulation_grad_input, "input-gradient")):
+        if on and (c.recipe == "bf16" or c.simulate_format is not None):
+            raise TrainError(f"{flag} changes the {which} GEMMs of FP8 linear layers: it needs an FP8 recipe "
+                             "(fp8, coat, coat-lean), not bf16 or --simulate-format")
     if c.delayed_scaling and (c.recipe not in ("coat", "coat-lean") or c.simulate_format is not None):
         raise TrainError("--delayed-scaling changes how the FP8 fast path of coat / coat-lean scales the MLP's gated "
                          f"product; recipe {c.recipe!r}" + (" with --simulate-format" if c.simulate_format else "")
@@ -299,9 +304,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, single_run: bool = T
     g.add_argument("--fused-qkv", action="store_true", default=S,
                    help="run the q/k/v projections of each attention block as one FP8 GEMM (one scale for the "
                         "stacked weights and one for their gradients; needs an FP8 recipe)")
-    g.add_argument("--fast-accumulation", action="store_true", default=S,
+    g.add_argument("--fast-accumulation", action=argparse.BooleanOptionalAction, default=S,
                    help="forward FP8 GEMMs accumulate in the tensor cores' own precision instead of promoting partial "
-                        "sums to fp32 (TransformerEngine's and torchao's forward default; backward GEMMs keep fp32)")
+                        "sums to fp32 (TransformerEngine's and torchao's forward default); default: the recipe's -- "
+                        "coat-lean has it on, fp8 and coat off")
+    g.add_argument("--fast-accumulation-grad-input", action=argparse.BooleanOptionalAction, default=S,
+                   help="the same for the input-gradient FP8 GEMMs (dX = dY W); weight-gradient GEMMs (contracting "
+                        "over all tokens) always promote to fp32; default: the recipe's (coat-lean: on)")
     g.add_argument("--fused-residual", action=argparse.BooleanOptionalAction, default=S,
                    help="Llama-style layers sum their residual gradients in the norms' backward kernels instead of "
                         "autograd's bf16 adds (same forward, gradients rounded once); on by default with the FP8 "
@@ -377,7 +386,7 @@ _DECIDES_LOSSES = ("model", "recipe", "optimizer", "master_weights", "vocab_size
                    "seed", "data", "text_field", "eval_fraction", "tokenizer_train_bytes")
 _DECIDES_LOSSES += ("simulate_format", "simulate_scaling", "simulate_lm_head", "step_in_backward",
                     "fp8_attention_saves", "fused_qkv", "fused_residual", "delayed_scaling",
-                    "fast_accumulation")
+                    "fast_accumulation", "fast_accumulation_grad_input")
 
 
 def _keep_global_batch(base: TrainConfig, typed: dict, changed: list) -> dict:

@@ -332,8 +332,10 @@ def _run(c: TrainConfig, out: pathlib.Path, device, corpus, train_tokens, eval_t
     # the flags switch levers on; a preset's own defaults (coat-lean caches its FP8 weights) stay unless a flag
     # says otherwise (--no-fp8-weight-cache)
     levers = {field: True for field, on in (("fp8_attention_saves", c.fp8_attention_saves),
-                                            ("fused_qkv", c.fused_qkv),
-                                            ("fast_accumulation", c.fast_accumulation)) if on}
+                                            ("fused_qkv", c.fused_qkv)) if on}
+    for field in ("fast_accumulation", "fast_accumulation_grad_input"):
+        if getattr(c, field) is not None and c.recipe != "bf16" and c.simulate_format is None:
+            levers[field] = bool(getattr(c, field))
     if c.delayed_scaling is not None and c.recipe in ("coat", "coat-lean") and c.simulate_format is None:
         levers["delayed_scaling"] = bool(c.delayed_scaling)
     if c.fp8_weight_cache is not None and c.recipe != "bf16" and c.simulate_format is None:
