@@ -284,11 +284,24 @@ def test_fast_accumulation_flag_reaches_the_recipe(tmp_path, monkeypatch):
     for i, (recipe, forward, grad_input) in enumerate(runs):
         train(resolve(tiny_config(tmp_path / str(i), steps=1, recipe=recipe, fast_accumulation=forward,
                                   fast_accumulation_grad_input=grad_input)))
-    assert seen == [{(True, True)}, {(False, True)}, {(False, False)}, {(False, False)}, {(True, False)}, {(True, True)}]
+    assert seen == [{(True, True)}, {(False, True)}, {(False, False)},
+                    {(False, False)}, {(True, False)}, {(True, True)}]
     with pytest.raises(TrainError, match="fast-accumulation"):
         resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fast_accumulation=True))
     with pytest.raises(TrainError, match="fast-accumulation-grad-input"):
         resolve(tiny_config(tmp_path / "bf16", recipe="bf16", fast_accumulation_grad_input=True))
+
+
+def test_a_run_saved_before_fast_accumulation_grad_input_resumes_with_it_off():
+    """config.json of a run from before the field existed (its input-gradient GEMMs promoted to fp32) resumes that
+    way, not with coat-lean's new default; a run saved with the field keeps its value (None: the recipe's).  The
+    same for a run from before fast_accumulation itself."""
+    from fp8train.train.config import TrainConfig
+
+    old = {"recipe": "coat-lean", "fast_accumulation": False}
+    assert TrainConfig.from_json(old).fast_accumulation_grad_input is False
+    assert TrainConfig.from_json({**old, "fast_accumulation_grad_input": None}).fast_accumulation_grad_input is None
+    assert TrainConfig.from_json({"recipe": "coat-lean"}).fast_accumulation is False
 
 
 def test_flash_attention_flag_reaches_the_recipe(tmp_path, monkeypatch):

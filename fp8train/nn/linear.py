@@ -490,9 +490,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     ``save_input="fp8"`` keeps the FP8 copy of x for backward; ``"reference"`` keeps x itself and
     re-quantizes it in backward (free when another op keeps x alive anyway); ``"auto"`` picks
     ``"reference"`` when x is a view of an attention output that the attention kernel saves
-    (:func:`kept_by_attention`) and ``recipe.requantize_attention_output`` is on, else ``"fp8"``.  ``prediction`` (``Recipe.delayed_scaling``): a 2-element float32
-    prediction buffer -- x's amax (when nothing attached an FP8 copy to x) and the output gradient's (when its
-    producer published none) are predicted from the previous call instead of measured in a pass of their own.
+    (:func:`kept_by_attention`) and ``recipe.requantize_attention_output`` is on, else ``"fp8"``.
+    ``prediction`` (``Recipe.delayed_scaling``): a 2-element float32 prediction buffer -- x's amax (when nothing
+    attached an FP8 copy to x) and the output gradient's (when its producer published none) are predicted from the
+    previous call instead of measured in a pass of their own.
     """
     if save_input not in ("auto", "fp8", "reference"):
         raise ValueError(f"save_input must be 'auto', 'fp8' or 'reference', got {save_input!r}")
@@ -532,8 +533,7 @@ class FP8Linear(nn.Linear):
     ``save_input`` (attribute): ``"auto"`` (default) saves the FP8 copy of the input for backward, except
     when the input is a view of an attention kernel's output that the kernel keeps anyway (o_proj after SDPA
     or FlashAttention) and ``Recipe.requantize_attention_output`` is on: then a reference costs no memory and
-    backward re-quantizes it.  ``"fp8"`` /
-    ``"reference"`` force one behaviour.
+    backward re-quantizes it.  ``"fp8"`` / ``"reference"`` force one behaviour.
 
     With ``Recipe.delayed_scaling`` the layer keeps a 2-float ``scale_prediction`` buffer (non-persistent, like
     :class:`~fp8train.nn.precision_flow.FlowMLP`'s): the amaxes of its input and output gradient are predicted

@@ -99,7 +99,12 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        for field in ("fast_accumulation", "fast_accumulation_grad_input"):
+            # a config written before the field existed (every saved config holds every field) ran those GEMMs with
+            # fp32 promotion: a resumed run keeps doing so instead of taking coat-lean's default since session 16
+            values.setdefault(field, False)
+        return cls(**values)
 
     @property
     def tokens_per_step(self) -> int:
