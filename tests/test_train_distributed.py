@@ -88,3 +88,25 @@ def test_nproc_two_resumes_its_scale_predictions_rank_by_rank(tmp_path):
     assert {"model.layers.0.mlp", "model.layers.1.mlp", "model.layers.1.self_attn.o_proj"} <= set(saved)
     assert main(["train", "--out", str(run), "--resume", "--nproc", "2"]) == 0
     assert _losses(run) == _losses(tmp_path / "straight")
+
+
+def test_launcher_outcome_from_the_ranks_result_files():
+    from fp8train.train.config import TrainError
+    from fp8train.train.distributed import _outcome
+    from fp8train.train.loop import Interrupted
+
+    done = {"summary": {"status": "stopped", "step": 2}}
+    assert _outcome({0: done, 1: done}, 2, None) == done["summary"]
+    # a process that died after every rank wrote its result lost nothing (gloo's teardown at exit can abort)
+    late = RuntimeError("process 1 terminated with signal SIGABRT")
+    with pytest.warns(RuntimeWarning, match="every rank finished"):
+        assert _outcome({0: done, 1: done}, 2, late) == done["summary"]
+    # ... but one that died before writing its result is a failed run, even when rank 0 finished
+    with pytest.raises(RuntimeError, match="stopped without a result"):
+        _outcome({0: done}, 2, late)
+    with pytest.raises(RuntimeError, match="rank 1 of 2 failed:\nTraceback"):
+        _outcome({0: done, 1: {"error": "crash", "message": "Traceback ..."}}, 2, late)
+    with pytest.raises(Interrupted, match="stopped at step 3"):
+        _outcome({0: {"error": "interrupted", "message": "stopped at step 3"}, 1: done}, 2, None)
+    with pytest.raises(TrainError, match="no data"):
+        _outcome({0: {"error": "train", "message": "no data"}, 1: {"error": "train", "message": "no data"}}, 2, None)

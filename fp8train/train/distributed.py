@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import signal
+import sys
 import tempfile
 import traceback
 from typing import Any, Callable, Optional
@@ -105,10 +106,16 @@ class DistributedRun:
 
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Tear the process group down; ``finished``: this rank ended normally, so every rank is ending too."""
         import torch.distributed as dist
 
         if self._created and dist.is_initialized():
+            if finished:
+                # every rank completes its last collective before any rank closes its connections: a gloo peer
+                # that disappears mid-operation can abort the other process.  (After an error, other ranks may
+                # be stuck elsewhere: no barrier then.)
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -160,8 +167,11 @@ def _worker(rank: int, config: TrainConfig, nproc: int, port: int, result_dir: s
         result = {"error": "crash", "message": traceback.format_exc()}
     path = pathlib.Path(result_dir) / f"rank{rank}.json"
     path.write_text(json.dumps(result, default=str))
-    if result.get("error") == "crash":
-        raise SystemExit(1)  # the launcher then stops the other ranks
+    # Leave without interpreter finalization: the result is on disk, and the C++ teardown of torch.distributed's
+    # objects at exit (gloo threads still holding Python tensors) can abort a process that finished cleanly.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if result.get("error") == "crash" else 0)  # 1: the launcher then stops the other ranks
 
 
 def _free_port() -> int:
@@ -180,8 +190,6 @@ def launch(c: TrainConfig, log: Callable[[str], None] = print) -> dict:
     """
     import torch
     import torch.multiprocessing as mp
-
-    from .loop import Interrupted
 
     if c.device != "cpu" and torch.cuda.is_available() and c.nproc > torch.cuda.device_count():
         raise TrainError(f"--nproc {c.nproc} needs {c.nproc} GPUs (one per process), this machine has "
@@ -212,13 +220,29 @@ def launch(c: TrainConfig, log: Callable[[str], None] = print) -> dict:
         results = {}
         for path in pathlib.Path(result_dir).glob("rank*.json"):
             results[int(path.stem[4:])] = json.loads(path.read_text())
+    return _outcome(results, c.nproc, crashed)
+
+
+def _outcome(results: dict, nproc: int, crashed: Optional[BaseException]) -> dict:
+    """Rank 0's summary from the ranks' result files, or the error the run ended with.
+
+    A process that died after every rank had written its result (``crashed`` set, all results present and none a
+    crash) lost nothing: that is reported as a warning, not as a failed run.
+    """
+    import warnings
+
+    from .loop import Interrupted
+
     for rank in sorted(results):
         if results[rank].get("error") == "crash":
-            raise RuntimeError(f"rank {rank} of {c.nproc} failed:\n{results[rank]['message']}")
-    if crashed is not None or 0 not in results:
+            raise RuntimeError(f"rank {rank} of {nproc} failed:\n{results[rank]['message']}")
+    if sorted(results) != list(range(nproc)):
         raise RuntimeError(f"a worker process of the run stopped without a result ({crashed}); the workers are "
                            "started with multiprocessing's 'spawn': a script that calls train(nproc > 1) must do so "
                            "under `if __name__ == '__main__':`")
+    if crashed is not None:
+        warnings.warn(f"every rank finished and wrote its result, then a worker process exited abnormally ({crashed}); "
+                      "the run's files are complete", RuntimeWarning, stacklevel=3)
     main = results[0]
     if main.get("error") == "interrupted":
         raise Interrupted(main["message"])

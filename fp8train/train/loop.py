@@ -263,11 +263,15 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict:
         prepare_corpus(c.data, c.text_field, c.vocab_size, c.eval_fraction, c.tokenizer_train_bytes, c.cache_dir,
                        log=log)
         return launch(c, log)
-    try:
+    if run is None:
         return _train(c, run, log)
-    finally:
-        if run is not None:
-            run.close()
+    try:
+        summary = _train(c, run, log)
+    except BaseException:
+        run.close(finished=False)
+        raise
+    run.close()
+    return summary
 
 
 def _silent(*_args) -> None:
