@@ -156,22 +156,12 @@ class Recipe:
                                  "use 'tensor', '1x128' or '128x128'")
         if parse_format(self.input_format) == E5M2 and parse_format(self.weight_format) == E5M2:
             raise ValueError("inputs and weights cannot both be E5M2: FP8 GEMMs take E5M2 x E4M3 at most")
-        if not isinstance(self.fused_rotary, bool):
-            raise TypeError(f"Recipe.fused_rotary must be True or False, got {self.fused_rotary!r}")
-        for field in ("fast_accumulation", "fast_accumulation_grad_input"):
+        # switches that change which kernels run: a truthy non-bool (a string "False") would silently turn them on
+        for field in ("fused_rotary", "fast_accumulation", "fast_accumulation_grad_input", "fused_qkv",
+                      "requantize_attention_output", "fused_residual", "delayed_scaling", "gated_gemm",
+                      "fp8_attention_saves"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"Recipe.{field} must be True or False, got {getattr(self, field)!r}")
-        if not isinstance(self.fused_qkv, bool):
-            raise TypeError(f"Recipe.fused_qkv must be True or False, got {self.fused_qkv!r}")
-        if not isinstance(self.requantize_attention_output, bool):
-            raise TypeError(f"Recipe.requantize_attention_output must be True or False, got "
-                            f"{self.requantize_attention_output!r}")
-        if not isinstance(self.fused_residual, bool):
-            raise TypeError(f"Recipe.fused_residual must be True or False, got {self.fused_residual!r}")
-        if not isinstance(self.delayed_scaling, bool):
-            raise TypeError(f"Recipe.delayed_scaling must be True or False, got {self.delayed_scaling!r}")
-        if not isinstance(self.gated_gemm, bool):
-            raise TypeError(f"Recipe.gated_gemm must be True or False, got {self.gated_gemm!r}")
         if self.gated_gemm and not self.delayed_scaling:
             raise ValueError("Recipe.gated_gemm needs delayed_scaling=True: the fused GEMMs encode their FP8 outputs "
                              "with predicted scales (e.g. Recipe.named('coat-lean').replace(gated_gemm=True))")
@@ -179,8 +169,6 @@ class Recipe:
                                                  or isinstance(self.loss_chunk_rows, bool) or self.loss_chunk_rows < 1):
             raise ValueError(f"Recipe.loss_chunk_rows must be a positive int or None (an eighth of the batch's "
                              f"tokens, 2048 to 8192), got {self.loss_chunk_rows!r}")
-        if not isinstance(self.fp8_attention_saves, bool):
-            raise TypeError(f"Recipe.fp8_attention_saves must be True or False, got {self.fp8_attention_saves!r}")
         if not (self.flash_attention is None or isinstance(self.flash_attention, bool)):
             raise TypeError(f"Recipe.flash_attention must be None (where installed), True or False, got "
                             f"{self.flash_attention!r}")
